@@ -1,0 +1,288 @@
+"""Readers for the three MovieLens formats into `UserTimelines`.
+
+- 100K (`u.data`, `u.item`, `u.user`, `u.genre`): tab / pipe separated, Latin-1.
+- 1M (`ratings.dat`, `movies.dat`, `users.dat`): `::` separated, Latin-1.
+- latest / latest-small (`ratings.csv`, `movies.csv`, optional `tags.csv`): CSV with
+  a header and quoted titles, UTF-8.
+
+`read_movielens(dir)` detects the format from the files present. Any malformed row
+raises `MalformedRowError` naming the file and the 1-based line.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+
+import numpy as np
+
+from data import timelines as tl
+
+# Genre lists of the 1M README (the 100K one comes from u.genre).
+GENRES_1M = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
+             "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical",
+             "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
+OCCUPATIONS_1M = ("other", "academic/educator", "artist", "clerical/admin",
+                  "college/grad student", "customer service",
+                  "doctor/health care", "executive/managerial", "farmer",
+                  "homemaker", "K-12 student", "lawyer", "programmer", "retired",
+                  "sales/marketing", "scientist", "self-employed",
+                  "technician/engineer", "tradesman/craftsman", "unemployed",
+                  "writer")
+_TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
+
+
+class MalformedRowError(ValueError):
+  """A row of a data file that cannot be parsed; the message names file:line."""
+
+  def __init__(self, path: str, line: int, reason: str):
+    super().__init__(f"{path}:{line}: {reason}")
+    self.path, self.line = path, line
+
+
+def detect_format(data_dir: str) -> str:
+  """Returns "100k", "1m" or "latest" from the files in `data_dir`."""
+  if not os.path.isdir(data_dir):
+    raise FileNotFoundError(f"MovieLens data directory not found: {data_dir}")
+  markers = {"100k": "u.data", "1m": "ratings.dat", "latest": "ratings.csv"}
+  for fmt, marker in markers.items():
+    if os.path.exists(os.path.join(data_dir, marker)):
+      return fmt
+  raise FileNotFoundError(
+      f"{data_dir} holds no MovieLens ratings file (looked for "
+      f"{', '.join(markers.values())})")
+
+
+def read_movielens(data_dir: str) -> tl.UserTimelines:
+  """Reads any supported MovieLens directory into UserTimelines."""
+  fmt = detect_format(data_dir)
+  return {"100k": read_100k, "1m": read_1m, "latest": read_latest}[fmt](data_dir)
+
+
+# ----------------------------------------------------------------------------
+# Row parsing helpers.
+
+def _read_rows(path: str, sep: str, num_cols: int, encoding: str,
+               skip_header: bool = False) -> list[list[str]]:
+  """Splits a separated file into rows of exactly `num_cols` fields."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"MovieLens file not found: {path}")
+  with open(path, encoding=encoding, newline="") as f:
+    if sep == ",":
+      rows = list(csv.reader(f))
+    else:
+      rows = [line.rstrip("\r\n").split(sep) for line in f]
+  first = 1 if skip_header else 0
+  for i in range(first, len(rows)):
+    if len(rows[i]) != num_cols:
+      if not rows[i] or rows[i] == [""]:
+        raise MalformedRowError(path, i + 1, "empty line")
+      raise MalformedRowError(path, i + 1, f"expected {num_cols} fields "
+                              f"separated by {sep!r}, found {len(rows[i])}")
+  return rows[first:]
+
+
+def _column(rows: list[list[str]], col: int, dtype, path: str, name: str,
+            line_offset: int) -> np.ndarray:
+  """Converts one column to `dtype`; on failure names the first bad line."""
+  values = [r[col] for r in rows]
+  try:
+    return np.asarray(values, dtype=np.float64).astype(dtype)
+  except ValueError:
+    for i, v in enumerate(values):
+      try:
+        float(v)
+      except ValueError:
+        raise MalformedRowError(path, i + 1 + line_offset,
+                                f"{name} is not a number: {v!r}") from None
+    raise
+
+
+def _events(rows, path, line_offset, cols=(0, 1, 2, 3)):
+  """(user_raw, item_raw, ratings, timestamps) columns of a ratings file."""
+  names = ("user id", "item id", "rating", "timestamp")
+  dtypes = (np.int64, np.int64, np.float32, np.int64)
+  return tuple(_column(rows, c, d, path, n, line_offset)
+               for c, d, n in zip(cols, dtypes, names))
+
+
+def _split_title(raw_title: str) -> tuple[str, int]:
+  """'Toy Story (1995)' -> ('Toy Story', 1995); no year -> (title, 0)."""
+  match = _TITLE_YEAR.match(raw_title.strip())
+  if match:
+    return match.group(1), int(match.group(2))
+  return raw_title.strip(), 0
+
+
+def _item_table(raw_ids, raw_titles, genres, genre_names, tags=None):
+  titles, years = zip(*(_split_title(t) for t in raw_titles)) if raw_titles else ((), ())
+  pad = lambda arr, value, dtype: np.concatenate(  # noqa: E731
+      [np.array([value], dtype), np.asarray(arr, dtype)])
+  return tl.ItemTable(
+      raw_ids=pad(raw_ids, 0, np.int64),
+      titles=pad(titles, "", object),
+      years=pad(years, 0, np.int32),
+      genres=np.concatenate([np.zeros((1, len(genre_names)), bool),
+                             np.asarray(genres, bool).reshape(-1, len(genre_names))]),
+      genre_names=tuple(genre_names),
+      tags=None if tags is None else _object_column([()] + list(tags)))
+
+
+def _object_column(values: list) -> np.ndarray:
+  """A 1-D object array holding `values` as they are (tuples stay elements)."""
+  out = np.empty(len(values), object)
+  for i, value in enumerate(values):
+    out[i] = value
+  return out
+
+
+def _check_unique(ids: np.ndarray, path: str, what: str):
+  uniq, counts = np.unique(ids, return_counts=True)
+  if np.any(counts > 1):
+    line = int(np.nonzero(ids == uniq[counts > 1][0])[0][1]) + 1
+    raise MalformedRowError(path, line, f"duplicate {what} id {uniq[counts > 1][0]}")
+
+
+# ----------------------------------------------------------------------------
+# MovieLens 100K.
+
+def read_100k(data_dir: str) -> tl.UserTimelines:
+  """Reads MovieLens 100K (`u.data`, `u.item`, `u.user`, `u.genre`)."""
+  enc = "latin-1"
+  genre_names = [r[0] for r in _read_genre_file(data_dir)]
+
+  item_path = os.path.join(data_dir, "u.item")
+  item_rows = _read_rows(item_path, "|", 5 + len(genre_names), enc)
+  item_ids = _column(item_rows, 0, np.int64, item_path, "movie id", 0)
+  _check_unique(item_ids, item_path, "movie")
+  flags = np.stack([_column(item_rows, 5 + g, np.int64, item_path, "genre flag", 0)
+                    for g in range(len(genre_names))], axis=1)
+  items = _item_table(item_ids, [r[1] for r in item_rows], flags > 0, genre_names)
+
+  user_path = os.path.join(data_dir, "u.user")
+  user_rows = _read_rows(user_path, "|", 5, enc)
+  user_ids = _column(user_rows, 0, np.int64, user_path, "user id", 0)
+  _check_unique(user_ids, user_path, "user")
+  users = tl.UserTable(
+      raw_ids=user_ids,
+      ages=_column(user_rows, 1, np.int32, user_path, "age", 0),
+      genders=np.array([r[2] for r in user_rows], object),
+      occupations=np.array([r[3] for r in user_rows], object),
+      zip_codes=np.array([r[4] for r in user_rows], object))
+
+  data_path = os.path.join(data_dir, "u.data")
+  rows = _read_rows(data_path, "\t", 4, enc)
+  return tl.from_events("movielens_100k", *_events(rows, data_path, 0),
+                        items=items, users=users)
+
+
+def _read_genre_file(data_dir: str) -> list[list[str]]:
+  """u.genre rows 'name|index', in index order; a trailing blank line is allowed."""
+  path = os.path.join(data_dir, "u.genre")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"MovieLens file not found: {path}")
+  with open(path, encoding="latin-1") as f:
+    lines = [line.rstrip("\r\n") for line in f]
+  while lines and not lines[-1].strip():
+    lines.pop()
+  rows = []
+  for i, line in enumerate(lines):
+    parts = line.split("|")
+    if len(parts) != 2 or not parts[1].isdigit() or int(parts[1]) != i:
+      raise MalformedRowError(path, i + 1, f"expected 'name|{i}', found {line!r}")
+    rows.append(parts)
+  return rows
+
+
+# ----------------------------------------------------------------------------
+# MovieLens 1M.
+
+def read_1m(data_dir: str) -> tl.UserTimelines:
+  """Reads MovieLens 1M (`ratings.dat`, `movies.dat`, `users.dat`)."""
+  enc = "latin-1"
+  movie_path = os.path.join(data_dir, "movies.dat")
+  movie_rows = _read_rows(movie_path, "::", 3, enc)
+  movie_ids = _column(movie_rows, 0, np.int64, movie_path, "movie id", 0)
+  _check_unique(movie_ids, movie_path, "movie")
+  genres = _multi_hot([r[2] for r in movie_rows], GENRES_1M, movie_path)
+  items = _item_table(movie_ids, [r[1] for r in movie_rows], genres, GENRES_1M)
+
+  user_path = os.path.join(data_dir, "users.dat")
+  user_rows = _read_rows(user_path, "::", 5, enc)
+  user_ids = _column(user_rows, 0, np.int64, user_path, "user id", 0)
+  _check_unique(user_ids, user_path, "user")
+  occupation_codes = _column(user_rows, 3, np.int64, user_path, "occupation", 0)
+  if occupation_codes.min() < 0 or occupation_codes.max() >= len(OCCUPATIONS_1M):
+    bad = int(np.nonzero((occupation_codes < 0) |
+                         (occupation_codes >= len(OCCUPATIONS_1M)))[0][0])
+    raise MalformedRowError(user_path, bad + 1,
+                            f"occupation code {occupation_codes[bad]} is not 0..20")
+  users = tl.UserTable(
+      raw_ids=user_ids,
+      ages=_column(user_rows, 2, np.int32, user_path, "age", 0),
+      genders=np.array([r[1] for r in user_rows], object),
+      occupations=np.array([OCCUPATIONS_1M[c] for c in occupation_codes], object),
+      zip_codes=np.array([r[4] for r in user_rows], object))
+
+  rating_path = os.path.join(data_dir, "ratings.dat")
+  rows = _read_rows(rating_path, "::", 4, enc)
+  return tl.from_events("movielens_1m", *_events(rows, rating_path, 0),
+                        items=items, users=users)
+
+
+def _multi_hot(genre_fields: list[str], genre_names, path: str) -> np.ndarray:
+  """'Action|Comedy' strings -> [n, len(genre_names)] bool; unknown genre errors."""
+  index = {g: i for i, g in enumerate(genre_names)}
+  out = np.zeros((len(genre_fields), len(genre_names)), bool)
+  for row, field in enumerate(genre_fields):
+    for genre in field.split("|"):
+      if genre == "(no genres listed)":
+        continue
+      if genre not in index:
+        raise MalformedRowError(path, row + 1, f"unknown genre {genre!r}")
+      out[row, index[genre]] = True
+  return out
+
+
+# ----------------------------------------------------------------------------
+# MovieLens latest / latest-small.
+
+def read_latest(data_dir: str) -> tl.UserTimelines:
+  """Reads MovieLens latest(-small): ratings.csv, movies.csv, optional tags.csv."""
+  movie_path = os.path.join(data_dir, "movies.csv")
+  movie_rows = _read_rows(movie_path, ",", 3, "utf-8", skip_header=True)
+  movie_ids = _column(movie_rows, 0, np.int64, movie_path, "movieId", 1)
+  _check_unique(movie_ids, movie_path, "movie")
+  genre_names = sorted({g for r in movie_rows for g in r[2].split("|")}
+                       - {"(no genres listed)"})
+  genres = _multi_hot([r[2] for r in movie_rows], genre_names, movie_path)
+
+  tags = None
+  tag_path = os.path.join(data_dir, "tags.csv")
+  if os.path.exists(tag_path):
+    tags = _item_tags(tag_path, movie_ids)
+  items = _item_table(movie_ids, [r[1] for r in movie_rows], genres, genre_names,
+                      tags)
+
+  rating_path = os.path.join(data_dir, "ratings.csv")
+  rows = _read_rows(rating_path, ",", 4, "utf-8", skip_header=True)
+  return tl.from_events("movielens_latest", *_events(rows, rating_path, 1),
+                        items=items)
+
+
+def _item_tags(tag_path: str, movie_ids: np.ndarray) -> list[tuple[str, ...]]:
+  """Per movie (in movie_ids order), its distinct tags, most used first."""
+  rows = _read_rows(tag_path, ",", 4, "utf-8", skip_header=True)
+  tagged = _column(rows, 1, np.int64, tag_path, "movieId", 1)
+  row_of = {m: i for i, m in enumerate(movie_ids.tolist())}
+  counts: list[dict[str, int]] = [{} for _ in movie_ids]
+  for line, (movie, row) in enumerate(zip(tagged.tolist(), rows)):
+    if movie not in row_of:
+      raise MalformedRowError(tag_path, line + 2, f"movieId {movie} is not in "
+                              "movies.csv")
+    tag = row[2].strip()
+    if tag:
+      bucket = counts[row_of[movie]]
+      bucket[tag] = bucket.get(tag, 0) + 1
+  return [tuple(sorted(c, key=lambda t: (-c[t], t))) for c in counts]

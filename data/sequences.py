@@ -1,0 +1,80 @@
+"""Fixed-shape item sequences for sequence models, built once as numpy arrays.
+
+Sequences are right-padded with `PAD_ITEM` (0): with causal attention a real
+position never sees the padding after it, and losses mask padded targets.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from data import splits
+from data import timelines as tl
+
+
+def training_windows(timelines: tl.UserTimelines, max_len: int) -> np.ndarray:
+  """Cuts every timeline into windows of `max_len + 1` items.
+
+  Consecutive windows overlap by one item, so every event (but each user's first)
+  is a next-item target exactly once. Users with fewer than 2 events give none.
+
+  Returns:
+    [num_windows, max_len + 1] int32; inputs are `w[:, :-1]`, targets `w[:, 1:]`.
+  """
+  windows = []
+  for user in range(timelines.num_users):
+    items = timelines.user_items(user)
+    for start in range(0, max(len(items) - 1, 0), max_len):
+      chunk = items[start:start + max_len + 1]
+      windows.append(np.pad(chunk, (0, max_len + 1 - len(chunk))))
+  if not windows:
+    raise ValueError(f"{timelines.name}: no user has 2 or more training events")
+  return np.stack(windows).astype(np.int32)
+
+
+def history_inputs(timelines: tl.UserTimelines, held_out: splits.HeldOut,
+                   max_len: int) -> tuple[np.ndarray, np.ndarray]:
+  """The last `max_len` history items before each held-out target.
+
+  Returns:
+    inputs: [k, max_len] int32 right-padded item sequences.
+    lengths: [k] int32 number of real items in each row (>= 1).
+  """
+  inputs = np.zeros((len(held_out), max_len), np.int32)
+  lengths = np.minimum(held_out.history_lengths, max_len).astype(np.int32)
+  for row, (user, hist_len) in enumerate(zip(held_out.users,
+                                             held_out.history_lengths)):
+    start = timelines.user_offsets[user]
+    history = timelines.item_ids[start + hist_len - lengths[row]:start + hist_len]
+    inputs[row, :lengths[row]] = history
+  return inputs, lengths
+
+
+def seen_items(timelines: tl.UserTimelines, held_out: splits.HeldOut
+               ) -> list[np.ndarray]:
+  """For each held-out row, every item in its whole history (not just max_len)."""
+  return [timelines.user_items(u)[:n]
+          for u, n in zip(held_out.users, held_out.history_lengths)]
+
+
+class EpochBatcher:
+  """Batch `step` of shuffled epochs over `examples`, as a pure function of step.
+
+  Each epoch is a fresh permutation drawn from (seed, epoch); the last partial
+  batch of an epoch is not used in that epoch (fixed shapes: one compilation),
+  and since the permutation changes every epoch no example is always left out.
+  Being a function of the step, resuming at step s gives the same batches as an
+  uninterrupted run.
+  """
+
+  def __init__(self, examples: np.ndarray, batch_size: int, seed: int):
+    if len(examples) < batch_size:
+      raise ValueError(f"batch_size={batch_size} exceeds the {len(examples)} "
+                       "training examples; lower config.batch_size")
+    self.examples, self.batch_size, self.seed = examples, batch_size, seed
+    self.steps_per_epoch = len(examples) // batch_size
+
+  def __call__(self, step: int) -> np.ndarray:
+    epoch, index = divmod(step, self.steps_per_epoch)
+    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
+    return self.examples[order[index * self.batch_size:(index + 1) * self.batch_size]]

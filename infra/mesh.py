@@ -1,0 +1,66 @@
+"""One mesh and one logical-axis rules table for every workflow.
+
+Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`,
+`length`); `LOGICAL_RULES` maps them to the mesh axes `data` and `model`. Batches
+shard their leading axis over `data` (federated clients ride on it too).
+"""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from infra.errors import ConfigError
+
+MESH_AXES = ("data", "model")
+LOGICAL_RULES = (
+    ("batch", "data"),
+    ("clients", "data"),
+    ("vocab", "model"),
+    ("mlp", "model"),
+    ("heads", "model"),
+    ("embed", None),
+    ("kv", None),
+    ("length", None),
+)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
+  """A ('data', 'model') mesh; `mesh.data = -1` takes all devices left over."""
+  devices = jax.devices()
+  model = int(mesh_config.model)
+  data = int(mesh_config.data)
+  if model < 1 or len(devices) % model:
+    raise ConfigError(f"config.mesh.model={model} must divide the "
+                      f"{len(devices)} devices")
+  if data == -1:
+    data = len(devices) // model
+  if data * model != len(devices):
+    raise ConfigError(f"config.mesh.data={mesh_config.data} x config.mesh.model="
+                      f"{model} does not match the {len(devices)} devices")
+  return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
+
+
+def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
+  """NamedShardings for a pytree whose leaves may be nn.LogicallyPartitioned."""
+  logical_specs = nn.get_partition_spec(boxed_tree)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch or clients) axis over `data`, the rest replicated."""
+  return NamedSharding(mesh, P("data"))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh, field: str) -> None:
+  data = mesh.shape["data"]
+  if batch_size % data:
+    raise ConfigError(f"{field}={batch_size} must be a multiple of the mesh's "
+                      f"data axis ({data} devices)")

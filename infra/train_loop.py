@@ -1,0 +1,134 @@
+"""The one training loop: sharded state creation, a jitted step, and `fit`.
+
+A step is `step(state, batch) -> (state, metrics)`, jitted once with in/out
+shardings. `fit` resumes from the workdir's latest checkpoint, runs the remaining
+steps, logs JSON lines + TensorBoard + a progress line, evaluates periodically and
+checkpoints. Batches come from `batch_fn(step)`, a pure function of the step, so a
+resumed run sees exactly the batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from infra import checkpoint, mesh as mesh_lib, metric_writer
+
+PyTree = Any
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resume needs: step, parameters, optimiser state and RNG key."""
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+
+
+def create_state(init_params: Callable[[jax.Array], PyTree],
+                 tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh):
+  """Initialises a TrainState directly into its shardings.
+
+  Args:
+    init_params: rng -> parameters, possibly boxed with logical axis names.
+    tx: the optax optimiser.
+    rng: PRNG key; split into the init key and the state's training key.
+    mesh: the device mesh.
+
+  Returns:
+    (state, state_shardings): unboxed state laid out on the mesh.
+  """
+  init_rng, train_rng = jax.random.split(rng)
+
+  def init_boxed_state():
+    params = init_params(init_rng)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=train_rng)
+
+  shardings = mesh_lib.logical_shardings(jax.eval_shape(init_boxed_state), mesh)
+  init_state = jax.jit(lambda: nn.meta.unbox(init_boxed_state()),
+                       out_shardings=shardings)
+  return init_state(), shardings
+
+
+def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
+  """Wraps `loss_fn(params, batch, rng) -> (loss, metrics)` into a train step."""
+
+  def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+    step_rng = jax.random.fold_in(state.rng, state.step)
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), metrics
+
+  return train_step
+
+
+def fit(*, state: TrainState, state_shardings, train_step: Callable,
+        batch_fn: Callable[[int], Any], mesh: Mesh, num_steps: int,
+        workdir: str, checkpoint_every: int, keep_checkpoints: int,
+        log_every: int, eval_every: int = 0,
+        eval_fn: Callable[[TrainState], dict] | None = None,
+        name: str = "train") -> TrainState:
+  """Trains to `num_steps`, resuming from `workdir` if it holds a checkpoint."""
+  ckpt = checkpoint.Checkpointer(workdir, checkpoint_every, keep_checkpoints)
+  state = ckpt.restore_or_keep(state)
+  start = int(state.step)
+  writer = metric_writer.MetricWriter(workdir, resume_step=start)
+  if start:
+    print(f"[{name}] resumed from {ckpt.directory} at step {start}", flush=True)
+  data_sharding = mesh_lib.batch_sharding(mesh)
+  step_fn = jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
+                    out_shardings=(state_shardings, None), donate_argnums=0)
+  progress = _Progress(name, start, num_steps)
+  pending = []  # device metrics not yet fetched: no host sync every step
+  for step in range(start, num_steps):
+    batch = jax.device_put(batch_fn(step), data_sharding)
+    state, metrics = step_fn(state, batch)
+    pending.append(metrics)
+    done = step + 1
+    if done % log_every == 0 or done == num_steps:
+      means = jax.tree.map(lambda *xs: float(jnp.mean(jnp.stack(xs))), *pending)
+      pending = []
+      writer.write(done, name, means)
+      progress.report(done, means)
+    if eval_fn is not None and eval_every and (done % eval_every == 0
+                                               or done == num_steps):
+      eval_metrics = eval_fn(state)
+      writer.write(done, "valid", eval_metrics)
+      print(f"[{name}] step {done} valid " + _format(eval_metrics), flush=True)
+    ckpt.maybe_save(done, state, is_last=done == num_steps)
+  ckpt.close()
+  writer.close()
+  return state
+
+
+class _Progress:
+  """Prints `step i/n, metrics, steps/s and ETA` lines."""
+
+  def __init__(self, name: str, start: int, total: int):
+    self.name, self.start, self.total = name, start, total
+    self.began = time.time()
+
+  def report(self, step: int, metrics: dict) -> None:
+    elapsed = time.time() - self.began
+    rate = (step - self.start) / max(elapsed, 1e-9)
+    eta = datetime.timedelta(seconds=int((self.total - step) / max(rate, 1e-9)))
+    print(f"[{self.name}] step {step}/{self.total} {_format(metrics)} | "
+          f"{rate:.1f} steps/s | ETA {eta}", flush=True)
+
+
+def _format(metrics: dict) -> str:
+  return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())

@@ -1,0 +1,68 @@
+"""Entry point: `python main.py --config configs/<experiment>.py --workdir <dir>`.
+
+Every field of the config can be overridden as `--config.a.b=value`. The config's
+`workflow` picks the package whose `run(config, workdir) -> metrics` runs; at the
+end the metrics and the config are written to `<workdir>/results.json`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+WORKFLOWS = {
+    "next_item": "userllm.next_item",
+}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
+                               "metrics and results.json; reused to resume.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def run_experiment(config, workdir: str) -> dict:
+  """Dispatches to the workflow and writes `<workdir>/results.json`."""
+  from infra.errors import ConfigError
+  if config.workflow not in WORKFLOWS:
+    raise ConfigError(f"config.workflow={config.workflow!r} is not one of "
+                      f"{sorted(WORKFLOWS)}")
+  if config.get("distributed", False):
+    import jax
+    jax.distributed.initialize()  # multi-host TPU / GPU: one process per host
+  os.makedirs(workdir, exist_ok=True)
+  workflow = importlib.import_module(WORKFLOWS[config.workflow])
+  metrics = workflow.run(config, workdir)
+  results = {k: float(v) for k, v in metrics.items()}
+  with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
+    json.dump({**results, "config": config.to_dict()}, f, indent=2, sort_keys=True)
+  os.replace(os.path.join(workdir, "results.json.tmp"),
+             os.path.join(workdir, "results.json"))
+  print("results:")
+  for name, value in sorted(results.items()):
+    print(f"  {name}: {value:.6g}")
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  from data.movielens import MalformedRowError
+  from infra.errors import ConfigError
+  try:
+    run_experiment(_CONFIG.value, _WORKDIR.value)
+  except (ConfigError, MalformedRowError, FileNotFoundError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)
