@@ -1,0 +1,140 @@
+"""seqio text-to-text tasks over `user_timelines` and their SentencePiece vocabulary.
+
+Tasks (names `user_timelines_<config>_<task>`):
+- `next_title`: "Watched: t1; t2; ...; tN. Next title:" -> the next item's title.
+- `favourite_genre`: "Watched: ... Favourite genre:" -> the most frequent genre.
+
+The vocabulary is `config.data.vocab_path` when given, else a SentencePiece model
+trained locally on the data's text (titles, genre names, prompt words) and saved
+under the workdir, so a fresh offline machine needs no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+
+import ml_collections
+import numpy as np
+import seqio
+import sentencepiece as spm
+import tensorflow as tf
+
+from data import sources, tfds_builder
+from data import timelines as tl
+from infra.errors import ConfigError
+
+TASKS = ("next_title", "favourite_genre")
+_PROMPTS = {"next_title": "Next title:", "favourite_genre": "Favourite genre:"}
+
+
+def data_fingerprint(data_config: ml_collections.ConfigDict) -> str:
+  """A short hash of config.data: prepared data is reused only for the same one."""
+  blob = json.dumps(data_config.to_dict(), sort_keys=True, default=str)
+  return hashlib.sha1(blob.encode()).hexdigest()[:10]
+
+
+def tfds_data_dir(data_config, workdir: str) -> str:
+  return os.path.join(workdir, "tfds", data_fingerprint(data_config))
+
+
+def corpus(timelines: tl.UserTimelines) -> list[str]:
+  """The text a vocabulary must cover: every title, genre and prompt word."""
+  prompts = ["Watched: A; B. " + p for p in _PROMPTS.values()]  # separators too
+  return (prompts + list(timelines.items.genre_names) + ["unknown"]
+          + [str(t) for t in timelines.items.titles[1:]])
+
+
+def train_vocabulary(texts: list[str], model_path: str, vocab_size: int) -> str:
+  """Trains a unigram SentencePiece model on `texts`, written atomically.
+
+  Ids follow seqio's convention: pad=0, eos=1, unk=2, no bos.
+  """
+  directory = os.path.dirname(model_path) or "."
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    prefix = os.path.join(tmp, "spm")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_prefix=prefix,
+        vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
+        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
+        minloglevel=2)
+    os.replace(prefix + ".model", model_path)
+  return model_path
+
+
+def vocabulary(data_config, workdir: str, timelines: tl.UserTimelines | None = None
+               ) -> seqio.SentencePieceVocabulary:
+  """config.data.vocab_path, or a locally trained model (cached in workdir)."""
+  if data_config.get("vocab_path"):
+    if not os.path.exists(data_config.vocab_path):
+      raise FileNotFoundError(f"config.data.vocab_path={data_config.vocab_path!r}"
+                              " does not exist")
+    return seqio.SentencePieceVocabulary(data_config.vocab_path)
+  path = os.path.join(tfds_data_dir(data_config, workdir), "spm.model")
+  if not os.path.exists(path):
+    timelines = timelines or sources.load_timelines(data_config)
+    train_vocabulary(corpus(timelines), path, data_config.vocab_size)
+  return seqio.SentencePieceVocabulary(path)
+
+
+def prepare(data_config, workdir: str) -> tuple[str, dict]:
+  """Builds user_timelines/<config> into the workdir; returns (name, builder kwargs)."""
+  config_name = tfds_builder.builder_config_name(data_config)
+  kwargs = {"source_dir": data_config.dir or None,
+            "synthetic_spec": sources.synthetic_spec(data_config)}
+  builder = tfds_builder.UserTimelines(
+      config=config_name, data_dir=tfds_data_dir(data_config, workdir), **kwargs)
+  builder.download_and_prepare()
+  return f"user_timelines/{config_name}:{builder.VERSION}", kwargs
+
+
+def _to_text(task: str, max_history: int):
+  """Example -> {"inputs": prompt text, "targets": answer text}."""
+  def fn(ex):
+    titles = ex["history_titles"][-max_history:]
+    history = tf.strings.reduce_join(titles, separator="; ")
+    inputs = tf.strings.join(["Watched: ", history, ". ", _PROMPTS[task]])
+    target = ex["target_title"] if task == "next_title" else ex["favourite_genre"]
+    return {"inputs": inputs, "targets": target}
+  return fn
+
+
+def _map(fn):
+  return lambda ds: ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def exact_match(targets, predictions) -> dict[str, float]:
+  return {"exact_match": float(np.mean([t == p for t, p in zip(targets, predictions)]))}
+
+
+def register_tasks(data_config, workdir: str) -> dict[str, str]:
+  """Prepares the data and registers one seqio Task per entry of TASKS.
+
+  Returns:
+    {task: registered seqio task name}. Registering again replaces the tasks.
+  """
+  if data_config.text_history < 1:
+    raise ConfigError(f"config.data.text_history={data_config.text_history} must "
+                      "be >= 1")
+  tfds_name, builder_kwargs = prepare(data_config, workdir)
+  vocab = vocabulary(data_config, workdir)
+  features = {k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")}
+  config_name = tfds_name.split("/")[1].split(":")[0]
+  names = {}
+  for task in TASKS:
+    name = f"user_timelines_{config_name}_{task}"
+    seqio.TaskRegistry.remove(name)
+    seqio.TaskRegistry.add(
+        name,
+        source=seqio.TfdsDataSource(
+            tfds_name=tfds_name, tfds_data_dir=tfds_data_dir(data_config, workdir),
+            tfds_builder_kwargs=builder_kwargs),
+        preprocessors=[_map(_to_text(task, data_config.text_history)),
+                       seqio.preprocessors.tokenize,
+                       seqio.preprocessors.append_eos_after_trim],
+        output_features=features, metric_fns=[exact_match])
+    names[task] = name
+  return names
