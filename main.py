@@ -64,5 +64,19 @@ def main(argv):
     sys.exit(2)
 
 
+def parse_flags(argv):
+  """absl's parser, but an unknown --config.<field> is a one-line error."""
+  try:
+    return flags.FLAGS(argv)
+  except (AttributeError, KeyError) as e:  # raised by config_flags overrides
+    overrides = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
+    print(f"error: unknown config field {e} (overrides given: "
+          f"{', '.join(overrides)})", file=sys.stderr)
+    sys.exit(2)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -28,9 +28,9 @@ LOGICAL_RULES = (
 )
 
 
-def make_mesh(mesh_config: ml_collections.ConfigDict) -> Mesh:
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   """A ('data', 'model') mesh; `mesh.data = -1` takes all devices left over."""
-  devices = jax.devices()
+  devices = jax.devices() if devices is None else devices
   model = int(mesh_config.model)
   data = int(mesh_config.data)
   if model < 1 or len(devices) % model:

@@ -69,7 +69,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
     (loss, metrics), grads = grad_fn(state.params, batch, step_rng)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), **metrics}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **metrics}
     return state.replace(step=state.step + 1, params=params,
                          opt_state=opt_state), metrics
 
@@ -81,8 +81,12 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
         workdir: str, checkpoint_every: int, keep_checkpoints: int,
         log_every: int, eval_every: int = 0,
         eval_fn: Callable[[TrainState], dict] | None = None,
-        name: str = "train") -> TrainState:
-  """Trains to `num_steps`, resuming from `workdir` if it holds a checkpoint."""
+        stop_after_steps: int = 0, name: str = "train") -> TrainState:
+  """Trains to `num_steps`, resuming from `workdir` if it holds a checkpoint.
+
+  `stop_after_steps` > 0 stops (and checkpoints) at that step as if preempted,
+  leaving the schedule of a `num_steps` run intact; a rerun resumes from there.
+  """
   ckpt = checkpoint.Checkpointer(workdir, checkpoint_every, keep_checkpoints)
   state = ckpt.restore_or_keep(state)
   start = int(state.step)
@@ -93,23 +97,24 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
   step_fn = jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
                     out_shardings=(state_shardings, None), donate_argnums=0)
   progress = _Progress(name, start, num_steps)
+  stop = min(num_steps, stop_after_steps) if stop_after_steps > 0 else num_steps
   pending = []  # device metrics not yet fetched: no host sync every step
-  for step in range(start, num_steps):
+  for step in range(start, stop):
     batch = jax.device_put(batch_fn(step), data_sharding)
     state, metrics = step_fn(state, batch)
     pending.append(metrics)
     done = step + 1
-    if done % log_every == 0 or done == num_steps:
+    if done % log_every == 0 or done == stop:
       means = jax.tree.map(lambda *xs: float(jnp.mean(jnp.stack(xs))), *pending)
       pending = []
       writer.write(done, name, means)
       progress.report(done, means)
     if eval_fn is not None and eval_every and (done % eval_every == 0
-                                               or done == num_steps):
+                                               or done == stop):
       eval_metrics = eval_fn(state)
       writer.write(done, "valid", eval_metrics)
       print(f"[{name}] step {done} valid " + _format(eval_metrics), flush=True)
-    ckpt.maybe_save(done, state, is_last=done == num_steps)
+    ckpt.maybe_save(done, state, is_last=done == stop)
   ckpt.close()
   writer.close()
   return state

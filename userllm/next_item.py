@@ -136,7 +136,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       workdir=workdir, checkpoint_every=config.train.checkpoint_every,
       keep_checkpoints=config.train.keep_checkpoints,
       log_every=config.train.log_every, eval_every=config.train.eval_every,
-      eval_fn=eval_fn)
+      eval_fn=eval_fn, stop_after_steps=config.train.stop_after_steps)
   train_seconds = time.time() - train_began
 
   popularity = ranking.popularity_scores(split.train.item_ids,

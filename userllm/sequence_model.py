@@ -25,6 +25,9 @@ def _param(axes):
   return nn.with_logical_partitioning(_init, axes)
 
 
+VOCAB_MULTIPLE = 128  # the embedding table is padded so 'vocab' shards evenly
+
+
 @dataclasses.dataclass(frozen=True)
 class SequenceModelConfig:
   vocab_size: int  # num_items + 1 (index 0 is padding)
@@ -95,7 +98,8 @@ class ItemSequenceTransformer(nn.Module):
 
   def setup(self):
     cfg = self.config
-    self.item_embed = nn.Embed(cfg.vocab_size, cfg.embed_dim,
+    padded_vocab = -(-cfg.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    self.item_embed = nn.Embed(padded_vocab, cfg.embed_dim,
                                embedding_init=_param(("vocab", "embed")))
     self.position_embed = self.param("position_embed", _param(("length", "embed")),
                                      (cfg.max_len, cfg.embed_dim))
@@ -119,7 +123,7 @@ class ItemSequenceTransformer(nn.Module):
 
   def item_logits(self, states: jax.Array) -> jax.Array:
     """states: [..., embed] -> [..., vocab] scores; padding item at -inf."""
-    logits = self.item_embed.attend(states)
+    logits = self.item_embed.attend(states)[..., :self.config.vocab_size]
     return logits.at[..., PAD_ITEM].set(-jnp.inf)
 
   def __call__(self, items: jax.Array, train: bool = False) -> jax.Array:

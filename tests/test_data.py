@@ -1,0 +1,96 @@
+"""Synthetic generator, splits and fixed-shape sequences."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from data import sequences, splits, synthetic
+from infra.errors import ConfigError
+
+SMALL = synthetic.SyntheticSpec(num_users=50, num_items=100, min_events=5,
+                                mean_extra_events=10.0, max_events=40)
+
+
+def test_synthetic_is_deterministic_by_seed():
+  a, b = synthetic.generate(SMALL), synthetic.generate(SMALL)
+  for field in ("user_offsets", "item_ids", "ratings", "timestamps"):
+    np.testing.assert_array_equal(getattr(a, field), getattr(b, field))
+  np.testing.assert_array_equal(a.items.titles, b.items.titles)
+  c = synthetic.generate(dataclasses.replace(SMALL, seed=1))
+  assert not np.array_equal(a.item_ids[:100], c.item_ids[:100])
+
+
+def test_synthetic_structure():
+  data = synthetic.generate(SMALL)
+  assert data.num_users == 50 and data.num_items == 100
+  assert data.lengths.min() >= 5 and data.lengths.max() <= 40
+  for user in range(data.num_users):  # each user meets an item at most once
+    items = data.user_items(user)
+    assert len(np.unique(items)) == len(items)
+  assert set(np.unique(data.ratings)) <= {1.0, 2.0, 3.0, 4.0, 5.0}
+  assert len(set(data.items.titles[1:])) == data.num_items  # unique titles
+  assert data.items.genres[1:].sum(1).min() >= 1
+
+
+def test_synthetic_bad_spec_names_field():
+  with pytest.raises(ConfigError, match="config.data.synthetic.follow_prob"):
+    synthetic.generate(dataclasses.replace(SMALL, follow_prob=1.5))
+
+
+def test_leave_last_out():
+  data = synthetic.generate(SMALL)
+  split = splits.leave_last_out(data)
+  assert split.train.num_events == data.num_events - 2 * data.num_users
+  np.testing.assert_array_equal(split.train.lengths, data.lengths - 2)
+  for i, user in enumerate(split.test.users):
+    items = data.user_items(user)
+    assert split.test.targets[i] == items[-1]
+    assert split.valid.targets[i] == items[-2]
+    np.testing.assert_array_equal(split.train.user_items(user), items[:-2])
+
+
+def test_leave_last_out_keeps_short_users_in_train():
+  data = synthetic.generate(SMALL)
+  short = data.select_events(np.arange(data.num_events) <
+                             data.user_offsets[1] + 2)  # user 1 keeps 2 events
+  split = splits.leave_last_out(short)
+  assert split.num_users_without_targets == short.num_users - 1
+  assert split.train.num_events == short.num_events - 2
+
+
+def test_global_time_split():
+  data = synthetic.generate(SMALL)
+  train, test, cutoff = splits.global_time_split(data, 0.2)
+  assert train.num_events + test.num_events == data.num_events
+  assert train.timestamps.max() < cutoff <= test.timestamps.min()
+  assert abs(test.num_events / data.num_events - 0.2) < 0.02
+
+
+def test_training_windows_cover_every_target_once():
+  data = synthetic.generate(SMALL)
+  windows = sequences.training_windows(data, max_len=7)
+  targets = windows[:, 1:]
+  assert (targets != 0).sum() == data.num_events - data.num_users
+  for w in windows:  # padding only at the end
+    real = np.nonzero(w)[0]
+    assert real.tolist() == list(range(len(real)))
+
+
+def test_history_inputs_take_the_last_items():
+  data = synthetic.generate(SMALL)
+  split = splits.leave_last_out(data)
+  inputs, lengths = sequences.history_inputs(data, split.test, max_len=6)
+  items = data.user_items(split.test.users[0])
+  np.testing.assert_array_equal(inputs[0], items[-7:-1])
+  assert lengths[0] == 6
+
+
+def test_epoch_batcher_is_a_function_of_the_step():
+  examples = np.arange(50)[:, None]
+  a, b = sequences.EpochBatcher(examples, 8, 0), sequences.EpochBatcher(examples, 8, 0)
+  np.testing.assert_array_equal(a(13), b(13))
+  epoch = np.concatenate([a(s) for s in range(a.steps_per_epoch)])
+  assert len(np.unique(epoch)) == len(epoch) == 48  # no repeats within an epoch
+  with pytest.raises(ValueError, match="batch_size"):
+    sequences.EpochBatcher(examples, 64, 0)

@@ -1,0 +1,60 @@
+"""main.py end to end: results.json, resume, and one-line config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "main.py", "--config", "configs/tiny.py",
+                         *args], cwd=REPO, capture_output=True, text=True,
+                        timeout=600)
+
+
+def test_main_writes_results_and_resumes(tmp_path):
+  first = run_main("--workdir", str(tmp_path))
+  assert first.returncode == 0, first.stderr[-2000:]
+  results = json.load(open(tmp_path / "results.json"))
+  assert results["steps"] == 6
+  assert 0.0 <= results["test/model/recall@10"] <= 1.0
+  assert "test/popularity/ndcg@10" in results
+  assert results["config"]["workflow"] == "next_item"
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+  assert os.path.isdir(tmp_path / "tensorboard")
+
+  again = run_main("--workdir", str(tmp_path), "--config.train.num_steps=8")
+  assert again.returncode == 0, again.stderr[-2000:]
+  assert "resumed from" in again.stdout and "at step 6" in again.stdout
+  assert json.load(open(tmp_path / "results.json"))["steps"] == 8
+
+
+def _one_line_error(result, *needles):
+  assert result.returncode != 0
+  for needle in needles:
+    assert needle in result.stderr, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr
+
+
+def test_unknown_workflow(tmp_path):
+  _one_line_error(run_main("--workdir", str(tmp_path), "--config.workflow=nope"),
+                  "config.workflow='nope'")
+
+
+def test_unknown_field(tmp_path):
+  _one_line_error(run_main("--workdir", str(tmp_path), "--config.train.bogus=1"),
+                  "bogus")
+
+
+def test_ill_typed_field(tmp_path):
+  _one_line_error(run_main("--workdir", str(tmp_path),
+                           "--config.train.num_steps=many"), "num_steps")
+
+
+def test_missing_data_dir(tmp_path):
+  _one_line_error(run_main("--workdir", str(tmp_path),
+                           "--config.data.source=movielens",
+                           "--config.data.dir=/nonexistent/ml"),
+                  "config.data.dir='/nonexistent/ml'")
