@@ -73,8 +73,12 @@ class EpochBatcher:
                        "training examples; lower config.batch_size")
     self.examples, self.batch_size, self.seed = examples, batch_size, seed
     self.steps_per_epoch = len(examples) // batch_size
+    self._epoch, self._order = -1, None  # cache: one permutation per epoch
 
   def __call__(self, step: int) -> np.ndarray:
     epoch, index = divmod(step, self.steps_per_epoch)
-    order = np.random.default_rng([self.seed, epoch]).permutation(len(self.examples))
-    return self.examples[order[index * self.batch_size:(index + 1) * self.batch_size]]
+    if epoch != self._epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      self._epoch, self._order = epoch, rng.permutation(len(self.examples))
+    rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
+    return self.examples[rows]

@@ -55,6 +55,17 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 
 
+def put_batch(batch, mesh: Mesh):
+  """Places a host-side global batch (a pytree of numpy arrays, identical on
+  every host) with its leading axis over `data`. Each process only copies the
+  slices its own devices hold, so this also works on multi-host slices, where
+  `jax.device_put` of a global array cannot reach other hosts' devices."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(
+      lambda x: jax.make_array_from_callback(x.shape, sharding,
+                                             lambda index: x[index]), batch)
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

@@ -100,7 +100,7 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
   stop = min(num_steps, stop_after_steps) if stop_after_steps > 0 else num_steps
   pending = []  # device metrics not yet fetched: no host sync every step
   for step in range(start, stop):
-    batch = jax.device_put(batch_fn(step), data_sharding)
+    batch = mesh_lib.put_batch(batch_fn(step), mesh)
     state, metrics = step_fn(state, batch)
     pending.append(metrics)
     done = step + 1

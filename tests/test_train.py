@@ -53,7 +53,7 @@ def _one_step(config, mesh, windows):
       functools.partial(sm.next_item_loss, model), tx),
       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
       out_shardings=(shardings, None))
-  batch = jax.device_put(windows, mesh_lib.batch_sharding(mesh))
+  batch = mesh_lib.put_batch(windows, mesh)
   new_state, metrics = step(state, batch)
   return new_state, metrics, shardings
 

@@ -72,10 +72,9 @@ class RankingEvaluator:
       yield take(self.inputs), lengths, take(self.targets), seen, stop - start
 
   def model_ranks(self, rank_fn, params) -> np.ndarray:
-    sharding = mesh_lib.batch_sharding(self.mesh)
     ranks = []
     for inputs, lengths, targets, seen, real in self._batches():
-      batch = jax.device_put((inputs, lengths, targets, seen), sharding)
+      batch = mesh_lib.put_batch((inputs, lengths, targets, seen), self.mesh)
       ranks.append(np.asarray(rank_fn(params, *batch))[:real])
     return np.concatenate(ranks)
 
