@@ -33,9 +33,14 @@ def run_experiment(config, workdir: str) -> dict:
   if config.workflow not in WORKFLOWS:
     raise ConfigError(f"config.workflow={config.workflow!r} is not one of "
                       f"{sorted(WORKFLOWS)}")
+  import jax
   if config.get("distributed", False):
-    import jax
     jax.distributed.initialize()  # multi-host TPU / GPU: one process per host
+  from infra import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh(config.mesh)  # fails early, in one line, if it can't fit
+  print(f"[mesh] data={mesh.shape['data']} model={mesh.shape['model']} over "
+        f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"{jax.process_count()} process(es)", flush=True)
   os.makedirs(workdir, exist_ok=True)
   workflow = importlib.import_module(WORKFLOWS[config.workflow])
   metrics = workflow.run(config, workdir)

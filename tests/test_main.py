@@ -58,3 +58,8 @@ def test_missing_data_dir(tmp_path):
                            "--config.data.source=movielens",
                            "--config.data.dir=/nonexistent/ml"),
                   "config.data.dir='/nonexistent/ml'")
+
+
+def test_mesh_that_does_not_fit_the_devices(tmp_path):
+  _one_line_error(run_main("--workdir", str(tmp_path), "--config.mesh.model=3"),
+                  "config.mesh.model=3")
