@@ -29,9 +29,6 @@ class Checkpointer:
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
 
-  def latest_step(self) -> int | None:
-    return self.manager.latest_step()
-
   def restore_or_keep(self, state):
     """The latest saved state (with `state`'s shardings), or `state` if none."""
     step = self.manager.latest_step()

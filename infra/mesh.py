@@ -66,10 +66,6 @@ def put_batch(batch, mesh: Mesh):
                                              lambda index: x[index]), batch)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 def check_batch_divides(batch_size: int, mesh: Mesh, field: str) -> None:
   data = mesh.shape["data"]
   if batch_size % data:

@@ -115,9 +115,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   model = build_model(config, timelines.num_items + 1)
   tx = make_optimizer(config.train)
   state, shardings = init_state(model, tx, config, mesh)
-  loss_fn = functools.partial(sm.next_item_loss, model)
   train_step = train_loop.make_train_step(
-      lambda params, batch, rng: loss_fn(params, batch, rng), tx)
+      functools.partial(sm.next_item_loss, model), tx)
 
   rank_fn = make_rank_fn(model)
   # Valid histories exclude the valid target; test histories include it.
