@@ -20,6 +20,7 @@ from ml_collections import config_flags
 WORKFLOWS = {
     "next_item": "userllm.next_item",
     "federated": "federated.next_item",
+    "user_llm": "userllm.workflow",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")

@@ -14,20 +14,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 
 import ml_collections
 import numpy as np
 import seqio
-import sentencepiece as spm
 import tensorflow as tf
 
 from data import sources, tfds_builder
+from data.prompts import PROMPTS as _PROMPTS, TASKS, corpus
 from data import timelines as tl
+from data.vocab import train_vocabulary
 from infra.errors import ConfigError
-
-TASKS = ("next_title", "favourite_genre")
-_PROMPTS = {"next_title": "Next title:", "favourite_genre": "Favourite genre:"}
 
 
 def data_fingerprint(data_config: ml_collections.ConfigDict) -> str:
@@ -38,31 +35,6 @@ def data_fingerprint(data_config: ml_collections.ConfigDict) -> str:
 
 def tfds_data_dir(data_config, workdir: str) -> str:
   return os.path.join(workdir, "tfds", data_fingerprint(data_config))
-
-
-def corpus(timelines: tl.UserTimelines) -> list[str]:
-  """The text a vocabulary must cover: every title, genre and prompt word."""
-  prompts = ["Watched: A; B. " + p for p in _PROMPTS.values()]  # separators too
-  return (prompts + list(timelines.items.genre_names) + ["unknown"]
-          + [str(t) for t in timelines.items.titles[1:]])
-
-
-def train_vocabulary(texts: list[str], model_path: str, vocab_size: int) -> str:
-  """Trains a unigram SentencePiece model on `texts`, written atomically.
-
-  Ids follow seqio's convention: pad=0, eos=1, unk=2, no bos.
-  """
-  directory = os.path.dirname(model_path) or "."
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=directory) as tmp:
-    prefix = os.path.join(tmp, "spm")
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts), model_prefix=prefix,
-        vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
-        minloglevel=2)
-    os.replace(prefix + ".model", model_path)
-  return model_path
 
 
 def vocabulary(data_config, workdir: str, timelines: tl.UserTimelines | None = None

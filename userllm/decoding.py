@@ -1,0 +1,117 @@
+"""KV-cache decoding (greedy and sampling) and candidate scoring for `DecoderLM`.
+
+Prompts are left-padded (real tokens end at the last column), so every row's
+next token is predicted by the last logit. `conditioning` holds the keyword
+arguments that carry the user (`prefix`/`prefix_mask` for a soft prompt,
+`user_tokens`/`user_mask` for cross-attention); decoding steps after the prompt
+pass only the cross-attention part, since a soft prompt already sits in the cache.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from userllm import llm
+
+
+def _prefix_length(conditioning: dict) -> int:
+  prefix = conditioning.get("prefix")
+  return 0 if prefix is None else prefix.shape[1]
+
+
+def _cross_only(conditioning: dict) -> dict:
+  return {k: v for k, v in conditioning.items() if k in ("user_tokens", "user_mask")}
+
+
+def prefill(model: llm.DecoderLM, params, prompt: jax.Array,
+            prompt_mask: jax.Array, extra_slots: int, conditioning: dict):
+  """Runs the prompt into a fresh cache with `extra_slots` free slots after it.
+
+  Returns (last logits [b, vocab], cache).
+  """
+  size = _prefix_length(conditioning) + prompt.shape[1] + extra_slots
+  cache = llm.init_cache(model.config, prompt.shape[0], size,
+                         jnp.dtype(model.config.dtype))
+  logits, cache = model.apply({"params": params}, prompt, prompt_mask,
+                              cache=cache, **conditioning)
+  return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens",
+                                             "temperature", "eos_id"))
+def generate(model: llm.DecoderLM, params, prompt: jax.Array,
+             prompt_mask: jax.Array, rng: jax.Array, *, max_new_tokens: int,
+             temperature: float = 0.0, eos_id: int = 1,
+             conditioning: dict | None = None) -> jax.Array:
+  """Greedy (temperature 0) or sampled continuation of left-padded prompts.
+
+  Returns [b, max_new_tokens] int32; after a row's `eos_id` the row holds 0 (pad).
+  """
+  conditioning = conditioning or {}
+  logits, cache = prefill(model, params, prompt, prompt_mask, max_new_tokens,
+                          conditioning)
+
+  def pick(logits, key):
+    if temperature == 0.0:
+      return logits.argmax(-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / temperature).astype(jnp.int32)
+
+  def step(carry, key):
+    logits, cache, done = carry
+    token = jnp.where(done, 0, pick(logits, key))
+    next_logits, cache = model.apply(
+        {"params": params}, token[:, None], ~done[:, None], cache=cache,
+        **_cross_only(conditioning))
+    return (next_logits[:, -1], cache, done | (token == eos_id)), token
+
+  done = jnp.zeros(prompt.shape[:1], bool)
+  keys = jax.random.split(rng, max_new_tokens)
+  _, tokens = jax.lax.scan(step, (logits, cache, done), keys)
+  return tokens.T
+
+
+def _repeat(tree, times: int):
+  """Repeats every batch-leading leaf `times` times (row i -> rows i*times...)."""
+  return jax.tree.map(lambda x: x if x.ndim == 0 else jnp.repeat(x, times, 0), tree)
+
+
+def score_continuations(model: llm.DecoderLM, params, prompt: jax.Array,
+                        prompt_mask: jax.Array, candidates: jax.Array,
+                        candidate_mask: jax.Array,
+                        conditioning: dict | None = None) -> jax.Array:
+  """Log-likelihood of every candidate after every prompt, sharing each prompt's
+  KV cache across candidates (the prompt is run once, not once per candidate).
+
+  prompt, prompt_mask: [b, t] left-padded; candidates, candidate_mask: [c, T]
+  right-padded. Returns [b, c] float32: sum of log p(candidate tokens | prompt).
+  """
+  conditioning = conditioning or {}
+  b, c = prompt.shape[0], candidates.shape[0]
+  last_logits, cache = prefill(model, params, prompt, prompt_mask,
+                               candidates.shape[1], conditioning)
+  cache = _repeat(cache, c)
+  tiled = jnp.tile(candidates, (b, 1))
+  tiled_mask = jnp.tile(candidate_mask, (b, 1))
+  logits, _ = model.apply({"params": params}, tiled, tiled_mask, cache=cache,
+                          **_repeat(_cross_only(conditioning), c))
+  # token 0 is predicted by the prompt's last logit, token j by logit j - 1.
+  predicting = jnp.concatenate([jnp.repeat(last_logits, c, 0)[:, None],
+                                logits[:, :-1]], 1)
+  log_probs = jax.nn.log_softmax(predicting, -1)
+  token_lp = jnp.take_along_axis(log_probs, tiled[..., None], -1)[..., 0]
+  return jnp.sum(token_lp * tiled_mask, 1).reshape(b, c)
+
+
+def token_log_likelihood(logits: jax.Array, tokens: jax.Array,
+                         target_mask: jax.Array) -> jax.Array:
+  """[b] sum over target positions of log p(tokens[:, j] | logits[:, j - 1]).
+
+  logits: [b, t, vocab] of a forward over `tokens` [b, t]; target_mask [b, t]
+  marks the tokens to score (never position 0).
+  """
+  log_probs = jax.nn.log_softmax(logits[:, :-1], -1)
+  token_lp = jnp.take_along_axis(log_probs, tokens[:, 1:, None], -1)[..., 0]
+  return jnp.sum(token_lp * target_mask[:, 1:], 1)

@@ -1,0 +1,167 @@
+"""User-LLM (arXiv 2402.13598): a user encoder's embeddings, compressed by a
+Perceiver and projected, condition a decoder LLM.
+
+Parameters: {"encoder": the fused `ItemSequenceTransformer`, "perceiver",
+"projector", "llm": `DecoderLM` (its "cross_attention_i" blocks belong to the
+integration, its "*_lora" leaves to LoRA)}.
+
+Integrations (`UserLLMConfig.integration`):
+- "cross_attention": the user tokens are attended to by gated cross-attention
+  blocks inside the LLM; the LLM's input is the task prompt alone;
+- "soft_prompt": the user tokens are prepended to the prompt's embeddings;
+- "text": no user tokens; the LLM alone (the text-prompt and no-history
+  baselines, whose prompts carry the history as text or not at all).
+
+Training strategies (`STRATEGIES`) say which of those parts train; frozen ones
+are wrapped in `stop_gradient` (no weight gradients are computed for them) and
+get `optax.set_to_zero` inside `optax.multi_transform`, so they carry no
+optimiser state at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from userllm import llm as llm_lib
+from userllm import perceiver as perceiver_lib
+from userllm import sequence_model as sm
+
+INTEGRATIONS = ("cross_attention", "soft_prompt", "text")
+# Which parts train under each strategy. "integration" is the cross-attention
+# blocks: new parameters that exist only to read the user tokens.
+STRATEGIES = {
+    "full": {"encoder", "projector", "integration", "llm", "lora"},
+    "lora": {"encoder", "projector", "integration", "lora"},
+    "frozen_llm": {"encoder", "projector", "integration"},
+    "projector": {"projector", "integration"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class UserLLMConfig:
+  encoder: sm.SequenceModelConfig
+  llm: llm_lib.LLMConfig
+  integration: str
+  num_latents: int = 16  # Perceiver queries; 0: every encoder state is a user token
+  perceiver_layers: int = 1
+  perceiver_heads: int = 2
+
+  def validate(self) -> "UserLLMConfig":
+    if self.integration not in INTEGRATIONS:
+      raise ValueError(f"integration={self.integration!r} is not one of "
+                       f"{INTEGRATIONS}")
+    has_cross = bool(self.llm.cross_attention_every)
+    if has_cross != (self.integration == "cross_attention"):
+      raise ValueError("llm.cross_attention_every must be > 0 exactly when "
+                       "integration='cross_attention'")
+    return self
+
+  @property
+  def uses_user(self) -> bool:
+    return self.integration != "text"
+
+
+class UserLLM(nn.Module):
+  config: UserLLMConfig
+
+  def setup(self):
+    cfg = self.config.validate()
+    if cfg.uses_user:
+      self.encoder = sm.ItemSequenceTransformer(cfg.encoder)
+      if cfg.num_latents:
+        self.perceiver = perceiver_lib.PerceiverResampler(
+            cfg.num_latents, cfg.perceiver_layers, cfg.perceiver_heads)
+      self.projector = perceiver_lib.Projector(cfg.llm.embed_dim)
+    self.llm = llm_lib.DecoderLM(cfg.llm)
+
+  def user_tokens(self, events: dict, train: bool = False):
+    """events: {"items", "ratings": [b, h] int, "genres": [b, h, g]} ->
+    (tokens [b, n, llm width], mask [b, n] bool); n = num_latents or h."""
+    states = self.encoder.encode(events["items"], train, ratings=events["ratings"],
+                                 genres=events["genres"])
+    mask = events["items"] != sm.PAD_ITEM
+    if self.config.num_latents:
+      states = self.perceiver(states, mask)
+      mask = jnp.ones(states.shape[:2], bool)
+    return self.projector(states), mask
+
+  def conditioning(self, events: dict | None, train: bool = False) -> dict:
+    """The keyword arguments that carry the user into `DecoderLM.__call__`."""
+    if not self.config.uses_user:
+      return {}
+    tokens, mask = self.user_tokens(events, train)
+    if self.config.integration == "soft_prompt":
+      return {"prefix": tokens, "prefix_mask": mask}
+    return {"user_tokens": tokens, "user_mask": mask}
+
+  def __call__(self, events: dict | None, tokens: jax.Array, token_mask: jax.Array,
+               train: bool = False) -> jax.Array:
+    """-> logits [b, t, vocab] for the text tokens (soft-prompt slots dropped)."""
+    conditioning = self.conditioning(events, train)
+    logits, _ = self.llm(tokens, token_mask, **conditioning)
+    return logits[:, logits.shape[1] - tokens.shape[1]:]
+
+
+def part_of(path: tuple[str, ...]) -> str:
+  """Which trainable part a parameter path belongs to (see STRATEGIES)."""
+  top = path[0]
+  if top == "encoder":
+    return "encoder"
+  if top in ("perceiver", "projector"):
+    return "projector"
+  if any(p.startswith("cross_attention_") for p in path):
+    return "integration"
+  if any(p.endswith("_lora") for p in path):
+    return "lora"
+  return "llm"
+
+
+def trainable_mask(params, strategy: str):
+  """Pytree of bools: True where `strategy` trains the parameter."""
+  if strategy not in STRATEGIES:
+    raise ValueError(f"strategy={strategy!r} is not one of {sorted(STRATEGIES)}")
+  parts = STRATEGIES[strategy]
+  mask = jax.tree_util.tree_map_with_path(
+      lambda path, _: part_of(tuple(k.key for k in path)) in parts, params)
+  if not any(jax.tree.leaves(mask)):
+    raise ValueError(f"strategy={strategy!r} trains nothing in this model "
+                     "(e.g. 'frozen_llm' or 'projector' with a text prompt)")
+  return mask
+
+
+def masked_optimizer(tx: optax.GradientTransformation, mask
+                     ) -> optax.GradientTransformation:
+  """`tx` on the trainable leaves, zero updates and no state for the rest."""
+  labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def freeze(params, mask):
+  """stop_gradient on the frozen leaves, so no gradient is computed for them."""
+  return jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p),
+                      params, mask)
+
+
+def lm_loss(model: UserLLM, mask, params, batch: dict, rng: jax.Array,
+            train: bool = True):
+  """Mean next-token cross-entropy over the target tokens.
+
+  batch: {"events" (absent for text integration), "tokens", "token_mask",
+  "target_mask": [b, t]}; target_mask marks the answer tokens (prompt excluded).
+  """
+  logits = model.apply({"params": freeze(params, mask)}, batch.get("events"),
+                       batch["tokens"], batch["token_mask"], train,
+                       rngs={"dropout": rng})
+  log_probs = jax.nn.log_softmax(logits[:, :-1], -1)
+  token_lp = jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], -1)[..., 0]
+  target = batch["target_mask"][:, 1:]
+  count = jnp.maximum(target.sum(), 1)
+  loss = -jnp.sum(token_lp * target) / count
+  accuracy = jnp.sum((logits[:, :-1].argmax(-1) == batch["tokens"][:, 1:])
+                     * target) / count
+  return loss, {"token_accuracy": accuracy}

@@ -1,0 +1,349 @@
+"""Workflow `user_llm`: LM pretraining -> user-encoder pretraining -> User-LLM.
+
+Stages, each a `train_loop.fit` run in its own sub-directory of the workdir (so
+each resumes on its own, and a finished stage is not rerun):
+1. `lm`: the decoder LM trained from scratch on the data's task text (text
+   prompts with `lm_history` titles of history), so that it can write titles
+   and genres. Skipped when `config.llm.checkpoint` names a Gemma checkpoint,
+   which is loaded instead (with its tokenizer, `config.llm.tokenizer`).
+2. `encoder`: the fused user encoder pretrained autoregressively on the
+   training timelines (next item, genres and rating). Only for user-embedding
+   methods.
+3. `<method>`: the task model, started from stages 1-2 and trained with
+   `config.userllm.strategy` on both tasks. Methods: `cross_attention`,
+   `soft_prompt` (User-LLM), `text_prompt` (history as titles in the prompt),
+   `no_history` (the bare task prompt).
+
+Evaluation (leave-last-out, valid and test): next title by ranking *every*
+item's title by its log-likelihood under the model (Recall@1/5/10, NDCG; items
+already in the user's history excluded, as in `infra/ranking.py`), favourite
+genre by the most likely genre name (accuracy).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from flax import linen as nn
+
+from data import prompts, sources, splits
+from data.sequences import EpochBatcher
+from data.vocab import Tokenizer, train_vocabulary
+from infra import mesh as mesh_lib, ranking, train_loop
+from infra.errors import ConfigError
+from userllm import decoding, gemma_loader, llm as llm_lib
+from userllm import sequence_model as sm, user_llm as ul
+from userllm.next_item import make_optimizer
+
+METHODS = ("cross_attention", "soft_prompt", "text_prompt", "no_history")
+_INTEGRATION = {"cross_attention": "cross_attention", "soft_prompt": "soft_prompt",
+                "text_prompt": "text", "no_history": "text"}
+
+
+def tokenizer_for(config, workdir: str, timelines) -> Tokenizer:
+  """Gemma's tokenizer, config.data.vocab_path, or one trained on the data."""
+  path = config.llm.tokenizer or config.data.vocab_path
+  if path:
+    return Tokenizer(path)
+  path = os.path.join(workdir, "spm.model")
+  if not os.path.exists(path):
+    train_vocabulary(prompts.corpus(timelines), path, config.data.vocab_size)
+  return Tokenizer(path)
+
+
+def llm_config(config, vocab_size: int, method: str) -> llm_lib.LLMConfig:
+  fields = dict(config.llm.to_dict())
+  for key in ("checkpoint", "tokenizer"):
+    fields.pop(key)
+  fields["cross_attention_every"] = (fields["cross_attention_every"]
+                                     if method == "cross_attention" else 0)
+  try:
+    return llm_lib.LLMConfig(vocab_size=vocab_size, **fields).validate()
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.llm: {e}") from None
+
+
+def encoder_config(config, timelines) -> sm.SequenceModelConfig:
+  try:
+    return sm.SequenceModelConfig.from_config(
+        config.encoder, timelines.num_items + 1, config.userllm.history_len + 1,
+        num_genres=len(timelines.items.genre_names)).validate()
+  except ValueError as e:
+    raise ConfigError(f"config.encoder: {e}") from None
+
+
+def build_model(config, timelines, vocab_size: int, method: str,
+                base: llm_lib.LLMConfig | None = None) -> ul.UserLLM:
+  """The UserLLM for `method`; `base` (a loaded Gemma's config) fixes the LLM's
+  shape, the config adds cross-attention, LoRA and dtype."""
+  cfg = llm_config(config, vocab_size, method)
+  if base is not None:
+    cfg = llm_lib.LLMConfig(**{**base.__dict__, **{
+        k: getattr(cfg, k) for k in ("cross_attention_every", "lora_rank",
+                                     "lora_alpha", "dtype")}}).validate()
+  u = config.userllm
+  return ul.UserLLM(ul.UserLLMConfig(
+      encoder=encoder_config(config, timelines), llm=cfg,
+      integration=_INTEGRATION[method], num_latents=u.num_latents,
+      perceiver_layers=u.perceiver_layers, perceiver_heads=u.perceiver_heads))
+
+
+class Stage:
+  """Runs one stage through `train_loop.fit` in `<workdir>/<stage name>`."""
+
+  def __init__(self, mesh, workdir: str):
+    self.mesh, self.workdir = mesh, workdir
+
+  def fit(self, name: str, state, shardings, loss_fn, tx, batch_fn,
+          train: ml_collections.ConfigDict, eval_fn=None):
+    mesh_lib.check_batch_divides(train.batch_size, self.mesh,
+                                 f"config.{name}_train.batch_size")
+    return train_loop.fit(
+        state=state, state_shardings=shardings,
+        train_step=train_loop.make_train_step(loss_fn, tx), batch_fn=batch_fn,
+        mesh=self.mesh, num_steps=train.num_steps,
+        workdir=os.path.join(self.workdir, name),
+        checkpoint_every=train.checkpoint_every,
+        keep_checkpoints=train.keep_checkpoints, log_every=train.log_every,
+        eval_every=train.eval_every if eval_fn else 0, eval_fn=eval_fn,
+        stop_after_steps=train.stop_after_steps, name=name)
+
+
+def _example_batches(builder: prompts.PromptBuilder, examples: prompts.Examples,
+                     batch_size: int, seed: int):
+  rows = EpochBatcher(np.arange(len(examples)), batch_size, seed)
+  keys = ("tokens", "token_mask", "target_mask", "events")
+  return lambda step: {k: v for k, v in builder.batch(examples, rows(step)).items()
+                       if k in keys}
+
+
+def init_user_llm_state(model: ul.UserLLM, strategy: str, train, config, mesh,
+                        builder: prompts.PromptBuilder):
+  """(state, shardings, tx, trainable mask) for a UserLLM, parameters fresh."""
+  rows = np.arange(1)
+  dummy = builder.batch(prompts.Examples(np.zeros(1, np.int32), np.ones(1, np.int32),
+                                         np.zeros(1, np.int32)), rows)
+  init = lambda rng: model.init(rng, dummy.get("events"), dummy["tokens"],  # noqa: E731
+                                dummy["token_mask"])["params"]
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(init(jax.random.PRNGKey(0))))
+  mask = ul.trainable_mask(shapes, strategy)
+  tx = ul.masked_optimizer(make_optimizer(train), mask)
+  state, shardings = train_loop.create_state(init, tx,
+                                             jax.random.PRNGKey(config.seed), mesh)
+  return state, shardings, tx, mask
+
+
+def load_into(state, shardings, subtree: str, pretrained: dict):
+  """state with params[subtree]'s matching leaves replaced by `pretrained`."""
+  params = dict(state.params)
+  params[subtree] = gemma_loader.merge_pretrained(
+      jax.device_get(params[subtree]), pretrained, subtree)
+  params = jax.device_put(params, shardings.params)
+  return state.replace(params=params)
+
+
+def _final_params(workdir: str, state):
+  """Params of the finished stage in `workdir` (restored into `state`'s layout)."""
+  from infra import checkpoint
+  ckpt = checkpoint.Checkpointer(workdir, 1, 1)
+  restored = ckpt.restore_or_keep(state)
+  ckpt.close()
+  return restored.params
+
+
+class Evaluator:
+  """Ranks every item title / genre name by log-likelihood for held-out users."""
+
+  def __init__(self, model: ul.UserLLM, builder: prompts.PromptBuilder,
+               timelines, examples: prompts.Examples, batch_size: int,
+               candidate_chunk: int, mesh):
+    self.model, self.builder, self.examples = model, builder, examples
+    self.timelines, self.batch_size, self.mesh = timelines, batch_size, mesh
+    self.candidate_chunk = candidate_chunk
+    llm = llm_lib.DecoderLM(model.config.llm)
+
+    @jax.jit
+    def score(params, batch, candidates, candidate_mask):
+      conditioning = model.apply({"params": params}, batch.get("events"),
+                                 method=model.conditioning)
+      return decoding.score_continuations(
+          llm, params["llm"], batch["prompt"], batch["prompt_mask"], candidates,
+          candidate_mask, conditioning)
+    self.score = score
+
+  def _padded_rows(self):
+    n, b = len(self.examples), self.batch_size
+    for start in range(0, n, b):
+      rows = np.arange(start, min(start + b, n))
+      yield np.concatenate([rows, np.full(b - len(rows), rows[-1])]), len(rows)
+
+  def scores(self, params, task: str) -> np.ndarray:
+    """[n, num candidates] log-likelihoods."""
+    candidates, candidate_mask = self.builder.candidates(task)
+    out = []
+    for rows, real in self._padded_rows():
+      batch = self.builder.batch(self.examples, rows, with_answers=False)
+      batch = mesh_lib.put_batch(batch, self.mesh)
+      chunks = [self.score(params, batch, candidates[i:i + self.candidate_chunk],
+                           candidate_mask[i:i + self.candidate_chunk])
+                for i in range(0, len(candidates), self.candidate_chunk)]
+      out.append(np.concatenate([np.asarray(c) for c in chunks], 1)[:real])
+    return np.concatenate(out)
+
+  def next_title_metrics(self, params) -> dict[str, float]:
+    scores = self.scores(params, "next_title")
+    ex, tl = self.examples, self.timelines
+    targets = tl.item_ids[tl.user_offsets[ex.users] + ex.cuts]
+    seen = ranking.seen_mask([tl.user_items(u)[:c] for u, c in zip(ex.users, ex.cuts)],
+                             len(ex), tl.num_items + 1)
+    ranks = np.asarray(ranking.target_ranks(scores, targets, seen))
+    return ranking.metrics_from_ranks(ranks)
+
+  def genre_accuracy(self, params) -> float:
+    predicted = self.scores(params, "favourite_genre").argmax(1)
+    labels = [prompts.favourite_genre_index(self.timelines.items,
+                                            self.builder.history(u, c))
+              for u, c in zip(self.examples.users, self.examples.cuts)]
+    return float(np.mean(predicted == np.asarray(labels)))
+
+
+def _check(config):
+  u = config.userllm
+  if u.method not in METHODS:
+    raise ConfigError(f"config.userllm.method={u.method!r} is not one of {METHODS}")
+  if u.history_len < 1:
+    raise ConfigError(f"config.userllm.history_len={u.history_len} must be >= 1")
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  _check(config)
+  began = time.time()
+  u = config.userllm
+  timelines = sources.load_timelines(config.data)
+  split = splits.leave_last_out(timelines)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  tokenizer = tokenizer_for(config, workdir, timelines)
+  print(f"[data] {timelines.name}: {timelines.num_users} users, "
+        f"{timelines.num_items} items; vocabulary {tokenizer.vocab_size} pieces",
+        flush=True)
+
+  def builder_for(method, history_len, prompt_len):
+    b = prompts.PromptBuilder(split.train, tokenizer, method, history_len,
+                              prompt_len, answer_len=1)
+    b.answer_len = u.answer_len or b.longest_answer()
+    return b
+
+  builder = builder_for(u.method, u.history_len, u.text_prompt_len)
+  if u.method != "text_prompt":  # the bare task prompt
+    builder.prompt_len = max(len(v) for v in builder.task_ids.values()) + len(
+        builder.bos)
+  results = {}
+
+  # Stage 1: the LLM (Gemma, or trained from scratch on the task text).
+  base = None
+  if config.llm.checkpoint:
+    base, llm_params = gemma_loader.load_checkpoint(config.llm.checkpoint,
+                                                    tokenizer.vocab_size)
+  else:
+    lm_builder = builder_for("text_prompt", u.lm_history, u.text_prompt_len)
+    lm_model = build_model(config, timelines, tokenizer.vocab_size, "text_prompt")
+    state, shardings, tx, mask = init_user_llm_state(
+        lm_model, "full", config.lm_train, config, mesh, lm_builder)
+    examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed)
+    stage = Stage(mesh, workdir)
+    state = stage.fit("lm", state, shardings,
+                      functools.partial(ul.lm_loss, lm_model, mask), tx,
+                      _example_batches(lm_builder, examples,
+                                       config.lm_train.batch_size, config.seed),
+                      config.lm_train)
+    llm_params = jax.device_get(state.params["llm"])
+    del state
+
+  # Stage 2: the user encoder, pretrained on next-event features.
+  model = build_model(config, timelines, tokenizer.vocab_size, u.method, base)
+  encoder_params = None
+  if model.config.uses_user:
+    encoder_params = pretrain_encoder(config, split.train, model.config.encoder,
+                                      mesh, workdir, results)
+
+  # Stage 3: the task model.
+  state, shardings, tx, mask = init_user_llm_state(model, u.strategy, config.train,
+                                                   config, mesh, builder)
+  state = load_into(state, shardings, "llm", llm_params)
+  if encoder_params is not None:
+    state = load_into(state, shardings, "encoder", encoder_params)
+  examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed + 1)
+  valid = Evaluator(model, builder, timelines, prompts.held_out_examples(
+      split.valid, "next_title", u.eval_users, config.seed), config.train.eval_batch_size,
+      u.candidate_chunk, mesh)
+  test = Evaluator(model, builder, timelines, prompts.held_out_examples(
+      split.test, "next_title", u.eval_users, config.seed), config.train.eval_batch_size,
+      u.candidate_chunk, mesh)
+  train_began = time.time()
+  state = Stage(mesh, workdir).fit(
+      u.method, state, shardings, functools.partial(ul.lm_loss, model, mask), tx,
+      _example_batches(builder, examples, config.train.batch_size, config.seed),
+      config.train, eval_fn=lambda s: valid.next_title_metrics(s.params))
+  results["train_seconds"] = time.time() - train_began
+
+  for name, evaluator in (("valid", valid), ("test", test)):
+    for k, v in evaluator.next_title_metrics(state.params).items():
+      results[f"{name}/next_title/{k}"] = v
+    results[f"{name}/favourite_genre/accuracy"] = evaluator.genre_accuracy(
+        state.params)
+  popularity = ranking.popularity_scores(split.train.item_ids,
+                                         timelines.num_items + 1, config.seed)
+  ex = test.examples
+  targets = timelines.item_ids[timelines.user_offsets[ex.users] + ex.cuts]
+  seen = ranking.seen_mask([timelines.user_items(x)[:c] for x, c in
+                            zip(ex.users, ex.cuts)], len(ex), timelines.num_items + 1)
+  for k, v in ranking.metrics_from_ranks(np.asarray(ranking.target_ranks(
+      np.broadcast_to(popularity, seen.shape), targets, seen))).items():
+    results[f"test/popularity/{k}"] = v
+  sample = builder.batch(ex, np.arange(min(len(ex), 64)), with_answers=False)
+  user_tokens = (model.config.num_latents or u.history_len) if (
+      u.method == "soft_prompt") else 0
+  results.update({
+      "llm_input_tokens": float(sample["prompt_mask"].sum(1).mean()) + user_tokens,
+      "trainable_parameters": float(sum(
+          x.size for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask))
+          if m)),
+      "parameters": float(sum(x.size for x in jax.tree.leaves(state.params))),
+      "eval_users": float(len(ex)), "steps": float(state.step),
+      "wall_seconds": time.time() - began})
+  return results
+
+
+def pretrain_encoder(config, train_timelines, encoder_cfg: sm.SequenceModelConfig,
+                     mesh, workdir: str, results: dict) -> dict:
+  """Stage 2: next-event pretraining of the fused encoder; returns its params."""
+  window = encoder_cfg.max_len  # history_len + 1 events: inputs and targets
+  cuts = []
+  for user, length in enumerate(train_timelines.lengths):
+    cuts += [(user, end) for end in range(int(length), 1, -(window - 1))]
+  examples = prompts.Examples(np.array([c[0] for c in cuts], np.int32),
+                              np.array([c[1] for c in cuts], np.int32),
+                              np.zeros(len(cuts), np.int32))
+  events = functools.partial(prompts.history_events, train_timelines, examples,
+                             history_len=window)
+  encoder = sm.ItemSequenceTransformer(encoder_cfg)
+  train = config.encoder_train
+  tx = make_optimizer(train)
+  dummy = events(np.arange(1))
+  init = lambda rng: encoder.init(  # noqa: E731
+      rng, dummy["items"], dummy["ratings"], dummy["genres"],
+      method=encoder.next_event_logits)["params"]
+  state, shardings = train_loop.create_state(init, tx, jax.random.PRNGKey(config.seed),
+                                             mesh)
+  rows = EpochBatcher(np.arange(len(examples)), train.batch_size, config.seed)
+  state = Stage(mesh, workdir).fit(
+      "encoder", state, shardings, functools.partial(sm.next_event_loss, encoder),
+      tx, lambda step: events(rows(step)), train)
+  results["encoder_pretrain_windows"] = float(len(examples))
+  heads = ("genre_head", "rating_head")  # pretraining only: User-LLM reads states
+  return {k: v for k, v in jax.device_get(state.params).items() if k not in heads}
