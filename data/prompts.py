@@ -183,6 +183,16 @@ class PromptBuilder:
       ids = [g + [self.tokenizer.eos_id] for g in self.genre_ids]
     return self.tokenizer.pad(ids, self.answer_len, left=False)
 
+  def longest_prompt(self) -> int:
+    """Tokens of the longest possible prompt (before truncation to prompt_len)."""
+    bare = len(self.bos) + max(len(v) for v in self.task_ids.values())
+    if self.method != "text_prompt":
+      return bare
+    longest_title = max(len(t) for t in self.title_ids)
+    return (len(self.bos) + len(self.head_ids) + max(len(v) for v in
+            self.tail_ids.values()) + self.history_len * (longest_title + len(
+                self.sep_ids)) - len(self.sep_ids))
+
   def longest_answer(self) -> int:
     return 1 + max(max(len(t) for t in self.title_ids),
                    max(len(g) for g in self.genre_ids))

@@ -1,7 +1,7 @@
 """One mesh and one logical-axis rules table for every workflow.
 
 Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`,
-`length`); `LOGICAL_RULES` maps them to the mesh axes `data` and `model`. Batches
+`length`, `kv_heads`, `lora`, `latents`); `LOGICAL_RULES` maps them to the mesh axes `data` and `model`. Batches
 shard their leading axis over `data` (federated clients ride on it too).
 """
 
@@ -25,6 +25,9 @@ LOGICAL_RULES = (
     ("embed", None),
     ("kv", None),
     ("length", None),
+    ("kv_heads", None),  # multi-query attention often has 1 KV head: replicate
+    ("lora", None),  # LoRA ranks are small
+    ("latents", None),  # Perceiver queries
 )
 
 

@@ -1,4 +1,9 @@
-"""Metrics as JSON lines (`<workdir>/metrics.jsonl`) and TensorBoard summaries."""
+"""Metrics as JSON lines (`<workdir>/metrics.jsonl`) and TensorBoard summaries.
+
+TensorBoard summaries go through clu, which needs TensorFlow. On a machine
+without it (a bare GPU image, say) the writer says so once and keeps the JSON
+lines, which hold every value.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,16 @@ import json
 import os
 
 import numpy as np
-from clu import metric_writers
+
+
+def _summary_writer(directory: str):
+  try:
+    from clu import metric_writers
+  except ImportError as e:  # clu or TensorFlow missing
+    print(f"[metrics] TensorBoard summaries off ({e}); metrics.jsonl has every "
+          "value", flush=True)
+    return None
+  return metric_writers.SummaryWriter(directory)
 
 
 class MetricWriter:
@@ -17,7 +31,7 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._drop_rows_after(resume_step)
-    self.summary = metric_writers.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.summary = _summary_writer(os.path.join(workdir, "tensorboard"))
 
   def _drop_rows_after(self, step: int) -> None:
     if not os.path.exists(self.path):
@@ -31,8 +45,10 @@ class MetricWriter:
     values = {k: float(np.asarray(v)) for k, v in metrics.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-    self.summary.write_scalars(step, {f"{split}/{k}": v for k, v in values.items()})
+    if self.summary is not None:
+      self.summary.write_scalars(step, {f"{split}/{k}": v for k, v in values.items()})
 
   def close(self) -> None:
-    self.summary.flush()
-    self.summary.close()
+    if self.summary is not None:
+      self.summary.flush()
+      self.summary.close()

@@ -1,7 +1,8 @@
 """Workflow `user_llm`: LM pretraining -> user-encoder pretraining -> User-LLM.
 
-Stages, each a `train_loop.fit` run in its own sub-directory of the workdir (so
-each resumes on its own, and a finished stage is not rerun):
+Stages, each a `train_loop.fit` run in its own sub-directory of the workdir
+(`lm`, `encoder_h<H>`, `<method>_h<H>` for history length H), so each resumes on
+its own and a finished stage is not rerun by a later method or a rerun:
 1. `lm`: the decoder LM trained from scratch on the data's task text (text
    prompts with `lm_history` titles of history), so that it can write titles
    and genres. Skipped when `config.llm.checkpoint` names a Gemma checkpoint,
@@ -22,6 +23,7 @@ genre by the most likely genre name (accuracy).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -156,6 +158,22 @@ def _final_params(workdir: str, state):
   return restored.params
 
 
+@functools.lru_cache(maxsize=None)
+def candidate_scorer(model: ul.UserLLM):
+  """One jitted fn per model: (params, batch, candidates, candidate_mask) ->
+  [b, c] log-likelihoods, the user's conditioning computed inside."""
+  llm = llm_lib.DecoderLM(model.config.llm)
+
+  @jax.jit
+  def score(params, batch, candidates, candidate_mask):
+    conditioning = model.apply({"params": params}, batch.get("events"),
+                               method=model.conditioning)
+    return decoding.score_continuations(
+        llm, params["llm"], batch["prompt"], batch["prompt_mask"], candidates,
+        candidate_mask, conditioning)
+  return score
+
+
 class Evaluator:
   """Ranks every item title / genre name by log-likelihood for held-out users."""
 
@@ -165,16 +183,7 @@ class Evaluator:
     self.model, self.builder, self.examples = model, builder, examples
     self.timelines, self.batch_size, self.mesh = timelines, batch_size, mesh
     self.candidate_chunk = candidate_chunk
-    llm = llm_lib.DecoderLM(model.config.llm)
-
-    @jax.jit
-    def score(params, batch, candidates, candidate_mask):
-      conditioning = model.apply({"params": params}, batch.get("events"),
-                                 method=model.conditioning)
-      return decoding.score_continuations(
-          llm, params["llm"], batch["prompt"], batch["prompt_mask"], candidates,
-          candidate_mask, conditioning)
-    self.score = score
+    self.score = candidate_scorer(model)
 
   def _padded_rows(self):
     n, b = len(self.examples), self.batch_size
@@ -182,17 +191,28 @@ class Evaluator:
       rows = np.arange(start, min(start + b, n))
       yield np.concatenate([rows, np.full(b - len(rows), rows[-1])]), len(rows)
 
+  def prompt_batch(self, task: str, rows: np.ndarray) -> dict:
+    """Prompts (and events) of held-out `rows`, asking for `task`."""
+    examples = dataclasses.replace(
+        self.examples, tasks=np.full(len(self.examples), prompts.TASKS.index(task),
+                                     np.int32))
+    return self.builder.batch(examples, rows, with_answers=False)
+
   def scores(self, params, task: str) -> np.ndarray:
     """[n, num candidates] log-likelihoods."""
     candidates, candidate_mask = self.builder.candidates(task)
+    count, chunk = len(candidates), min(self.candidate_chunk, len(candidates))
+    extra = -count % chunk  # empty rows: every call has one shape
+    candidates = np.pad(candidates, [(0, extra), (0, 0)])
+    candidate_mask = np.pad(candidate_mask, [(0, extra), (0, 0)])
     out = []
     for rows, real in self._padded_rows():
-      batch = self.builder.batch(self.examples, rows, with_answers=False)
+      batch = self.prompt_batch(task, rows)
       batch = mesh_lib.put_batch(batch, self.mesh)
-      chunks = [self.score(params, batch, candidates[i:i + self.candidate_chunk],
-                           candidate_mask[i:i + self.candidate_chunk])
-                for i in range(0, len(candidates), self.candidate_chunk)]
-      out.append(np.concatenate([np.asarray(c) for c in chunks], 1)[:real])
+      chunks = [self.score(params, batch, candidates[i:i + chunk],
+                           candidate_mask[i:i + chunk])
+                for i in range(0, len(candidates), chunk)]
+      out.append(np.concatenate([np.asarray(c) for c in chunks], 1)[:real, :count])
     return np.concatenate(out)
 
   def next_title_metrics(self, params) -> dict[str, float]:
@@ -232,16 +252,19 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         f"{timelines.num_items} items; vocabulary {tokenizer.vocab_size} pieces",
         flush=True)
 
-  def builder_for(method, history_len, prompt_len):
-    b = prompts.PromptBuilder(split.train, tokenizer, method, history_len,
-                              prompt_len, answer_len=1)
+  def builder_for(method, history_len, events=split.train):
+    b = prompts.PromptBuilder(events, tokenizer, method, history_len,
+                              u.text_prompt_len, answer_len=1)
     b.answer_len = u.answer_len or b.longest_answer()
+    b.prompt_len = min(u.text_prompt_len, b.longest_prompt())
     return b
 
-  builder = builder_for(u.method, u.history_len, u.text_prompt_len)
-  if u.method != "text_prompt":  # the bare task prompt
-    builder.prompt_len = max(len(v) for v in builder.task_ids.values()) + len(
-        builder.bos)
+  builder = builder_for(u.method, u.history_len)
+  # Held-out cuts index the full timelines (the train split lacks the held-out
+  # events), so evaluation prompts read them; shapes match the training ones.
+  eval_builder = builder_for(u.method, u.history_len, timelines)
+  eval_builder.prompt_len, eval_builder.answer_len = (builder.prompt_len,
+                                                      builder.answer_len)
   results = {}
 
   # Stage 1: the LLM (Gemma, or trained from scratch on the task text).
@@ -250,7 +273,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     base, llm_params = gemma_loader.load_checkpoint(config.llm.checkpoint,
                                                     tokenizer.vocab_size)
   else:
-    lm_builder = builder_for("text_prompt", u.lm_history, u.text_prompt_len)
+    lm_builder = builder_for("text_prompt", u.lm_history)
     lm_model = build_model(config, timelines, tokenizer.vocab_size, "text_prompt")
     state, shardings, tx, mask = init_user_llm_state(
         lm_model, "full", config.lm_train, config, mesh, lm_builder)
@@ -278,15 +301,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   if encoder_params is not None:
     state = load_into(state, shardings, "encoder", encoder_params)
   examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed + 1)
-  valid = Evaluator(model, builder, timelines, prompts.held_out_examples(
+  valid = Evaluator(model, eval_builder, timelines, prompts.held_out_examples(
       split.valid, "next_title", u.eval_users, config.seed), config.train.eval_batch_size,
       u.candidate_chunk, mesh)
-  test = Evaluator(model, builder, timelines, prompts.held_out_examples(
+  test = Evaluator(model, eval_builder, timelines, prompts.held_out_examples(
       split.test, "next_title", u.eval_users, config.seed), config.train.eval_batch_size,
       u.candidate_chunk, mesh)
   train_began = time.time()
   state = Stage(mesh, workdir).fit(
-      u.method, state, shardings, functools.partial(ul.lm_loss, model, mask), tx,
+      f"{u.method}_h{u.history_len}", state, shardings, functools.partial(ul.lm_loss, model, mask), tx,
       _example_batches(builder, examples, config.train.batch_size, config.seed),
       config.train, eval_fn=lambda s: valid.next_title_metrics(s.params))
   results["train_seconds"] = time.time() - train_began
@@ -305,7 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   for k, v in ranking.metrics_from_ranks(np.asarray(ranking.target_ranks(
       np.broadcast_to(popularity, seen.shape), targets, seen))).items():
     results[f"test/popularity/{k}"] = v
-  sample = builder.batch(ex, np.arange(min(len(ex), 64)), with_answers=False)
+  sample = eval_builder.batch(ex, np.arange(min(len(ex), 64)), with_answers=False)
   user_tokens = (model.config.num_latents or u.history_len) if (
       u.method == "soft_prompt") else 0
   results.update({
@@ -342,7 +365,7 @@ def pretrain_encoder(config, train_timelines, encoder_cfg: sm.SequenceModelConfi
                                              mesh)
   rows = EpochBatcher(np.arange(len(examples)), train.batch_size, config.seed)
   state = Stage(mesh, workdir).fit(
-      "encoder", state, shardings, functools.partial(sm.next_event_loss, encoder),
+      f"encoder_h{window - 1}", state, shardings, functools.partial(sm.next_event_loss, encoder),
       tx, lambda step: events(rows(step)), train)
   results["encoder_pretrain_windows"] = float(len(examples))
   heads = ("genre_head", "rating_head")  # pretraining only: User-LLM reads states

@@ -1,0 +1,247 @@
+"""The decoder LM: masking, KV cache, cross-attention gates, soft prompts, the
+Gemma loader and tokenizer, and sharding on 8 fake devices."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import sentencepiece as spm
+from flax import linen as nn
+
+from data.vocab import Tokenizer
+from infra import mesh as mesh_lib
+from userllm import decoding, gemma_loader, llm
+
+CFG = llm.LLMConfig(vocab_size=61, embed_dim=32, num_layers=3, num_heads=4,
+                    num_kv_heads=2, head_dim=8, mlp_dim=64)
+
+
+def _init(cfg, tokens, mask, **kwargs):
+  model = llm.DecoderLM(cfg)
+  params = model.init(jax.random.PRNGKey(0), tokens, mask, **kwargs)["params"]
+  return model, nn.meta.unbox(params)
+
+
+def _randomise(params, seed=1):
+  """Non-zero everything (norm scales and LoRA B start at zero)."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  return jax.tree.unflatten(tree, [0.3 * jax.random.normal(k, x.shape)
+                                   for k, x in zip(keys, leaves)])
+
+
+def _tokens(b=2, t=9, seed=3):
+  tokens = jax.random.randint(jax.random.PRNGKey(seed), (b, t), 3, CFG.vocab_size)
+  mask = jnp.ones((b, t), bool).at[0, :3].set(False)  # row 0 left-padded
+  return tokens, mask
+
+
+def test_no_attention_to_padding_or_future():
+  tokens, mask = _tokens()
+  model, params = _init(CFG, tokens, mask)
+  params = _randomise(params)
+  logits, _ = model.apply({"params": params}, tokens, mask)
+  changed = tokens.at[0, :3].set(5).at[:, 6:].set(7)  # padding and the future
+  changed_logits, _ = model.apply({"params": params}, changed, mask)
+  np.testing.assert_allclose(logits[0, 3:6], changed_logits[0, 3:6], atol=1e-5)
+  np.testing.assert_allclose(logits[1, :6], changed_logits[1, :6], atol=1e-5)
+  assert np.abs(logits[:, 6:] - changed_logits[:, 6:]).max() > 1e-3
+  # a left-padded row reads exactly like the same tokens unpadded
+  unpadded, _ = model.apply({"params": params}, tokens[:1, 3:], mask[:1, 3:])
+  np.testing.assert_allclose(logits[0, 3:], unpadded[0], atol=1e-5)
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+  tokens, mask = _tokens(t=10)
+  model, params = _init(CFG, tokens, mask)
+  params = _randomise(params)
+  full, _ = model.apply({"params": params}, tokens, mask)
+  cache = llm.init_cache(CFG, 2, 12)
+  pieces = []
+  for start, stop in ((0, 4), (4, 5), (5, 10)):  # a prompt, one token, a chunk
+    out, cache = model.apply({"params": params}, tokens[:, start:stop],
+                             mask[:, start:stop], cache=cache)
+    pieces.append(out)
+  np.testing.assert_allclose(np.where(mask[..., None], full, 0),
+                             np.where(mask[..., None], jnp.concatenate(pieces, 1), 0),
+                             atol=1e-5)
+
+  # greedy generation == argmax of a full forward at every step
+  generated = decoding.generate(model, params, tokens, mask, jax.random.PRNGKey(0),
+                                max_new_tokens=5, eos_id=-1)
+  sequence, seq_mask = tokens, mask
+  for step in range(5):
+    logits, _ = model.apply({"params": params}, sequence, seq_mask)
+    nxt = logits[:, -1].argmax(-1)
+    np.testing.assert_array_equal(generated[:, step], nxt)
+    sequence = jnp.concatenate([sequence, nxt[:, None]], 1)
+    seq_mask = jnp.concatenate([seq_mask, jnp.ones((2, 1), bool)], 1)
+
+
+def test_sampling_stops_at_eos_and_depends_on_the_key():
+  tokens, mask = _tokens()
+  model, params = _init(CFG, tokens, mask)
+  params = _randomise(params)
+  a = decoding.generate(model, params, tokens, mask, jax.random.PRNGKey(0),
+                        max_new_tokens=12, temperature=1.0, eos_id=4)
+  b = decoding.generate(model, params, tokens, mask, jax.random.PRNGKey(1),
+                        max_new_tokens=12, temperature=1.0, eos_id=4)
+  assert not np.array_equal(a, b)
+  for row in np.asarray(a):
+    if 4 in row.tolist():
+      assert (row[row.tolist().index(4) + 1:] == 0).all()
+
+
+def test_score_continuations_equals_full_forward():
+  tokens, mask = _tokens()
+  model, params = _init(CFG, tokens, mask)
+  params = _randomise(params)
+  candidates = jnp.array([[5, 6, 7, 0], [8, 0, 0, 0], [9, 10, 11, 12]])
+  cand_mask = candidates > 0
+  scores = decoding.score_continuations(model, params, tokens, mask, candidates,
+                                        cand_mask)
+  for i in range(2):
+    for j in range(3):
+      seq = jnp.concatenate([tokens[i:i + 1], candidates[j:j + 1]], 1)
+      seq_mask = jnp.concatenate([mask[i:i + 1], cand_mask[j:j + 1]], 1)
+      logits, _ = model.apply({"params": params}, seq, seq_mask)
+      target = jnp.zeros_like(seq_mask).at[:, 9:].set(cand_mask[j:j + 1])
+      expected = decoding.token_log_likelihood(logits, seq, target)[0]
+      np.testing.assert_allclose(scores[i, j], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_cross_attention_with_zero_gates_leaves_the_llm_unchanged():
+  tokens, mask = _tokens()
+  user = jax.random.normal(jax.random.PRNGKey(4), (2, 5, CFG.embed_dim))
+  plain_model, plain = _init(CFG, tokens, mask)
+  plain = _randomise(plain)
+  cross_cfg = llm.LLMConfig(**{**CFG.__dict__, "cross_attention_every": 1})
+  cross_model, cross = _init(cross_cfg, tokens, mask, user_tokens=user)
+  assert sorted(k for k in cross if k.startswith("cross_attention_")) == [
+      "cross_attention_0", "cross_attention_1", "cross_attention_2"]
+  cross = {**cross, **plain}  # same LLM weights; cross blocks fresh (gates 0)
+  expected, _ = plain_model.apply({"params": plain}, tokens, mask)
+  got, _ = cross_model.apply({"params": cross}, tokens, mask, user_tokens=user)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+  # opening a gate makes the user matter
+  opened = jax.tree.map(lambda x: x, cross)
+  opened["cross_attention_0"] = {**cross["cross_attention_0"], "attn_gate": 1.0}
+  changed, _ = cross_model.apply({"params": opened}, tokens, mask, user_tokens=user)
+  assert np.abs(changed - expected).max() > 1e-3
+
+
+def test_soft_prompt_of_length_zero_equals_the_plain_llm():
+  tokens, mask = _tokens()
+  model, params = _init(CFG, tokens, mask)
+  params = _randomise(params)
+  plain, _ = model.apply({"params": params}, tokens, mask)
+  empty = jnp.zeros((2, 0, CFG.embed_dim))
+  prefixed, _ = model.apply({"params": params}, tokens, mask, prefix=empty,
+                            prefix_mask=jnp.zeros((2, 0), bool))
+  np.testing.assert_allclose(prefixed, plain, atol=1e-6)
+  # a real soft prompt changes the outputs and adds its positions
+  prefix = jax.random.normal(jax.random.PRNGKey(5), (2, 3, CFG.embed_dim))
+  longer, _ = model.apply({"params": params}, tokens, mask, prefix=prefix,
+                          prefix_mask=jnp.ones((2, 3), bool))
+  assert longer.shape[1] == 12 and np.abs(longer[:, 3:] - plain).max() > 1e-3
+
+
+def test_lora_with_zero_b_is_a_no_op():
+  tokens, mask = _tokens()
+  _, base = _init(CFG, tokens, mask)
+  base = _randomise(base)
+  lora_cfg = llm.LLMConfig(**{**CFG.__dict__, "lora_rank": 2})
+  lora_model, lora = _init(lora_cfg, tokens, mask)
+  merged = gemma_loader.merge_pretrained(jax.device_get(lora), base)
+  expected, _ = llm.DecoderLM(CFG).apply({"params": base}, tokens, mask)
+  got, _ = lora_model.apply({"params": merged}, tokens, mask)
+  np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_kv_heads,fuse_qkv", [(2, False), (4, True), (1, False)])
+def test_gemma_checkpoint_round_trips(tmp_path, num_kv_heads, fuse_qkv):
+  cfg = llm.LLMConfig(**{**CFG.__dict__, "num_kv_heads": num_kv_heads,
+                         "vocab_size": 256})
+  tokens, mask = _tokens()
+  model, params = _init(cfg, tokens, mask)
+  params = _randomise(params)
+  path = gemma_loader.save_checkpoint(params, str(tmp_path / "ckpt"), fuse_qkv)
+  flat = gemma_loader.to_gemma_layout(params, fuse_qkv)
+  assert ("transformer/layer_0/attn/qkv_einsum" in flat) == fuse_qkv
+  assert flat["transformer/layer_2/mlp"]["gating_einsum"].shape == (2, 32, 64)
+
+  loaded_cfg, loaded = gemma_loader.load_checkpoint(path)
+  assert loaded_cfg == cfg
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
+  expected, _ = model.apply({"params": params}, tokens, mask)
+  got, _ = llm.DecoderLM(loaded_cfg).apply({"params": loaded}, tokens, mask)
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_gemma_loader_refuses_other_layouts(tmp_path):
+  tokens, mask = _tokens()
+  _, params = _init(CFG, tokens, mask)
+  flat = gemma_loader.to_gemma_layout(params)
+  flat["transformer/layer_1/post_attention_norm"] = {"scale": np.zeros(32)}
+  with pytest.raises(ValueError, match="layer_1.*post_attention_norm"):
+    gemma_loader.convert(flat)
+  with pytest.raises(ValueError, match="not a Gemma checkpoint"):
+    gemma_loader.convert({"encoder/w": np.zeros(3)})
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    gemma_loader.load_checkpoint(str(tmp_path / "missing"))
+
+
+def test_gemma_style_tokenizer(tmp_path):
+  """A SentencePiece model with Gemma's ids (pad 0, eos 1, bos 2, unk 3)."""
+  prefix = str(tmp_path / "tok")
+  texts = ["Watched: The Silent Harbor; Night of Stars. Next title:"] * 20 + [
+      "Favourite genre: Drama", "Comedy Action Thriller"] * 10
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=60,
+      pad_id=0, eos_id=1, bos_id=2, unk_id=3, hard_vocab_limit=False,
+      minloglevel=2)
+  tok = Tokenizer(prefix + ".model")
+  assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
+  ids = tok.encode(["Night of Stars"])[0]
+  assert tok.decode(ids + [tok.eos_id, 9, 9]) == "Night of Stars"
+  padded, pad_mask = tok.pad([ids, ids[:1]], 4, left=True)
+  assert pad_mask[1].tolist() == [False, False, False, True]
+  assert padded[0].tolist() == ids[-4:]
+
+
+def test_sharded_forward_equals_one_device():
+  """data=4 x model=2 over 8 fake CPU devices: same logits as one device."""
+  assert jax.device_count() == 8
+  cfg = llm.LLMConfig(**{**CFG.__dict__, "num_heads": 4, "cross_attention_every": 2,
+                         "lora_rank": 2})
+  tokens, mask = _tokens(b=8)
+  user = jax.random.normal(jax.random.PRNGKey(4), (8, 5, cfg.embed_dim))
+  model = llm.DecoderLM(cfg)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens, mask,
+                                            user_tokens=user)["params"])
+  params = _randomise(nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens, mask,
+                                               user_tokens=user)["params"]))
+  expected, _ = model.apply({"params": params}, tokens, mask, user_tokens=user)
+
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+  shardings = mesh_lib.logical_shardings(boxed, mesh)
+  assert tuple(shardings["embedder"]["input_embedding"].spec) == ("model", None)
+  sharded = jax.device_put(params, shardings)
+  batch = mesh_lib.put_batch((np.asarray(tokens), np.asarray(mask),
+                              np.asarray(user)), mesh)
+  got, _ = jax.jit(lambda p, b: model.apply({"params": p}, b[0], b[1],
+                                            user_tokens=b[2]))(sharded, batch)
+  # float reassociation of the sharded matmuls only
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=5e-4)
+  assert len(got.sharding.device_set) == 8
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    llm.LLMConfig(vocab_size=10, num_heads=4, num_kv_heads=3).validate()
+  with pytest.raises(ValueError, match="head_dim"):
+    llm.LLMConfig(vocab_size=10, head_dim=7).validate()
+  assert os.environ["XLA_FLAGS"]  # set by conftest before jax was imported

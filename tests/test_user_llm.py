@@ -1,0 +1,221 @@
+"""User encoder fusion, Perceiver, training strategies, prompts and the
+`user_llm` workflow end to end (resume included)."""
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+from data import prompts, sources, splits
+from data.vocab import Tokenizer, train_vocabulary
+from infra import train_loop
+from infra.train_state import TrainState
+from userllm import llm, perceiver, sequence_model as sm, user_llm as ul
+
+
+def _events(b=2, h=6, genres=4, seed=0):
+  rng = np.random.default_rng(seed)
+  items = rng.integers(1, 30, (b, h)).astype(np.int32)
+  items[0, 4:] = 0  # row 0 has 4 real events
+  return {"items": items,
+          "ratings": np.where(items > 0, rng.integers(1, 6, (b, h)), 0).astype(np.int32),
+          "genres": (rng.random((b, h, genres)) < 0.3).astype(np.float32)
+                    * (items > 0)[..., None]}
+
+
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_fused_encoder_is_causal_and_ignores_padding(fusion):
+  cfg = sm.SequenceModelConfig(vocab_size=30, max_len=6, embed_dim=16, num_layers=1,
+                               num_heads=2, mlp_dim=32, dropout=0.0, fusion=fusion,
+                               num_genres=4)
+  model = sm.ItemSequenceTransformer(cfg)
+  ev = _events()
+  params = model.init(jax.random.PRNGKey(0), ev["items"], ev["ratings"], ev["genres"],
+                      method=model.next_event_logits)["params"]
+  assert ("rating_block_0" in params) == (fusion == "late")
+  encode = lambda e: model.apply({"params": params}, e["items"],  # noqa: E731
+                                 ratings=e["ratings"], genres=e["genres"],
+                                 method=model.encode)
+  states = encode(ev)
+  changed = jax.tree.map(np.copy, ev)
+  changed["ratings"][:, 3] = 1 + changed["ratings"][:, 3] % 5  # event 3 changes
+  changed["genres"][:, 3] = 1 - changed["genres"][:, 3]
+  changed_states = encode(changed)
+  np.testing.assert_allclose(states[:, :3], changed_states[:, :3], atol=1e-5)
+  assert np.abs(states[:, 3] - changed_states[:, 3]).max() > 1e-4
+  # next-event pretraining loss is finite and has all three terms
+  windows = jax.tree.map(jnp.asarray, ev)
+  loss, metrics = sm.next_event_loss(model, params, windows, jax.random.PRNGKey(0))
+  assert np.isfinite(loss) and set(metrics) >= {"item_loss", "genre_loss",
+                                                "rating_loss"}
+
+
+def test_perceiver_reads_only_real_states():
+  resampler = perceiver.PerceiverResampler(num_latents=3, num_layers=2, num_heads=2)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 8))
+  mask = jnp.array([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]], bool)
+  params = resampler.init(jax.random.PRNGKey(1), x, mask)
+  out = resampler.apply(params, x, mask)
+  assert out.shape == (2, 3, 8)
+  out2 = resampler.apply(params, x.at[0, 2:].set(9.0), mask)
+  np.testing.assert_allclose(out[0], out2[0], atol=1e-5)
+
+
+def _tiny_user_llm(integration, lora_rank=2):
+  enc = sm.SequenceModelConfig(vocab_size=30, max_len=6, embed_dim=16, num_layers=1,
+                               num_heads=2, mlp_dim=32, dropout=0.0, fusion="early",
+                               num_genres=4)
+  lm = llm.LLMConfig(vocab_size=40, embed_dim=16, num_layers=2, num_heads=2,
+                     num_kv_heads=1, head_dim=8, mlp_dim=32, lora_rank=lora_rank,
+                     cross_attention_every=1 if integration == "cross_attention" else 0)
+  return ul.UserLLM(ul.UserLLMConfig(encoder=enc, llm=lm, integration=integration,
+                                     num_latents=3))
+
+
+def _lm_batch(b=4):
+  rng = np.random.default_rng(1)
+  tokens = rng.integers(3, 40, (b, 7)).astype(np.int32)
+  target = np.zeros((b, 7), bool)
+  target[:, 4:] = True
+  return {"events": _events(b), "tokens": tokens,
+          "token_mask": np.ones((b, 7), bool), "target_mask": target}
+
+
+@pytest.mark.parametrize("strategy,integration", [
+    (s, "cross_attention") for s in sorted(ul.STRATEGIES)] + [
+    ("frozen_llm", "soft_prompt")])
+def test_frozen_parameters_do_not_change(strategy, integration):
+  model = _tiny_user_llm(integration)
+  batch = _lm_batch()
+  init = lambda rng: model.init(rng, batch["events"], batch["tokens"],  # noqa: E731
+                                batch["token_mask"])["params"]
+  params = nn.meta.unbox(init(jax.random.PRNGKey(0)))
+  mask = ul.trainable_mask(params, strategy)
+  tx = ul.masked_optimizer(optax.adam(1e-2), mask)
+  opt_state = tx.init(params)
+  # frozen parameters carry no optimiser state: Adam's moments cover exactly
+  # the trainable leaves.
+  state_size = sum(x.size for x in jax.tree.leaves(opt_state))
+  trainable_size = sum(x.size for x, m in zip(jax.tree.leaves(params),
+                                              jax.tree.leaves(mask)) if m)
+  assert state_size == 2 * trainable_size + 1  # mu, nu and Adam's step count
+
+  step = jax.jit(train_loop.make_train_step(functools.partial(ul.lm_loss, model, mask),
+                                            tx))
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=opt_state, rng=jax.random.PRNGKey(1))
+  for _ in range(3):
+    state, metrics = step(state, jax.tree.map(jnp.asarray, batch))
+  assert np.isfinite(metrics["loss"])
+  flat_before = jax.tree_util.tree_leaves_with_path(params)
+  present, changed = set(), set()
+  for (path, before), after, trains in zip(flat_before, jax.tree.leaves(state.params),
+                                           jax.tree.leaves(mask)):
+    part = ul.part_of(tuple(k.key for k in path))
+    present.add(part)
+    if not trains:
+      np.testing.assert_array_equal(after, before, err_msg=str(path))
+    elif np.abs(after - before).max() > 0:
+      changed.add(part)
+  assert changed == ul.STRATEGIES[strategy] & present
+
+
+def test_strategy_that_trains_nothing_is_an_error():
+  model = _tiny_user_llm("text", lora_rank=0)
+  batch = _lm_batch()
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), None, batch["tokens"],
+                                    batch["token_mask"])["params"])
+  with pytest.raises(ValueError, match="trains nothing"):
+    ul.trainable_mask(params, "frozen_llm")
+  with pytest.raises(ValueError, match="strategy='nope'"):
+    ul.trainable_mask(params, "nope")
+
+
+def test_text_prompt_keeps_the_latest_titles(tiny_config, tmp_path):
+  timelines = sources.load_timelines(tiny_config.data)
+  vocab = train_vocabulary(prompts.corpus(timelines), str(tmp_path / "spm.model"),
+                           300)
+  tok = Tokenizer(vocab)
+  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", history_len=5,
+                                  prompt_len=30, answer_len=12)
+  user, cut = 3, 7
+  ex = prompts.Examples(np.array([user]), np.array([cut]), np.array([0]))
+  batch = builder.batch(ex, np.arange(1))
+  prompt = tok.decode(batch["prompt"][0][batch["prompt_mask"][0]])
+  latest = timelines.items.titles[timelines.user_items(user)[cut - 1]]
+  # pieces are tokenized apart, so SentencePiece puts a space before "." and ";"
+  assert prompt.replace(" .", ".").endswith(f"{latest}. Next title:")
+  assert batch["prompt_mask"][0].sum() <= 30
+  answer = batch["tokens"][0][batch["target_mask"][0]]
+  assert tok.decode(answer) == timelines.items.titles[timelines.user_items(user)[cut]]
+  assert answer[-1] == tok.eos_id
+  # the bare prompt of the user-embedding methods, with the history as events
+  bare = prompts.PromptBuilder(timelines, tok, "cross_attention", 5, 30, 12)
+  batch = bare.batch(ex, np.arange(1))
+  assert tok.decode(batch["prompt"][0][batch["prompt_mask"][0]]) == "Next title:"
+  np.testing.assert_array_equal(batch["events"]["items"][0],
+                                timelines.user_items(user)[cut - 5:cut])
+
+
+def test_workflow_end_to_end_and_resume(tiny_config, tmp_path):
+  import main
+  from configs import user_llm_tiny
+  config = user_llm_tiny.get_config()
+  straight = main.run_experiment(config, str(tmp_path / "straight"))
+  for key in ("test/next_title/recall@1", "test/next_title/recall@10",
+              "test/favourite_genre/accuracy", "llm_input_tokens"):
+    assert key in straight
+  assert 0 <= straight["test/next_title/recall@1"] <= straight[
+      "test/next_title/recall@10"] <= 1
+  saved = json.loads((tmp_path / "straight" / "results.json").read_text())
+  assert saved["config"]["userllm"]["method"] == "cross_attention"
+
+  config.train.stop_after_steps = 2  # preempted in the last stage
+  main.run_experiment(config, str(tmp_path / "resumed"))
+  config.train.stop_after_steps = 0
+  resumed = main.run_experiment(config, str(tmp_path / "resumed"))
+  for key in ("test/next_title/recall@10", "test/favourite_genre/accuracy"):
+    assert resumed[key] == straight[key]
+
+  # other methods reuse the finished LM and encoder stages of the workdir
+  config.userllm.method = "text_prompt"
+  text = main.run_experiment(config, str(tmp_path / "straight"))
+  assert text["llm_input_tokens"] > straight["llm_input_tokens"]
+  assert text["parameters"] < straight["parameters"]  # no encoder, no cross blocks
+
+
+def test_unknown_method_is_a_config_error(tmp_path):
+  import main
+  from configs import user_llm_tiny
+  from infra.errors import ConfigError
+  config = user_llm_tiny.get_config()
+  config.userllm.method = "telepathy"
+  with pytest.raises(ConfigError, match="config.userllm.method"):
+    main.run_experiment(config, str(tmp_path))
+
+
+def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
+    tiny_config, tmp_path):
+  """Held-out cuts index the full timelines; each task gets its own prompt."""
+  from userllm import workflow
+  timelines = sources.load_timelines(tiny_config.data)
+  split = splits.leave_last_out(timelines)
+  tok = Tokenizer(train_vocabulary(prompts.corpus(timelines),
+                                   str(tmp_path / "spm.model"), 300))
+  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 40, 12)
+  examples = prompts.held_out_examples(split.test, "next_title", 0, 0)
+  evaluator = workflow.Evaluator(_tiny_user_llm("text", 0), builder, timelines,
+                                 examples, 4, 8, mesh=None)
+  for task, ending in (("next_title", "Next title:"),
+                       ("favourite_genre", "Favourite genre:")):
+    batch = evaluator.prompt_batch(task, np.arange(2))
+    for row in range(2):
+      user = examples.users[row]
+      text = tok.decode(batch["prompt"][row][batch["prompt_mask"][row]])
+      last_seen = timelines.items.titles[timelines.user_items(user)[-2]]
+      assert text.replace(" .", ".").endswith(f"{last_seen}. {ending}")

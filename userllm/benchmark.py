@@ -1,0 +1,263 @@
+"""User-LLM vs the text prompt: quality, LLM input tokens, FLOPs and step time
+at several history lengths. Writes `<out>.json` and `<out>.md`.
+
+    python -m userllm.benchmark --data synthetic --out benchmarks/user_llm_synthetic
+    python -m userllm.benchmark --data movielens --out benchmarks/user_llm_ml100k
+
+For every method x history length H:
+- LLM input tokens: mean real tokens the LLM reads per example (text prompt:
+  the serialised history, not truncated; soft prompt: the bare task prompt
+  plus the latents; cross-attention: the bare task prompt);
+- FLOPs per example of one forward pass, from XLA's cost analysis of the
+  compiled computation (LLM alone, and encoder + Perceiver + projector), and
+  the analytic count of the LLM's matmuls (`analytic_llm_flops`), which should
+  agree with XLA's to within the elementwise ops XLA also counts;
+- step time: a jitted training step (forward, backward, Adam) at --step_batch
+  examples, the median of timed steps after a compile step;
+- quality (unless --efficiency_only): the whole `user_llm` workflow for that
+  method and H, one shared workdir so the LM pretraining runs once; the
+  encoder is pretrained per H. Next-title Recall@1/5/10 by log-likelihood
+  ranking of every title, favourite-genre accuracy.
+
+The text prompt is given the whole history (its context is sized to H), so
+its cost grows with H; the benchmark's synthetic users have long timelines
+(at least max(H) events) so that every H is real history, not padding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import user_llm as user_llm_config  # noqa: E402
+from data import prompts, sources, splits  # noqa: E402
+from infra import train_loop  # noqa: E402
+from infra.train_state import TrainState  # noqa: E402
+from userllm import llm as llm_lib, user_llm as ul, workflow  # noqa: E402
+
+METHODS = ("cross_attention", "soft_prompt", "text_prompt")
+
+
+def analytic_llm_flops(cfg: llm_lib.LLMConfig, tokens: int, user_tokens: int
+                       ) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one forward pass over `tokens`
+  positions (soft-prompt slots included), with `user_tokens` for the
+  cross-attention blocks. Attention scores are computed over the full
+  tokens x tokens square (the causal half is masked, not skipped), as here."""
+  d, h, kv, hd, f = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+                     cfg.head_dim, cfg.mlp_dim)
+  mlp = 2 * 3 * d * f  # gating (2 x d x f) and linear (f x d) per token
+  self_attn_proj = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d)
+  scores = 2 * 2 * tokens * tokens * h * hd  # QK^T and PV
+  layer = tokens * (self_attn_proj + mlp) + scores
+  cross = (tokens * (2 * (d * h * hd + h * hd * d) + mlp)
+           + user_tokens * 2 * 2 * d * h * hd + 2 * 2 * tokens * user_tokens * h * hd)
+  logits = 2 * tokens * d * cfg.padded_vocab
+  return float(cfg.num_layers * layer + len(cfg.cross_attention_after()) * cross
+               + logits)
+
+
+def xla_flops(fn, *args) -> float:
+  analysis = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0]
+  return float(analysis.get("flops", float("nan")))
+
+
+def bench_config(data: str, data_dir: str, max_history: int):
+  config = user_llm_config.get_config()
+  if data == "synthetic":  # long timelines: every H is real history
+    config.data.synthetic.update(num_users=1000, min_events=max_history + 20,
+                                 mean_extra_events=40.0,
+                                 max_events=max_history + 200)
+  else:
+    config.data.source, config.data.dir = "movielens", data_dir
+  return config
+
+
+def efficiency(config, timelines, method: str, history: int, timed_steps: int,
+               workdir: str, step_batch: int) -> dict:
+  """Tokens, FLOPs and step time of `method` at `history` events."""
+  config.userllm.method, config.userllm.history_len = method, history
+  tokenizer = workflow.tokenizer_for(config, workdir, timelines)
+  builder = prompts.PromptBuilder(timelines, tokenizer, method, history,
+                                  10**6, answer_len=1)
+  builder.answer_len = builder.longest_answer()
+  builder.prompt_len = builder.longest_prompt()
+  model = workflow.build_model(config, timelines, tokenizer.vocab_size, method)
+  batch_size = step_batch
+  long_users = np.nonzero(timelines.lengths > history)[0]
+  users = np.resize(long_users if len(long_users) else np.argsort(
+      -timelines.lengths)[:1], batch_size)
+  examples = prompts.Examples(users.astype(np.int32),
+                              np.minimum(timelines.lengths[users] - 1,
+                                         history).astype(np.int32),
+                              np.zeros(batch_size, np.int32))
+  batch = builder.batch(examples, np.arange(batch_size))
+  real_prompt = float(batch["prompt_mask"].sum(1).mean())
+  # the fixed-shape prompt is the longest real one in the batch
+  width = int(batch["prompt_mask"].sum(1).max())
+  for key in ("tokens", "token_mask", "target_mask"):
+    batch[key] = batch[key][:, builder.prompt_len - width:]
+  train_batch = {k: batch[k] for k in ("tokens", "token_mask", "target_mask",
+                                        "events") if k in batch}
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), train_batch.get("events"),
+                                    batch["tokens"], batch["token_mask"])["params"])
+  conditioning = model.apply({"params": params}, train_batch.get("events"),
+                             method=model.conditioning)
+  llm = llm_lib.DecoderLM(model.config.llm)
+  seq = batch["tokens"].shape[1]
+  latents = model.config.num_latents or history
+  soft = latents if method == "soft_prompt" else 0
+  cross = latents if method == "cross_attention" else 0
+  llm_xla = xla_flops(lambda p, b, c: llm.apply({"params": p}, b["tokens"],
+                                                b["token_mask"], **c)[0],
+                      params["llm"], train_batch, conditioning) / batch_size
+  user_xla = 0.0
+  if model.config.uses_user:
+    user_xla = xla_flops(lambda p, e: model.apply({"params": p}, e,
+                                                  method=model.conditioning),
+                         params, train_batch["events"]) / batch_size
+  mask = ul.trainable_mask(params, "full")
+  tx = ul.masked_optimizer(workflow.make_optimizer(config.train), mask)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
+  step = jax.jit(train_loop.make_train_step(
+      functools.partial(ul.lm_loss, model, mask), tx), donate_argnums=0)
+  device_batch = jax.device_put(train_batch)
+  state, metrics = step(state, device_batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(timed_steps):
+    began = time.perf_counter()
+    state, metrics = step(state, device_batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - began)
+  return {"llm_input_tokens": real_prompt + soft, "llm_sequence": seq + soft,
+          "llm_flops_xla": llm_xla, "user_flops_xla": user_xla,
+          "llm_flops_analytic": analytic_llm_flops(model.config.llm, seq + soft,
+                                                   cross),
+          "step_seconds": statistics.median(times), "batch_size": batch_size}
+
+
+def quality(config, method: str, history: int, workdir: str,
+            tokens_per_event: float) -> dict:
+  config.userllm.method, config.userllm.history_len = method, history
+  # context for the whole history: 1.25x its mean length in tokens (the rare
+  # longer prompt loses its oldest titles)
+  config.userllm.text_prompt_len = int(history * tokens_per_event * 1.25) + 16
+  results = workflow.run(config, workdir)
+  keep = ("test/next_title/recall@1", "test/next_title/recall@5",
+          "test/next_title/recall@10", "test/favourite_genre/accuracy",
+          "test/popularity/recall@10", "train_seconds", "eval_users")
+  return {k: results[k] for k in keep}
+
+
+def text_tokens_per_event(config, timelines, workdir: str) -> float:
+  """Mean tokens an event adds to a text prompt (its title and a separator)."""
+  tokenizer = workflow.tokenizer_for(config, workdir, timelines)
+  lengths = np.array([len(ids) + 1 for ids in tokenizer.encode(
+      [str(t) for t in timelines.items.titles])])
+  return float(lengths[timelines.item_ids].mean())
+
+
+def write(out: str, rows: list[dict], meta: dict) -> None:
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".json.tmp", "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=2)
+  os.replace(out + ".json.tmp", out + ".json")
+  lines = [f"User-LLM benchmark, {meta['data']} data, on {meta['device']} "
+           f"(jax {meta['jax']}). Command: `{meta['command']}`.", "",
+           "FLOPs are per example, one forward pass; step time is one training "
+           f"step (forward, backward, Adam) at batch {rows[0]['batch_size'] if rows else '-'}.",
+           "",
+           "| method | history | R@1 | R@5 | R@10 | genre acc | LLM input tokens "
+           "| LLM GFLOPs (XLA) | LLM GFLOPs (analytic) | encoder+Perceiver GFLOPs "
+           "| total GFLOPs | step (ms) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  fmt = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+  for r in rows:
+    total = r["llm_flops_xla"] + r["user_flops_xla"]
+    lines.append(
+        f"| {r['method']} | {r['history']} | {fmt(r, 'test/next_title/recall@1')} "
+        f"| {fmt(r, 'test/next_title/recall@5')} | {fmt(r, 'test/next_title/recall@10')} "
+        f"| {fmt(r, 'test/favourite_genre/accuracy')} | {r['llm_input_tokens']:.0f} "
+        f"| {r['llm_flops_xla'] / 1e9:.4f} | {r['llm_flops_analytic'] / 1e9:.4f} "
+        f"| {r['user_flops_xla'] / 1e9:.4f} | {total / 1e9:.4f} "
+        f"| {1e3 * r['step_seconds']:.1f} |")
+  by = {(r["method"], r["history"]): r for r in rows}
+  ratios = []
+  for (method, history), r in sorted(by.items()):
+    text = by.get(("text_prompt", history))
+    if method != "text_prompt" and text:
+      ratios.append(f"- H={history}: text prompt / {method} = "
+                    f"{text['llm_flops_xla'] / r['llm_flops_xla']:.1f}x LLM FLOPs, "
+                    f"{(text['llm_flops_xla'] + text['user_flops_xla']) / (r['llm_flops_xla'] + r['user_flops_xla']):.1f}x total FLOPs")
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines + [""] + ratios) + "\n")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data", choices=("synthetic", "movielens"), default="synthetic")
+  parser.add_argument("--data_dir", default="../shared/data/movielens-100k")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--workdir", default="runs/user_llm_benchmark")
+  parser.add_argument("--histories", default="50,100,200,500")
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--efficiency_only", action="store_true")
+  parser.add_argument("--timed_steps", type=int, default=5)
+  parser.add_argument("--step_batch", type=int, default=8,
+                      help="batch of the timed step and the FLOPs count")
+  parser.add_argument("--override", action="append", default=[],
+                      help="config overrides as a.b=value (e.g. train.num_steps=300)")
+  args = parser.parse_args(argv)
+  histories = [int(h) for h in args.histories.split(",")]
+  config = bench_config(args.data, args.data_dir, max(histories))
+  for override in args.override:
+    key, value = override.split("=", 1)
+    node = config
+    for part in key.split(".")[:-1]:
+      node = node[part]
+    leaf = key.split(".")[-1]
+    node[leaf] = type(node[leaf])(value)
+  timelines = sources.load_timelines(config.data)
+  train_timelines = splits.leave_last_out(timelines).train
+  device = jax.devices()[0]
+  meta = {"data": args.data, "device": f"{device.platform} ({device.device_kind}, "
+          f"{os.cpu_count()} CPU cores)", "jax": jax.__version__,
+          "python": platform.python_version(),
+          "command": "python -m userllm.benchmark " + " ".join(argv or sys.argv[1:]),
+          "config": config.to_dict()}
+  rows = []
+  workdir = os.path.join(args.workdir, args.data)
+  os.makedirs(workdir, exist_ok=True)
+  tokens_per_event = text_tokens_per_event(config, train_timelines, workdir)
+  for history in histories:
+    for method in args.methods.split(","):
+      print(f"[benchmark] {method} H={history}", flush=True)
+      row = {"method": method, "history": history,
+             **efficiency(config, train_timelines, method, history,
+                          args.timed_steps, workdir, args.step_batch)}
+      if not args.efficiency_only:
+        row.update(quality(config, method, history, workdir, tokens_per_event))
+      rows.append(row)
+      write(args.out, rows, meta)
+      print(json.dumps(row), flush=True)
+
+
+if __name__ == "__main__":
+  main()
