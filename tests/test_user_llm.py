@@ -219,3 +219,26 @@ def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
       text = tok.decode(batch["prompt"][row][batch["prompt_mask"][row]])
       last_seen = timelines.items.titles[timelines.user_items(user)[-2]]
       assert text.replace(" .", ".").endswith(f"{last_seen}. {ending}")
+
+
+def test_workflow_starts_from_a_gemma_checkpoint(tmp_path):
+  """config.llm.checkpoint: the LM stage is skipped and the LLM is loaded."""
+  import main
+  from configs import user_llm_tiny
+  from userllm import gemma_loader
+  config = user_llm_tiny.get_config()
+  timelines = sources.load_timelines(config.data)
+  vocab = train_vocabulary(prompts.corpus(timelines), str(tmp_path / "tok.model"),
+                           300)
+  lm_cfg = llm.LLMConfig(vocab_size=Tokenizer(vocab).vocab_size, embed_dim=32,
+                         num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16,
+                         mlp_dim=64)
+  tokens = jnp.ones((1, 4), jnp.int32)
+  params = nn.meta.unbox(llm.DecoderLM(lm_cfg).init(
+      jax.random.PRNGKey(0), tokens, tokens > 0)["params"])
+  gemma_loader.save_checkpoint(params, str(tmp_path / "gemma"), fuse_qkv=True)
+  config.llm.update(checkpoint=str(tmp_path / "gemma"), tokenizer=vocab)
+  config.userllm.method = "soft_prompt"
+  results = main.run_experiment(config, str(tmp_path / "run"))
+  assert not (tmp_path / "run" / "lm").exists()
+  assert 0 <= results["test/next_title/recall@10"] <= 1

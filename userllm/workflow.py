@@ -215,13 +215,22 @@ class Evaluator:
       out.append(np.concatenate([np.asarray(c) for c in chunks], 1)[:real, :count])
     return np.concatenate(out)
 
-  def next_title_metrics(self, params) -> dict[str, float]:
-    scores = self.scores(params, "next_title")
+  def targets_and_seen(self) -> tuple[np.ndarray, np.ndarray]:
+    """[n] target items and [n, num_items + 1] items seen before each cut."""
     ex, tl = self.examples, self.timelines
     targets = tl.item_ids[tl.user_offsets[ex.users] + ex.cuts]
     seen = ranking.seen_mask([tl.user_items(u)[:c] for u, c in zip(ex.users, ex.cuts)],
                              len(ex), tl.num_items + 1)
-    ranks = np.asarray(ranking.target_ranks(scores, targets, seen))
+    return targets, seen
+
+  def next_title_metrics(self, params, scores: np.ndarray | None = None
+                         ) -> dict[str, float]:
+    """Ranking metrics of the model, or of fixed `scores` [n, num_items + 1]."""
+    if scores is None:
+      scores = self.scores(params, "next_title")
+    targets, seen = self.targets_and_seen()
+    ranks = np.asarray(ranking.target_ranks(np.broadcast_to(scores, seen.shape),
+                                            targets, seen))
     return ranking.metrics_from_ranks(ranks)
 
   def genre_accuracy(self, params) -> float:
@@ -270,8 +279,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Stage 1: the LLM (Gemma, or trained from scratch on the task text).
   base = None
   if config.llm.checkpoint:
-    base, llm_params = gemma_loader.load_checkpoint(config.llm.checkpoint,
-                                                    tokenizer.vocab_size)
+    # the embedding table's rows (256128 for Gemma) cover the tokenizer's pieces
+    base, llm_params = gemma_loader.load_checkpoint(config.llm.checkpoint)
+    if base.vocab_size < tokenizer.vocab_size:
+      raise ConfigError(f"config.llm.tokenizer has {tokenizer.vocab_size} pieces, "
+                        f"more than the checkpoint's {base.vocab_size} embeddings")
   else:
     lm_builder = builder_for("text_prompt", u.lm_history)
     lm_model = build_model(config, timelines, tokenizer.vocab_size, "text_prompt")
@@ -321,13 +333,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
         state.params)
   popularity = ranking.popularity_scores(split.train.item_ids,
                                          timelines.num_items + 1, config.seed)
-  ex = test.examples
-  targets = timelines.item_ids[timelines.user_offsets[ex.users] + ex.cuts]
-  seen = ranking.seen_mask([timelines.user_items(x)[:c] for x, c in
-                            zip(ex.users, ex.cuts)], len(ex), timelines.num_items + 1)
-  for k, v in ranking.metrics_from_ranks(np.asarray(ranking.target_ranks(
-      np.broadcast_to(popularity, seen.shape), targets, seen))).items():
+  for k, v in test.next_title_metrics(None, scores=popularity).items():
     results[f"test/popularity/{k}"] = v
+  ex = test.examples
   sample = eval_builder.batch(ex, np.arange(min(len(ex), 64)), with_answers=False)
   user_tokens = (model.config.num_latents or u.history_len) if (
       u.method == "soft_prompt") else 0
