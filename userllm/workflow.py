@@ -102,9 +102,10 @@ class Stage:
     self.mesh, self.workdir = mesh, workdir
 
   def fit(self, name: str, state, shardings, loss_fn, tx, batch_fn,
-          train: ml_collections.ConfigDict, eval_fn=None):
+          train: ml_collections.ConfigDict, train_field: str, eval_fn=None):
+    """`train` is the stage's schedule, found at `config.<train_field>`."""
     mesh_lib.check_batch_divides(train.batch_size, self.mesh,
-                                 f"config.{name}_train.batch_size")
+                                 f"config.{train_field}.batch_size")
     return train_loop.fit(
         state=state, state_shardings=shardings,
         train_step=train_loop.make_train_step(loss_fn, tx), batch_fn=batch_fn,
@@ -147,15 +148,6 @@ def load_into(state, shardings, subtree: str, pretrained: dict):
       jax.device_get(params[subtree]), pretrained, subtree)
   params = jax.device_put(params, shardings.params)
   return state.replace(params=params)
-
-
-def _final_params(workdir: str, state):
-  """Params of the finished stage in `workdir` (restored into `state`'s layout)."""
-  from infra import checkpoint
-  ckpt = checkpoint.Checkpointer(workdir, 1, 1)
-  restored = ckpt.restore_or_keep(state)
-  ckpt.close()
-  return restored.params
 
 
 @functools.lru_cache(maxsize=None)
@@ -295,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                       functools.partial(ul.lm_loss, lm_model, mask), tx,
                       _example_batches(lm_builder, examples,
                                        config.lm_train.batch_size, config.seed),
-                      config.lm_train)
+                      config.lm_train, "lm_train")
     llm_params = jax.device_get(state.params["llm"])
     del state
 
@@ -323,7 +315,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   state = Stage(mesh, workdir).fit(
       f"{u.method}_h{u.history_len}", state, shardings, functools.partial(ul.lm_loss, model, mask), tx,
       _example_batches(builder, examples, config.train.batch_size, config.seed),
-      config.train, eval_fn=lambda s: valid.next_title_metrics(s.params))
+      config.train, "train", eval_fn=lambda s: valid.next_title_metrics(s.params))
   results["train_seconds"] = time.time() - train_began
 
   for name, evaluator in (("valid", valid), ("test", test)):
@@ -374,7 +366,7 @@ def pretrain_encoder(config, train_timelines, encoder_cfg: sm.SequenceModelConfi
   rows = EpochBatcher(np.arange(len(examples)), train.batch_size, config.seed)
   state = Stage(mesh, workdir).fit(
       f"encoder_h{window - 1}", state, shardings, functools.partial(sm.next_event_loss, encoder),
-      tx, lambda step: events(rows(step)), train)
+      tx, lambda step: events(rows(step)), train, "encoder_train")
   results["encoder_pretrain_windows"] = float(len(examples))
   heads = ("genre_head", "rating_head")  # pretraining only: User-LLM reads states
   return {k: v for k, v in jax.device_get(state.params).items() if k not in heads}
