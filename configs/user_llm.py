@@ -29,7 +29,6 @@ def get_config() -> ml_collections.ConfigDict:
       embed_dim=128, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=32,
       mlp_dim=512, rope_max_wavelength=10_000,
       cross_attention_every=1,  # used by method=cross_attention only
-      lora_rank=0, lora_alpha=16.0,  # > 0 with strategy=lora
       dtype="float32",
       checkpoint="",  # an official Gemma (v1) Flax checkpoint dir: skip LM pretraining
       tokenizer=""))  # its tokenizer.model
@@ -38,7 +37,11 @@ def get_config() -> ml_collections.ConfigDict:
       fusion="early"))  # or "late"
   config.userllm = ml_collections.ConfigDict(dict(
       method="cross_attention",
-      strategy="full",  # full | lora | frozen_llm | projector
+      strategy="full",  # full | adapters (needs adapter.kind) | frozen_llm | projector
+      tasks=("next_title", "favourite_genre"),  # trained and evaluated (data/prompts.py)
+      lm_tasks=("next_title", "favourite_genre"),  # LM pretraining from scratch
+      text_ratings=False,  # text prompts show "(rating)" after each title
+      eval_base=False,  # also score the test tasks before stage-3 training
       history_len=50,  # events the encoder (or the text prompt) sees
       text_prompt_len=256,  # LLM context for text prompts (latest titles kept)
       lm_history=10,  # titles per prompt when pretraining the LM from scratch
@@ -47,6 +50,14 @@ def get_config() -> ml_collections.ConfigDict:
       cuts_per_user=4,  # training examples per user (x2 tasks)
       eval_users=300,  # held-out users scored (0: all)
       candidate_chunk=256))  # item titles scored per call
+  # Adapters on the LLM's projections (userllm/adapters.py); trained alone by
+  # userllm.strategy="adapters", or with the rest by "full".
+  config.adapter = ml_collections.ConfigDict(dict(
+      kind="none",  # none | lora | molora | mode | molora_sd
+      rank=4, alpha=16.0, num_experts=4, top_k=0,
+      router="token",  # token | task | token_task
+      targets=("q", "k", "v", "out"),  # of q, k, v, out, gate, up, down
+      match_params_of=""))  # a kind: pick rank to match its parameter count
   config.lm_train = _train(64, 800, 3e-3, 100)
   config.encoder_train = _train(128, 300, 3e-3, 50)
   config.train = _train(64, 600, 1e-3, 50, eval_every=300)

@@ -19,10 +19,10 @@ def get_config():
   config = user_llm.get_config()
   config.llm.update(checkpoint="/data/gemma/2b",
                     tokenizer="/data/gemma/tokenizer.model", dtype="bfloat16",
-                    cross_attention_every=6,  # 3 blocks in Gemma 2B's 18 layers
-                    lora_rank=8, lora_alpha=16.0)
+                    cross_attention_every=6)  # 3 blocks in Gemma 2B's 18 layers
+  config.adapter.update(kind="lora", rank=8, alpha=16.0)
   config.encoder.update(embed_dim=256, num_layers=4, num_heads=4, mlp_dim=1024)
-  config.userllm.update(strategy="lora", history_len=200, num_latents=32,
+  config.userllm.update(strategy="adapters", history_len=200, num_latents=32,
                         perceiver_layers=2, perceiver_heads=4, eval_users=0)
   config.mesh.update(data=-1, model=4)  # a v4-8 / v5e-8: 2 x 4
   config.train.update(batch_size=64, num_steps=3000, learning_rate=1e-4)

@@ -1,11 +1,21 @@
 """Examples for the LLM tasks: a user's history before a cut, a task prompt and
 the answer, turned into fixed-shape arrays batch by batch.
 
-Tasks: `next_title` (answer: the title of the event at the cut) and
-`favourite_genre` (answer: the most frequent genre of the shown history).
+Tasks (`TASKS`; every answer comes from a closed candidate set, so every task
+is scored by ranking its candidates by likelihood):
+- `next_title`: the title of the event at the cut;
+- `favourite_genre`: the most frequent genre of the shown history;
+- `rating`: "Rating of <title>:" -> the user's rating of the item at the cut,
+  "1".."5";
+- `title_genre`: "Genre of <title>:" -> the first genre of the item at the cut
+  (any of its genres counts as correct);
+- `summary`: a user-summary-style answer "<g1>, <g2>; <level>": the history's
+  two most frequent genres and its mean-rating level (low < 3.3 <= mid < 3.7 <=
+  high).
 Methods differ only in the prompt and in what else the model gets:
 - "text_prompt": "Watched: t1; t2; ...; tH. Next title:" with the history's
-  titles, left-truncated to `prompt_len` tokens (the latest titles kept);
+  titles (and "(rating)" after each with `show_ratings`), left-truncated to
+  `prompt_len` tokens (the latest titles kept);
 - every other method: the bare task prompt ("Next title:"); the user-embedding
   methods also get the history as events (items, rating buckets, genres).
 Prompts are left-padded and answers right-padded, so `tokens` is
@@ -23,21 +33,43 @@ from data import splits
 from data import timelines as tl
 from data.vocab import Tokenizer
 
-TASKS = ("next_title", "favourite_genre")
-PROMPTS = {"next_title": "Next title:", "favourite_genre": "Favourite genre:"}
-HISTORY_HEAD, HISTORY_SEP, HISTORY_TAIL = "Watched:", ";", "."
+TASKS = ("next_title", "favourite_genre", "rating", "title_genre", "summary")
+PROMPTS = {"next_title": "Next title:", "favourite_genre": "Favourite genre:",
+           "rating": "Rating of", "title_genre": "Genre of", "summary": "Summary:"}
+ITEM_TASKS = ("rating", "title_genre")  # the prompt names the item at the cut
+HISTORY_HEAD, HISTORY_SEP, HISTORY_TAIL, ITEM_TAIL = "Watched:", ";", ".", ":"
+RATINGS = ("1", "2", "3", "4", "5")
+LEVELS = ("low", "mid", "high")
+LEVEL_EDGES = (3.3, 3.7)  # mean rating: low < 3.3 <= mid < 3.7 <= high
 
 
 def corpus(timelines: tl.UserTimelines) -> list[str]:
   """The text a vocabulary must cover: every title, genre and prompt word."""
-  prompts = ["Watched: A; B. " + p for p in PROMPTS.values()]  # separators too
+  prompts = ["Watched: A (1); B (5). " + p + " C:" for p in PROMPTS.values()]
   return (prompts + list(timelines.items.genre_names) + ["unknown"]
+          + [f"A, B; {level}" for level in LEVELS] + list(RATINGS)
           + [str(t) for t in timelines.items.titles[1:]])
 
 
 def favourite_genre_index(items: tl.ItemTable, history: np.ndarray) -> int:
   """Index of the genre most frequent in `history` (ties: the lower index)."""
   return int(np.argmax(items.genres[history].sum(axis=0)))
+
+
+def top_two_genres(items: tl.ItemTable, history: np.ndarray) -> tuple[int, int]:
+  """The two most frequent genres of `history` (ties: the lower index)."""
+  order = np.argsort(-items.genres[history].sum(axis=0), kind="stable")
+  return int(order[0]), int(order[1])
+
+
+def rating_bucket(rating: float) -> int:
+  """A rating as an index into RATINGS (rounded, clipped to 1..5)."""
+  return int(np.clip(np.round(rating), 1, 5)) - 1
+
+
+def rating_level(ratings: np.ndarray) -> int:
+  """Index into LEVELS of a history's mean rating."""
+  return int(np.searchsorted(LEVEL_EDGES, float(np.mean(ratings)), side="right"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,54 +138,100 @@ class PromptBuilder:
   """Turns Examples into arrays for one method; titles are tokenized once."""
 
   def __init__(self, timelines: tl.UserTimelines, tokenizer: Tokenizer,
-               method: str, history_len: int, prompt_len: int, answer_len: int):
+               method: str, history_len: int, prompt_len: int, answer_len: int,
+               show_ratings: bool = False):
     self.timelines, self.tokenizer = timelines, tokenizer
     self.method, self.history_len = method, history_len
     self.prompt_len, self.answer_len = prompt_len, answer_len
+    self.show_ratings = show_ratings
     encode = lambda texts: tokenizer.encode(texts)  # noqa: E731
     self.title_ids = encode([str(t) for t in timelines.items.titles])
     self.genre_names = list(timelines.items.genre_names)
-    self.genre_ids = encode(self.genre_names)
     self.sep_ids, = encode([HISTORY_SEP])
     self.head_ids, = encode([HISTORY_HEAD])
+    self.item_tail_ids, = encode([ITEM_TAIL])
+    self.rating_ids = encode([f"({r})" for r in RATINGS])
     self.tail_ids = {task: encode([f"{HISTORY_TAIL} {PROMPTS[task]}"])[0]
                      for task in TASKS}
     self.task_ids = {task: encode([PROMPTS[task]])[0] for task in TASKS}
     self.bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    eos = [tokenizer.eos_id]
+    genre_ids = encode(self.genre_names)
+    self.answers = {  # every task's candidate answers, ids + eos
+        "next_title": [[] if i == 0 else t + eos for i, t in enumerate(self.title_ids)],
+        "favourite_genre": [g + eos for g in genre_ids],
+        "title_genre": [g + eos for g in genre_ids],
+        "rating": [ids + eos for ids in encode(list(RATINGS))],
+        "summary": [ids + eos for ids in encode(self.summary_texts())]}
+
+  def summary_texts(self) -> list[str]:
+    """Every summary answer; index (g1 * G + g2) * len(LEVELS) + level."""
+    g = self.genre_names
+    return [f"{g[a]}, {g[b]}; {level}" for a in range(len(g)) for b in range(len(g))
+            for level in LEVELS]
+
+  def _events(self, user: int, cut: int) -> slice:
+    start = self.timelines.user_offsets[user]
+    return slice(start + max(cut - self.history_len, 0), start + cut)
 
   def history(self, user: int, cut: int) -> np.ndarray:
     """[<= history_len] the latest item ids before `cut`."""
-    start = self.timelines.user_offsets[user]
-    return self.timelines.item_ids[start + max(cut - self.history_len, 0):start + cut]
+    return self.timelines.item_ids[self._events(user, cut)]
+
+  def target_item(self, user: int, cut: int) -> int:
+    return int(self.timelines.item_ids[self.timelines.user_offsets[user] + cut])
+
+  def label(self, user: int, cut: int, task: str) -> int:
+    """Index of the right answer among `self.answers[task]`."""
+    items = self.timelines.items
+    if task == "next_title":
+      return self.target_item(user, cut)
+    if task == "favourite_genre":
+      return favourite_genre_index(items, self.history(user, cut))
+    if task == "title_genre":
+      return int(np.argmax(items.genres[self.target_item(user, cut)]))
+    if task == "rating":
+      offset = self.timelines.user_offsets[user] + cut
+      return rating_bucket(self.timelines.ratings[offset])
+    first, second = top_two_genres(items, self.history(user, cut))
+    level = rating_level(self.timelines.ratings[self._events(user, cut)])
+    return (first * len(self.genre_names) + second) * len(LEVELS) + level
+
+  def task_prompt(self, user: int, cut: int, task: str, after_history: bool
+                  ) -> list[int]:
+    """The question: "[. ]Next title:" or "[. ]Rating of <title>:"."""
+    ids = list(self.tail_ids[task] if after_history else self.task_ids[task])
+    if task in ITEM_TASKS:
+      ids += self.title_ids[self.target_item(user, cut)] + self.item_tail_ids
+    return ids
 
   def prompt(self, user: int, cut: int, task: str) -> list[int]:
     if self.method != "text_prompt":
-      return self.bos + self.task_ids[task]
+      return self.bos + self.task_prompt(user, cut, task, after_history=False)
     history = []
-    for item in self.history(user, cut):
-      history += self.title_ids[item] + self.sep_ids
-    room = self.prompt_len - len(self.bos) - len(self.head_ids) - len(
-        self.tail_ids[task])
+    events = self._events(user, cut)
+    for item, rating in zip(self.timelines.item_ids[events],
+                            self.timelines.ratings[events]):
+      history += self.title_ids[item]
+      if self.show_ratings:
+        history += self.rating_ids[rating_bucket(rating)]
+      history += self.sep_ids
+    question = self.task_prompt(user, cut, task, after_history=True)
+    room = self.prompt_len - len(self.bos) - len(self.head_ids) - len(question)
     history = history[:-len(self.sep_ids)][-room:] if room > 0 else []
-    return self.bos + self.head_ids + history + self.tail_ids[task]
+    return self.bos + self.head_ids + history + question
 
   def answer(self, user: int, cut: int, task: str) -> list[int]:
-    if task == "next_title":
-      item = self.timelines.item_ids[self.timelines.user_offsets[user] + cut]
-      ids = self.title_ids[item]
-    else:
-      ids = self.genre_ids[favourite_genre_index(self.timelines.items,
-                                                 self.history(user, cut))]
-    return ids + [self.tokenizer.eos_id]
+    return self.answers[task][self.label(user, cut, task)]
 
   def events(self, examples: Examples, rows: np.ndarray) -> dict[str, np.ndarray]:
     return history_events(self.timelines, examples, rows, self.history_len)
 
   def batch(self, examples: Examples, rows: np.ndarray, with_answers: bool = True
             ) -> dict[str, np.ndarray]:
-    """Arrays for `rows`: "prompt"/"prompt_mask" [n, prompt_len] left-padded;
-    with answers also "tokens"/"token_mask"/"target_mask" [n, prompt_len +
-    answer_len]; with user-embedding methods "events" too."""
+    """Arrays for `rows`: "prompt"/"prompt_mask" [n, prompt_len] left-padded,
+    "task_ids" [n]; with answers also "tokens"/"token_mask"/"target_mask" [n,
+    prompt_len + answer_len]; with user-embedding methods "events" too."""
     prompts, answers = [], []
     for row in rows:
       user, cut = int(examples.users[row]), int(examples.cuts[row])
@@ -162,7 +240,8 @@ class PromptBuilder:
       if with_answers:
         answers.append(self.answer(user, cut, task))
     prompt, prompt_mask = self.tokenizer.pad(prompts, self.prompt_len, left=True)
-    out = {"prompt": prompt, "prompt_mask": prompt_mask}
+    out = {"prompt": prompt, "prompt_mask": prompt_mask,
+           "task_ids": np.asarray(examples.tasks[rows], np.int32)}
     if with_answers:
       answer, answer_mask = self.tokenizer.pad(answers, self.answer_len, left=False)
       out.update(tokens=np.concatenate([prompt, answer], 1),
@@ -174,25 +253,24 @@ class PromptBuilder:
     return out
 
   def candidates(self, task: str) -> tuple[np.ndarray, np.ndarray]:
-    """Every answer of a task as [k, answer_len] ids + mask (right-padded):
-    all item titles (row i = item i; row 0, padding, is empty) or all genres."""
-    if task == "next_title":
-      ids = [[] if i == 0 else t + [self.tokenizer.eos_id]
-             for i, t in enumerate(self.title_ids)]
-    else:
-      ids = [g + [self.tokenizer.eos_id] for g in self.genre_ids]
-    return self.tokenizer.pad(ids, self.answer_len, left=False)
+    """Every answer of a task as [k, answer_len] ids + mask (right-padded),
+    row i = answer i (`label`); for next_title row i is item i (row 0, the
+    padding item, is empty)."""
+    return self.tokenizer.pad(self.answers[task], self.answer_len, left=False)
 
-  def longest_prompt(self) -> int:
-    """Tokens of the longest possible prompt (before truncation to prompt_len)."""
-    bare = len(self.bos) + max(len(v) for v in self.task_ids.values())
-    if self.method != "text_prompt":
-      return bare
+  def longest_prompt(self, tasks=TASKS) -> int:
+    """Tokens of the longest possible prompt of `tasks` (before truncation to
+    prompt_len)."""
     longest_title = max(len(t) for t in self.title_ids)
-    return (len(self.bos) + len(self.head_ids) + max(len(v) for v in
-            self.tail_ids.values()) + self.history_len * (longest_title + len(
-                self.sep_ids)) - len(self.sep_ids))
+    item_part = longest_title + len(self.item_tail_ids)
+    def question(ids):
+      return max(len(ids[t]) + (item_part if t in ITEM_TASKS else 0) for t in tasks)
+    if self.method != "text_prompt":
+      return len(self.bos) + question(self.task_ids)
+    per_event = longest_title + len(self.sep_ids) + (
+        max(len(r) for r in self.rating_ids) if self.show_ratings else 0)
+    return (len(self.bos) + len(self.head_ids) + question(self.tail_ids)
+            + self.history_len * per_event - len(self.sep_ids))
 
-  def longest_answer(self) -> int:
-    return 1 + max(max(len(t) for t in self.title_ids),
-                   max(len(g) for g in self.genre_ids))
+  def longest_answer(self, tasks=TASKS) -> int:
+    return max(len(ids) for task in tasks for ids in self.answers[task])

@@ -1,7 +1,8 @@
 """One mesh and one logical-axis rules table for every workflow.
 
 Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`,
-`length`, `kv_heads`, `lora`, `latents`); `LOGICAL_RULES` maps them to the mesh axes `data` and `model`. Batches
+`length`, `kv_heads`, `lora`, `experts`, `latents`); `LOGICAL_RULES` maps them to
+the mesh axes `data` and `model`. Batches
 shard their leading axis over `data` (federated clients ride on it too).
 """
 
@@ -26,7 +27,8 @@ LOGICAL_RULES = (
     ("kv", None),
     ("length", None),
     ("kv_heads", None),  # multi-query attention often has 1 KV head: replicate
-    ("lora", None),  # LoRA ranks are small
+    ("lora", None),  # adapter ranks are small
+    ("experts", None),  # and so are their expert counts
     ("latents", None),  # Perceiver queries
 )
 

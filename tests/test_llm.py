@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from data.vocab import Tokenizer
 from infra import mesh as mesh_lib
-from userllm import decoding, gemma_loader, llm
+from userllm import adapters, decoding, gemma_loader, llm
 
 CFG = llm.LLMConfig(vocab_size=61, embed_dim=32, num_layers=3, num_heads=4,
                     num_kv_heads=2, head_dim=8, mlp_dim=64)
@@ -147,18 +147,6 @@ def test_soft_prompt_of_length_zero_equals_the_plain_llm():
   assert longer.shape[1] == 12 and np.abs(longer[:, 3:] - plain).max() > 1e-3
 
 
-def test_lora_with_zero_b_is_a_no_op():
-  tokens, mask = _tokens()
-  _, base = _init(CFG, tokens, mask)
-  base = _randomise(base)
-  lora_cfg = llm.LLMConfig(**{**CFG.__dict__, "lora_rank": 2})
-  lora_model, lora = _init(lora_cfg, tokens, mask)
-  merged = gemma_loader.merge_pretrained(jax.device_get(lora), base)
-  expected, _ = llm.DecoderLM(CFG).apply({"params": base}, tokens, mask)
-  got, _ = lora_model.apply({"params": merged}, tokens, mask)
-  np.testing.assert_allclose(got, expected, atol=1e-5)
-
-
 @pytest.mark.parametrize("num_kv_heads,fuse_qkv", [(2, False), (4, True), (1, False)])
 def test_gemma_checkpoint_round_trips(tmp_path, num_kv_heads, fuse_qkv):
   cfg = llm.LLMConfig(**{**CFG.__dict__, "num_kv_heads": num_kv_heads,
@@ -214,7 +202,7 @@ def test_sharded_forward_equals_one_device():
   """data=4 x model=2 over 8 fake CPU devices: same logits as one device."""
   assert jax.device_count() == 8
   cfg = llm.LLMConfig(**{**CFG.__dict__, "num_heads": 4, "cross_attention_every": 2,
-                         "lora_rank": 2})
+                         "adapter": adapters.AdapterConfig("lora", rank=2)})
   tokens, mask = _tokens(b=8)
   user = jax.random.normal(jax.random.PRNGKey(4), (8, 5, cfg.embed_dim))
   model = llm.DecoderLM(cfg)

@@ -15,7 +15,7 @@ from data import prompts, sources, splits
 from data.vocab import Tokenizer, train_vocabulary
 from infra import train_loop
 from infra.train_state import TrainState
-from userllm import llm, perceiver, sequence_model as sm, user_llm as ul
+from userllm import adapters, llm, perceiver, sequence_model as sm, user_llm as ul
 
 
 def _events(b=2, h=6, genres=4, seed=0):
@@ -66,12 +66,13 @@ def test_perceiver_reads_only_real_states():
   np.testing.assert_allclose(out[0], out2[0], atol=1e-5)
 
 
-def _tiny_user_llm(integration, lora_rank=2):
+def _tiny_user_llm(integration, adapter_kind="lora"):
   enc = sm.SequenceModelConfig(vocab_size=30, max_len=6, embed_dim=16, num_layers=1,
                                num_heads=2, mlp_dim=32, dropout=0.0, fusion="early",
                                num_genres=4)
   lm = llm.LLMConfig(vocab_size=40, embed_dim=16, num_layers=2, num_heads=2,
-                     num_kv_heads=1, head_dim=8, mlp_dim=32, lora_rank=lora_rank,
+                     num_kv_heads=1, head_dim=8, mlp_dim=32,
+                     adapter=adapters.AdapterConfig(adapter_kind, rank=2),
                      cross_attention_every=1 if integration == "cross_attention" else 0)
   return ul.UserLLM(ul.UserLLMConfig(encoder=enc, llm=lm, integration=integration,
                                      num_latents=3))
@@ -126,7 +127,7 @@ def test_frozen_parameters_do_not_change(strategy, integration):
 
 
 def test_strategy_that_trains_nothing_is_an_error():
-  model = _tiny_user_llm("text", lora_rank=0)
+  model = _tiny_user_llm("text", adapter_kind="none")
   batch = _lm_batch()
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), None, batch["tokens"],
                                     batch["token_mask"])["params"])
@@ -209,7 +210,7 @@ def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
                                    str(tmp_path / "spm.model"), 300))
   builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 40, 12)
   examples = prompts.held_out_examples(split.test, "next_title", 0, 0)
-  evaluator = workflow.Evaluator(_tiny_user_llm("text", 0), builder, timelines,
+  evaluator = workflow.Evaluator(_tiny_user_llm("text", "none"), builder, timelines,
                                  examples, 4, 8, mesh=None)
   for task, ending in (("next_title", "Next title:"),
                        ("favourite_genre", "Favourite genre:")):

@@ -162,7 +162,7 @@ def quality(config, method: str, history: int, workdir: str,
   results = workflow.run(config, workdir)
   keep = ("test/next_title/recall@1", "test/next_title/recall@5",
           "test/next_title/recall@10", "test/favourite_genre/accuracy",
-          "test/popularity/recall@10", "train_seconds", "eval_users")
+          "test/prior/next_title/recall@10", "train_seconds", "eval_users")
   return {k: results[k] for k in keep}
 
 

@@ -3,8 +3,9 @@
 Prompts are left-padded (real tokens end at the last column), so every row's
 next token is predicted by the last logit. `conditioning` holds the keyword
 arguments that carry the user (`prefix`/`prefix_mask` for a soft prompt,
-`user_tokens`/`user_mask` for cross-attention); decoding steps after the prompt
-pass only the cross-attention part, since a soft prompt already sits in the cache.
+`user_tokens`/`user_mask` for cross-attention) and the task (`task_ids`, for
+task-routed adapters); decoding steps after the prompt pass all but the soft
+prompt, which already sits in the cache.
 """
 
 from __future__ import annotations
@@ -22,8 +23,10 @@ def _prefix_length(conditioning: dict) -> int:
   return 0 if prefix is None else prefix.shape[1]
 
 
-def _cross_only(conditioning: dict) -> dict:
-  return {k: v for k, v in conditioning.items() if k in ("user_tokens", "user_mask")}
+def _per_step(conditioning: dict) -> dict:
+  """What every decoding step needs again: all but the soft prompt."""
+  return {k: v for k, v in conditioning.items()
+          if k in ("user_tokens", "user_mask", "task_ids")}
 
 
 def prefill(model: llm.DecoderLM, params, prompt: jax.Array,
@@ -64,7 +67,7 @@ def generate(model: llm.DecoderLM, params, prompt: jax.Array,
     token = jnp.where(done, 0, pick(logits, key))
     next_logits, cache = model.apply(
         {"params": params}, token[:, None], ~done[:, None], cache=cache,
-        **_cross_only(conditioning))
+        **_per_step(conditioning))
     return (next_logits[:, -1], cache, done | (token == eos_id)), token
 
   done = jnp.zeros(prompt.shape[:1], bool)
@@ -96,7 +99,7 @@ def score_continuations(model: llm.DecoderLM, params, prompt: jax.Array,
   tiled = jnp.tile(candidates, (b, 1))
   tiled_mask = jnp.tile(candidate_mask, (b, 1))
   logits, _ = model.apply({"params": params}, tiled, tiled_mask, cache=cache,
-                          **_repeat(_cross_only(conditioning), c))
+                          **_repeat(_per_step(conditioning), c))
   # token 0 is predicted by the prompt's last logit, token j by logit j - 1.
   predicting = jnp.concatenate([jnp.repeat(last_logits, c, 0)[:, None],
                                 logits[:, :-1]], 1)

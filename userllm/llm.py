@@ -17,6 +17,8 @@ One forward function serves training, scoring and decoding:
 - `user_tokens` [batch, u, embed]: what the gated cross-attention blocks (one
   after every `cross_attention_every` layers) attend to. Their tanh gates start at
   zero, so a fresh block leaves the LM's outputs unchanged.
+- `task_ids` [batch]: the example's task, for adapters whose routers read it
+  (`userllm/adapters.py`: LoRA, MoLoRA, MoDE on chosen projections).
 - `cache`: from `init_cache`; the chunk is written at the cache's end and attends
   to everything before it. Without a cache the chunk attends to itself only.
   Padding (mask False) is never attended to; RoPE positions count real tokens
@@ -30,6 +32,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+
+from userllm import adapters
 
 _MASKED = -2.3819763e38  # Gemma's K_MASK: large negative, finite, no NaN rows
 VOCAB_MULTIPLE = 128  # embedding rows padded so `vocab` shards evenly
@@ -46,8 +50,7 @@ class LLMConfig:
   mlp_dim: int = 512
   rope_max_wavelength: int = 10_000
   cross_attention_every: int = 0  # k > 0: a gated cross-attention block after every k layers
-  lora_rank: int = 0  # > 0: LoRA on the attention projections
-  lora_alpha: float = 16.0
+  adapter: adapters.AdapterConfig = adapters.AdapterConfig()  # LoRA / MoLoRA / MoDE
   dtype: str = "float32"  # activations; "bfloat16" on TPU
 
   @property
@@ -60,6 +63,7 @@ class LLMConfig:
                        f"llm.num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"llm.head_dim={self.head_dim} must be even (RoPE)")
+    self.adapter.validate()
     return self
 
   def cross_attention_after(self) -> tuple[int, ...]:
@@ -108,21 +112,15 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.
   return jnp.einsum("btkgs,bskd->btkgd", probs, v).reshape(b, t, h, d)
 
 
-class LoRA(nn.Module):
-  """x @ A @ B * alpha / r with B = 0 at init: a no-op until trained."""
-  out_shape: tuple[int, ...]
-  out_axes: tuple[str | None, ...]
-  rank: int
-  alpha: float
-
-  @nn.compact
-  def __call__(self, x):
-    a = _param(self, "lora_a", (x.shape[-1], self.rank), ("embed", "lora"))
-    b = _param(self, "lora_b", (self.rank, *self.out_shape),
-               ("lora", *self.out_axes), nn.initializers.zeros)
-    low = jnp.einsum("...d,dr->...r", x, a.astype(x.dtype))
-    out = jnp.tensordot(low, b.astype(x.dtype), axes=1)
-    return out * (self.alpha / self.rank)
+def adapter_delta(cfg: LLMConfig, target: str, x, in_axes, out_shape, out_axes,
+                  task_ids):
+  """The adapter update of projection `target` (adapters.TARGETS), or 0 when
+  the config puts none there. Call inside a compact module: the adapter is
+  its submodule `<target>_adapter`."""
+  if not cfg.adapter.enabled or target not in cfg.adapter.targets:
+    return 0
+  return adapters.Adapter(cfg.adapter, in_axes, out_shape, out_axes,
+                          name=f"{target}{adapters.SUFFIX}")(x, task_ids)
 
 
 class Attention(nn.Module):
@@ -131,7 +129,7 @@ class Attention(nn.Module):
   config: LLMConfig
 
   @nn.compact
-  def __call__(self, x, positions, allowed, layer_cache, end):
+  def __call__(self, x, positions, allowed, layer_cache, end, task_ids=None):
     cfg = self.config
     dtype = x.dtype
     wq = _param(self, "q_einsum", (cfg.num_heads, cfg.embed_dim, cfg.head_dim),
@@ -142,15 +140,14 @@ class Attention(nn.Module):
     wo = _param(self, "attn_vec_einsum",
                 (cfg.num_heads, cfg.head_dim, cfg.embed_dim),
                 ("heads", "kv", "embed")).astype(dtype)
-    q = jnp.einsum("btd,ndh->btnh", x, wq)
+    adapt = lambda target, x, in_axes, shape, axes: adapter_delta(  # noqa: E731
+        cfg, target, x, in_axes, shape, axes, task_ids)
+    heads, kv_heads = (cfg.num_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
+    q = jnp.einsum("btd,ndh->btnh", x, wq) + adapt("q", x, ("embed",), heads,
+                                                   ("heads", "kv"))
     k, v = jnp.einsum("btd,cndh->cbtnh", x, wkv)
-    if cfg.lora_rank:
-      lora = lambda name, shape, axes: LoRA(shape, axes, cfg.lora_rank,  # noqa: E731
-                                            cfg.lora_alpha, name=name)(x)
-      q = q + lora("q_lora", (cfg.num_heads, cfg.head_dim), ("heads", "kv"))
-      kv = lora("kv_lora", (2, cfg.num_kv_heads, cfg.head_dim),
-                (None, "kv_heads", "kv"))
-      k, v = k + kv[:, :, 0], v + kv[:, :, 1]
+    k = k + adapt("k", x, ("embed",), kv_heads, ("kv_heads", "kv"))
+    v = v + adapt("v", x, ("embed",), kv_heads, ("kv_heads", "kv"))
     q = apply_rope(q, positions, cfg.rope_max_wavelength) * cfg.head_dim ** -0.5
     k = apply_rope(k, positions, cfg.rope_max_wavelength)
     if layer_cache is not None:  # write this chunk at the cache's end
@@ -160,38 +157,44 @@ class Attention(nn.Module):
           layer_cache["v"].dtype), (0, end, 0, 0)).astype(dtype)
       layer_cache = {"k": k, "v": v}
     attended = attend(q, k, v, allowed)
-    out = jnp.einsum("btnh,nhd->btd", attended, wo)
-    if cfg.lora_rank:  # LoRA's A reads the flattened heads here
-      out = out + LoRA((cfg.embed_dim,), ("embed",), cfg.lora_rank,
-                       cfg.lora_alpha, name="out_lora")(
-                           attended.reshape(*x.shape[:2], -1))
+    out = jnp.einsum("btnh,nhd->btd", attended, wo) + adapt(
+        "out", attended, ("heads", "kv"), (cfg.embed_dim,), ("embed",))
     return out, layer_cache
 
 
 class FeedForward(nn.Module):
   """Gated GeLU: gating_einsum [2, embed, mlp], linear [mlp, embed]."""
   config: LLMConfig
+  adapted: bool = True  # False: never adapters (the cross-attention blocks' MLP)
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, task_ids=None):
     cfg = self.config
+    adapt = lambda target, x, in_axes, shape, axes: adapter_delta(  # noqa: E731
+        cfg, target, x, in_axes, shape, axes, task_ids) if self.adapted else 0
     gating = _param(self, "gating_einsum", (2, cfg.embed_dim, cfg.mlp_dim),
                     (None, "embed", "mlp")).astype(x.dtype)
     linear = _param(self, "linear", (cfg.mlp_dim, cfg.embed_dim),
                     ("mlp", "embed")).astype(x.dtype)
     gate, up = jnp.einsum("btd,cdf->cbtf", x, gating)
-    return jnp.einsum("btf,fd->btd", nn.gelu(gate) * up, linear)
+    gate = gate + adapt("gate", x, ("embed",), (cfg.mlp_dim,), ("mlp",))
+    up = up + adapt("up", x, ("embed",), (cfg.mlp_dim,), ("mlp",))
+    hidden = nn.gelu(gate) * up
+    return jnp.einsum("btf,fd->btd", hidden, linear) + adapt(
+        "down", hidden, ("mlp",), (cfg.embed_dim,), ("embed",))
 
 
 class Block(nn.Module):
   config: LLMConfig
 
   @nn.compact
-  def __call__(self, x, positions, allowed, layer_cache, end):
+  def __call__(self, x, positions, allowed, layer_cache, end, task_ids=None):
     attended, layer_cache = Attention(self.config, name="attn")(
-        RMSNorm(name="pre_attention_norm")(x), positions, allowed, layer_cache, end)
+        RMSNorm(name="pre_attention_norm")(x), positions, allowed, layer_cache, end,
+        task_ids)
     x = x + attended
-    x = x + FeedForward(self.config, name="mlp")(RMSNorm(name="pre_ffw_norm")(x))
+    x = x + FeedForward(self.config, name="mlp")(RMSNorm(name="pre_ffw_norm")(x),
+                                                 task_ids)
     return x, layer_cache
 
 
@@ -221,7 +224,7 @@ class GatedCrossAttention(nn.Module):
     attended = attend(q * cfg.head_dim ** -0.5, k, v, allowed)
     x = x + jnp.tanh(attn_gate).astype(dtype) * jnp.einsum("btnh,nhd->btd",
                                                             attended, wo)
-    mlp = FeedForward(cfg, name="mlp")(RMSNorm(name="pre_ffw_norm")(x))
+    mlp = FeedForward(cfg, adapted=False, name="mlp")(RMSNorm(name="pre_ffw_norm")(x))
     return x + jnp.tanh(mlp_gate).astype(dtype) * mlp
 
 
@@ -259,8 +262,10 @@ class DecoderLM(nn.Module):
   def __call__(self, tokens: jax.Array, token_mask: jax.Array, *,
                prefix: jax.Array | None = None, prefix_mask: jax.Array | None = None,
                user_tokens: jax.Array | None = None,
-               user_mask: jax.Array | None = None, cache: dict | None = None):
-    """tokens, token_mask: [b, t]; prefix: [b, p, embed], prefix_mask [b, p].
+               user_mask: jax.Array | None = None, cache: dict | None = None,
+               task_ids: jax.Array | None = None):
+    """tokens, token_mask: [b, t]; prefix: [b, p, embed], prefix_mask [b, p];
+    task_ids: [b] int, read by task-conditioned adapter routers.
 
     Returns (logits [b, p + t, vocab_size] float32, the updated cache or None).
     """
@@ -274,7 +279,7 @@ class DecoderLM(nn.Module):
     positions, allowed, end, new_cache = _attention_layout(mask, cache)
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      x, layer_cache = layer(x, positions, allowed, layer_cache, end)
+      x, layer_cache = layer(x, positions, allowed, layer_cache, end, task_ids)
       if cache is not None:
         new_cache["layers"].append(layer_cache)
       if i in self.cross:

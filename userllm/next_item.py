@@ -24,9 +24,10 @@ from userllm import sequence_model as sm
 
 def make_optimizer(train: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """AdamW with linear warm-up and cosine decay, global-norm clipping."""
+  # a warm-up as long as the run (a short test run) still leaves a decay step
+  warmup = min(train.warmup_steps, max(train.num_steps - 1, 0))
   schedule = optax.warmup_cosine_decay_schedule(
-      0.0, train.learning_rate, min(train.warmup_steps, train.num_steps),
-      max(train.num_steps, 1))
+      0.0, train.learning_rate, warmup, max(train.num_steps, warmup + 1))
   return optax.chain(optax.clip_by_global_norm(train.grad_clip),
                      optax.adamw(schedule, weight_decay=train.weight_decay))
 

@@ -3,7 +3,8 @@ Perceiver and projected, condition a decoder LLM.
 
 Parameters: {"encoder": the fused `ItemSequenceTransformer`, "perceiver",
 "projector", "llm": `DecoderLM` (its "cross_attention_i" blocks belong to the
-integration, its "*_lora" leaves to LoRA)}.
+integration, its "<target>_adapter" subtrees to the adapters: LoRA, MoLoRA,
+MoDE; `userllm/adapters.py`)}.
 
 Integrations (`UserLLMConfig.integration`):
 - "cross_attention": the user tokens are attended to by gated cross-attention
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from userllm import llm as llm_lib
+from userllm import adapters, llm as llm_lib
 from userllm import perceiver as perceiver_lib
 from userllm import sequence_model as sm
 
@@ -35,8 +36,8 @@ INTEGRATIONS = ("cross_attention", "soft_prompt", "text")
 # Which parts train under each strategy. "integration" is the cross-attention
 # blocks: new parameters that exist only to read the user tokens.
 STRATEGIES = {
-    "full": {"encoder", "projector", "integration", "llm", "lora"},
-    "lora": {"encoder", "projector", "integration", "lora"},
+    "full": {"encoder", "projector", "integration", "llm", "adapter"},
+    "adapters": {"encoder", "projector", "integration", "adapter"},
     "frozen_llm": {"encoder", "projector", "integration"},
     "projector": {"projector", "integration"},
 }
@@ -100,10 +101,11 @@ class UserLLM(nn.Module):
     return {"user_tokens": tokens, "user_mask": mask}
 
   def __call__(self, events: dict | None, tokens: jax.Array, token_mask: jax.Array,
-               train: bool = False) -> jax.Array:
-    """-> logits [b, t, vocab] for the text tokens (soft-prompt slots dropped)."""
+               train: bool = False, task_ids: jax.Array | None = None) -> jax.Array:
+    """-> logits [b, t, vocab] for the text tokens (soft-prompt slots dropped);
+    task_ids [b] feed task-routed adapters."""
     conditioning = self.conditioning(events, train)
-    logits, _ = self.llm(tokens, token_mask, **conditioning)
+    logits, _ = self.llm(tokens, token_mask, task_ids=task_ids, **conditioning)
     return logits[:, logits.shape[1] - tokens.shape[1]:]
 
 
@@ -116,8 +118,8 @@ def part_of(path: tuple[str, ...]) -> str:
     return "projector"
   if any(p.startswith("cross_attention_") for p in path):
     return "integration"
-  if any(p.endswith("_lora") for p in path):
-    return "lora"
+  if any(p.endswith(adapters.SUFFIX) for p in path):
+    return "adapter"
   return "llm"
 
 
@@ -152,11 +154,12 @@ def lm_loss(model: UserLLM, mask, params, batch: dict, rng: jax.Array,
   """Mean next-token cross-entropy over the target tokens.
 
   batch: {"events" (absent for text integration), "tokens", "token_mask",
-  "target_mask": [b, t]}; target_mask marks the answer tokens (prompt excluded).
+  "target_mask": [b, t], optionally "task_ids": [b]}; target_mask marks the
+  answer tokens (prompt excluded).
   """
   logits = model.apply({"params": freeze(params, mask)}, batch.get("events"),
                        batch["tokens"], batch["token_mask"], train,
-                       rngs={"dropout": rng})
+                       batch.get("task_ids"), rngs={"dropout": rng})
   log_probs = jax.nn.log_softmax(logits[:, :-1], -1)
   token_lp = jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], -1)[..., 0]
   target = batch["target_mask"][:, 1:]

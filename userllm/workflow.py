@@ -38,7 +38,7 @@ from data.sequences import EpochBatcher
 from data.vocab import Tokenizer, train_vocabulary
 from infra import mesh as mesh_lib, ranking, train_loop
 from infra.errors import ConfigError
-from userllm import decoding, gemma_loader, llm as llm_lib
+from userllm import adapters, decoding, gemma_loader, llm as llm_lib
 from userllm import sequence_model as sm, user_llm as ul
 from userllm.next_item import make_optimizer
 
@@ -58,16 +58,47 @@ def tokenizer_for(config, workdir: str, timelines) -> Tokenizer:
   return Tokenizer(path)
 
 
-def llm_config(config, vocab_size: int, method: str) -> llm_lib.LLMConfig:
+def llm_config(config, vocab_size: int, method: str,
+               base: llm_lib.LLMConfig | None = None,
+               with_adapters: bool = True) -> llm_lib.LLMConfig:
+  """config.llm (shape from `base`, a loaded Gemma's config, when given) with
+  cross-attention for `method` and the adapters of config.adapter."""
   fields = dict(config.llm.to_dict())
   for key in ("checkpoint", "tokenizer"):
     fields.pop(key)
   fields["cross_attention_every"] = (fields["cross_attention_every"]
                                      if method == "cross_attention" else 0)
   try:
-    return llm_lib.LLMConfig(vocab_size=vocab_size, **fields).validate()
+    cfg = llm_lib.LLMConfig(vocab_size=vocab_size, **fields).validate()
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.llm: {e}") from None
+  if base is not None:
+    cfg = dataclasses.replace(base, cross_attention_every=cfg.cross_attention_every,
+                              dtype=cfg.dtype)
+  if not with_adapters:
+    return cfg
+  return dataclasses.replace(cfg, adapter=adapter_config(config, cfg))
+
+
+def adapter_config(config, llm: llm_lib.LLMConfig) -> adapters.AdapterConfig:
+  """config.adapter; with `match_params_of` naming another kind, the rank that
+  brings this kind's trainable count closest to that kind's at the configured
+  rank and experts (MoDE and MoLoRA match exactly when rank = num_experts)."""
+  fields = dict(config.get("adapter", {"kind": "none"}))
+  match = fields.pop("match_params_of", "")
+  targets = fields.get("targets", adapters.AdapterConfig.targets)
+  if isinstance(targets, str):
+    targets = [t.strip() for t in targets.split(",") if t.strip()]
+  fields.update(targets=tuple(targets), num_tasks=len(prompts.TASKS))
+  try:
+    cfg = adapters.AdapterConfig(**fields).validate()
+    if match and cfg.enabled and match != cfg.kind:
+      reference = dataclasses.replace(cfg, kind=match).validate()
+      cfg = adapters.match_budget(cfg, llm, adapters.formula_count(reference, llm))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.{e}" if str(e).startswith("adapter.")
+                      else f"config.adapter: {e}") from None
+  return cfg
 
 
 def encoder_config(config, timelines) -> sm.SequenceModelConfig:
@@ -80,14 +111,11 @@ def encoder_config(config, timelines) -> sm.SequenceModelConfig:
 
 
 def build_model(config, timelines, vocab_size: int, method: str,
-                base: llm_lib.LLMConfig | None = None) -> ul.UserLLM:
+                base: llm_lib.LLMConfig | None = None,
+                with_adapters: bool = True) -> ul.UserLLM:
   """The UserLLM for `method`; `base` (a loaded Gemma's config) fixes the LLM's
-  shape, the config adds cross-attention, LoRA and dtype."""
-  cfg = llm_config(config, vocab_size, method)
-  if base is not None:
-    cfg = llm_lib.LLMConfig(**{**base.__dict__, **{
-        k: getattr(cfg, k) for k in ("cross_attention_every", "lora_rank",
-                                     "lora_alpha", "dtype")}}).validate()
+  shape, the config adds cross-attention, adapters and dtype."""
+  cfg = llm_config(config, vocab_size, method, base, with_adapters)
   u = config.userllm
   return ul.UserLLM(ul.UserLLMConfig(
       encoder=encoder_config(config, timelines), llm=cfg,
@@ -160,6 +188,7 @@ def candidate_scorer(model: ul.UserLLM):
   def score(params, batch, candidates, candidate_mask):
     conditioning = model.apply({"params": params}, batch.get("events"),
                                method=model.conditioning)
+    conditioning["task_ids"] = batch["task_ids"]  # task-routed adapters read it
     return decoding.score_continuations(
         llm, params["llm"], batch["prompt"], batch["prompt_mask"], candidates,
         candidate_mask, conditioning)
@@ -175,7 +204,8 @@ class Evaluator:
     self.model, self.builder, self.examples = model, builder, examples
     self.timelines, self.batch_size, self.mesh = timelines, batch_size, mesh
     self.candidate_chunk = candidate_chunk
-    self.score = candidate_scorer(model)
+    # no model: an evaluator of fixed scores only (baselines, tests)
+    self.score = None if model is None else candidate_scorer(model)
 
   def _padded_rows(self):
     n, b = len(self.examples), self.batch_size
@@ -225,12 +255,75 @@ class Evaluator:
                                             targets, seen))
     return ranking.metrics_from_ranks(ranks)
 
-  def genre_accuracy(self, params) -> float:
-    predicted = self.scores(params, "favourite_genre").argmax(1)
-    labels = [prompts.favourite_genre_index(self.timelines.items,
-                                            self.builder.history(u, c))
-              for u, c in zip(self.examples.users, self.examples.cuts)]
-    return float(np.mean(predicted == np.asarray(labels)))
+  def labels(self, task: str) -> np.ndarray:
+    """[n] index of each held-out example's right answer (see PromptBuilder)."""
+    ex = self.examples
+    return np.array([self.builder.label(int(u), int(c), task)
+                     for u, c in zip(ex.users, ex.cuts)], np.int64)
+
+  def task_metrics(self, params, task: str, scores: np.ndarray | None = None
+                   ) -> dict[str, float]:
+    """`task`'s metrics of the model, or of fixed `scores` [n or 1, answers]."""
+    if task == "next_title":
+      return self.next_title_metrics(params, scores)
+    if scores is None:
+      scores = self.scores(params, task)
+    predicted = np.broadcast_to(scores, (len(self.examples), scores.shape[1])
+                                ).argmax(1)
+    labels = self.labels(task)
+    if task == "title_genre":  # any of the item's genres is right
+      targets = self.timelines.item_ids[self.timelines.user_offsets[
+          self.examples.users] + self.examples.cuts]
+      correct = self.timelines.items.genres[targets, predicted] > 0
+    else:
+      correct = predicted == labels
+    metrics = {"accuracy": float(np.mean(correct))}
+    if task == "rating":  # buckets are ordered: how far off, in stars
+      metrics["mae"] = float(np.mean(np.abs(predicted - labels)))
+    return metrics
+
+  def all_metrics(self, params, tasks, scores: dict | None = None
+                  ) -> dict[str, float]:
+    """{"<task>/<metric>", "average": mean headline metric} over `tasks`."""
+    out = {}
+    for task in tasks:
+      fixed = None if scores is None else scores[task]
+      out.update({f"{task}/{k}": v
+                  for k, v in self.task_metrics(params, task, fixed).items()})
+    out["average"] = float(np.mean([out[f"{t}/{HEADLINE[t]}"] for t in tasks]))
+    return out
+
+
+HEADLINE = {"next_title": "recall@10", "favourite_genre": "accuracy",
+            "rating": "accuracy", "title_genre": "accuracy", "summary": "accuracy"}
+
+
+def prior_scores(builder: prompts.PromptBuilder, examples: prompts.Examples,
+                 tasks, num_items: int, train_item_ids, seed: int) -> dict:
+  """Baseline scores that ignore the user: each task's answers ranked by how
+  often they are right in training (for next_title: item popularity).
+  {task: [1, answers]}."""
+  out = {}
+  for task in tasks:
+    if task == "next_title":
+      out[task] = ranking.popularity_scores(train_item_ids, num_items + 1, seed)[None]
+      continue
+    rows = np.flatnonzero(examples.tasks == prompts.TASKS.index(task))
+    labels = [builder.label(int(examples.users[r]), int(examples.cuts[r]), task)
+              for r in rows]
+    out[task] = np.bincount(labels, minlength=len(builder.answers[task]))[None]
+  return out
+
+
+def _tasks(config, field: str) -> tuple[str, ...]:
+  value = config.userllm[field]
+  tasks = tuple(t.strip() for t in value.split(",")) if isinstance(value, str) else (
+      tuple(value))
+  unknown = [t for t in tasks if t not in prompts.TASKS]
+  if not tasks or unknown:
+    raise ConfigError(f"config.userllm.{field}={value!r}: {unknown or 'empty'}; "
+                      f"tasks are {prompts.TASKS}")
+  return tasks
 
 
 def _check(config):
@@ -239,25 +332,58 @@ def _check(config):
     raise ConfigError(f"config.userllm.method={u.method!r} is not one of {METHODS}")
   if u.history_len < 1:
     raise ConfigError(f"config.userllm.history_len={u.history_len} must be >= 1")
+  if u.strategy == "adapters" and config.get("adapter", {}).get("kind", "none") == "none":
+    raise ConfigError("config.userllm.strategy='adapters' trains the adapters: "
+                      "set config.adapter.kind (lora | molora | mode | molora_sd)")
+
+
+def stage_name(config, model: ul.UserLLM) -> str:
+  """`<method>_h<H>`, plus the adapter (`_mode_r4_e4`) when there is one."""
+  u, adapter = config.userllm, model.config.llm.adapter
+  name = f"{u.method}_h{u.history_len}"
+  if adapter.enabled:
+    name += f"_{adapter.kind}_r{adapter.rank}"
+    name += f"_e{adapter.num_experts}" if adapter.kind != "lora" else ""
+    name += f"_{adapter.router}" if adapter.router != "token" else ""
+    name += f"_top{adapter.top_k}" if adapter.top_k else ""
+  return name
+
+
+def step_seconds(loss_fn, tx, state, batch, repeats: int = 10) -> float:
+  """Median wall time of one jitted train step (compiled and warmed up first);
+  the caller's state is not donated, so training is not affected."""
+  step = jax.jit(train_loop.make_train_step(loss_fn, tx))  # no donation
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    began = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - began)
+  return float(np.median(times))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   _check(config)
   began = time.time()
   u = config.userllm
+  tasks, lm_tasks = _tasks(config, "tasks"), _tasks(config, "lm_tasks")
   timelines = sources.load_timelines(config.data)
   split = splits.leave_last_out(timelines)
   mesh = mesh_lib.make_mesh(config.mesh)
   tokenizer = tokenizer_for(config, workdir, timelines)
   print(f"[data] {timelines.name}: {timelines.num_users} users, "
-        f"{timelines.num_items} items; vocabulary {tokenizer.vocab_size} pieces",
-        flush=True)
+        f"{timelines.num_items} items; vocabulary {tokenizer.vocab_size} pieces; "
+        f"tasks {', '.join(tasks)}", flush=True)
 
   def builder_for(method, history_len, events=split.train):
     b = prompts.PromptBuilder(events, tokenizer, method, history_len,
-                              u.text_prompt_len, answer_len=1)
-    b.answer_len = u.answer_len or b.longest_answer()
-    b.prompt_len = min(u.text_prompt_len, b.longest_prompt())
+                              u.text_prompt_len, answer_len=1,
+                              show_ratings=u.text_ratings)
+    both = tuple(dict.fromkeys(tasks + lm_tasks))
+    b.answer_len = u.answer_len or b.longest_answer(both)
+    b.prompt_len = min(u.text_prompt_len, b.longest_prompt(both))
     return b
 
   builder = builder_for(u.method, u.history_len)
@@ -268,7 +394,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                                       builder.answer_len)
   results = {}
 
-  # Stage 1: the LLM (Gemma, or trained from scratch on the task text).
+  # Stage 1: the LLM (Gemma, or trained from scratch on the lm_tasks' text).
   base = None
   if config.llm.checkpoint:
     # the embedding table's rows (256128 for Gemma) cover the tokenizer's pieces
@@ -278,10 +404,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                         f"more than the checkpoint's {base.vocab_size} embeddings")
   else:
     lm_builder = builder_for("text_prompt", u.lm_history)
-    lm_model = build_model(config, timelines, tokenizer.vocab_size, "text_prompt")
+    lm_model = build_model(config, timelines, tokenizer.vocab_size, "text_prompt",
+                           with_adapters=False)
     state, shardings, tx, mask = init_user_llm_state(
         lm_model, "full", config.lm_train, config, mesh, lm_builder)
-    examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed)
+    examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed,
+                                         lm_tasks)
     stage = Stage(mesh, workdir)
     state = stage.fit("lm", state, shardings,
                       functools.partial(ul.lm_loss, lm_model, mask), tx,
@@ -299,44 +427,58 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                       mesh, workdir, results)
 
   # Stage 3: the task model.
-  state, shardings, tx, mask = init_user_llm_state(model, u.strategy, config.train,
-                                                   config, mesh, builder)
+  try:
+    state, shardings, tx, mask = init_user_llm_state(model, u.strategy, config.train,
+                                                     config, mesh, builder)
+  except ValueError as e:
+    raise ConfigError(f"config.userllm.strategy: {e}") from None
   state = load_into(state, shardings, "llm", llm_params)
   if encoder_params is not None:
     state = load_into(state, shardings, "encoder", encoder_params)
-  examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed + 1)
-  valid = Evaluator(model, eval_builder, timelines, prompts.held_out_examples(
-      split.valid, "next_title", u.eval_users, config.seed), config.train.eval_batch_size,
-      u.candidate_chunk, mesh)
-  test = Evaluator(model, eval_builder, timelines, prompts.held_out_examples(
-      split.test, "next_title", u.eval_users, config.seed), config.train.eval_batch_size,
-      u.candidate_chunk, mesh)
+  examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed + 1,
+                                       tasks)
+  held_out = lambda part: Evaluator(  # noqa: E731
+      model, eval_builder, timelines, prompts.held_out_examples(
+          part, tasks[0], u.eval_users, config.seed),
+      config.train.eval_batch_size, u.candidate_chunk, mesh)
+  valid, test = held_out(split.valid), held_out(split.test)
+  if u.eval_base:  # before any training: the base LLM (fresh adapters are no-ops)
+    for k, v in test.all_metrics(state.params, tasks).items():
+      results[f"base/test/{k}"] = v
+  loss_fn = functools.partial(ul.lm_loss, model, mask)
+  batches = _example_batches(builder, examples, config.train.batch_size, config.seed)
   train_began = time.time()
   state = Stage(mesh, workdir).fit(
-      f"{u.method}_h{u.history_len}", state, shardings, functools.partial(ul.lm_loss, model, mask), tx,
-      _example_batches(builder, examples, config.train.batch_size, config.seed),
-      config.train, "train", eval_fn=lambda s: valid.next_title_metrics(s.params))
+      stage_name(config, model), state, shardings, loss_fn, tx, batches,
+      config.train, "train", eval_fn=lambda s: valid.all_metrics(s.params, tasks))
   results["train_seconds"] = time.time() - train_began
+  results["train_step_seconds"] = step_seconds(
+      loss_fn, tx, state, mesh_lib.put_batch(batches(0), mesh))
 
   for name, evaluator in (("valid", valid), ("test", test)):
-    for k, v in evaluator.next_title_metrics(state.params).items():
-      results[f"{name}/next_title/{k}"] = v
-    results[f"{name}/favourite_genre/accuracy"] = evaluator.genre_accuracy(
-        state.params)
-  popularity = ranking.popularity_scores(split.train.item_ids,
-                                         timelines.num_items + 1, config.seed)
-  for k, v in test.next_title_metrics(None, scores=popularity).items():
-    results[f"test/popularity/{k}"] = v
+    for k, v in evaluator.all_metrics(state.params, tasks).items():
+      results[f"{name}/{k}"] = v
+  prior = prior_scores(builder, examples, tasks, timelines.num_items,
+                       split.train.item_ids, config.seed)
+  for k, v in test.all_metrics(None, tasks, scores=prior).items():
+    results[f"test/prior/{k}"] = v
   ex = test.examples
   sample = eval_builder.batch(ex, np.arange(min(len(ex), 64)), with_answers=False)
   user_tokens = (model.config.num_latents or u.history_len) if (
       u.method == "soft_prompt") else 0
+  llm_cfg = model.config.llm
   results.update({
       "llm_input_tokens": float(sample["prompt_mask"].sum(1).mean()) + user_tokens,
       "trainable_parameters": float(sum(
           x.size for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask))
           if m)),
       "parameters": float(sum(x.size for x in jax.tree.leaves(state.params))),
+      "adapter_parameters": float(adapters.tree_count(state.params)),
+      "adapter_parameters_formula": float(adapters.formula_count(llm_cfg.adapter,
+                                                                 llm_cfg)),
+      "adapter_rank": float(llm_cfg.adapter.rank if llm_cfg.adapter.enabled else 0),
+      "adapter_experts": float(llm_cfg.adapter.experts if llm_cfg.adapter.enabled
+                               else 0),
       "eval_users": float(len(ex)), "steps": float(state.step),
       "wall_seconds": time.time() - began})
   return results

@@ -1,0 +1,143 @@
+"""The five personalisation tasks (prompts, answers, candidates, metrics) and
+multi-task adapter training through `main` (configs/multitask_tiny.py)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from data import prompts, sources, splits
+from data.vocab import Tokenizer, train_vocabulary
+from infra.errors import ConfigError
+
+
+@pytest.fixture
+def tiny_text(tiny_config, tmp_path):
+  timelines = sources.load_timelines(tiny_config.data)
+  tok = Tokenizer(train_vocabulary(prompts.corpus(timelines),
+                                   str(tmp_path / "spm.model"), 300))
+  return timelines, tok
+
+
+def _decode(tok, batch, row=0):
+  text = tok.decode(batch["prompt"][row][batch["prompt_mask"][row]])
+  return text.replace(" .", ".").replace(" :", ":").replace(" ;", ";")
+
+
+def test_every_task_asks_its_question_and_answers_from_its_candidates(tiny_text):
+  timelines, tok = tiny_text
+  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", history_len=3,
+                                  prompt_len=200, answer_len=40, show_ratings=True)
+  user, cut = 5, 6
+  items = timelines.user_items(user)
+  ratings = timelines.ratings[timelines.user_offsets[user]:][:len(items)]
+  target = timelines.items.titles[items[cut]]
+  history = items[cut - 3:cut]
+  genres = timelines.items.genre_names
+  first, second = prompts.top_two_genres(timelines.items, history)
+  level = prompts.LEVELS[prompts.rating_level(ratings[cut - 3:cut])]
+  expected = {
+      "next_title": ("Next title:", target),
+      "favourite_genre": ("Favourite genre:",
+                          genres[prompts.favourite_genre_index(timelines.items,
+                                                               history)]),
+      "rating": (f"Rating of {target}:", prompts.RATINGS[
+          prompts.rating_bucket(ratings[cut])]),
+      "title_genre": (f"Genre of {target}:",
+                      genres[int(np.argmax(timelines.items.genres[items[cut]]))]),
+      "summary": ("Summary:", f"{genres[first]}, {genres[second]}; {level}")}
+  for task, (question, answer) in expected.items():
+    ex = prompts.Examples(np.array([user]), np.array([cut]),
+                          np.array([prompts.TASKS.index(task)]))
+    batch = builder.batch(ex, np.arange(1))
+    text = _decode(tok, batch)
+    latest = timelines.items.titles[items[cut - 1]]
+    bucket = prompts.RATINGS[prompts.rating_bucket(ratings[cut - 1])]
+    assert text.startswith("Watched:") and text.endswith(question), text
+    assert text.endswith(f"{latest} ({bucket}). {question}"), text
+    got = batch["tokens"][0][batch["target_mask"][0]]
+    assert tok.decode(got) == answer, task
+    assert batch["task_ids"][0] == prompts.TASKS.index(task)
+    candidates, mask = builder.candidates(task)
+    label = builder.label(user, cut, task)
+    np.testing.assert_array_equal(candidates[label][mask[label]], got)
+
+
+def test_task_metrics_from_fixed_scores(tiny_text, tiny_config):
+  from userllm import workflow
+  timelines, tok = tiny_text
+  split = splits.leave_last_out(timelines)
+  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 60, 40)
+  examples = prompts.held_out_examples(split.test, "rating", 0, 0)
+  evaluator = workflow.Evaluator(None, builder, timelines, examples, 4, 8, mesh=None)
+  n = len(examples)
+  for task in ("favourite_genre", "rating", "summary", "title_genre"):
+    labels = evaluator.labels(task)
+    perfect = np.eye(len(builder.answers[task]))[labels]
+    assert evaluator.task_metrics(None, task, perfect)["accuracy"] == 1.0
+  labels = evaluator.labels("rating")
+  off_by_one = np.eye(5)[np.where(labels < 4, labels + 1, labels - 1)]
+  metrics = evaluator.task_metrics(None, "rating", off_by_one)
+  assert metrics == {"accuracy": 0.0, "mae": 1.0}
+  # title_genre: any of the item's genres is right, the others are not
+  targets = timelines.item_ids[timelines.user_offsets[examples.users] + examples.cuts]
+  item_genres = timelines.items.genres[targets]
+  other = np.argmin(item_genres, 1)  # a genre the item does not have
+  assert (item_genres[np.arange(n), other] == 0).all()
+  wrong = np.eye(item_genres.shape[1])[other]
+  assert evaluator.task_metrics(None, "title_genre", wrong)["accuracy"] == 0.0
+  last = np.eye(item_genres.shape[1])[item_genres.shape[1] - 1 - np.argmax(
+      item_genres[:, ::-1], 1)]  # the item's last-listed genre
+  assert evaluator.task_metrics(None, "title_genre", last)["accuracy"] == 1.0
+
+
+def test_multitask_adapters_train_through_main(tmp_path):
+  """configs/multitask_tiny.py: every kind trains only its adapters on the
+  shared, frozen LM stage and reports every task."""
+  import main
+  from configs import multitask_tiny
+  config = multitask_tiny.get_config()
+  config.userllm.eval_base = True
+  results = {}
+  for kind in ("mode", "lora"):
+    config.adapter.kind = kind
+    results[kind] = main.run_experiment(config, str(tmp_path))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["config"]["adapter"]["kind"] == kind
+    config.userllm.eval_base = False
+  mode, lora = results["mode"], results["lora"]
+  for task in prompts.TASKS:
+    metric = "recall@10" if task == "next_title" else "accuracy"
+    for prefix in ("test", "valid", "base/test", "test/prior"):
+      assert 0 <= mode[f"{prefix}/{task}/{metric}"] <= 1
+  assert 0 <= mode["test/rating/mae"] <= 4
+  for r in (mode, lora):  # only the adapters train
+    assert r["trainable_parameters"] == r["adapter_parameters"] == r[
+        "adapter_parameters_formula"] > 0
+  # equal budgets: LoRA's rank is picked to match MoLoRA's (= MoDE's) count
+  assert abs(lora["adapter_parameters"] - mode["adapter_parameters"]) <= (
+      0.1 * mode["adapter_parameters"])
+  assert (tmp_path / "text_prompt_h8_mode_r2_e2").is_dir()
+  assert (tmp_path / "text_prompt_h8_lora_r5").is_dir()
+  lm_lines = [json.loads(line) for line in
+              (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
+  logged = [line["step"] for line in lm_lines if line["split"] == "lm"]
+  assert logged == list(range(config.lm_train.log_every, config.lm_train.num_steps + 1,
+                              config.lm_train.log_every))  # trained once, reused
+
+
+def test_multitask_config_errors_name_the_field(tmp_path):
+  import main
+  from configs import multitask_tiny
+  config = multitask_tiny.get_config()
+  config.adapter.kind = "none"
+  with pytest.raises(ConfigError, match="config.adapter.kind"):
+    main.run_experiment(config, str(tmp_path))
+  config.adapter.kind = "mode"
+  config.userllm.tasks = ("next_title", "horoscope")
+  with pytest.raises(ConfigError, match="config.userllm.tasks.*horoscope"):
+    main.run_experiment(config, str(tmp_path))
+  config.userllm.tasks = ("rating",)
+  config.adapter.router = "by_mood"
+  with pytest.raises(ConfigError, match="config.adapter.router='by_mood'"):
+    main.run_experiment(config, str(tmp_path))

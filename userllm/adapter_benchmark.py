@@ -1,0 +1,131 @@
+"""LoRA vs MoLoRA vs MoDE (vs MoLoRA-SD) at equal trainable parameters on the
+five-task multi-task setup (configs/multitask.py). Writes `<out>.json`, `<out>.md`.
+
+    python -m userllm.adapter_benchmark --data synthetic --out benchmarks/adapters_synthetic
+    python -m userllm.adapter_benchmark --data movielens --out benchmarks/adapters_ml100k
+
+Every kind runs the `user_llm` workflow in one shared workdir, so the base LM is
+pretrained once and each kind trains its own adapters on the frozen base with
+the same examples, steps and learning rate. Rows: each kind; the frozen base
+with no adapter (scored before the first kind trains: fresh adapters are
+no-ops); the prior (each task's answers ranked by training frequency: item
+popularity for next title, the majority answer otherwise). Per task the test
+headline metric (next title Recall@10, accuracy otherwise; rating also MAE),
+their mean, the adapter's trainable parameters (from the tree; the formula's
+count is checked equal) and the median jitted train-step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+
+import jax
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from configs import multitask  # noqa: E402
+from userllm import workflow  # noqa: E402
+
+KINDS = ("lora", "molora", "mode", "molora_sd")
+
+
+def run_kind(kind: str, args, first: bool) -> dict:
+  config = multitask.get_config()
+  config.adapter.kind = kind
+  config.userllm.eval_base = first
+  if args.data == "movielens":
+    config.data.update(source="movielens", dir=args.data_dir)
+  for override in args.set:
+    key, value = override.split("=", 1)
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
+        value.lower() in ("1", "true"))
+  import main  # writes results.json like every other run
+  results = main.run_experiment(config, args.workdir)
+  with open(os.path.join(args.workdir, f"results_{kind}.json"), "w") as f:
+    json.dump({**results, "config": config.to_dict()}, f, indent=2, sort_keys=True)
+  if results["adapter_parameters"] != results["adapter_parameters_formula"]:
+    raise AssertionError(f"{kind}: tree count {results['adapter_parameters']} != "
+                         f"formula {results['adapter_parameters_formula']}")
+  return results
+
+
+def rows_from(results: dict[str, dict], tasks) -> list[dict]:
+  """One row per kind, then `base` and `prior`, with the test metrics."""
+  def metrics(r, prefix):
+    return {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}
+  rows = []
+  for kind, r in results.items():
+    rows.append({"kind": kind, "rank": int(r["adapter_rank"]),
+                 "experts": int(r["adapter_experts"]),
+                 "adapter_parameters": int(r["adapter_parameters"]),
+                 "step_ms": 1e3 * r["train_step_seconds"],
+                 **metrics(r, "test/")})
+  first = next(iter(results.values()))
+  rows.append({"kind": "base (no adapter)", **metrics(first, "base/test/")})
+  rows.append({"kind": "prior", **metrics(first, "test/prior/")})
+  for row in rows:  # metrics(..., "test/") also caught the prior's keys
+    for key in [k for k in row if k.startswith("prior/")]:
+      del row[key]
+  return rows
+
+
+def write(out: str, rows: list[dict], meta: dict) -> None:
+  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+  with open(out + ".json.tmp", "w") as f:
+    json.dump({"meta": meta, "rows": rows}, f, indent=2)
+  os.replace(out + ".json.tmp", out + ".json")
+  tasks = meta["tasks"]
+  header = [f"{t} {workflow.HEADLINE[t]}" for t in tasks]
+  lines = [f"Multi-task adapters, {meta['data']} data, {meta['eval_users']} test "
+           f"users, on {meta['device']} (jax {meta['jax']}). Command: "
+           f"`{meta['command']}`.", "",
+           "| adapter | rank | experts | trainable params | step (ms) | "
+           + " | ".join(header) + " | rating MAE | average |",
+           "|---" * (7 + len(tasks)) + "|"]
+  fmt = lambda r, k, f="{:.3f}": f.format(r[k]) if k in r else "-"  # noqa: E731
+  for r in rows:
+    cells = [r["kind"], fmt(r, "rank", "{}"), fmt(r, "experts", "{}"),
+             fmt(r, "adapter_parameters", "{:,}"), fmt(r, "step_ms", "{:.1f}")]
+    cells += [fmt(r, f"{t}/{workflow.HEADLINE[t]}") for t in tasks]
+    cells += [fmt(r, "rating/mae"), fmt(r, "average")]
+    lines.append("| " + " | ".join(cells) + " |")
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--data", choices=("synthetic", "movielens"), default="synthetic")
+  parser.add_argument("--data_dir", default="../shared/data/movielens-100k")
+  parser.add_argument("--out", required=True)
+  parser.add_argument("--workdir", default="")
+  parser.add_argument("--kinds", default=",".join(KINDS))
+  parser.add_argument("--set", action="append", default=[],
+                      help="config override a.b=value (repeatable)")
+  args = parser.parse_args(argv)
+  args.workdir = args.workdir or os.path.join("runs", os.path.basename(args.out))
+  kinds = [k for k in args.kinds.split(",") if k]
+  results = {}
+  for i, kind in enumerate(kinds):
+    results[kind] = run_kind(kind, args, first=i == 0)
+  tasks = multitask.get_config().userllm.tasks
+  meta = {"data": args.data, "device": f"{jax.devices()[0].platform} "
+          f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+          "jax": jax.__version__, "tasks": list(tasks),
+          "eval_users": int(next(iter(results.values()))["eval_users"]),
+          "command": "python -m userllm.adapter_benchmark " + " ".join(
+              sys.argv[1:] if argv is None else argv)}
+  write(args.out, rows_from(results, tasks), meta)
+  print(open(args.out + ".md").read())
+
+
+if __name__ == "__main__":
+  main()
