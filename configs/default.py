@@ -22,6 +22,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.vocab_path = ""
   config.data.vocab_size = 2000  # upper bound; small corpora get fewer pieces
   config.data.text_history = 20  # titles of history in a text prompt
+  config.data.text_ratings = False  # seqio text prompts: "(rating)" after titles
   config.data.synthetic = ml_collections.ConfigDict(dict(
       num_users=2000, num_items=1000, num_genres=18, min_events=20,
       mean_extra_events=40.0, max_events=300, taste_concentration=0.3,

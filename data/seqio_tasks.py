@@ -1,8 +1,15 @@
 """seqio text-to-text tasks over `user_timelines` and their SentencePiece vocabulary.
 
-Tasks (names `user_timelines_<config>_<task>`):
+Tasks (names `user_timelines_<config>_<task>`), the text-to-text form of
+data/prompts.py's tasks (same prompt words and answers; here the genre and
+summary answers read the whole history, there the shown one):
 - `next_title`: "Watched: t1; t2; ...; tN. Next title:" -> the next item's title.
 - `favourite_genre`: "Watched: ... Favourite genre:" -> the most frequent genre.
+- `rating`: "Watched: ... Rating of <title>:" -> the user's rating, "1".."5".
+- `title_genre`: "Watched: ... Genre of <title>:" -> the title's first genre.
+- `summary`: "Watched: ... Summary:" -> "<genre>, <genre>; <rating level>".
+With `config.data.text_ratings` each title is followed by "(rating)". The
+mixture `user_timelines_<config>_multitask` samples the five tasks equally.
 
 The vocabulary is `config.data.vocab_path` when given, else a SentencePiece model
 trained locally on the data's text (titles, genre names, prompt words) and saved
@@ -21,7 +28,7 @@ import seqio
 import tensorflow as tf
 
 from data import sources, tfds_builder
-from data.prompts import PROMPTS as _PROMPTS, TASKS, corpus
+from data.prompts import ITEM_TAIL, ITEM_TASKS, PROMPTS as _PROMPTS, TASKS, corpus
 from data import timelines as tl
 from data.vocab import train_vocabulary
 from infra.errors import ConfigError
@@ -63,13 +70,26 @@ def prepare(data_config, workdir: str) -> tuple[str, dict]:
   return f"user_timelines/{config_name}:{builder.VERSION}", kwargs
 
 
-def _to_text(task: str, max_history: int):
+def _rating_text(ratings):
+  return tf.strings.as_string(tf.clip_by_value(tf.round(ratings), 1, 5), precision=0)
+
+
+def _to_text(task: str, max_history: int, show_ratings: bool):
   """Example -> {"inputs": prompt text, "targets": answer text}."""
   def fn(ex):
     titles = ex["history_titles"][-max_history:]
+    if show_ratings:
+      titles = tf.strings.join([titles, " (", _rating_text(
+          ex["history_ratings"][-max_history:]), ")"])
     history = tf.strings.reduce_join(titles, separator="; ")
-    inputs = tf.strings.join(["Watched: ", history, ". ", _PROMPTS[task]])
-    target = ex["target_title"] if task == "next_title" else ex["favourite_genre"]
+    question = [_PROMPTS[task]]
+    if task in ITEM_TASKS:
+      question += [" ", ex["target_title"], ITEM_TAIL]
+    inputs = tf.strings.join(["Watched: ", history, ". ", *question])
+    target = {"next_title": ex["target_title"],
+              "favourite_genre": ex["favourite_genre"],
+              "rating": _rating_text(ex["target_rating"]),
+              "title_genre": ex["target_genre"], "summary": ex["summary"]}[task]
     return {"inputs": inputs, "targets": target}
   return fn
 
@@ -83,10 +103,12 @@ def exact_match(targets, predictions) -> dict[str, float]:
 
 
 def register_tasks(data_config, workdir: str) -> dict[str, str]:
-  """Prepares the data and registers one seqio Task per entry of TASKS.
+  """Prepares the data and registers one seqio Task per entry of TASKS and
+  their equal-rate Mixture.
 
   Returns:
-    {task: registered seqio task name}. Registering again replaces the tasks.
+    {task: registered seqio task name, "multitask": the mixture's name}.
+    Registering again replaces them.
   """
   if data_config.text_history < 1:
     raise ConfigError(f"config.data.text_history={data_config.text_history} must "
@@ -104,9 +126,13 @@ def register_tasks(data_config, workdir: str) -> dict[str, str]:
         source=seqio.TfdsDataSource(
             tfds_name=tfds_name, tfds_data_dir=tfds_data_dir(data_config, workdir),
             tfds_builder_kwargs=builder_kwargs),
-        preprocessors=[_map(_to_text(task, data_config.text_history)),
+        preprocessors=[_map(_to_text(task, data_config.text_history,
+                                     data_config.get("text_ratings", False))),
                        seqio.preprocessors.tokenize,
                        seqio.preprocessors.append_eos_after_trim],
         output_features=features, metric_fns=[exact_match])
     names[task] = name
-  return names
+  mixture = f"user_timelines_{config_name}_multitask"
+  seqio.MixtureRegistry.remove(mixture)
+  seqio.MixtureRegistry.add(mixture, [names[t] for t in TASKS], default_rate=1.0)
+  return {**names, "multitask": mixture}

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow_datasets as tfds
 
-from data import movielens, splits, synthetic
+from data import movielens, prompts, splits, synthetic
 from data import timelines as tl
 
 _MOVIELENS_CONFIGS = ("movielens_100k", "movielens_1m", "movielens_latest_small")
@@ -27,8 +27,9 @@ _MOVIELENS_CONFIGS = ("movielens_100k", "movielens_1m", "movielens_latest_small"
 class UserTimelines(tfds.core.GeneratorBasedBuilder):
   """User histories with their next item, from local MovieLens files or synthetic."""
 
-  VERSION = tfds.core.Version("1.0.0")
-  RELEASE_NOTES = {"1.0.0": "Leave-last-out next-item examples."}
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {"1.0.0": "Leave-last-out next-item examples.",
+                   "1.1.0": "Target rating and genre, user summary (multi-task)."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in
                      ("synthetic",) + _MOVIELENS_CONFIGS]
 
@@ -49,6 +50,9 @@ class UserTimelines(tfds.core.GeneratorBasedBuilder):
             "target_item": np.int32,
             "target_title": tfds.features.Text(),
             "favourite_genre": tfds.features.Text(),
+            "target_rating": np.float32,
+            "target_genre": tfds.features.Text(),  # its first genre
+            "summary": tfds.features.Text(),  # data/prompts.py's summary task
         }),
         description=__doc__)
 
@@ -88,6 +92,10 @@ class UserTimelines(tfds.core.GeneratorBasedBuilder):
           "target_item": int(target),
           "target_title": str(data.items.titles[target]),
           "favourite_genre": favourite_genre(data.items, history),
+          "target_rating": float(data.ratings[start + length]),
+          "target_genre": data.items.genre_names[int(np.argmax(
+              data.items.genres[target]))],
+          "summary": summary(data.items, history, data.ratings[events]),
       }
 
 
@@ -95,6 +103,13 @@ def favourite_genre(items: tl.ItemTable, history: np.ndarray) -> str:
   """The genre most frequent in `history`; ties go to the earlier genre."""
   counts = items.genres[history].sum(axis=0)
   return items.genre_names[int(np.argmax(counts))] if counts.max() > 0 else "unknown"
+
+
+def summary(items: tl.ItemTable, history: np.ndarray, ratings: np.ndarray) -> str:
+  """The `summary` task's answer: "<genre>, <genre>; <rating level>"."""
+  first, second = prompts.top_two_genres(items, history)
+  level = prompts.LEVELS[prompts.rating_level(ratings)]
+  return f"{items.genre_names[first]}, {items.genre_names[second]}; {level}"
 
 
 def builder_config_name(data_config) -> str:

@@ -9,8 +9,9 @@ from data import seqio_tasks, sources, splits, tfds_builder
 
 
 def test_tasks_yield_tokenized_examples(tiny_config, tmp_path):
+  tiny_config.data.text_ratings = True
   names = seqio_tasks.register_tasks(tiny_config.data, str(tmp_path))
-  assert set(names) == set(seqio_tasks.TASKS)
+  assert set(names) == set(seqio_tasks.TASKS) | {"multitask"}
   lengths = {"inputs": 256, "targets": 32}
   title_task = seqio.get_mixture_or_task(names["next_title"])
   vocab = title_task.output_features["targets"].vocabulary
@@ -30,6 +31,33 @@ def test_tasks_yield_tokenized_examples(tiny_config, tmp_path):
   genre_task = seqio.get_mixture_or_task(names["favourite_genre"])
   for ex in genre_task.get_dataset(lengths, split="validation", shuffle=False).take(5):
     assert ex["targets_pretokenized"].numpy().decode() in data.items.genre_names
+
+  # the other tasks: the question names the held-out title; ratings shown
+  user = split.test.users[0]
+  items = data.user_items(user)
+  ratings = data.ratings[data.user_offsets[user]:][:len(items)]
+  title, rating = str(data.items.titles[items[-1]]), ratings[-1]
+  expected = {
+      "rating": (f"Rating of {title}:", str(int(np.clip(np.round(rating), 1, 5)))),
+      "title_genre": (f"Genre of {title}:", data.items.genre_names[
+          int(np.argmax(data.items.genres[items[-1]]))]),
+      "summary": ("Summary:", tfds_builder.summary(data.items, items[:-1],
+                                                   ratings[:-1]))}
+  stars = lambda r: str(int(np.clip(np.round(r), 1, 5)))  # noqa: E731
+  shown = [f"{data.items.titles[i]} ({stars(r)})" for i, r in
+           zip(items[:-1][-tiny_config.data.text_history:],
+               ratings[:-1][-tiny_config.data.text_history:])]
+  for task, (question, answer) in expected.items():
+    pairs = {ex["inputs_pretokenized"].numpy().decode():
+             ex["targets_pretokenized"].numpy().decode()
+             for ex in seqio.get_mixture_or_task(names[task]).get_dataset(
+                 lengths, split="test", shuffle=False)}
+    assert pairs[f"Watched: {'; '.join(shown)}. {question}"] == answer
+  mixed = seqio.get_mixture_or_task(names["multitask"]).get_dataset(
+      lengths, split="train", shuffle=True, seed=0)
+  questions = {vocab.decode(ex["inputs"].numpy().tolist()).split(". ")[-1].split(" ")[0]
+               for ex in mixed.take(60)}
+  assert questions == {"Next", "Favourite", "Rating", "Genre", "Summary:"}
 
 
 def test_vocabulary_is_trained_locally_and_covers_the_prompts(tiny_config, tmp_path):
