@@ -141,3 +141,33 @@ def test_multitask_config_errors_name_the_field(tmp_path):
   config.adapter.router = "by_mood"
   with pytest.raises(ConfigError, match="config.adapter.router='by_mood'"):
     main.run_experiment(config, str(tmp_path))
+
+
+def test_adapter_benchmark_table_has_a_row_per_kind_and_baselines(tmp_path):
+  from userllm import adapter_benchmark
+  tasks = ("next_title", "rating")
+  def result(kind, rank, recall):
+    r = {"adapter_rank": rank, "adapter_experts": 1 if kind == "lora" else 4,
+         "adapter_parameters": 1000, "train_step_seconds": 0.02,
+         "test/next_title/recall@10": recall, "test/rating/accuracy": 0.5,
+         "test/rating/mae": 0.6, "test/average": (recall + 0.5) / 2,
+         "test/prior/next_title/recall@10": 0.01, "test/prior/rating/accuracy": 0.3,
+         "test/prior/average": 0.155}
+    if kind == "lora":
+      r.update({"base/test/next_title/recall@10": 0.02,
+                "base/test/rating/accuracy": 0.1, "base/test/average": 0.06})
+    return r
+  rows = adapter_benchmark.rows_from(
+      {"lora": result("lora", 18, 0.2), "mode": result("mode", 4, 0.3)}, tasks)
+  assert [r["kind"] for r in rows] == ["lora", "mode", "base (no adapter)", "prior"]
+  assert rows[1]["next_title/recall@10"] == 0.3 and rows[1]["experts"] == 4
+  assert rows[2]["average"] == 0.06 and rows[3]["rating/accuracy"] == 0.3
+  assert not any(k.startswith("prior/") for r in rows for k in r)
+  out = str(tmp_path / "table")
+  adapter_benchmark.write(out, rows, {"data": "synthetic", "eval_users": 2,
+                                      "device": "cpu", "jax": "x", "command": "c",
+                                      "tasks": list(tasks)})
+  lines = open(out + ".md").read().splitlines()
+  assert lines[-2].startswith("| base (no adapter) | - | - | - | - | 0.020 | 0.100 |")
+  assert lines[-4].startswith("| lora | 18 | 1 | 1,000 | 20.0 | 0.200 | 0.500 | 0.600")
+  assert json.load(open(out + ".json"))["rows"] == rows

@@ -31,9 +31,7 @@ import functools
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -44,7 +42,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from configs import user_llm as user_llm_config  # noqa: E402
 from data import prompts, sources, splits  # noqa: E402
-from infra import train_loop  # noqa: E402
 from infra.train_state import TrainState  # noqa: E402
 from userllm import llm as llm_lib, user_llm as ul, workflow  # noqa: E402
 
@@ -135,22 +132,14 @@ def efficiency(config, timelines, method: str, history: int, timed_steps: int,
   tx = ul.masked_optimizer(workflow.make_optimizer(config.train), mask)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-  step = jax.jit(train_loop.make_train_step(
-      functools.partial(ul.lm_loss, model, mask), tx), donate_argnums=0)
-  device_batch = jax.device_put(train_batch)
-  state, metrics = step(state, device_batch)
-  jax.block_until_ready(metrics)
-  times = []
-  for _ in range(timed_steps):
-    began = time.perf_counter()
-    state, metrics = step(state, device_batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - began)
+  step_seconds = workflow.step_seconds(functools.partial(ul.lm_loss, model, mask),
+                                      tx, state, jax.device_put(train_batch),
+                                      timed_steps)
   return {"llm_input_tokens": real_prompt + soft, "llm_sequence": seq + soft,
           "llm_flops_xla": llm_xla, "user_flops_xla": user_xla,
           "llm_flops_analytic": analytic_llm_flops(model.config.llm, seq + soft,
                                                    cross),
-          "step_seconds": statistics.median(times), "batch_size": batch_size}
+          "step_seconds": step_seconds, "batch_size": batch_size}
 
 
 def quality(config, method: str, history: int, workdir: str,
