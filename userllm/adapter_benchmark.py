@@ -6,18 +6,23 @@ five-task multi-task setup (configs/multitask.py). Writes `<out>.json`, `<out>.m
 
 Every kind runs the `user_llm` workflow in one shared workdir, so the base LM is
 pretrained once and each kind trains its own adapters on the frozen base with
-the same examples, steps and learning rate. Rows: each kind; the frozen base
+the same examples, steps and learning rate (a kind whose `results_<kind>.json`
+is already in the workdir is not rerun). Rows: each kind; the frozen base
 with no adapter (scored before the first kind trains: fresh adapters are
 no-ops); the prior (each task's answers ranked by training frequency: item
 popularity for next title, the majority answer otherwise). Per task the test
 headline metric (next title Recall@10, accuracy otherwise; rating also MAE),
 their mean, the adapter's trainable parameters (from the tree; the formula's
-count is checked equal) and the median jitted train-step time.
+count is checked equal) and the train-step time: measured after all kinds have
+trained, round-robin over the kinds (so every kind sees the same machine load),
+the median of jitted steps (forward, backward, Adam on the adapters) on a
+batch of the training shape.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -33,7 +38,7 @@ from userllm import workflow  # noqa: E402
 KINDS = ("lora", "molora", "mode", "molora_sd")
 
 
-def run_kind(kind: str, args, first: bool) -> dict:
+def config_for(kind: str, args, first: bool = False):
   config = multitask.get_config()
   config.adapter.kind = kind
   config.userllm.eval_base = first
@@ -47,14 +52,66 @@ def run_kind(kind: str, args, first: bool) -> dict:
       node = node[p]
     node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], bool) else (
         value.lower() in ("1", "true"))
+  return config
+
+
+def run_kind(kind: str, args, first: bool) -> dict:
+  saved = os.path.join(args.workdir, f"results_{kind}.json")
+  if os.path.exists(saved):
+    with open(saved) as f:
+      results = json.load(f)
+    results.pop("config")
+    return results
+  config = config_for(kind, args, first)
   import main  # writes results.json like every other run
   results = main.run_experiment(config, args.workdir)
-  with open(os.path.join(args.workdir, f"results_{kind}.json"), "w") as f:
+  with open(saved + ".tmp", "w") as f:
     json.dump({**results, "config": config.to_dict()}, f, indent=2, sort_keys=True)
+  os.replace(saved + ".tmp", saved)
   if results["adapter_parameters"] != results["adapter_parameters_formula"]:
     raise AssertionError(f"{kind}: tree count {results['adapter_parameters']} != "
                          f"formula {results['adapter_parameters_formula']}")
   return results
+
+
+def step_times(kinds, args, results: dict, rounds: int = 3,
+               repeats: int = 5) -> dict[str, float]:
+  """{kind: median seconds of one train step}, kinds timed round-robin."""
+  import numpy as np
+  from flax import linen as nn
+  from userllm import user_llm as ul
+  from userllm.next_item import make_optimizer
+  from infra.train_state import TrainState
+  first = results[kinds[0]]
+  length, vocab = int(first["llm_sequence_length"]), int(first["vocab_size"])
+  rng = np.random.default_rng(0)
+  steps = {}
+  for kind in kinds:
+    config = config_for(kind, args)
+    batch_size = config.train.batch_size
+    tokens = rng.integers(3, vocab, (batch_size, length)).astype(np.int32)
+    target = np.zeros((batch_size, length), bool)
+    target[:, -8:] = True
+    batch = {"tokens": tokens, "token_mask": np.ones_like(target),
+             "target_mask": target,
+             "task_ids": (np.arange(batch_size) % 5).astype(np.int32)}
+    model = ul.UserLLM(ul.UserLLMConfig(
+        encoder=None, integration="text",
+        llm=workflow.llm_config(config, vocab, "text_prompt")))
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), None, tokens[:1],
+                                      target[:1], task_ids=batch["task_ids"][:1]
+                                      )["params"])
+    mask = ul.trainable_mask(params, "adapters")
+    tx = ul.masked_optimizer(make_optimizer(config.train), mask)
+    state = TrainState(step=jax.numpy.zeros((), jax.numpy.int32), params=params,
+                       opt_state=tx.init(params), rng=jax.random.PRNGKey(1))
+    steps[kind] = (functools.partial(ul.lm_loss, model, mask), tx, state,
+                   jax.device_put(batch))
+  times = {kind: [] for kind in kinds}
+  for _ in range(rounds):
+    for kind in kinds:
+      times[kind].append(workflow.step_seconds(*steps[kind], repeats=repeats))
+  return {kind: float(np.median(t)) for kind, t in times.items()}
 
 
 def rows_from(results: dict[str, dict], tasks) -> list[dict]:
@@ -116,6 +173,8 @@ def main(argv=None):
   results = {}
   for i, kind in enumerate(kinds):
     results[kind] = run_kind(kind, args, first=i == 0)
+  for kind, seconds in step_times(kinds, args, results).items():
+    results[kind]["train_step_seconds"] = seconds
   tasks = multitask.get_config().userllm.tasks
   meta = {"data": args.data, "device": f"{jax.devices()[0].platform} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",

@@ -469,6 +469,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   llm_cfg = model.config.llm
   results.update({
       "llm_input_tokens": float(sample["prompt_mask"].sum(1).mean()) + user_tokens,
+      "llm_sequence_length": float(builder.prompt_len + builder.answer_len),
+      "vocab_size": float(tokenizer.vocab_size),
       "trainable_parameters": float(sum(
           x.size for x, m in zip(jax.tree.leaves(state.params), jax.tree.leaves(mask))
           if m)),
