@@ -116,8 +116,9 @@ def step_times(kinds, args, results: dict, rounds: int = 3,
 
 def rows_from(results: dict[str, dict], tasks) -> list[dict]:
   """One row per kind, then `base` and `prior`, with the test metrics."""
-  def metrics(r, prefix):
-    return {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)}
+  def metrics(r, prefix):  # "test/" must not catch the prior's "test/prior/"
+    return {k[len(prefix):]: v for k, v in r.items() if k.startswith(prefix)
+            and (prefix == "test/prior/" or not k.startswith("test/prior/"))}
   rows = []
   for kind, r in results.items():
     rows.append({"kind": kind, "rank": int(r["adapter_rank"]),
@@ -128,9 +129,6 @@ def rows_from(results: dict[str, dict], tasks) -> list[dict]:
   first = next(iter(results.values()))
   rows.append({"kind": "base (no adapter)", **metrics(first, "base/test/")})
   rows.append({"kind": "prior", **metrics(first, "test/prior/")})
-  for row in rows:  # metrics(..., "test/") also caught the prior's keys
-    for key in [k for k in row if k.startswith("prior/")]:
-      del row[key]
   return rows
 
 
