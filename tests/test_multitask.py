@@ -164,10 +164,13 @@ def test_adapter_benchmark_table_has_a_row_per_kind_and_baselines(tmp_path):
   assert rows[2]["average"] == 0.06 and rows[3]["rating/accuracy"] == 0.3
   assert not any(k.startswith("prior/") for r in rows for k in r)
   out = str(tmp_path / "table")
-  adapter_benchmark.write(out, rows, {"data": "synthetic", "eval_users": 2,
+  adapter_benchmark.write(out, rows, {"data": "synthetic", "eval_users": 100,
                                       "device": "cpu", "jax": "x", "command": "c",
                                       "tasks": list(tasks)})
   lines = open(out + ".md").read().splitlines()
-  assert lines[-2].startswith("| base (no adapter) | - | - | - | - | 0.020 | 0.100 |")
-  assert lines[-4].startswith("| lora | 18 | 1 | 1,000 | 20.0 | 0.200 | 0.500 | 0.600")
+  assert lines[-4].startswith("| base (no adapter) | - | - | - | - | 0.020 | 0.100 |")
+  assert lines[-6].startswith("| lora | 18 | 1 | 1,000 | 20.0 | 0.200 | 0.500 | 0.600")
+  # the noisiest rate is the rating accuracy 0.5: sqrt(0.25 / 100) = 0.05
+  assert lines[-1].startswith("One binomial standard error over 100 users is at "
+                              "most 0.050 (at rate 0.500); gaps under about 0.100")
   assert json.load(open(out + ".json"))["rows"] == rows

@@ -132,6 +132,18 @@ def rows_from(results: dict[str, dict], tasks) -> list[dict]:
   return rows
 
 
+def standard_error_note(rows: list[dict], tasks, users: int) -> str:
+  """The largest binomial standard error sqrt(p (1 - p) / n) of the table's
+  rates: a difference smaller than about twice it is within noise."""
+  rates = [r[f"{t}/{workflow.HEADLINE[t]}"] for r in rows for t in tasks
+           if f"{t}/{workflow.HEADLINE[t]}" in r]
+  worst = max(rates, key=lambda p: p * (1 - p))
+  error = (worst * (1 - worst) / users) ** 0.5
+  return (f"One binomial standard error over {users} users is at most "
+          f"{error:.3f} (at rate {worst:.3f}); gaps under about "
+          f"{2 * error:.3f} are within noise.")
+
+
 def write(out: str, rows: list[dict], meta: dict) -> None:
   os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
   with open(out + ".json.tmp", "w") as f:
@@ -152,6 +164,7 @@ def write(out: str, rows: list[dict], meta: dict) -> None:
     cells += [fmt(r, f"{t}/{workflow.HEADLINE[t]}") for t in tasks]
     cells += [fmt(r, "rating/mae"), fmt(r, "average")]
     lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", standard_error_note(rows, tasks, meta["eval_users"])]
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines) + "\n")
 
