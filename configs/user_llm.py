@@ -42,6 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
       lm_tasks=("next_title", "favourite_genre"),  # LM pretraining from scratch
       text_ratings=False,  # text prompts show "(rating)" after each title
       eval_base=False,  # also score the test tasks before stage-3 training
+      eval_valid=True,  # score the valid split after training (as well as test)
       history_len=50,  # events the encoder (or the text prompt) sees
       text_prompt_len=256,  # LLM context for text prompts (latest titles kept)
       lm_history=10,  # titles per prompt when pretraining the LM from scratch

@@ -13,7 +13,7 @@ from flax import linen as nn
 
 from data import prompts, sources, splits
 from data.vocab import Tokenizer, train_vocabulary
-from infra import train_loop
+from infra import mesh as mesh_lib, train_loop
 from infra.train_state import TrainState
 from userllm import adapters, llm, perceiver, sequence_model as sm, user_llm as ul
 
@@ -220,6 +220,37 @@ def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
       text = tok.decode(batch["prompt"][row][batch["prompt_mask"][row]])
       last_seen = timelines.items.titles[timelines.user_items(user)[-2]]
       assert text.replace(" .", ".").endswith(f"{last_seen}. {ending}")
+
+
+def test_candidates_scored_in_length_groups_equal_full_width_scores(
+    tiny_config, tmp_path):
+  """Evaluator.scores trims each group of candidates to its own width; the
+  scores are those of every candidate at the full padded width."""
+  from userllm import workflow
+  timelines = sources.load_timelines(tiny_config.data)
+  split = splits.leave_last_out(timelines)
+  tok = Tokenizer(train_vocabulary(prompts.corpus(timelines),
+                                   str(tmp_path / "spm.model"), 300))
+  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 40, 12)
+  lm = llm.LLMConfig(vocab_size=tok.vocab_size, embed_dim=16, num_layers=1,
+                     num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
+  model = ul.UserLLM(ul.UserLLMConfig(encoder=None, llm=lm, integration="text"))
+  examples = prompts.held_out_examples(split.test, "next_title", 6, 0)
+  mesh = mesh_lib.make_mesh(tiny_config.mesh, jax.devices()[:1])
+  evaluator = workflow.Evaluator(model, builder, timelines, examples, 4, 8, mesh)
+  candidates, mask = builder.candidates("next_title")
+  groups = workflow.candidate_chunks(mask.sum(1), 8, candidates.shape[1])
+  assert sorted(set(np.concatenate([ids for ids, _ in groups]))) == list(
+      range(len(candidates)))
+  assert min(width for _, width in groups) < candidates.shape[1]  # it trims
+  tokens = jnp.ones((1, 4), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), None, tokens,
+                                    tokens > 0)["params"])
+  grouped = evaluator.scores(params, "next_title")
+  assert grouped.shape == (6, len(candidates))
+  batch = evaluator.prompt_batch("next_title", np.arange(4))
+  full = np.asarray(evaluator.score(params, batch, candidates, mask))
+  np.testing.assert_allclose(grouped[:4], full, rtol=1e-5, atol=1e-4)
 
 
 def test_workflow_starts_from_a_gemma_checkpoint(tmp_path):

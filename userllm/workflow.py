@@ -195,6 +195,24 @@ def candidate_scorer(model: ul.UserLLM):
   return score
 
 
+def candidate_chunks(lengths: np.ndarray, chunk: int, limit: int,
+                     multiple: int = 8) -> list[tuple[np.ndarray, int]]:
+  """Candidates grouped by length into calls of `chunk` rows: [(row ids
+  [chunk], width)], width = the group's longest, rounded up to `multiple` (few
+  compiled shapes). Titles are short but padded to the longest, so scoring
+  each group at its own width saves most of the padding's compute. The last
+  group repeats its last row to keep `chunk` rows (one shape per width)."""
+  order = np.argsort(lengths, kind="stable")
+  chunk = min(chunk, len(order))
+  groups = []
+  for start in range(0, len(order), chunk):
+    ids = order[start:start + chunk]
+    ids = np.concatenate([ids, np.full(chunk - len(ids), ids[-1])])
+    width = -(-max(int(lengths[ids].max()), 1) // multiple) * multiple
+    groups.append((ids, min(width, limit)))
+  return groups
+
+
 class Evaluator:
   """Ranks every item title / genre name by log-likelihood for held-out users."""
 
@@ -223,18 +241,17 @@ class Evaluator:
   def scores(self, params, task: str) -> np.ndarray:
     """[n, num candidates] log-likelihoods."""
     candidates, candidate_mask = self.builder.candidates(task)
-    count, chunk = len(candidates), min(self.candidate_chunk, len(candidates))
-    extra = -count % chunk  # empty rows: every call has one shape
-    candidates = np.pad(candidates, [(0, extra), (0, 0)])
-    candidate_mask = np.pad(candidate_mask, [(0, extra), (0, 0)])
+    chunks = candidate_chunks(candidate_mask.sum(1), self.candidate_chunk,
+                              candidates.shape[1])
     out = []
     for rows, real in self._padded_rows():
       batch = self.prompt_batch(task, rows)
       batch = mesh_lib.put_batch(batch, self.mesh)
-      chunks = [self.score(params, batch, candidates[i:i + chunk],
-                           candidate_mask[i:i + chunk])
-                for i in range(0, len(candidates), chunk)]
-      out.append(np.concatenate([np.asarray(c) for c in chunks], 1)[:real, :count])
+      scores = np.empty((len(rows), len(candidates)), np.float32)
+      for ids, width in chunks:
+        scores[:, ids] = np.asarray(self.score(
+            params, batch, candidates[ids, :width], candidate_mask[ids, :width]))
+      out.append(scores[:real])
     return np.concatenate(out)
 
   def targets_and_seen(self) -> tuple[np.ndarray, np.ndarray]:
@@ -282,14 +299,20 @@ class Evaluator:
       metrics["mae"] = float(np.mean(np.abs(predicted - labels)))
     return metrics
 
-  def all_metrics(self, params, tasks, scores: dict | None = None
-                  ) -> dict[str, float]:
-    """{"<task>/<metric>", "average": mean headline metric} over `tasks`."""
+  def all_metrics(self, params, tasks, scores: dict | None = None,
+                  label: str = "") -> dict[str, float]:
+    """{"<task>/<metric>", "average": mean headline metric} over `tasks`;
+    with a `label`, one progress line per task (scoring takes minutes)."""
     out = {}
     for task in tasks:
       fixed = None if scores is None else scores[task]
+      began = time.time()
       out.update({f"{task}/{k}": v
                   for k, v in self.task_metrics(params, task, fixed).items()})
+      if label:
+        print(f"[eval {label}] {task} {HEADLINE[task]}="
+              f"{out[f'{task}/{HEADLINE[task]}']:.3f} ({len(self.examples)} users, "
+              f"{time.time() - began:.0f} s)", flush=True)
     out["average"] = float(np.mean([out[f"{t}/{HEADLINE[t]}"] for t in tasks]))
     return out
 
@@ -443,20 +466,21 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
       config.train.eval_batch_size, u.candidate_chunk, mesh)
   valid, test = held_out(split.valid), held_out(split.test)
   if u.eval_base:  # before any training: the base LLM (fresh adapters are no-ops)
-    for k, v in test.all_metrics(state.params, tasks).items():
+    for k, v in test.all_metrics(state.params, tasks, label="base/test").items():
       results[f"base/test/{k}"] = v
   loss_fn = functools.partial(ul.lm_loss, model, mask)
   batches = _example_batches(builder, examples, config.train.batch_size, config.seed)
   train_began = time.time()
   state = Stage(mesh, workdir).fit(
       stage_name(config, model), state, shardings, loss_fn, tx, batches,
-      config.train, "train", eval_fn=lambda s: valid.all_metrics(s.params, tasks))
+      config.train, "train", eval_fn=lambda s: valid.all_metrics(s.params, tasks, label="valid"))
   results["train_seconds"] = time.time() - train_began
   results["train_step_seconds"] = step_seconds(
       loss_fn, tx, state, mesh_lib.put_batch(batches(0), mesh))
 
-  for name, evaluator in (("valid", valid), ("test", test)):
-    for k, v in evaluator.all_metrics(state.params, tasks).items():
+  for name, evaluator in ((("valid", valid),) if u.eval_valid else ()) + (
+      ("test", test),):
+    for k, v in evaluator.all_metrics(state.params, tasks, label=name).items():
       results[f"{name}/{k}"] = v
   prior = prior_scores(builder, examples, tasks, timelines.num_items,
                        split.train.item_ids, config.seed)
