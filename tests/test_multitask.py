@@ -104,8 +104,9 @@ def test_multitask_adapters_train_through_main(tmp_path):
     results[kind] = main.run_experiment(config, str(tmp_path))
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["adapter"]["kind"] == kind
-    config.userllm.eval_base = False
+    config.userllm.update(eval_base=False, eval_valid=False)
   mode, lora = results["mode"], results["lora"]
+  assert not any(k.startswith(("valid/", "base/")) for k in lora)  # test only
   for task in prompts.TASKS:
     metric = "recall@10" if task == "next_title" else "accuracy"
     for prefix in ("test", "valid", "base/test", "test/prior"):
