@@ -144,6 +144,16 @@ def test_multitask_config_errors_name_the_field(tmp_path):
     main.run_experiment(config, str(tmp_path))
 
 
+def test_adapter_benchmark_kinds_may_name_a_router():
+  import argparse
+  from userllm import adapter_benchmark
+  args = argparse.Namespace(data="synthetic", set=[])
+  plain, routed = (adapter_benchmark.config_for(k, args)
+                   for k in ("molora", "mode+token_task"))
+  assert (plain.adapter.kind, plain.adapter.router) == ("molora", "token")
+  assert (routed.adapter.kind, routed.adapter.router) == ("mode", "token_task")
+
+
 def test_adapter_benchmark_table_has_a_row_per_kind_and_baselines(tmp_path):
   from userllm import adapter_benchmark
   tasks = ("next_title", "rating")

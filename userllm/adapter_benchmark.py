@@ -7,7 +7,7 @@ five-task multi-task setup (configs/multitask.py). Writes `<out>.json`, `<out>.m
 Every kind runs the `user_llm` workflow in one shared workdir, so the base LM is
 pretrained once and each kind trains its own adapters on the frozen base with
 the same examples, steps and learning rate (a kind whose `results_<kind>.json`
-is already in the workdir is not rerun). Rows: each kind; the frozen base
+is already in the workdir is not rerun; `<kind>+<router>` picks a router). Rows: each kind; the frozen base
 with no adapter (scored before the first kind trains: fresh adapters are
 no-ops); the prior (each task's answers ranked by training frequency: item
 popularity for next title, the majority answer otherwise). Per task the test
@@ -39,8 +39,11 @@ KINDS = ("lora", "molora", "mode", "molora_sd")
 
 
 def config_for(kind: str, args, first: bool = False):
+  """The multitask config of one `--kinds` entry: `<kind>` or
+  `<kind>+<router>` (e.g. `mode+token_task`: MoDE with the task router)."""
   config = multitask.get_config()
-  config.adapter.kind = kind
+  config.adapter.kind, _, router = kind.partition("+")
+  config.adapter.router = router or config.adapter.router
   config.userllm.eval_base = first
   config.userllm.eval_valid = False  # the table reports test; scoring is slow
   if args.data == "movielens":
@@ -176,7 +179,8 @@ def main(argv=None):
   parser.add_argument("--data_dir", default="../shared/data/movielens-100k")
   parser.add_argument("--out", required=True)
   parser.add_argument("--workdir", default="")
-  parser.add_argument("--kinds", default=",".join(KINDS))
+  parser.add_argument("--kinds", default=",".join(KINDS),
+                      help="comma-separated kinds, each <kind> or <kind>+<router>")
   parser.add_argument("--set", action="append", default=[],
                       help="config override a.b=value (repeatable)")
   args = parser.parse_args(argv)
