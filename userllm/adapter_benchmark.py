@@ -8,9 +8,10 @@ Every kind runs the `user_llm` workflow in one shared workdir, so the base LM is
 pretrained once and each kind trains its own adapters on the frozen base with
 the same examples, steps and learning rate (a kind whose `results_<kind>.json`
 is already in the workdir is not rerun; `<kind>+<router>` picks a router).
-Rows: each kind; the frozen base with no adapter (scored before the first kind trains: fresh adapters are
-no-ops); the prior (each task's answers ranked by training frequency: item
-popularity for next title, the majority answer otherwise). Per task the test
+Rows: each kind; the frozen base with no adapter (scored before the first
+kind trains: fresh adapters are no-ops); the prior (each task's answers ranked
+by training frequency: item popularity for next title, the majority answer
+otherwise). Per task the test
 headline metric (next title Recall@10, accuracy otherwise; rating also MAE),
 their mean, the adapter's trainable parameters (from the tree; the formula's
 count is checked equal) and the train-step time: measured after all kinds have
