@@ -210,7 +210,7 @@ def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
                                    str(tmp_path / "spm.model"), 300))
   builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 40, 12)
   examples = prompts.held_out_examples(split.test, "next_title", 0, 0)
-  evaluator = workflow.Evaluator(_tiny_user_llm("text", "none"), builder, timelines,
+  evaluator = workflow.Evaluator(None, builder, timelines,
                                  examples, 4, 8, mesh=None)
   for task, ending in (("next_title", "Next title:"),
                        ("favourite_genre", "Favourite genre:")):
@@ -237,7 +237,8 @@ def test_candidates_scored_in_length_groups_equal_full_width_scores(
   model = ul.UserLLM(ul.UserLLMConfig(encoder=None, llm=lm, integration="text"))
   examples = prompts.held_out_examples(split.test, "next_title", 6, 0)
   mesh = mesh_lib.make_mesh(tiny_config.mesh, jax.devices()[:1])
-  evaluator = workflow.Evaluator(model, builder, timelines, examples, 4, 8, mesh)
+  evaluator = workflow.Evaluator(workflow.candidate_scorer(model), builder,
+                                 timelines, examples, 4, 8, mesh)
   candidates, mask = builder.candidates("next_title")
   groups = workflow.candidate_chunks(mask.sum(1), 8, candidates.shape[1])
   assert sorted(set(np.concatenate([ids for ids, _ in groups]))) == list(

@@ -216,14 +216,14 @@ def candidate_chunks(lengths: np.ndarray, chunk: int, limit: int,
 class Evaluator:
   """Ranks every item title / genre name by log-likelihood for held-out users."""
 
-  def __init__(self, model: ul.UserLLM, builder: prompts.PromptBuilder,
+  def __init__(self, score, builder: prompts.PromptBuilder,
                timelines, examples: prompts.Examples, batch_size: int,
                candidate_chunk: int, mesh):
-    self.model, self.builder, self.examples = model, builder, examples
+    """`score`: a `candidate_scorer`, shared by the splits' evaluators so that
+    each candidate width compiles once; None: fixed scores only (baselines)."""
+    self.score, self.builder, self.examples = score, builder, examples
     self.timelines, self.batch_size, self.mesh = timelines, batch_size, mesh
     self.candidate_chunk = candidate_chunk
-    # no model: an evaluator of fixed scores only (baselines, tests)
-    self.score = None if model is None else candidate_scorer(model)
 
   def _padded_rows(self):
     n, b = len(self.examples), self.batch_size
@@ -460,8 +460,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     state = load_into(state, shardings, "encoder", encoder_params)
   examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed + 1,
                                        tasks)
+  score = candidate_scorer(model)
   held_out = lambda part: Evaluator(  # noqa: E731
-      model, eval_builder, timelines, prompts.held_out_examples(
+      score, eval_builder, timelines, prompts.held_out_examples(
           part, tasks[0], u.eval_users, config.seed),
       config.train.eval_batch_size, u.candidate_chunk, mesh)
   valid, test = held_out(split.valid), held_out(split.test)
