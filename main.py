@@ -1,14 +1,15 @@
 """Entry point: `python main.py --config configs/<experiment>.py --workdir <dir>`.
 
-Every field of the config can be overridden as `--config.a.b=value`. The config's
-`workflow` picks the package whose `run(config, workdir) -> metrics` runs; at the
-end the metrics and the config are written to `<workdir>/results.json`.
+Every field of the config can be overridden as `--config.a.b=value`; a variant
+of a config is picked after a colon (`configs/default.py:tiny`). The config's
+`workflow` names the module whose `run(config, workdir, mesh) -> metrics`
+runs; main builds the mesh once, and at the end writes the metrics and the
+config to `<workdir>/results.json` (infra/results.py).
 """
 
 from __future__ import annotations
 
 import importlib
-import json
 import os
 import sys
 
@@ -17,10 +18,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# config.workflow -> the workflow module (imported by this file and benchmarks only)
 WORKFLOWS = {
-    "next_item": "userllm.next_item",
-    "federated": "federated.next_item",
+    "next_item": "userllm.next_item_workflow",
     "user_llm": "userllm.workflow",
+    "federated": "federated.workflow",
 }
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -29,28 +31,24 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def run_experiment(config, workdir: str) -> dict:
+def run_experiment(config, workdir: str) -> dict[str, float]:
   """Dispatches to the workflow and writes `<workdir>/results.json`."""
   from infra.errors import ConfigError
   if config.workflow not in WORKFLOWS:
     raise ConfigError(f"config.workflow={config.workflow!r} is not one of "
                       f"{sorted(WORKFLOWS)}")
   import jax
-  if config.get("distributed", False):
+  if config.distributed:
     jax.distributed.initialize()  # multi-host TPU / GPU: one process per host
-  from infra import mesh as mesh_lib
+  from infra import mesh as mesh_lib, results as results_lib
   mesh = mesh_lib.make_mesh(config.mesh)  # fails early, in one line, if it can't fit
   print(f"[mesh] data={mesh.shape['data']} model={mesh.shape['model']} over "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es)", flush=True)
   os.makedirs(workdir, exist_ok=True)
   workflow = importlib.import_module(WORKFLOWS[config.workflow])
-  metrics = workflow.run(config, workdir)
-  results = {k: float(v) for k, v in metrics.items()}
-  with open(os.path.join(workdir, "results.json.tmp"), "w") as f:
-    json.dump({**results, "config": config.to_dict()}, f, indent=2, sort_keys=True)
-  os.replace(os.path.join(workdir, "results.json.tmp"),
-             os.path.join(workdir, "results.json"))
+  results = results_lib.write_results(workdir, workflow.run(config, workdir, mesh),
+                                      config)
   print("results:")
   for name, value in sorted(results.items()):
     print(f"  {name}: {value:.6g}")
@@ -72,7 +70,7 @@ def main(argv):
 
 
 def parse_flags(argv):
-  """absl's parser, but an unknown --config.<field> is a one-line error."""
+  """absl's parser, but an unknown --config.<field> or variant is a one-line error."""
   try:
     return flags.FLAGS(argv)
   except (AttributeError, KeyError) as e:  # raised by config_flags overrides
@@ -80,7 +78,7 @@ def parse_flags(argv):
     print(f"error: unknown config field {e} (overrides given: "
           f"{', '.join(overrides)})", file=sys.stderr)
     sys.exit(2)
-  except flags.Error as e:
+  except (flags.Error, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
 

@@ -8,22 +8,23 @@ On MovieLens-100K with one client per user:
 Other algorithms: --config.federated.algorithm=fedsgd|fedavg|fedavgm|fedprox|fedyogi
 (fedprox also needs --config.federated.prox_mu=0.01, say). Synthesised clients:
 --config.federated.partition=dirichlet|semantic --config.federated.num_clients=100.
+`configs/fedavg.py:tiny`: 64 users, 8 clients a round, 6 rounds (the tests').
 """
 
 import ml_collections
 
-from configs import default
+from configs import common
 
 
-def get_config() -> ml_collections.ConfigDict:
-  config = default.get_config()
-  config.workflow = "federated"
-  config.model.update(dropout=0.0)
-
+def get_config(arg: str = ""):
+  tiny = common.is_tiny(arg)
+  config = common.experiment("federated")
+  config.data = common.data(tiny, max_len=16 if tiny else 50)
+  config.model = common.sequence_model(tiny, dropout=0.0)
   config.federated = ml_collections.ConfigDict(dict(
+      task="next_item",  # the task model of federated/tasks.py
       algorithm="fedadam",  # fedsgd | fedavg | fedavgm | fedprox | fedadam | fedyogi
-      num_rounds=300,
-      clients_per_round=64,
+      clients_per_round=8 if tiny else 64,
       # Clients: "natural" = one per user; "dirichlet" / "semantic" synthesise
       # num_clients clients from users (label = favourite genre).
       partition="natural",
@@ -37,12 +38,13 @@ def get_config() -> ml_collections.ConfigDict:
       max_examples_per_client=0,  # 0 = no cap on windows per client
       # Local training.
       local_epochs=1,
-      client_batch_size=4,
+      client_batch_size=2 if tiny else 4,
       client_optimizer="sgd",  # sgd | adam (state fresh each round)
       client_learning_rate=0.5,
       client_momentum=0.0,
       prox_mu=0.0,  # FedProx proximal weight
       # Aggregation and server.
+      aggregator="mean",  # federated/aggregators.py
       weighting="examples",  # examples | uniform
       dropout_rate=0.0,  # chance a sampled client drops out of a round
       server_learning_rate=0.0,  # 0 = the algorithm's default (algorithms.py):
@@ -50,7 +52,10 @@ def get_config() -> ml_collections.ConfigDict:
                                  # for fedadam/fedyogi
       server_momentum=0.9,  # fedavgm
   ))
-  # The train loop's cadence, counted in rounds.
-  config.train.update(log_every=25, eval_every=100, checkpoint_every=50,
-                      eval_batch_size=256)
+  # The loop's cadence; num_steps counts rounds.
+  config.train = (
+      common.schedule(num_steps=6, log_every=2, eval_every=3, checkpoint_every=3,
+                      eval_batch_size=32) if tiny else
+      common.schedule(num_steps=300, log_every=25, eval_every=100,
+                      checkpoint_every=50, eval_batch_size=256))
   return config

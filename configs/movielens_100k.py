@@ -6,17 +6,21 @@ Scale: 943 users, 1,682 items, 100,000 ratings; the default's model with history
 length 100 (median user has 65 ratings); ~3 minutes on 2 CPU cores.
 """
 
-from configs import default
+from configs import common
 
 
-def get_config():
-  config = default.get_config()
-  config.data.source = "movielens"
-  config.data.dir = "../shared/data/movielens-100k"
-  config.data.max_len = 100
-  config.model.dropout = 0.2
-  config.train.batch_size = 64
-  config.train.num_steps = 600
-  config.train.learning_rate = 2e-3
-  config.train.eval_every = 200
+def get_config(arg: str = ""):
+  tiny = common.is_tiny(arg)
+  config = common.experiment("next_item")
+  config.data = common.data(tiny, source="movielens",
+                            directory="../shared/data/movielens-100k",
+                            max_len=16 if tiny else 100)
+  config.model = common.sequence_model(tiny, dropout=0.0 if tiny else 0.2)
+  config.train = common.train(
+      common.schedule(num_steps=6 if tiny else 600, log_every=2 if tiny else 100,
+                      eval_every=3 if tiny else 200,
+                      checkpoint_every=3 if tiny else 200,
+                      eval_batch_size=32 if tiny else 256),
+      common.optimizer(batch_size=16 if tiny else 64, learning_rate=2e-3,
+                       warmup_steps=2 if tiny else 100))
   return config

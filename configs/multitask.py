@@ -17,24 +17,12 @@ its count closest to MoLoRA's (`adapter.match_params_of`). Runs of several
 kinds can share a workdir: the LM stage is trained once.
 
 Scale: a 2-layer, 128-wide LM; text prompts with the latest 10 titles and their
-ratings; adapters on every attention and MLP projection.
+ratings; adapters on every attention and MLP projection; 600 + 600 steps of
+batch 32. `configs/multitask.py:tiny` is the tests' variant.
 """
 
-from configs import user_llm
+from configs import common, user_llm
 
 
-def get_config():
-  config = user_llm.get_config()
-  config.userllm.update(
-      method="text_prompt", strategy="adapters", history_len=10, lm_history=10,
-      text_prompt_len=256, text_ratings=True,
-      tasks=("next_title", "favourite_genre", "rating", "title_genre", "summary"),
-      lm_tasks=("next_title",), cuts_per_user=2, eval_users=200, eval_base=False)
-  config.adapter.update(
-      kind="mode", rank=4, num_experts=4, alpha=16.0, top_k=0, router="token",
-      targets=("q", "k", "v", "out", "gate", "up", "down"),
-      match_params_of="molora")
-  config.lm_train.update(batch_size=32, num_steps=600, learning_rate=3e-3)
-  config.train.update(batch_size=32, num_steps=600, learning_rate=3e-3,
-                      eval_every=0, eval_batch_size=16)
-  return config
+def get_config(arg: str = ""):
+  return user_llm.build(common.is_tiny(arg), multitask=True)

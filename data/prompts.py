@@ -135,14 +135,19 @@ def history_events(timelines: tl.UserTimelines, examples: Examples,
 
 
 class PromptBuilder:
-  """Turns Examples into arrays for one method; titles are tokenized once."""
+  """Turns Examples into arrays for one method; titles are tokenized once.
+
+  `prompt_len` is the most context a prompt may take (text prompts keep their
+  latest titles) and is trimmed to the longest prompt `tasks` can produce;
+  `answer_len` 0 means the longest answer of `tasks` (+ eos). Builders of the
+  same shapes over other timelines come from `over(timelines)`.
+  """
 
   def __init__(self, timelines: tl.UserTimelines, tokenizer: Tokenizer,
-               method: str, history_len: int, prompt_len: int, answer_len: int,
-               show_ratings: bool = False):
+               method: str, history_len: int, prompt_len: int, answer_len: int = 0,
+               show_ratings: bool = False, tasks=TASKS):
     self.timelines, self.tokenizer = timelines, tokenizer
     self.method, self.history_len = method, history_len
-    self.prompt_len, self.answer_len = prompt_len, answer_len
     self.show_ratings = show_ratings
     encode = lambda texts: tokenizer.encode(texts)  # noqa: E731
     self.title_ids = encode([str(t) for t in timelines.items.titles])
@@ -163,6 +168,14 @@ class PromptBuilder:
         "title_genre": [g + eos for g in genre_ids],
         "rating": [ids + eos for ids in encode(list(RATINGS))],
         "summary": [ids + eos for ids in encode(self.summary_texts())]}
+    self.prompt_len = min(prompt_len, self.longest_prompt(tasks))
+    self.answer_len = answer_len or self.longest_answer(tasks)
+
+  def over(self, timelines: tl.UserTimelines) -> "PromptBuilder":
+    """A builder of the same method and shapes reading `timelines` (e.g. the
+    full timelines, whose held-out events the training split lacks)."""
+    return PromptBuilder(timelines, self.tokenizer, self.method, self.history_len,
+                         self.prompt_len, self.answer_len, self.show_ratings)
 
   def summary_texts(self) -> list[str]:
     """Every summary answer; index (g1 * G + g2) * len(LEVELS) + level."""

@@ -97,3 +97,15 @@ class EpochBatcher:
       self._epoch, self._order = epoch, rng.permutation(len(self.examples))
     rows = self._order[index * self.batch_size:(index + 1) * self.batch_size]
     return self.examples[rows]
+
+
+def excluded_items(histories: list[np.ndarray], num_rows: int, vocab: int
+                   ) -> np.ndarray:
+  """[num_rows, vocab] bool: the padding item, and row i's `histories[i]`
+  (items a user already rated are never the next one); extra rows exclude
+  only the padding. The `excluded` argument of `infra.ranking.target_ranks`."""
+  mask = np.zeros((num_rows, vocab), bool)
+  mask[:, tl.PAD_ITEM] = True
+  for row, items in enumerate(histories):
+    mask[row, items] = True
+  return mask

@@ -1,4 +1,5 @@
-"""Loads the UserTimelines a config names (`config.data.source`)."""
+"""The prologue of every workflow: load the UserTimelines `config.data` names
+and describe them in one `[data]` line."""
 
 from __future__ import annotations
 
@@ -17,9 +18,27 @@ def synthetic_spec(data_config: ml_collections.ConfigDict) -> synthetic.Syntheti
   return synthetic.SyntheticSpec(**data_config.synthetic.to_dict())
 
 
-def load_timelines(data_config: ml_collections.ConfigDict) -> tl.UserTimelines:
-  """Synthetic data from `data.synthetic`, or MovieLens files from `data.dir`."""
+def load_timelines(data_config: ml_collections.ConfigDict, quiet: bool = False
+                   ) -> tl.UserTimelines:
+  """Synthetic data from `data.synthetic`, or MovieLens files from `data.dir`;
+  prints the `[data]` line unless `quiet`."""
+  timelines = _load(data_config)
+  if not quiet:
+    print(f"[data] {describe(timelines)}", flush=True)
+  return timelines
+
+
+def describe(timelines: tl.UserTimelines) -> str:
+  return (f"{timelines.name}: {timelines.num_users} users, {timelines.num_items} "
+          f"items, {timelines.num_events} events")
+
+
+def _load(data_config: ml_collections.ConfigDict) -> tl.UserTimelines:
   if data_config.source == "synthetic":
+    if data_config.dir:
+      raise ConfigError(f"config.data.dir={data_config.dir!r} is set but "
+                        "config.data.source='synthetic' (set "
+                        "config.data.source='movielens' to read it)")
     try:
       return synthetic.generate(synthetic_spec(data_config))
     except TypeError as e:  # an unknown field in config.data.synthetic

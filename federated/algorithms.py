@@ -7,21 +7,37 @@ A round is `round(server_state, cohort) -> (server_state, metrics)`:
      steps in `lax.scan` (one client = one traced function, no Python loop);
   2. the clients are `vmap`ped over the cohort's leading axis (sharded over the
      mesh's `data` axis, so each device trains its slice of the cohort);
-  3. their parameter deltas are averaged, weighted by example count (or
-     uniformly), with dropped-out clients at weight zero;
-  4. the server treats minus the mean delta as a gradient for its optax
+  3. an aggregator (`federated/aggregators.py`, with its own state) combines
+     their parameter deltas, weighted by example count (or uniformly), with
+     dropped-out clients at weight zero;
+  4. the server treats minus the aggregate as a gradient for its optax
      optimiser: SGD(1) is FedAvg, SGD with momentum FedAvgM, Adam FedAdam, Yogi
      FedYogi ("Adaptive Federated Optimization", Reddi et al. 2021).
 
+Seams for the algorithms to come (each a field of a spec, defaults are no-ops):
+- client objective terms (`ClientSpec.terms`): `term(params, context) ->
+  scalar` added to every local step's loss; `context` holds the round's
+  `server_params` and the client's `client_state`. FedProx is the term
+  `prox_mu / 2 * ||w - w_server||^2`.
+- per-client state that persists across rounds (`ClientSpec.state_init`,
+  `ClientSpec.state_update`): a [num_clients, ...] table in the server state,
+  sharded over the mesh's `data` axis; the cohort's rows are gathered before
+  the clients train and written back after.
+- a server-side loss term (`ServerSpec.server_loss(params, server_batch,
+  rng) -> scalar`, server data in the cohort under `server_batch`): its
+  gradient at the round's starting parameters is added to the pseudo-gradient
+  (x <- x - opt(-aggregate + grad f_c(x))).
+
 FedSGD is one full-batch client step at learning rate 1 (so the delta is minus
-the client's mean gradient) and a server SGD step; FedProx adds
-`prox_mu / 2 * ||w - w_server||^2` to every client's local objective.
+the client's mean gradient) and a server SGD step.
 
 The cohort is a dict of arrays with a leading clients axis:
   examples:     [clients, max_examples, ...] the clients' examples, zero-padded;
   num_examples: [clients] int32, how many leading rows of `examples` are real;
   client_ids:   [clients] int32, each client's global id (seeds its local RNG, so
-                a client's update does not depend on its slot in the cohort).
+                a client's update does not depend on its slot in the cohort);
+  client_rows:  [clients] int32, each client's row in the per-client state table;
+  server_batch: (optional) the server's data for `ServerSpec.server_loss`.
 """
 
 from __future__ import annotations
@@ -29,16 +45,20 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 
+from federated import aggregators
 from infra.errors import ConfigError
 
 PyTree = Any
 # example_loss(params, examples [batch, ...], rng) -> per-example losses [batch].
 ExampleLoss = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
+# term(params, context) -> scalar added to a client's local objective.
+ClientTerm = Callable[[PyTree, dict], jax.Array]
 
 ALGORITHMS = ("fedsgd", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 WEIGHTINGS = ("examples", "uniform")
@@ -47,6 +67,26 @@ WEIGHTINGS = ("examples", "uniform")
 # adaptive server optimisers take much smaller steps (Reddi et al. 2021).
 DEFAULT_SERVER_LEARNING_RATES = {"fedsgd": 1.0, "fedavg": 1.0, "fedprox": 1.0,
                                  "fedavgm": 1.0, "fedadam": 1e-2, "fedyogi": 1e-2}
+
+
+def proximal_term(mu: float) -> ClientTerm:
+  """FedProx: mu / 2 * ||params - server_params||^2."""
+
+  def term(params, context):
+    return 0.5 * mu * optax.tree.norm(
+        optax.tree.sub(params, context["server_params"]), squared=True)
+
+  return term
+
+
+def _no_state(params):
+  del params
+  return ()
+
+
+def _keep_state(state, params_before, params_after, metrics):
+  del params_before, params_after, metrics
+  return state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,12 +98,19 @@ class ClientSpec:
     local_epochs: passes over the client's examples per round.
     batch_size: examples per local step; `None` means all of `max_examples`
       (one full-batch step per epoch, as FedSGD needs).
-    prox_mu: FedProx proximal weight (0 = plain FedAvg).
+    terms: objective terms added to every local step's loss (FedProx's
+      proximal term, later gradient-transfer terms).
+    state_init: params -> one client's initial persistent state (default:
+      none, an empty tuple).
+    state_update: (state, params at the round's start, params after local
+      training, metrics) -> the client's state for its next round.
   """
   optimizer: optax.GradientTransformation
   local_epochs: int = 1
   batch_size: int | None = None
-  prox_mu: float = 0.0
+  terms: tuple[ClientTerm, ...] = ()
+  state_init: Callable[[PyTree], PyTree] = _no_state
+  state_update: Callable[..., PyTree] = _keep_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,15 +118,49 @@ class ServerSpec:
   """How the server combines client deltas.
 
   Attributes:
-    optimizer: optax optimiser applied to minus the mean client delta.
+    optimizer: optax optimiser applied to minus the aggregate client delta.
     weighting: "examples" (weight = example count) or "uniform" (every client
       with at least one example counts once).
     dropout_rate: probability that a sampled client drops out of the round and
       contributes nothing (drawn per client per round from the round's RNG).
+    aggregator: combines the deltas (default: the weighted mean).
+    server_loss: optional f_c(params, server_batch, rng) -> scalar, a loss
+      computed at the server; its gradient joins the pseudo-gradient.
   """
   optimizer: optax.GradientTransformation
   weighting: str = "examples"
   dropout_rate: float = 0.0
+  aggregator: aggregators.Aggregator = dataclasses.field(
+      default_factory=aggregators.mean)
+  server_loss: Callable[[PyTree, Any, jax.Array], jax.Array] | None = None
+
+
+@flax.struct.dataclass
+class ServerState:
+  """Everything a federated resume needs (the state `fit` carries).
+
+  step counts rounds; params and opt_state are the server's; aggregator_state
+  is the aggregator's; client_states is the per-client table, every leaf
+  [num_client_rows, ...] (an empty tuple when clients keep no state).
+  """
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  rng: jax.Array
+  aggregator_state: PyTree
+  client_states: PyTree
+
+
+def init_server_state(params: PyTree, client: ClientSpec, server: ServerSpec,
+                      rng: jax.Array, num_client_rows: int) -> ServerState:
+  """The round-0 state; each client row's state is `client.state_init(params)`."""
+  one = client.state_init(params)
+  table = jax.tree.map(
+      lambda x: jnp.broadcast_to(x, (num_client_rows,) + jnp.shape(x)), one)
+  return ServerState(step=jnp.zeros((), jnp.int32), params=params,
+                     opt_state=server.optimizer.init(params), rng=rng,
+                     aggregator_state=server.aggregator.init(params),
+                     client_states=table)
 
 
 def _select(condition: jax.Array, new: PyTree, old: PyTree) -> PyTree:
@@ -121,33 +202,37 @@ def local_batch_indices(rng: jax.Array, num_examples: jax.Array,
 
 
 def make_client_update(example_loss: ExampleLoss, client: ClientSpec):
-  """`client_update(server_params, examples, num_examples, rng)` for ONE client.
+  """`client_update(server_params, client_state, examples, num_examples, rng)`
+  for ONE client.
 
   Args (of the returned function):
     server_params: the round's starting parameters.
+    client_state: this client's persistent state (see ClientSpec).
     examples: [max_examples, ...] this client's examples, zero-padded.
     num_examples: scalar int, how many leading rows are real.
     rng: this client's key for shuffling and the model's own randomness.
 
   Returns:
-    (delta, metrics): `delta` = local parameters - server parameters (a pytree
-    like the parameters); metrics {"loss": mean local loss over the steps that
-    had data, "steps": number of such steps}.
+    (delta, client_state, metrics): `delta` = local parameters - server
+    parameters (a pytree like the parameters); the client's next state;
+    metrics {"loss": mean local loss over the steps that had data, "steps":
+    number of such steps}.
   """
 
-  def client_update(server_params, examples, num_examples, rng):
+  def client_update(server_params, client_state, examples, num_examples, rng):
     max_examples = examples.shape[0]
     batch_size = client.batch_size or max_examples
     order_rng, step_rng = jax.random.split(rng)
     indices, masks = local_batch_indices(order_rng, num_examples, max_examples,
                                          client.local_epochs, batch_size)
 
+    context = {"server_params": server_params, "client_state": client_state}
+
     def objective(params, batch, mask, key):
       losses = example_loss(params, batch, key)
       loss = jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1)
-      if client.prox_mu:
-        loss += 0.5 * client.prox_mu * optax.tree.norm(
-            optax.tree.sub(params, server_params), squared=True)
+      for term in client.terms:
+        loss += term(params, context)
       return loss
 
     def local_step(carry, step_inputs):
@@ -170,8 +255,10 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec):
         (steps, indices, masks))
     real_steps = has_data.sum()
     delta = optax.tree.sub(params, server_params)
-    return delta, {"loss": losses.sum() / jnp.maximum(real_steps, 1),
-                   "steps": real_steps}
+    metrics = {"loss": losses.sum() / jnp.maximum(real_steps, 1),
+               "steps": real_steps}
+    new_state = client.state_update(client_state, server_params, params, metrics)
+    return delta, new_state, metrics
 
   return client_update
 
@@ -189,26 +276,15 @@ def client_weights(num_examples: jax.Array, completed: jax.Array,
   return weights * completed
 
 
-def weighted_mean(deltas: PyTree, weights: jax.Array) -> PyTree:
-  """sum_c weights[c] * deltas[c] / sum_c weights[c]; zeros when all weights are 0.
-
-  deltas: pytree of [clients, ...]; weights: [clients].
-  """
-  total = weights.sum()
-  scale = jnp.where(total > 0, 1.0 / jnp.maximum(total, 1e-12), 0.0)
-  return jax.tree.map(
-      lambda d: jnp.tensordot(weights * scale, d, axes=1).astype(d.dtype), deltas)
-
-
-def server_update(state, mean_delta: PyTree, any_update: jax.Array,
+def server_update(state, pseudo_grad: PyTree, any_update: jax.Array,
                   server_tx: optax.GradientTransformation):
-  """Applies the server optimiser to the pseudo-gradient `-mean_delta`.
+  """Applies the server optimiser to `pseudo_grad` (minus the aggregate delta,
+  plus the server loss's gradient when there is one).
 
-  A round in which no client contributed (`any_update` False) leaves the state
+  A round in which nothing contributed (`any_update` False) leaves the state
   as it was (apart from the round counter): even a zero pseudo-gradient would
   move Adam-style optimisers through their momentum.
   """
-  pseudo_grad = jax.tree.map(jnp.negative, mean_delta)
   updates, opt_state = server_tx.update(pseudo_grad, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   return state.replace(step=state.step + 1,
@@ -221,6 +297,12 @@ def _round_keys(state) -> tuple[jax.Array, jax.Array]:
   clients_key, dropout_key = jax.random.split(
       jax.random.fold_in(state.rng, state.step))
   return clients_key, dropout_key
+
+
+def _server_keys(state) -> tuple[jax.Array, jax.Array]:
+  """(aggregator key, server-loss key) of this round (apart from the clients')."""
+  return jax.random.split(jax.random.fold_in(
+      jax.random.fold_in(state.rng, state.step), 1 << 30))
 
 
 def client_rngs(state, client_ids: jax.Array) -> jax.Array:
@@ -238,20 +320,49 @@ def completed_mask(state, num_clients: int, dropout_rate: float) -> jax.Array:
                               (num_clients,)).astype(jnp.float32)
 
 
-def finish_round(state, deltas, client_metrics, cohort, server: ServerSpec):
-  """Aggregation + server update + round metrics, shared by both round kinds."""
+def cohort_client_states(state: ServerState, cohort) -> PyTree:
+  """The cohort's rows of the per-client state table: leaves [clients, ...]."""
+  return jax.tree.map(lambda table: table[cohort["client_rows"]],
+                      state.client_states)
+
+
+def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
+                 cohort, server: ServerSpec):
+  """Aggregation + server loss + server update + client states + round
+  metrics, shared by both round kinds."""
   num_examples = cohort["num_examples"]
   completed = completed_mask(state, num_examples.shape[0], server.dropout_rate)
   weights = client_weights(num_examples, completed, server.weighting)
-  mean_delta = weighted_mean(deltas, weights)
-  new_state = server_update(state, mean_delta, weights.sum() > 0,
-                            server.optimizer)
-  metrics = {
-      "client_loss": weighted_mean(client_metrics["loss"], weights),
+  aggregator_key, server_key = _server_keys(state)
+  aggregate, aggregator_state, aggregator_metrics = server.aggregator.apply(
+      state.aggregator_state, deltas, weights, aggregator_key)
+  pseudo_grad = jax.tree.map(jnp.negative, aggregate)
+  any_update = weights.sum() > 0
+  metrics = {}
+  if server.server_loss is not None:
+    server_loss, server_grad = jax.value_and_grad(server.server_loss)(
+        state.params, cohort["server_batch"], server_key)
+    pseudo_grad = optax.tree.add(pseudo_grad, server_grad)
+    any_update = jnp.asarray(True)
+    metrics["server_loss"] = server_loss
+  new_state = server_update(state, pseudo_grad, any_update, server.optimizer)
+  # only clients that finished the round keep their new state
+  keep = completed > 0
+  rows = cohort["client_rows"]
+  client_states = jax.tree.map(
+      lambda table, new, old: table.at[rows].set(
+          jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old)),
+      state.client_states, new_client_states, cohort_client_states(state, cohort))
+  new_state = new_state.replace(
+      aggregator_state=_select(any_update, aggregator_state,
+                               state.aggregator_state),
+      client_states=client_states)
+  metrics.update({
+      "client_loss": aggregators.weighted_mean(client_metrics["loss"], weights),
       "clients_completed": jnp.sum(completed * (num_examples > 0)),
       "examples": jnp.sum(num_examples * completed),
-      "delta_norm": optax.tree.norm(mean_delta),
-  }
+      "delta_norm": optax.tree.norm(aggregate),
+      **aggregator_metrics})
   return new_state, metrics
 
 
@@ -261,10 +372,12 @@ def make_round(example_loss: ExampleLoss, client: ClientSpec,
   client_update = make_client_update(example_loss, client)
 
   def federated_round(state, cohort):
-    deltas, client_metrics = jax.vmap(client_update, in_axes=(None, 0, 0, 0))(
-        state.params, cohort["examples"], cohort["num_examples"],
-        client_rngs(state, cohort["client_ids"]))
-    return finish_round(state, deltas, client_metrics, cohort, server)
+    deltas, client_states, client_metrics = jax.vmap(
+        client_update, in_axes=(None, 0, 0, 0, 0))(
+            state.params, cohort_client_states(state, cohort), cohort["examples"],
+            cohort["num_examples"], client_rngs(state, cohort["client_ids"]))
+    return finish_round(state, deltas, client_states, client_metrics, cohort,
+                        server)
 
   return federated_round
 
@@ -275,17 +388,21 @@ def make_looped_round(example_loss: ExampleLoss, client: ClientSpec,
   `client_update`: what frameworks that simulate clients one by one do. Kept
   for the equality test and the throughput benchmark, not for training."""
   client_update = jax.jit(make_client_update(example_loss, client))
-  finish = jax.jit(lambda state, deltas, metrics, cohort: finish_round(
-      state, deltas, metrics, cohort, server))
+  finish = jax.jit(lambda state, deltas, states, metrics, cohort: finish_round(
+      state, deltas, states, metrics, cohort, server))
   rngs_of = jax.jit(client_rngs)
+  states_of = jax.jit(cohort_client_states)
 
   def looped_round(state, cohort):
     rngs = rngs_of(state, cohort["client_ids"])
-    results = [client_update(state.params, cohort["examples"][c],
-                             cohort["num_examples"][c], rngs[c])
+    client_states = states_of(state, cohort)
+    results = [client_update(state.params,
+                             jax.tree.map(lambda x: x[c], client_states),
+                             cohort["examples"][c], cohort["num_examples"][c],
+                             rngs[c])
                for c in range(cohort["num_examples"].shape[0])]
-    deltas, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-    return finish(state, deltas, metrics, cohort)
+    deltas, states, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
+    return finish(state, deltas, states, metrics, cohort)
 
   return looped_round
 
@@ -318,6 +435,11 @@ def specs_from_config(fed: ml_collections.ConfigDict
     raise ConfigError(f"config.federated.weighting={fed.weighting!r} is not one of "
                       f"{WEIGHTINGS}")
   lr = fed.server_learning_rate or DEFAULT_SERVER_LEARNING_RATES[algorithm]
+  if fed.prox_mu < 0:
+    raise ConfigError(f"config.federated.prox_mu={fed.prox_mu} must be >= 0")
+  if not 0.0 <= fed.server_momentum < 1.0:
+    raise ConfigError("config.federated.server_momentum must be in [0, 1), got "
+                      f"{fed.server_momentum}")
   server_tx = {
       "fedsgd": lambda: optax.sgd(lr),
       "fedavg": lambda: optax.sgd(lr),
@@ -336,7 +458,8 @@ def specs_from_config(fed: ml_collections.ConfigDict
         _optimizer(fed.client_optimizer, fed.client_learning_rate,
                    "config.federated.client_optimizer", fed.client_momentum),
         local_epochs=fed.local_epochs, batch_size=fed.client_batch_size,
-        prox_mu=fed.prox_mu)
+        terms=(proximal_term(fed.prox_mu),) if fed.prox_mu else ())
   server = ServerSpec(server_tx, weighting=fed.weighting,
-                      dropout_rate=fed.dropout_rate)
+                      dropout_rate=fed.dropout_rate,
+                      aggregator=aggregators.from_config(fed))
   return client, server

@@ -7,6 +7,7 @@
   a fixed-shape array `[clients, max_examples, ...]` (fedjax's padding trick).
 - `CohortSampler`: the clients of round r, a pure function of (seed, r), so a
   resumed run samples exactly the cohorts an uninterrupted run would.
+- `build_clients`: all of the above for a config and a task.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from data import splits
 from data import timelines as tl
+from federated import partition
 from infra.errors import ConfigError
 
 
@@ -158,8 +160,9 @@ class CohortSampler:
   """`sampler(r)`: the cohort of round r, `cohort_size` distinct clients drawn
   uniformly from `dataset` by a generator seeded with (seed, r).
 
-  Returns a dict of numpy arrays {examples, num_examples, client_ids}, leading
-  axis = cohort_size (the layout `algorithms.make_round` takes).
+  Returns a dict of numpy arrays {examples, num_examples, client_ids,
+  client_rows}, leading axis = cohort_size (the layout `algorithms.make_round`
+  takes; client_rows index the per-client state table).
   """
 
   def __init__(self, dataset: ClientDataset, cohort_size: int, seed: int):
@@ -173,4 +176,22 @@ class CohortSampler:
     rows = np.sort(rng.choice(len(self.dataset), self.cohort_size, replace=False))
     return {"examples": self.dataset.examples[rows],
             "num_examples": self.dataset.num_examples[rows],
-            "client_ids": self.dataset.client_ids[rows]}
+            "client_ids": self.dataset.client_ids[rows],
+            "client_rows": rows.astype(np.int32)}
+
+
+def build_clients(fed, timelines: tl.UserTimelines, client_examples, seed: int
+                  ) -> tuple[ParticipationSplit, ClientDataset]:
+  """The participation split of `fed.partition`'s clients and the packed
+  training examples of the participating ones.
+
+  client_examples: train timelines -> (examples [n, ...], owning users [n]).
+  """
+  split = participation_split(
+      timelines, partition.client_of_user(fed, timelines, seed),
+      fed.participating_fraction, fed.heldout_fraction, seed)
+  examples, example_users = client_examples(split.train)
+  dataset = pack_clients(examples, split.client_of_user[example_users],
+                         np.nonzero(split.participating)[0],
+                         fed.max_examples_per_client)
+  return split, dataset

@@ -12,9 +12,11 @@ out_of_sample_gap = in_sample - out_of_sample (the classic generalisation gap);
 participation_gap = out_of_sample - non_participating (what the paper adds: the
 cost of deploying to clients that never took part).
 
-Each event is a next-item prediction scored by full ranking (infra/ranking.py:
-Recall@10 and NDCG@10, seen items excluded); a client's score is the mean over
-its events (with synthesised clients, over all its users' events).
+The task (federated/tasks.py) scores every held-out event (for next-item
+prediction: full-ranking Recall@10 and NDCG@10, seen items excluded); a
+client's score is the mean over its events (with synthesised clients, over all
+its users' events). Keys follow `<split>/<scorer>/<task>/<metric>`, the metric
+carrying its statistic: `out_of_sample/model/next_item/recall@10_p90`.
 """
 
 from __future__ import annotations
@@ -22,11 +24,10 @@ from __future__ import annotations
 import numpy as np
 
 from federated.clients import ParticipationSplit
-from userllm.next_item import RankingEvaluator
+from infra import results
 
 SPLITS = ("in_sample", "out_of_sample", "non_participating")
 PERCENTILES = (10, 25, 50, 75, 90)
-METRICS = ("recall@10", "ndcg@10")
 
 
 def per_client_means(values: np.ndarray, row_clients: np.ndarray) -> np.ndarray:
@@ -37,68 +38,72 @@ def per_client_means(values: np.ndarray, row_clients: np.ndarray) -> np.ndarray:
 
 
 def summarize(per_client: np.ndarray) -> dict[str, float]:
-  """{mean, p10, p25, p50, p75, p90, clients} over clients."""
+  """{mean, p10, p25, p50, p75, p90} over clients."""
   out = {"mean": float(per_client.mean())}
   for q, value in zip(PERCENTILES, np.percentile(per_client, PERCENTILES)):
     out[f"p{q}"] = float(value)
-  out["clients"] = float(len(per_client))
   return out
 
 
 class ParticipationGapEvaluator:
-  """Scores a model on the three splits of a ParticipationSplit."""
+  """`evaluate(params)`: the task's metrics on the splits of a
+  ParticipationSplit, per client then summarised, for the model and the
+  task's baselines, plus the two gaps (on the means).
 
-  def __init__(self, timelines, split: ParticipationSplit, max_len: int,
-               batch_size: int, mesh):
-    self.client_of_user = split.client_of_user
-    self.held_out = {"in_sample": split.in_sample,
-                     "out_of_sample": split.out_of_sample,
-                     "non_participating": split.non_participating}
-    self.evaluators = {name: RankingEvaluator(timelines, rows, max_len,
-                                              batch_size, mesh)
-                       for name, rows in self.held_out.items() if len(rows)}
+  `splits` limits the splits scored (periodic evaluation: out_of_sample);
+  `summary` the statistics reported (periodic: the mean only). Splits without
+  events (e.g. no non-participating clients) are left out.
+  """
 
-  def per_client(self, name: str, ranks: np.ndarray) -> dict[str, np.ndarray]:
-    """{metric: [clients] per-client mean} from per-event ranks of split `name`."""
-    row_clients = self.client_of_user[self.held_out[name].users]
-    hits = {"recall@10": ranks < 10,
-            "ndcg@10": np.where(ranks < 10, 1.0 / np.log2(ranks + 2.0), 0.0)}
-    return {m: per_client_means(hits[m].astype(np.float64), row_clients)
-            for m in METRICS}
+  def __init__(self, task, timelines, split: ParticipationSplit, batch_size: int,
+               mesh, baselines: dict[str, np.ndarray] | None = None,
+               splits=SPLITS, full_summary: bool = True):
+    self.task, self.client_of_user = task, split.client_of_user
+    self.baselines, self.full_summary = baselines or {}, full_summary
+    held_out = {"in_sample": split.in_sample, "out_of_sample": split.out_of_sample,
+                "non_participating": split.non_participating}
+    self.row_clients = {name: split.client_of_user[held_out[name].users]
+                        for name in splits if len(held_out[name])}
+    self.scorers = {name: task.row_scorer(timelines, held_out[name], batch_size, mesh)
+                    for name in self.row_clients}
 
-  def evaluate(self, rank_fn, params, names=SPLITS) -> dict[str, float]:
-    """Flat `{split}/{metric}/{stat}` figures plus the two gaps (on the means).
+  def _summaries(self, name: str, scorer_name: str, rows: dict) -> tuple[dict, dict]:
+    """(result entries, {metric: per-client mean}) of one split and scorer."""
+    out, means = {}, {}
+    for metric, values in rows.items():
+      per_client = per_client_means(values, self.row_clients[name])
+      stats = summarize(per_client) if self.full_summary else {
+          "mean": float(per_client.mean())}
+      out.update(results.prefixed({f"{metric}_{s}": v for s, v in stats.items()},
+                                  name, scorer_name, self.task.name))
+      means[metric] = float(per_client.mean())
+    return out, means
 
-    `names` limits the splits (periodic evaluation scores only out_of_sample).
-    Splits without events (e.g. no non-participating clients) are left out.
-    """
-    results, means = {}, {}
-    for name in names:
-      if name not in self.evaluators:
-        continue
-      ranks = self.evaluators[name].model_ranks(rank_fn, params)
-      for metric, values in self.per_client(name, ranks).items():
-        for stat, value in summarize(values).items():
-          results[f"{name}/{metric}/{stat}"] = value
-        means[name, metric] = float(values.mean())
-      results[f"{name}/events"] = float(len(ranks))
-    for metric in METRICS:
-      if ("in_sample", metric) in means and ("out_of_sample", metric) in means:
-        results[f"out_of_sample_gap/{metric}"] = (means["in_sample", metric] -
-                                                 means["out_of_sample", metric])
-      if ("out_of_sample", metric) in means and (
-          "non_participating", metric) in means:
-        results[f"participation_gap/{metric}"] = (
-            means["out_of_sample", metric] - means["non_participating", metric])
-    return results
+  def evaluate(self, params) -> dict[str, float]:
+    out = {}
+    for scorer_name in ("model", *self.baselines):
+      means = {}
+      for name, scorer in self.scorers.items():
+        rows = (self.task.row_metrics(scorer, params) if scorer_name == "model"
+                else self.task.baseline_row_metrics(scorer,
+                                                    self.baselines[scorer_name]))
+        entries, means[name] = self._summaries(name, scorer_name, rows)
+        out.update(entries)
+        if self.full_summary and scorer_name == "model":
+          count = len(self.row_clients[name])
+          out[results.key(name, "model", self.task.name, "events")] = float(count)
+          out[results.key(name, "model", self.task.name, "clients")] = float(
+              len(np.unique(self.row_clients[name])))
+      out.update(self._gaps(means, scorer_name))
+    return out
 
-  def evaluate_scores(self, scores: np.ndarray, names=SPLITS) -> dict[str, float]:
-    """Mean per-client Recall@10 of fixed item scores (the popularity baseline)."""
-    results = {}
-    for name in names:
-      if name in self.evaluators:
-        ranks = self.evaluators[name].fixed_score_ranks(scores)
-        results[f"{name}/recall@10/mean"] = float(
-            self.per_client(name, ranks)["recall@10"].mean())
-    return results
-
+  def _gaps(self, means: dict, scorer_name: str) -> dict[str, float]:
+    out = {}
+    for gap, (a, b) in (("out_of_sample_gap", ("in_sample", "out_of_sample")),
+                        ("participation_gap", ("out_of_sample",
+                                               "non_participating"))):
+      if a in means and b in means:
+        for metric in means[a]:
+          out[results.key(gap, scorer_name, self.task.name, metric)] = (
+              means[a][metric] - means[b][metric])
+    return out

@@ -11,6 +11,8 @@ example, so each example lands in exactly one client by construction.
   intra-label similarity); stage 2 packs one cluster of every label into each
   client by bipartite matching on the KL divergence between the Gaussians of
   successive labels (intra-client inter-label similarity).
+- `client_of_user`: the client of every user under `config.federated.partition`
+  (natural: one client per user).
 - `item_embeddings` / `user_embeddings`: the embedding model for timelines: an
   SVD of the items' positive PMI co-occurrence matrix (item2vec as matrix
   factorisation, Levy & Goldberg 2014), users as the mean of their items.
@@ -26,6 +28,35 @@ from data import timelines as tl
 from infra.errors import ConfigError
 
 _REG_COVAR = 1e-4  # added to GMM variances, as in the paper's implementation
+PARTITIONS = ("natural", "dirichlet", "semantic")
+
+
+def client_of_user(fed, timelines: tl.UserTimelines, seed: int) -> np.ndarray:
+  """[num_users] client id of every user under `fed.partition` (reads
+  `partition, num_clients, dirichlet_alpha, embedding_dim`)."""
+  if fed.partition not in PARTITIONS:
+    raise ConfigError(f"config.federated.partition={fed.partition!r} is not one of "
+                      f"{PARTITIONS}")
+  if fed.dirichlet_alpha <= 0 or fed.embedding_dim < 1:
+    raise ConfigError("config.federated.dirichlet_alpha must be > 0 and "
+                      "config.federated.embedding_dim >= 1, got "
+                      f"{fed.dirichlet_alpha} and {fed.embedding_dim}")
+  if fed.partition == "natural":
+    return np.arange(timelines.num_users, dtype=np.int32)
+  if not 1 <= fed.num_clients <= timelines.num_users:
+    raise ConfigError(f"config.federated.num_clients={fed.num_clients} must be "
+                      f"between 1 and the {timelines.num_users} users when "
+                      f"partition={fed.partition!r}")
+  labels = favourite_genres(timelines)
+  if fed.partition == "dirichlet":
+    assignment = dirichlet_partition(labels, fed.num_clients, fed.dirichlet_alpha,
+                                     seed)
+  else:
+    items = item_embeddings(timelines, fed.embedding_dim)
+    assignment = semantic_partition(user_embeddings(timelines, items), labels,
+                                    fed.num_clients, seed)
+  # Clients that drew no user are dropped and the ids made dense again.
+  return np.unique(assignment, return_inverse=True)[1].astype(np.int32)
 
 
 def dirichlet_partition(labels: np.ndarray, num_clients: int, alpha: float,

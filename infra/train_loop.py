@@ -15,14 +15,35 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+import numpy as np
 import optax
 from flax import linen as nn
 from jax.sharding import Mesh
 
 from infra import checkpoint, mesh as mesh_lib, metric_writer
+from infra.errors import ConfigError
 from infra.train_state import TrainState
 
 PyTree = Any
+
+
+def init_sharded(boxed_state: Callable[[], PyTree], mesh: Mesh):
+  """Builds a state directly into its shardings.
+
+  Args:
+    boxed_state: () -> state pytree whose leaves may be boxed with logical axis
+      names (nn.LogicallyPartitioned); evaluated abstractly for the shardings,
+      then once under jit straight into them.
+    mesh: the device mesh.
+
+  Returns:
+    (state, state_shardings): unboxed state laid out on the mesh.
+  """
+  shardings = mesh_lib.logical_shardings(jax.eval_shape(boxed_state), mesh)
+  init_state = jax.jit(lambda: nn.meta.unbox(boxed_state()),
+                       out_shardings=shardings)
+  return init_state(), shardings
 
 
 def create_state(init_params: Callable[[jax.Array], PyTree],
@@ -45,10 +66,7 @@ def create_state(init_params: Callable[[jax.Array], PyTree],
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       opt_state=tx.init(params), rng=train_rng)
 
-  shardings = mesh_lib.logical_shardings(jax.eval_shape(init_boxed_state), mesh)
-  init_state = jax.jit(lambda: nn.meta.unbox(init_boxed_state()),
-                       out_shardings=shardings)
-  return init_state(), shardings
+  return init_sharded(init_boxed_state, mesh)
 
 
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
@@ -67,20 +85,40 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
   return train_step
 
 
-def fit(*, state: TrainState, state_shardings, train_step: Callable,
-        batch_fn: Callable[[int], Any], mesh: Mesh, num_steps: int,
-        workdir: str, checkpoint_every: int, keep_checkpoints: int,
-        log_every: int, eval_every: int = 0,
-        eval_fn: Callable[[TrainState], dict] | None = None,
-        stop_after_steps: int = 0, name: str = "train",
-        unit: str = "step") -> TrainState:
-  """Trains to `num_steps`, resuming from `workdir` if it holds a checkpoint.
+SCHEDULE_MINIMA = {"num_steps": 1, "log_every": 1, "eval_every": 0,
+                   "checkpoint_every": 1, "keep_checkpoints": 1,
+                   "stop_after_steps": 0}
 
-  `stop_after_steps` > 0 stops (and checkpoints) at that step as if preempted,
-  leaving the schedule of a `num_steps` run intact; a rerun resumes from there.
-  `unit` names a step in the progress lines (a federated step is a "round").
+
+def check_schedule(schedule: ml_collections.ConfigDict, field: str) -> None:
+  """One-line errors for schedule values `fit` cannot run with."""
+  for name, minimum in SCHEDULE_MINIMA.items():
+    value = schedule[name]
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+      raise ConfigError(f"{field}.{name}={value!r} must be an integer >= {minimum}")
+
+
+def fit(*, state: TrainState, state_shardings, train_step: Callable,
+        batch_fn: Callable[[int], Any], mesh: Mesh, workdir: str,
+        schedule: ml_collections.ConfigDict,
+        eval_fn: Callable[[TrainState], dict] | None = None,
+        name: str = "train", unit: str = "step",
+        schedule_field: str = "config.train") -> TrainState:
+  """Trains to `schedule.num_steps`, resuming from `workdir`'s checkpoint if any.
+
+  `schedule` is the stage's train section of the config; fit reads
+  `num_steps, log_every, eval_every, checkpoint_every, keep_checkpoints,
+  stop_after_steps`. `stop_after_steps` > 0 stops (and checkpoints) at that
+  step as if preempted, leaving the schedule of a `num_steps` run intact; a
+  rerun resumes from there. `eval_fn(state) -> {key: value}` runs every
+  `eval_every` steps (0: never). `unit` names a step in the progress lines
+  (a federated step is a "round"); `schedule_field` names the schedule in errors.
   """
-  ckpt = checkpoint.Checkpointer(workdir, checkpoint_every, keep_checkpoints)
+  check_schedule(schedule, schedule_field)
+  num_steps, log_every = schedule.num_steps, schedule.log_every
+  eval_every = schedule.eval_every if eval_fn is not None else 0
+  ckpt = checkpoint.Checkpointer(workdir, schedule.checkpoint_every,
+                                 schedule.keep_checkpoints)
   state = ckpt.restore_or_keep(state)
   start = int(state.step)
   writer = metric_writer.MetricWriter(workdir, resume_step=start)
@@ -90,7 +128,8 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
   step_fn = jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
                     out_shardings=(state_shardings, None), donate_argnums=0)
   progress = _Progress(name, unit, start, num_steps)
-  stop = min(num_steps, stop_after_steps) if stop_after_steps > 0 else num_steps
+  stop_after = schedule.stop_after_steps
+  stop = min(num_steps, stop_after) if stop_after > 0 else num_steps
   pending = []  # device metrics not yet fetched: no host sync every step
   for step in range(start, stop):
     batch = mesh_lib.put_batch(batch_fn(step), mesh)
@@ -102,8 +141,7 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
       pending = []
       writer.write(done, name, means)
       progress.report(done, means)
-    if eval_fn is not None and eval_every and (done % eval_every == 0
-                                               or done == stop):
+    if eval_every and (done % eval_every == 0 or done == stop):
       eval_metrics = eval_fn(state)
       writer.write(done, "valid", eval_metrics)
       print(f"[{name}] {unit} {done} valid " + _format(eval_metrics), flush=True)
@@ -130,3 +168,19 @@ class _Progress:
 
 def _format(metrics: dict) -> str:
   return " ".join(f"{k}={v:.4g}" for k, v in metrics.items())
+
+
+def step_seconds(train_step: Callable, state, batch, repeats: int = 10) -> float:
+  """Median wall time of one jitted `train_step(state, batch)` (compiled and
+  warmed up first); the caller's state is not donated, so its training is not
+  affected. The one step-time measurement of workflows and benchmarks."""
+  step = jax.jit(train_step)  # no donation
+  state, metrics = step(state, batch)
+  jax.block_until_ready(metrics)
+  times = []
+  for _ in range(repeats):
+    began = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - began)
+  return float(np.median(times))

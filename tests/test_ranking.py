@@ -6,9 +6,9 @@ import pytest
 from infra import ranking
 
 
-def test_ranks_exclude_seen_and_padding_but_never_the_target():
+def test_ranks_skip_excluded_items_but_never_the_target():
   scores = np.array([[9.0, 1.0, 5.0, 3.0, 4.0]])  # item 0 is padding
-  seen = np.array([[False, False, True, False, False]])
+  seen = np.array([[True, False, True, False, False]])  # padding and item 2
   # Target 3 (score 3): above it only item 4 (item 2 is seen, 0 is padding).
   assert ranking.target_ranks(scores, np.array([3]), seen).tolist() == [1]
   # A seen target is still ranked.
@@ -25,3 +25,11 @@ def test_metrics_from_ranks():
 def test_popularity_prefers_frequent_items():
   scores = ranking.popularity_scores(np.array([1, 1, 1, 2, 2, 3]), vocab=5)
   assert scores[1] > scores[2] > scores[3] > max(scores[0], scores[4])
+
+
+def test_excluded_items_mark_padding_and_the_history():
+  from data import sequences
+  mask = sequences.excluded_items([np.array([2, 3]), np.array([1])], 3, vocab=5)
+  assert mask.tolist() == [[True, False, True, True, False],
+                           [True, True, False, False, False],
+                           [True, False, False, False, False]]

@@ -1,0 +1,96 @@
+"""Sections that several experiment configs share, built fresh on every call
+(configs compose these; none inherits by mutating and deleting another's
+fields). Each builder returns exactly the fields its workflow reads.
+
+Variants are picked by the `arg` of `get_config(arg)`, given on the command
+line after a colon: `--config configs/default.py:tiny` is the seconds-long
+variant the tests run.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+VARIANTS = ("", "tiny")
+
+
+def is_tiny(arg: str | None) -> bool:
+  """True for the `tiny` variant; any other unknown variant is an error."""
+  arg = arg or ""
+  if arg not in VARIANTS:
+    raise ValueError(f"unknown config variant {arg!r}; variants are "
+                     f"{[v for v in VARIANTS if v]} (e.g. configs/default.py:tiny)")
+  return arg == "tiny"
+
+
+def synthetic(tiny: bool, **overrides) -> ml_collections.ConfigDict:
+  """The embedded synthetic generator's spec (data/synthetic.py)."""
+  spec = dict(num_users=2000, num_items=1000, num_genres=18, min_events=20,
+              mean_extra_events=40.0, max_events=300, taste_concentration=0.3,
+              taste_strength=3.0, popularity_exponent=0.5, follow_prob=0.35,
+              num_related=5, seed=0)
+  if tiny:
+    spec.update(num_users=64, num_items=120, min_events=8, mean_extra_events=8.0,
+                max_events=40)
+  spec.update(overrides)
+  return ml_collections.ConfigDict(spec)
+
+
+def data(tiny: bool, source: str = "synthetic", directory: str = "",
+         **fields) -> ml_collections.ConfigDict:
+  """`config.data`: where the timelines come from (+ workflow-specific fields).
+  `synthetic` is there only when the source is synthetic."""
+  section = ml_collections.ConfigDict(dict(source=source, dir=directory, **fields))
+  if source == "synthetic":
+    section.synthetic = synthetic(tiny)
+  return section
+
+
+def sequence_model(tiny: bool, **overrides) -> ml_collections.ConfigDict:
+  """An item-sequence transformer (userllm/sequence_model.py)."""
+  fields = (dict(embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, dropout=0.0)
+            if tiny else dict(embed_dim=64, num_layers=2, num_heads=2, mlp_dim=256,
+                              dropout=0.1))
+  fields.update(overrides)
+  return ml_collections.ConfigDict(fields)
+
+
+def schedule(num_steps: int, log_every: int, eval_every: int,
+             checkpoint_every: int, eval_batch_size: int, keep_checkpoints: int = 2,
+             ) -> ml_collections.ConfigDict:
+  """What `infra.train_loop.fit` reads, plus the evaluation batch size."""
+  return ml_collections.ConfigDict(dict(
+      num_steps=num_steps, log_every=log_every, eval_every=eval_every,
+      checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+      eval_batch_size=eval_batch_size,
+      stop_after_steps=0))  # > 0: stop there as if preempted; a rerun resumes
+
+
+def optimizer(batch_size: int, learning_rate: float, warmup_steps: int,
+              weight_decay: float = 0.01, grad_clip: float = 1.0
+              ) -> ml_collections.ConfigDict:
+  """What `infra.optim.make_optimizer` reads, plus the batch size."""
+  return ml_collections.ConfigDict(dict(
+      batch_size=batch_size, learning_rate=learning_rate, warmup_steps=warmup_steps,
+      weight_decay=weight_decay, grad_clip=grad_clip))
+
+
+def train(schedule_section, optimizer_section) -> ml_collections.ConfigDict:
+  """A centralised stage's `train` section: its schedule and its optimiser."""
+  return ml_collections.ConfigDict({**schedule_section.to_dict(),
+                                    **optimizer_section.to_dict()})
+
+
+def mesh() -> ml_collections.ConfigDict:
+  """`data = -1` takes every device left over after `model`."""
+  return ml_collections.ConfigDict(dict(data=-1, model=1))
+
+
+def experiment(workflow: str) -> ml_collections.ConfigDict:
+  """The top-level fields every experiment has."""
+  config = ml_collections.ConfigDict()
+  config.workflow = workflow
+  config.seed = 0
+  config.distributed = False  # True on multi-host TPU/GPU: jax.distributed.initialize()
+  config.mesh = mesh()
+  return config

@@ -1,0 +1,58 @@
+"""The one results writer: `results.json` of a run and the JSON + markdown
+tables of a benchmark, both written atomically (a reader never sees half a file).
+
+Result keys follow one scheme, `<split>/<scorer>/<task>/<metric>` (e.g.
+`test/model/next_item/recall@10`, `test/popularity/next_item/ndcg@10`,
+`out_of_sample/model/next_item/recall@10_p90`); facts about the run (steps,
+seconds, sizes) are plain names without a slash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterable
+
+
+def key(split: str, scorer: str, task: str, metric: str) -> str:
+  """`<split>/<scorer>/<task>/<metric>`."""
+  return f"{split}/{scorer}/{task}/{metric}"
+
+
+def prefixed(metrics: dict, split: str, scorer: str, task: str) -> dict:
+  """{metric: v} -> {`<split>/<scorer>/<task>/<metric>`: v}."""
+  return {key(split, scorer, task, name): value for name, value in metrics.items()}
+
+
+def write_json(path: str, payload) -> None:
+  """Writes `payload` as indented JSON through a temporary file and a rename."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(payload, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def write_results(workdir: str, metrics: dict, config) -> dict[str, float]:
+  """`<workdir>/results.json`: the metrics as floats and the config that ran."""
+  results = {k: float(v) for k, v in metrics.items()}
+  write_json(os.path.join(workdir, "results.json"),
+             {**results, "config": config.to_dict()})
+  return results
+
+
+def markdown_table(header: Iterable[str], rows: Iterable[Iterable]) -> list[str]:
+  """A GitHub markdown table; cells are written as given (format them first)."""
+  header = list(header)
+  lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return lines
+
+
+def write_report(out: str, payload: dict, markdown_lines: list[str]) -> None:
+  """A benchmark's `<out>.json` (its rows and meta) and `<out>.md`."""
+  write_json(out + ".json", payload)
+  tmp = out + ".md.tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(markdown_lines) + "\n")
+  os.replace(tmp, out + ".md")

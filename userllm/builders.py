@@ -1,0 +1,169 @@
+"""From a `user_llm` config to the pieces of the model library: the tokenizer,
+the LLM / adapter / encoder configs (errors name the config field), the
+UserLLM, its sharded train state under a strategy, and the stage names of a
+workdir. Used by the User-LLM workflow and its benchmarks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import jax
+import numpy as np
+from flax import linen as nn
+
+from data import prompts
+from data.vocab import Tokenizer, train_vocabulary
+from infra import optim, train_loop
+from infra.errors import ConfigError
+from userllm import adapters, gemma_loader, llm as llm_lib
+from userllm import sequence_model as sm, user_llm as ul
+
+METHODS = ("cross_attention", "soft_prompt", "text_prompt", "no_history")
+INTEGRATION = {"cross_attention": "cross_attention", "soft_prompt": "soft_prompt",
+               "text_prompt": "text", "no_history": "text"}
+
+
+def tasks_of(config, field: str) -> tuple[str, ...]:
+  """`config.userllm.<field>` as a tuple of known task names."""
+  value = config.userllm[field]
+  tasks = tuple(t.strip() for t in value.split(",")) if isinstance(value, str) else (
+      tuple(value))
+  unknown = [t for t in tasks if t not in prompts.TASKS]
+  if not tasks or unknown:
+    raise ConfigError(f"config.userllm.{field}={value!r}: {unknown or 'empty'}; "
+                      f"tasks are {prompts.TASKS}")
+  return tasks
+
+
+def check(config) -> None:
+  """Config errors that would otherwise surface after hours of training."""
+  u = config.userllm
+  if u.method not in METHODS:
+    raise ConfigError(f"config.userllm.method={u.method!r} is not one of {METHODS}")
+  if u.history_len < 1:
+    raise ConfigError(f"config.userllm.history_len={u.history_len} must be >= 1")
+  if u.strategy == "adapters" and config.adapter.kind == "none":
+    raise ConfigError("config.userllm.strategy='adapters' trains the adapters: "
+                      "set config.adapter.kind (lora | molora | mode | molora_sd)")
+  for field in ("lm_train", "encoder_train", "train"):  # every stage's schedule
+    train_loop.check_schedule(config[field], f"config.{field}")
+
+
+def tokenizer_for(config, workdir: str, timelines) -> Tokenizer:
+  """`config.llm.tokenizer` (Gemma's), or one trained on the data's text."""
+  if config.llm.tokenizer:
+    return Tokenizer(config.llm.tokenizer)
+  path = os.path.join(workdir, "spm.model")
+  if not os.path.exists(path):
+    train_vocabulary(prompts.corpus(timelines), path, config.data.vocab_size)
+  return Tokenizer(path)
+
+
+def adapter_config(config, llm: llm_lib.LLMConfig) -> adapters.AdapterConfig:
+  """config.adapter; with `match_params_of` naming another kind, the rank that
+  brings this kind's trainable count closest to that kind's at the configured
+  rank and experts (MoDE and MoLoRA match exactly when rank = num_experts)."""
+  fields = dict(config.adapter)
+  match = fields.pop("match_params_of")
+  targets = fields["targets"]
+  if isinstance(targets, str):
+    targets = [t.strip() for t in targets.split(",") if t.strip()]
+  fields.update(targets=tuple(targets), num_tasks=len(prompts.TASKS))
+  try:
+    cfg = adapters.AdapterConfig(**fields).validate()
+    if match and cfg.enabled and match != cfg.kind:
+      reference = dataclasses.replace(cfg, kind=match).validate()
+      cfg = adapters.match_budget(cfg, llm, adapters.formula_count(reference, llm))
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.{e}" if str(e).startswith("adapter.")
+                      else f"config.adapter: {e}") from None
+  return cfg
+
+
+def llm_config(config, vocab_size: int, method: str,
+               base: llm_lib.LLMConfig | None = None,
+               with_adapters: bool = True) -> llm_lib.LLMConfig:
+  """config.llm (shape from `base`, a loaded Gemma's config, when given) with
+  cross-attention for `method` and the adapters of config.adapter."""
+  fields = dict(config.llm)
+  for key in ("checkpoint", "tokenizer"):
+    fields.pop(key)
+  fields["cross_attention_every"] = (fields["cross_attention_every"]
+                                     if method == "cross_attention" else 0)
+  try:
+    cfg = llm_lib.LLMConfig(vocab_size=vocab_size, **fields).validate()
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.llm: {e}") from None
+  if base is not None:
+    cfg = dataclasses.replace(base, cross_attention_every=cfg.cross_attention_every,
+                              dtype=cfg.dtype)
+  if not with_adapters:
+    return cfg
+  return dataclasses.replace(cfg, adapter=adapter_config(config, cfg))
+
+
+def encoder_config(config, num_items: int, num_genres: int
+                   ) -> sm.SequenceModelConfig:
+  """The fused user encoder of config.encoder over `history_len + 1` events."""
+  try:
+    return sm.SequenceModelConfig.from_config(
+        config.encoder, num_items + 1, config.userllm.history_len + 1,
+        num_genres=num_genres).validate()
+  except ValueError as e:
+    raise ConfigError(f"config.encoder: {e}") from None
+
+
+def build_model(config, timelines, vocab_size: int, method: str,
+                base: llm_lib.LLMConfig | None = None,
+                with_adapters: bool = True) -> ul.UserLLM:
+  """The UserLLM for `method`; `base` (a loaded Gemma's config) fixes the LLM's
+  shape, the config adds cross-attention, adapters and dtype."""
+  cfg = llm_config(config, vocab_size, method, base, with_adapters)
+  u = config.userllm
+  return ul.UserLLM(ul.UserLLMConfig(
+      encoder=encoder_config(config, timelines.num_items,
+                             len(timelines.items.genre_names)),
+      llm=cfg, integration=INTEGRATION[method], num_latents=u.num_latents,
+      perceiver_layers=u.perceiver_layers, perceiver_heads=u.perceiver_heads))
+
+
+def init_state(model: ul.UserLLM, strategy: str, train, seed: int, mesh,
+               builder: prompts.PromptBuilder):
+  """(state, shardings, tx, trainable mask) of a UserLLM, parameters fresh;
+  `train` is the stage's optimiser section."""
+  dummy = builder.batch(prompts.Examples(np.zeros(1, np.int32), np.ones(1, np.int32),
+                                         np.zeros(1, np.int32)), np.arange(1))
+  init = lambda rng: model.init(rng, dummy.get("events"), dummy["tokens"],  # noqa: E731
+                                dummy["token_mask"])["params"]
+  shapes = jax.eval_shape(lambda: nn.meta.unbox(init(jax.random.PRNGKey(0))))
+  try:
+    mask = ul.trainable_mask(shapes, strategy)
+  except ValueError as e:
+    raise ConfigError(f"config.userllm.strategy: {e}") from None
+  tx = ul.masked_optimizer(optim.make_optimizer(train), mask)
+  state, shardings = train_loop.create_state(init, tx, jax.random.PRNGKey(seed),
+                                             mesh)
+  return state, shardings, tx, mask
+
+
+def load_into(state, shardings, subtree: str, pretrained: dict):
+  """state with params[subtree]'s matching leaves replaced by `pretrained`."""
+  params = dict(state.params)
+  params[subtree] = gemma_loader.merge_pretrained(
+      jax.device_get(params[subtree]), pretrained, subtree)
+  params = jax.device_put(params, shardings.params)
+  return state.replace(params=params)
+
+
+def stage_name(config, model: ul.UserLLM) -> str:
+  """`<method>_h<H>`, plus the adapter (`_mode_r4_e4`) when there is one."""
+  u, adapter = config.userllm, model.config.llm.adapter
+  name = f"{u.method}_h{u.history_len}"
+  if adapter.enabled:
+    name += f"_{adapter.kind}_r{adapter.rank}"
+    name += f"_e{adapter.num_experts}" if adapter.kind != "lora" else ""
+    name += f"_{adapter.router}" if adapter.router != "token" else ""
+    name += f"_top{adapter.top_k}" if adapter.top_k else ""
+  return name

@@ -1,0 +1,176 @@
+"""Scoring the LLM tasks: every task's closed candidate set (every item title,
+every genre name, ...) ranked by log-likelihood under the model, for held-out
+users, and the metrics of those rankings.
+
+- `candidate_scorer(model)`: one jitted (params, batch, candidates, mask) ->
+  [b, c] log-likelihoods per model, the user's conditioning computed inside;
+- `candidate_chunks`: candidates grouped by length so each group is scored at
+  its own padded width (titles average ~10 pieces but pad to ~35);
+- `TaskEvaluator.evaluate(params)`: `<split>/<scorer>/<task>/<metric>` for every
+  task (next title: Recall@1/5/10 and NDCG over all titles, the user's seen
+  items excluded; the others: accuracy, rating also MAE) plus
+  `<split>/<scorer>/all/average`, the mean of each task's headline metric;
+- `prior_scores`: the user-independent baseline (answers ranked by how often
+  they are right in training; next title: item popularity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+
+import jax
+import numpy as np
+
+from data import prompts, sequences
+from infra import evaluation, mesh as mesh_lib, ranking, results
+from userllm import decoding, llm as llm_lib, user_llm as ul
+
+HEADLINE = {"next_title": "recall@10", "favourite_genre": "accuracy",
+            "rating": "accuracy", "title_genre": "accuracy", "summary": "accuracy"}
+
+
+@functools.lru_cache(maxsize=None)
+def candidate_scorer(model: ul.UserLLM):
+  """One jitted fn per model: (params, batch, candidates, candidate_mask) ->
+  [b, c] log-likelihoods, the user's conditioning computed inside."""
+  llm = llm_lib.DecoderLM(model.config.llm)
+
+  @jax.jit
+  def score(params, batch, candidates, candidate_mask):
+    conditioning = model.apply({"params": params}, batch.get("events"),
+                               method=model.conditioning)
+    conditioning["task_ids"] = batch["task_ids"]  # task-routed adapters read it
+    return decoding.score_continuations(
+        llm, params["llm"], batch["prompt"], batch["prompt_mask"], candidates,
+        candidate_mask, conditioning)
+  return score
+
+
+def candidate_chunks(lengths: np.ndarray, chunk: int, limit: int,
+                     multiple: int = 8) -> list[tuple[np.ndarray, int]]:
+  """Candidates grouped by length into calls of `chunk` rows: [(row ids
+  [chunk], width)], width = the group's longest, rounded up to `multiple` (few
+  compiled shapes). Titles are short but padded to the longest, so scoring
+  each group at its own width saves most of the padding's compute. The last
+  group repeats its last row to keep `chunk` rows (one shape per width)."""
+  order = np.argsort(lengths, kind="stable")
+  chunk = min(chunk, len(order))
+  groups = []
+  for start in range(0, len(order), chunk):
+    ids = order[start:start + chunk]
+    ids = np.concatenate([ids, np.full(chunk - len(ids), ids[-1])])
+    width = -(-max(int(lengths[ids].max()), 1) // multiple) * multiple
+    groups.append((ids, min(width, limit)))
+  return groups
+
+
+class TaskEvaluator:
+  """Ranks every task's candidates by log-likelihood for held-out users."""
+
+  def __init__(self, score, builder: prompts.PromptBuilder, examples: prompts.Examples,
+               tasks, split: str, batch_size: int, candidate_chunk: int, mesh):
+    """`score`: a `candidate_scorer`, shared by the splits' evaluators so that
+    each candidate width compiles once (None: fixed scores only); `builder`
+    reads the full timelines (held-out cuts index them)."""
+    self.score, self.builder, self.examples = score, builder, examples
+    self.timelines, self.tasks, self.split = builder.timelines, tuple(tasks), split
+    self.batch_size, self.mesh = batch_size, mesh
+    self.candidate_chunk = candidate_chunk
+
+  def prompt_batch(self, task: str, rows: np.ndarray) -> dict:
+    """Prompts (and events) of held-out `rows`, asking for `task`."""
+    examples = dataclasses.replace(
+        self.examples, tasks=np.full(len(self.examples), prompts.TASKS.index(task),
+                                     np.int32))
+    return self.builder.batch(examples, rows, with_answers=False)
+
+  def scores(self, params, task: str) -> np.ndarray:
+    """[n, num candidates] log-likelihoods."""
+    candidates, candidate_mask = self.builder.candidates(task)
+    chunks = candidate_chunks(candidate_mask.sum(1), self.candidate_chunk,
+                              candidates.shape[1])
+    out = []
+    for rows, real in evaluation.padded_rows(len(self.examples), self.batch_size):
+      batch = mesh_lib.put_batch(self.prompt_batch(task, rows), self.mesh)
+      scores = np.empty((len(rows), len(candidates)), np.float32)
+      for ids, width in chunks:
+        scores[:, ids] = np.asarray(self.score(
+            params, batch, candidates[ids, :width], candidate_mask[ids, :width]))
+      out.append(scores[:real])
+    return np.concatenate(out)
+
+  def targets(self) -> np.ndarray:
+    """[n] the item at each held-out cut."""
+    ex, tl = self.examples, self.timelines
+    return tl.item_ids[tl.user_offsets[ex.users] + ex.cuts]
+
+  def next_title_metrics(self, scores: np.ndarray) -> dict[str, float]:
+    """Ranking metrics of title scores [n or 1, num_items + 1]."""
+    ex, tl = self.examples, self.timelines
+    excluded = sequences.excluded_items(
+        [tl.user_items(u)[:c] for u, c in zip(ex.users, ex.cuts)], len(ex),
+        tl.num_items + 1)
+    ranks = np.asarray(ranking.target_ranks(
+        np.broadcast_to(scores, excluded.shape), self.targets(), excluded))
+    return ranking.metrics_from_ranks(ranks)
+
+  def labels(self, task: str) -> np.ndarray:
+    """[n] index of each held-out example's right answer (see PromptBuilder)."""
+    ex = self.examples
+    return np.array([self.builder.label(int(u), int(c), task)
+                     for u, c in zip(ex.users, ex.cuts)], np.int64)
+
+  def task_metrics(self, task: str, scores: np.ndarray) -> dict[str, float]:
+    """`task`'s metrics of scores [n or 1, answers]."""
+    if task == "next_title":
+      return self.next_title_metrics(scores)
+    predicted = np.broadcast_to(scores, (len(self.examples), scores.shape[1])
+                                ).argmax(1)
+    labels = self.labels(task)
+    if task == "title_genre":  # any of the item's genres is right
+      correct = self.timelines.items.genres[self.targets(), predicted] > 0
+    else:
+      correct = predicted == labels
+    metrics = {"accuracy": float(np.mean(correct))}
+    if task == "rating":  # buckets are ordered: how far off, in stars
+      metrics["mae"] = float(np.mean(np.abs(predicted - labels)))
+    return metrics
+
+  def evaluate(self, params, scorer: str = "model",
+               fixed_scores: dict | None = None) -> dict[str, float]:
+    """`<split>/<scorer>/<task>/<metric>` for every task and the average of
+    the headline metrics; the model's scores with `params`, or `fixed_scores`
+    ({task: [1, answers]}, e.g. the prior). One progress line per task."""
+    out, headline = {}, []
+    for task in self.tasks:
+      began = time.time()
+      scores = (self.scores(params, task) if fixed_scores is None
+                else fixed_scores[task])
+      metrics = self.task_metrics(task, scores)
+      out.update(results.prefixed(metrics, self.split, scorer, task))
+      headline.append(metrics[HEADLINE[task]])
+      print(f"[eval {self.split}/{scorer}] {task} {HEADLINE[task]}="
+            f"{headline[-1]:.3f} ({len(self.examples)} users, "
+            f"{time.time() - began:.0f} s)", flush=True)
+    out[results.key(self.split, scorer, "all", "average")] = float(np.mean(headline))
+    return out
+
+
+def prior_scores(builder: prompts.PromptBuilder, examples: prompts.Examples,
+                 tasks, train_item_ids, seed: int) -> dict:
+  """Baseline scores that ignore the user: each task's answers ranked by how
+  often they are right in training (for next_title: item popularity).
+  {task: [1, answers]}."""
+  out = {}
+  for task in tasks:
+    if task == "next_title":
+      out[task] = ranking.popularity_scores(
+          train_item_ids, builder.timelines.num_items + 1, seed)[None]
+      continue
+    rows = np.flatnonzero(examples.tasks == prompts.TASKS.index(task))
+    labels = [builder.label(int(examples.users[r]), int(examples.cuts[r]), task)
+              for r in rows]
+    out[task] = np.bincount(labels, minlength=len(builder.answers[task]))[None]
+  return out
