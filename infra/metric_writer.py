@@ -1,26 +1,46 @@
-"""Metrics as JSON lines (`<workdir>/metrics.jsonl`) and TensorBoard summaries.
+"""Metrics as JSON lines (`<workdir>/metrics.jsonl`) and TensorBoard event files
+(`<workdir>/tensorboard/`, `tensorboard --logdir <workdir>`).
 
-TensorBoard summaries go through clu, which needs TensorFlow. On a machine
-without it (a bare GPU image, say) the writer says so once and keeps the JSON
-lines, which hold every value.
+The event files are written with TensorBoard's own record writer and protocol
+buffers, which need no TensorFlow: a training process never loads TF (faster
+start-up, and no TF thread pools beside XLA's in one process).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 
 import numpy as np
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
 
 
-def _summary_writer(directory: str):
-  try:
-    from clu import metric_writers
-  except ImportError as e:  # clu or TensorFlow missing
-    print(f"[metrics] TensorBoard summaries off ({e}); metrics.jsonl has every "
-          "value", flush=True)
-    return None
-  return metric_writers.SummaryWriter(directory)
+class _EventFile:
+  """One TensorBoard event file of scalar summaries."""
+
+  def __init__(self, directory: str):
+    os.makedirs(directory, exist_ok=True)
+    name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
+            f"{os.getpid()}")
+    self._file = open(os.path.join(directory, name), "wb")
+    self._records = RecordWriter(self._file)
+    self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+  def _write(self, event) -> None:
+    self._records.write(event.SerializeToString())
+
+  def scalars(self, step: int, values: dict[str, float]) -> None:
+    summary = summary_pb2.Summary(value=[
+        summary_pb2.Summary.Value(tag=tag, simple_value=value)
+        for tag, value in values.items()])
+    self._write(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+
+  def close(self) -> None:
+    self._records.flush()
+    self._file.close()
 
 
 class MetricWriter:
@@ -31,7 +51,7 @@ class MetricWriter:
     os.makedirs(workdir, exist_ok=True)
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._drop_rows_after(resume_step)
-    self.summary = _summary_writer(os.path.join(workdir, "tensorboard"))
+    self.summary = _EventFile(os.path.join(workdir, "tensorboard"))
 
   def _drop_rows_after(self, step: int) -> None:
     if not os.path.exists(self.path):
@@ -45,10 +65,7 @@ class MetricWriter:
     values = {k: float(np.asarray(v)) for k, v in metrics.items()}
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
-    if self.summary is not None:
-      self.summary.write_scalars(step, {f"{split}/{k}": v for k, v in values.items()})
+    self.summary.scalars(step, {f"{split}/{k}": v for k, v in values.items()})
 
   def close(self) -> None:
-    if self.summary is not None:
-      self.summary.flush()
-      self.summary.close()
+    self.summary.close()

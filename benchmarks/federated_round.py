@@ -1,6 +1,6 @@
 """Round throughput and memory: the vmapped round vs a Python loop over clients.
 
-  python -m federated.benchmark --out benchmarks/federated_round
+  python -m benchmarks.federated_round --out benchmarks/federated_round
 
 Both rounds train the foundation's next-item transformer (a small config) with
 the same client update, aggregation and server step (`federated/algorithms.py`);
@@ -8,12 +8,12 @@ they differ only in how clients are mapped: one jitted `vmap` over the cohort,
 or a Python loop calling the jitted single-client update once per client, as
 frameworks that simulate clients one at a time do. Each (mode, clients) cell
 runs in a fresh process so its peak RSS is its own. Writes `<out>.json` and
-`<out>.md`.
+`<out>.md`. A throughput microbenchmark of one round at fixed model sizes, so
+it takes no experiment config: the sizes below are the experiment.
 """
 
 from __future__ import annotations
 
-import argparse
 import functools
 import itertools
 import json
@@ -23,6 +23,14 @@ import resource
 import subprocess
 import sys
 import time
+
+from absl import app, flags
+
+_OUT = flags.DEFINE_string("out", "benchmarks/federated_round",
+                           "Path prefix of the .json and .md outputs.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per cell.")
+_CELL = flags.DEFINE_string("cell", "", "Internal: size:mode:clients, one cell in "
+                            "this process.")
 
 MODES = ("vmapped", "looped")
 COHORTS = (16, 64, 256)
@@ -44,7 +52,6 @@ def _setup(size: str, num_clients: int, seed: int = 0):
   import optax
   from flax import linen as nn
   from federated import algorithms
-  from infra.train_state import TrainState
   from userllm import sequence_model as sm
 
   spec = SIZES[size]
@@ -57,15 +64,15 @@ def _setup(size: str, num_clients: int, seed: int = 0):
   client = algorithms.ClientSpec(optax.sgd(0.1), local_epochs=1,
                                  batch_size=spec["batch"])
   server = algorithms.ServerSpec(optax.adam(1e-2))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                                opt_state=server.optimizer.init(params),
-                                rng=jax.random.PRNGKey(seed))
+  state = algorithms.init_server_state(params, client, server,
+                                      jax.random.PRNGKey(seed), num_clients)
   rng = np.random.default_rng(seed)
   cohort = {
       "examples": jnp.asarray(rng.integers(
           1, num_items + 1, (num_clients, examples, max_len + 1)), jnp.int32),
       "num_examples": jnp.full((num_clients,), examples, jnp.int32),
-      "client_ids": jnp.arange(num_clients, dtype=jnp.int32)}
+      "client_ids": jnp.arange(num_clients, dtype=jnp.int32),
+      "client_rows": jnp.arange(num_clients, dtype=jnp.int32)}
   example_loss = functools.partial(sm.next_item_example_losses, model)
   num_params = sum(p.size for p in jax.tree.leaves(params))
   return state, cohort, example_loss, client, server, num_params
@@ -85,7 +92,7 @@ def measure_cell(size: str, mode: str, num_clients: int, rounds: int) -> dict:
   else:
     round_fn = algorithms.make_looped_round(example_loss, client, server)
     one = jax.jit(algorithms.make_client_update(example_loss, client))
-    compiled = one.lower(state.params, cohort["examples"][0],
+    compiled = one.lower(state.params, (), cohort["examples"][0],
                          cohort["num_examples"][0], state.rng).compile()
     xla_temp = compiled.memory_analysis().temp_size_in_bytes
   began = time.perf_counter()
@@ -137,39 +144,32 @@ def _markdown(cells: list[dict], header: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--out", default="benchmarks/federated_round",
-                      help="path prefix of the .json and .md outputs")
-  parser.add_argument("--rounds", type=int, default=5, help="timed rounds per cell")
-  parser.add_argument("--cell", help=argparse.SUPPRESS)  # internal: mode:clients
-  args = parser.parse_args(argv)
-  if args.cell:
-    size, mode, clients = args.cell.split(":")
-    print(json.dumps(measure_cell(size, mode, int(clients), args.rounds)))
+def main(argv) -> None:
+  del argv
+  if _CELL.value:
+    size, mode, clients = _CELL.value.split(":")
+    print(json.dumps(measure_cell(size, mode, int(clients), _ROUNDS.value)))
     return
-
   cells = []
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   for size, n, mode in itertools.product(SIZES, COHORTS, MODES):
-    out = subprocess.run([sys.executable, "-m", "federated.benchmark", "--cell",
-                          f"{size}:{mode}:{n}", "--rounds", str(args.rounds)],
+    out = subprocess.run([sys.executable, "-m", "benchmarks.federated_round",
+                          f"--cell={size}:{mode}:{n}", f"--rounds={_ROUNDS.value}"],
                          capture_output=True, text=True, check=True, cwd=repo)
     cell = json.loads(out.stdout.strip().splitlines()[-1])
     print(f"{size:5s} {mode:8s} {n:4d} clients: {cell['clients_per_second']:8.1f} "
           f"clients/s, peak RSS {cell['peak_rss_mib']:.0f} MiB", flush=True)
     cells.append(cell)
   import jax
+  from infra import results as results_lib
   header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "command": "python -m federated.benchmark --out " + args.out}
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out + ".json", "w") as f:
-    json.dump({**header, "cells": cells}, f, indent=2)
-  with open(args.out + ".md", "w") as f:
-    f.write(_markdown(cells, header))
-  print(_markdown(cells, header))
+            "command": "python -m benchmarks.federated_round --out " + _OUT.value}
+  markdown = _markdown(cells, header)
+  results_lib.write_report(_OUT.value, {**header, "cells": cells},
+                           markdown.splitlines())
+  print(markdown)
 
 
 if __name__ == "__main__":
-  main()
+  app.run(main)

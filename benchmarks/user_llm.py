@@ -1,8 +1,10 @@
 """User-LLM vs the text prompt: quality, LLM input tokens, FLOPs and step time
 at several history lengths. Writes `<out>.json` and `<out>.md`.
 
-    python -m userllm.benchmark --data synthetic --out benchmarks/user_llm_synthetic
-    python -m userllm.benchmark --data movielens --out benchmarks/user_llm_ml100k
+    python -m benchmarks.user_llm --config configs/user_llm.py --out benchmarks/user_llm_synthetic
+    python -m benchmarks.user_llm --config configs/user_llm.py \
+      --config.data.source=movielens --config.data.dir=../shared/data/movielens-100k \
+      --out benchmarks/user_llm_ml100k
 
 For every method x history length H:
 - LLM input tokens: mean real tokens the LLM reads per example (text prompt:
@@ -26,7 +28,7 @@ its cost grows with H; the benchmark's synthetic users have long timelines
 
 from __future__ import annotations
 
-import argparse
+import copy
 import functools
 import json
 import os
@@ -36,16 +38,29 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import app, flags
 from flax import linen as nn
+from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import user_llm as user_llm_config  # noqa: E402
-from data import prompts, sources, splits  # noqa: E402
-from infra.train_state import TrainState  # noqa: E402
-from userllm import llm as llm_lib, user_llm as ul, workflow  # noqa: E402
+from data import prompts, sources, splits
+from infra import mesh as mesh_lib, optim, results as results_lib, train_loop
+from infra.train_state import TrainState
+from userllm import builders, llm as llm_lib, user_llm as ul, workflow
 
 METHODS = ("cross_attention", "soft_prompt", "text_prompt")
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/user_llm.py",
+                                          "The User-LLM experiment config.")
+_OUT = flags.DEFINE_string("out", None, "Path prefix of the .json and .md outputs.")
+_WORKDIR = flags.DEFINE_string("workdir", "runs/user_llm_benchmark",
+                               "Shared workdir (one sub-directory per data source).")
+_HISTORIES = flags.DEFINE_list("histories", ["50", "100", "200", "500"],
+                               "History lengths H.")
+_METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to compare.")
+_EFFICIENCY_ONLY = flags.DEFINE_bool("efficiency_only", False,
+                                     "Tokens, FLOPs and step time only.")
+_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per cell.")
+_STEP_BATCH = flags.DEFINE_integer("step_batch", 8, "Batch of the timed step and "
+                                   "the FLOPs count.")
 
 
 def analytic_llm_flops(cfg: llm_lib.LLMConfig, tokens: int, user_tokens: int
@@ -74,14 +89,14 @@ def xla_flops(fn, *args) -> float:
   return float(analysis.get("flops", float("nan")))
 
 
-def bench_config(data: str, data_dir: str, max_history: int):
-  config = user_llm_config.get_config()
-  if data == "synthetic":  # long timelines: every H is real history
+def long_histories(config, max_history: int):
+  """The config with synthetic users long enough that every H is real history
+  (at least max(H) + 20 events); MovieLens data is left as it is."""
+  config = copy.deepcopy(config)
+  if config.data.source == "synthetic":
     config.data.synthetic.update(num_users=1000, min_events=max_history + 20,
                                  mean_extra_events=40.0,
                                  max_events=max_history + 200)
-  else:
-    config.data.source, config.data.dir = "movielens", data_dir
   return config
 
 
@@ -89,12 +104,9 @@ def efficiency(config, timelines, method: str, history: int, timed_steps: int,
                workdir: str, step_batch: int) -> dict:
   """Tokens, FLOPs and step time of `method` at `history` events."""
   config.userllm.method, config.userllm.history_len = method, history
-  tokenizer = workflow.tokenizer_for(config, workdir, timelines)
-  builder = prompts.PromptBuilder(timelines, tokenizer, method, history,
-                                  10**6, answer_len=1)
-  builder.answer_len = builder.longest_answer()
-  builder.prompt_len = builder.longest_prompt()
-  model = workflow.build_model(config, timelines, tokenizer.vocab_size, method)
+  tokenizer = builders.tokenizer_for(config, workdir, timelines)
+  builder = prompts.PromptBuilder(timelines, tokenizer, method, history, 10**6)
+  model = builders.build_model(config, timelines, tokenizer.vocab_size, method)
   batch_size = step_batch
   long_users = np.nonzero(timelines.lengths > history)[0]
   users = np.resize(long_users if len(long_users) else np.argsort(
@@ -129,12 +141,12 @@ def efficiency(config, timelines, method: str, history: int, timed_steps: int,
                                                   method=model.conditioning),
                          params, train_batch["events"]) / batch_size
   mask = ul.trainable_mask(params, "full")
-  tx = ul.masked_optimizer(workflow.make_optimizer(config.train), mask)
+  tx = ul.masked_optimizer(optim.make_optimizer(config.train), mask)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
                      opt_state=tx.init(params), rng=jax.random.PRNGKey(0))
-  step_seconds = workflow.step_seconds(functools.partial(ul.lm_loss, model, mask),
-                                      tx, state, jax.device_put(train_batch),
-                                      timed_steps)
+  step_seconds = train_loop.step_seconds(
+      train_loop.make_train_step(functools.partial(ul.lm_loss, model, mask), tx),
+      state, jax.device_put(train_batch), timed_steps)
   return {"llm_input_tokens": real_prompt + soft, "llm_sequence": seq + soft,
           "llm_flops_xla": llm_xla, "user_flops_xla": user_xla,
           "llm_flops_analytic": analytic_llm_flops(model.config.llm, seq + soft,
@@ -142,111 +154,93 @@ def efficiency(config, timelines, method: str, history: int, timed_steps: int,
           "step_seconds": step_seconds, "batch_size": batch_size}
 
 
+QUALITY_KEYS = ("test/model/next_title/recall@1", "test/model/next_title/recall@5",
+                "test/model/next_title/recall@10",
+                "test/model/favourite_genre/accuracy",
+                "test/prior/next_title/recall@10", "train_seconds", "eval_users")
+
+
 def quality(config, method: str, history: int, workdir: str,
-            tokens_per_event: float) -> dict:
+            tokens_per_event: float, mesh) -> dict:
+  """The whole workflow for `method` at `history` events (shared workdir)."""
   config.userllm.method, config.userllm.history_len = method, history
   # context for the whole history: 1.25x its mean length in tokens (the rare
   # longer prompt loses its oldest titles)
   config.userllm.text_prompt_len = int(history * tokens_per_event * 1.25) + 16
-  results = workflow.run(config, workdir)
-  keep = ("test/next_title/recall@1", "test/next_title/recall@5",
-          "test/next_title/recall@10", "test/favourite_genre/accuracy",
-          "test/prior/next_title/recall@10", "train_seconds", "eval_users")
-  return {k: results[k] for k in keep}
+  results = workflow.run(config, workdir, mesh)
+  return {k: results[k] for k in QUALITY_KEYS}
 
 
 def text_tokens_per_event(config, timelines, workdir: str) -> float:
   """Mean tokens an event adds to a text prompt (its title and a separator)."""
-  tokenizer = workflow.tokenizer_for(config, workdir, timelines)
+  tokenizer = builders.tokenizer_for(config, workdir, timelines)
   lengths = np.array([len(ids) + 1 for ids in tokenizer.encode(
       [str(t) for t in timelines.items.titles])])
   return float(lengths[timelines.item_ids].mean())
 
 
 def write(out: str, rows: list[dict], meta: dict) -> None:
-  os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-  with open(out + ".json.tmp", "w") as f:
-    json.dump({"meta": meta, "rows": rows}, f, indent=2)
-  os.replace(out + ".json.tmp", out + ".json")
-  lines = [f"User-LLM benchmark, {meta['data']} data, on {meta['device']} "
-           f"(jax {meta['jax']}). Command: `{meta['command']}`.", "",
-           "FLOPs are per example, one forward pass; step time is one training "
-           f"step (forward, backward, Adam) at batch {rows[0]['batch_size'] if rows else '-'}.",
-           "",
-           "| method | history | R@1 | R@5 | R@10 | genre acc | LLM input tokens "
-           "| LLM GFLOPs (XLA) | LLM GFLOPs (analytic) | encoder+Perceiver GFLOPs "
-           "| total GFLOPs | step (ms) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  header = ["method", "history", "R@1", "R@5", "R@10", "genre acc",
+            "LLM input tokens", "LLM GFLOPs (XLA)", "LLM GFLOPs (analytic)",
+            "encoder+Perceiver GFLOPs", "total GFLOPs", "step (ms)"]
   fmt = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+  cells = []
   for r in rows:
     total = r["llm_flops_xla"] + r["user_flops_xla"]
-    lines.append(
-        f"| {r['method']} | {r['history']} | {fmt(r, 'test/next_title/recall@1')} "
-        f"| {fmt(r, 'test/next_title/recall@5')} | {fmt(r, 'test/next_title/recall@10')} "
-        f"| {fmt(r, 'test/favourite_genre/accuracy')} | {r['llm_input_tokens']:.0f} "
-        f"| {r['llm_flops_xla'] / 1e9:.4f} | {r['llm_flops_analytic'] / 1e9:.4f} "
-        f"| {r['user_flops_xla'] / 1e9:.4f} | {total / 1e9:.4f} "
-        f"| {1e3 * r['step_seconds']:.1f} |")
+    cells.append([r["method"], r["history"]] + [fmt(r, k) for k in QUALITY_KEYS[:4]]
+                 + [f"{r['llm_input_tokens']:.0f}", f"{r['llm_flops_xla'] / 1e9:.4f}",
+                    f"{r['llm_flops_analytic'] / 1e9:.4f}",
+                    f"{r['user_flops_xla'] / 1e9:.4f}", f"{total / 1e9:.4f}",
+                    f"{1e3 * r['step_seconds']:.1f}"])
   by = {(r["method"], r["history"]): r for r in rows}
   ratios = []
   for (method, history), r in sorted(by.items()):
     text = by.get(("text_prompt", history))
     if method != "text_prompt" and text:
+      total = lambda x: x["llm_flops_xla"] + x["user_flops_xla"]  # noqa: E731
       ratios.append(f"- H={history}: text prompt / {method} = "
                     f"{text['llm_flops_xla'] / r['llm_flops_xla']:.1f}x LLM FLOPs, "
-                    f"{(text['llm_flops_xla'] + text['user_flops_xla']) / (r['llm_flops_xla'] + r['user_flops_xla']):.1f}x total FLOPs")
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(lines + [""] + ratios) + "\n")
+                    f"{total(text) / total(r):.1f}x total FLOPs")
+  lines = ([f"User-LLM benchmark, {meta['data']} data, on {meta['device']} "
+            f"(jax {meta['jax']}). Command: `{meta['command']}`.", "",
+            "FLOPs are per example, one forward pass; step time is one training "
+            f"step (forward, backward, Adam) at batch "
+            f"{rows[0]['batch_size'] if rows else '-'}.", ""]
+           + results_lib.markdown_table(header, cells) + [""] + ratios)
+  results_lib.write_report(out, {"meta": meta, "rows": rows}, lines)
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", choices=("synthetic", "movielens"), default="synthetic")
-  parser.add_argument("--data_dir", default="../shared/data/movielens-100k")
-  parser.add_argument("--out", required=True)
-  parser.add_argument("--workdir", default="runs/user_llm_benchmark")
-  parser.add_argument("--histories", default="50,100,200,500")
-  parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--efficiency_only", action="store_true")
-  parser.add_argument("--timed_steps", type=int, default=5)
-  parser.add_argument("--step_batch", type=int, default=8,
-                      help="batch of the timed step and the FLOPs count")
-  parser.add_argument("--override", action="append", default=[],
-                      help="config overrides as a.b=value (e.g. train.num_steps=300)")
-  args = parser.parse_args(argv)
-  histories = [int(h) for h in args.histories.split(",")]
-  config = bench_config(args.data, args.data_dir, max(histories))
-  for override in args.override:
-    key, value = override.split("=", 1)
-    node = config
-    for part in key.split(".")[:-1]:
-      node = node[part]
-    leaf = key.split(".")[-1]
-    node[leaf] = type(node[leaf])(value)
+def main(argv):
+  del argv
+  histories = [int(h) for h in _HISTORIES.value]
+  config = long_histories(_CONFIG.value, max(histories))
+  mesh = mesh_lib.make_mesh(config.mesh)
   timelines = sources.load_timelines(config.data)
   train_timelines = splits.leave_last_out(timelines).train
   device = jax.devices()[0]
-  meta = {"data": args.data, "device": f"{device.platform} ({device.device_kind}, "
-          f"{os.cpu_count()} CPU cores)", "jax": jax.__version__,
-          "python": platform.python_version(),
-          "command": "python -m userllm.benchmark " + " ".join(argv or sys.argv[1:]),
+  meta = {"data": config.data.source, "device": f"{device.platform} "
+          f"({device.device_kind}, {os.cpu_count()} CPU cores)",
+          "jax": jax.__version__, "python": platform.python_version(),
+          "command": "python -m benchmarks.user_llm " + " ".join(sys.argv[1:]),
           "config": config.to_dict()}
   rows = []
-  workdir = os.path.join(args.workdir, args.data)
+  workdir = os.path.join(_WORKDIR.value, config.data.source)
   os.makedirs(workdir, exist_ok=True)
   tokens_per_event = text_tokens_per_event(config, train_timelines, workdir)
   for history in histories:
-    for method in args.methods.split(","):
+    for method in _METHODS.value:
       print(f"[benchmark] {method} H={history}", flush=True)
       row = {"method": method, "history": history,
              **efficiency(config, train_timelines, method, history,
-                          args.timed_steps, workdir, args.step_batch)}
-      if not args.efficiency_only:
-        row.update(quality(config, method, history, workdir, tokens_per_event))
+                          _TIMED_STEPS.value, workdir, _STEP_BATCH.value)}
+      if not _EFFICIENCY_ONLY.value:
+        row.update(quality(config, method, history, workdir, tokens_per_event,
+                           mesh))
       rows.append(row)
-      write(args.out, rows, meta)
+      write(_OUT.value, rows, meta)
       print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
-  main()
+  flags.mark_flags_as_required(["out"])
+  app.run(main)
