@@ -79,7 +79,10 @@ def parse_flags(argv):
           f"{', '.join(overrides)})", file=sys.stderr)
     sys.exit(2)
   except (flags.Error, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    # a config file that raised carries its traceback: its last line says why
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    reason = lines[-1] if "Traceback" in str(e) else " ".join(lines)
+    print(f"error: {reason}", file=sys.stderr)
     sys.exit(2)
 
 

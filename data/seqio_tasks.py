@@ -8,12 +8,15 @@ summary answers read the whole history, there the shown one):
 - `rating`: "Watched: ... Rating of <title>:" -> the user's rating, "1".."5".
 - `title_genre`: "Watched: ... Genre of <title>:" -> the title's first genre.
 - `summary`: "Watched: ... Summary:" -> "<genre>, <genre>; <rating level>".
-With `config.data.text_ratings` each title is followed by "(rating)". The
-mixture `user_timelines_<config>_multitask` samples the five tasks equally.
+The prompt words and separators are data/prompts.py's. The config is a
+`user_llm` one: `config.userllm.history_len` titles are shown, each followed by
+"(rating)" with `config.userllm.text_ratings`. The mixture
+`user_timelines_<config>_multitask` samples the five tasks equally.
 
-The vocabulary is `config.data.vocab_path` when given, else a SentencePiece model
-trained locally on the data's text (titles, genre names, prompt words) and saved
-under the workdir, so a fresh offline machine needs no download.
+The vocabulary is `config.llm.tokenizer` when given, else a SentencePiece model
+trained locally on the data's text (titles, genre names, prompt words, with
+`config.data.vocab_size`) and saved under the workdir, so a fresh offline
+machine needs no download.
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ import seqio
 import tensorflow as tf
 
 from data import sources, tfds_builder
-from data.prompts import ITEM_TAIL, ITEM_TASKS, PROMPTS as _PROMPTS, TASKS, corpus
+from data.prompts import (HISTORY_HEAD, HISTORY_SEP, HISTORY_TAIL, ITEM_TAIL,
+                          ITEM_TASKS, PROMPTS as _PROMPTS, TASKS, corpus)
 from data import timelines as tl
 from data.vocab import train_vocabulary
 from infra.errors import ConfigError
@@ -44,18 +48,18 @@ def tfds_data_dir(data_config, workdir: str) -> str:
   return os.path.join(workdir, "tfds", data_fingerprint(data_config))
 
 
-def vocabulary(data_config, workdir: str, timelines: tl.UserTimelines | None = None
+def vocabulary(config, workdir: str, timelines: tl.UserTimelines | None = None
                ) -> seqio.SentencePieceVocabulary:
-  """config.data.vocab_path, or a locally trained model (cached in workdir)."""
-  if data_config.get("vocab_path"):
-    if not os.path.exists(data_config.vocab_path):
-      raise FileNotFoundError(f"config.data.vocab_path={data_config.vocab_path!r}"
+  """config.llm.tokenizer, or a locally trained model (cached in workdir)."""
+  if config.llm.tokenizer:
+    if not os.path.exists(config.llm.tokenizer):
+      raise FileNotFoundError(f"config.llm.tokenizer={config.llm.tokenizer!r}"
                               " does not exist")
-    return seqio.SentencePieceVocabulary(data_config.vocab_path)
-  path = os.path.join(tfds_data_dir(data_config, workdir), "spm.model")
+    return seqio.SentencePieceVocabulary(config.llm.tokenizer)
+  path = os.path.join(tfds_data_dir(config.data, workdir), "spm.model")
   if not os.path.exists(path):
-    timelines = timelines or sources.load_timelines(data_config)
-    train_vocabulary(corpus(timelines), path, data_config.vocab_size)
+    timelines = timelines or sources.load_timelines(config.data, quiet=True)
+    train_vocabulary(corpus(timelines), path, config.data.vocab_size)
   return seqio.SentencePieceVocabulary(path)
 
 
@@ -81,11 +85,12 @@ def _to_text(task: str, max_history: int, show_ratings: bool):
     if show_ratings:
       titles = tf.strings.join([titles, " (", _rating_text(
           ex["history_ratings"][-max_history:]), ")"])
-    history = tf.strings.reduce_join(titles, separator="; ")
+    history = tf.strings.reduce_join(titles, separator=f"{HISTORY_SEP} ")
     question = [_PROMPTS[task]]
     if task in ITEM_TASKS:
       question += [" ", ex["target_title"], ITEM_TAIL]
-    inputs = tf.strings.join(["Watched: ", history, ". ", *question])
+    inputs = tf.strings.join([f"{HISTORY_HEAD} ", history, f"{HISTORY_TAIL} ",
+                              *question])
     target = {"next_title": ex["target_title"],
               "favourite_genre": ex["favourite_genre"],
               "rating": _rating_text(ex["target_rating"]),
@@ -102,7 +107,7 @@ def exact_match(targets, predictions) -> dict[str, float]:
   return {"exact_match": float(np.mean([t == p for t, p in zip(targets, predictions)]))}
 
 
-def register_tasks(data_config, workdir: str) -> dict[str, str]:
+def register_tasks(config, workdir: str) -> dict[str, str]:
   """Prepares the data and registers one seqio Task per entry of TASKS and
   their equal-rate Mixture.
 
@@ -110,11 +115,11 @@ def register_tasks(data_config, workdir: str) -> dict[str, str]:
     {task: registered seqio task name, "multitask": the mixture's name}.
     Registering again replaces them.
   """
-  if data_config.text_history < 1:
-    raise ConfigError(f"config.data.text_history={data_config.text_history} must "
-                      "be >= 1")
+  data_config, history = config.data, config.userllm.history_len
+  if history < 1:
+    raise ConfigError(f"config.userllm.history_len={history} must be >= 1")
   tfds_name, builder_kwargs = prepare(data_config, workdir)
-  vocab = vocabulary(data_config, workdir)
+  vocab = vocabulary(config, workdir)
   features = {k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")}
   config_name = tfds_name.split("/")[1].split(":")[0]
   names = {}
@@ -126,8 +131,7 @@ def register_tasks(data_config, workdir: str) -> dict[str, str]:
         source=seqio.TfdsDataSource(
             tfds_name=tfds_name, tfds_data_dir=tfds_data_dir(data_config, workdir),
             tfds_builder_kwargs=builder_kwargs),
-        preprocessors=[_map(_to_text(task, data_config.text_history,
-                                     data_config.get("text_ratings", False))),
+        preprocessors=[_map(_to_text(task, history, config.userllm.text_ratings)),
                        seqio.preprocessors.tokenize,
                        seqio.preprocessors.append_eos_after_trim],
         output_features=features, metric_fns=[exact_match])

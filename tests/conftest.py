@@ -1,4 +1,7 @@
-"""Test setup: 8 fake CPU devices (set before jax is imported) and shared fixtures."""
+"""Test setup: 8 fake CPU devices (set before jax is imported) and shared,
+session-scoped fixtures: the tiny data, a vocabulary, and one run of each
+workflow that several tests assert on (each workflow compiles and trains once
+per session, not once per test)."""
 
 import os
 import sys
@@ -17,5 +20,35 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def tiny_config():
-  from configs import tiny
-  return tiny.get_config()
+  """configs/default.py:tiny, fresh per test (tests may change it)."""
+  from configs import default
+  return default.get_config("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_timelines():
+  from configs import default
+  from data import sources
+  return sources.load_timelines(default.get_config("tiny").data, quiet=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_timelines, tmp_path_factory):
+  """A SentencePiece vocabulary trained on the tiny data's text."""
+  from data import prompts
+  from data.vocab import Tokenizer, train_vocabulary
+  path = tmp_path_factory.mktemp("vocab") / "spm.model"
+  return Tokenizer(train_vocabulary(prompts.corpus(tiny_timelines), str(path), 300))
+
+
+def run_workflow(config, workdir):
+  """A workflow's run as main.py does it (mesh from the config, results.json)."""
+  import importlib
+  from infra import mesh as mesh_lib, results
+  modules = {"next_item": "userllm.next_item_workflow",
+             "user_llm": "userllm.workflow", "federated": "federated.workflow"}
+  workflow = importlib.import_module(modules[config.workflow])
+  os.makedirs(workdir, exist_ok=True)
+  return results.write_results(
+      str(workdir), workflow.run(config, str(workdir),
+                                 mesh_lib.make_mesh(config.mesh)), config)

@@ -9,8 +9,9 @@ import numpy as np
 import optax
 import pytest
 
+from data import sequences
 from federated import algorithms, clients
-from infra import mesh as mesh_lib, train_loop
+from infra import mesh as mesh_lib
 
 DIM = 3
 
@@ -26,11 +27,12 @@ def mean_loss(params, examples):
   return jnp.mean(linear_losses(params, examples, None))
 
 
-def make_state(server_tx, seed=0):
+def make_state(server, seed=0, client=None, num_clients=8):
+  """The round-0 ServerState of the linear model (server: a ServerSpec)."""
   params = {"w": jnp.array([0.3, -0.2, 0.1]), "b": jnp.array(0.05)}
-  return train_loop.TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                               opt_state=server_tx.init(params),
-                               rng=jax.random.PRNGKey(seed))
+  client = client or algorithms.ClientSpec(optax.sgd(0.1))
+  return algorithms.init_server_state(params, client, server,
+                                      jax.random.PRNGKey(seed), num_clients)
 
 
 def make_cohort(sizes, max_examples=None, seed=0):
@@ -42,7 +44,8 @@ def make_cohort(sizes, max_examples=None, seed=0):
     examples[c, :n] = rng.normal(size=(n, DIM + 1))
   return {"examples": jnp.asarray(examples),
           "num_examples": jnp.asarray(sizes, jnp.int32),
-          "client_ids": jnp.arange(len(sizes), dtype=jnp.int32)}
+          "client_ids": jnp.arange(len(sizes), dtype=jnp.int32),
+          "client_rows": jnp.arange(len(sizes), dtype=jnp.int32)}
 
 
 def assert_trees_close(a, b, atol=1e-6):
@@ -54,7 +57,7 @@ def test_fedavg_one_client_one_step_is_centralised_sgd():
   lr = 0.1
   client = algorithms.ClientSpec(optax.sgd(lr), local_epochs=1, batch_size=None)
   server = algorithms.ServerSpec(optax.sgd(1.0))
-  state = make_state(server.optimizer)
+  state = make_state(server)
   cohort = make_cohort([7])
   new_state, _ = jax.jit(algorithms.make_round(linear_losses, client, server))(
       state, cohort)
@@ -69,7 +72,7 @@ def test_fedavg_one_client_one_step_is_centralised_sgd():
 def test_fedsgd_is_a_full_batch_gradient_step():
   fed = _fed_config(algorithm="fedsgd", server_learning_rate=0.3)
   client, server = algorithms.specs_from_config(fed)
-  state = make_state(server.optimizer)
+  state = make_state(server)
   sizes = [5, 2, 9, 1]
   cohort = make_cohort(sizes)
   new_state, _ = jax.jit(algorithms.make_round(linear_losses, client, server))(
@@ -84,15 +87,16 @@ def test_fedsgd_is_a_full_batch_gradient_step():
 
 def test_padding_does_not_change_a_clients_update():
   client = algorithms.ClientSpec(optax.adam(0.05), local_epochs=3, batch_size=2,
-                                 prox_mu=0.1)
+                                 terms=(algorithms.proximal_term(0.1),))
   update = jax.jit(algorithms.make_client_update(linear_losses, client))
-  state = make_state(optax.sgd(1.0))
+  state = make_state(algorithms.ServerSpec(optax.sgd(1.0)))
   narrow = make_cohort([5], max_examples=5)
   wide = make_cohort([5], max_examples=12)
   np.testing.assert_array_equal(narrow["examples"][0], wide["examples"][0, :5])
   key = jax.random.PRNGKey(3)
-  delta_narrow, metrics_narrow = update(state.params, narrow["examples"][0], 5, key)
-  delta_wide, metrics_wide = update(state.params, wide["examples"][0], 5, key)
+  delta_narrow, _, metrics_narrow = update(state.params, (), narrow["examples"][0],
+                                           5, key)
+  delta_wide, _, metrics_wide = update(state.params, (), wide["examples"][0], 5, key)
   assert_trees_close(delta_narrow, delta_wide)
   assert int(metrics_narrow["steps"]) == int(metrics_wide["steps"]) == 9
   assert float(optax.tree.norm(delta_narrow)) > 0
@@ -113,7 +117,7 @@ def _round_with(dropout_rate=0.0, weighting="examples"):
 
 
 def test_zero_example_clients_contribute_nothing():
-  state = make_state(optax.sgd(1.0))
+  state = make_state(algorithms.ServerSpec(optax.sgd(1.0)))
   with_empty = make_cohort([4, 0, 3], max_examples=4)
   without = {k: v[jnp.array([0, 2])] for k, v in with_empty.items()}
   for weighting in ("examples", "uniform"):
@@ -124,7 +128,7 @@ def test_zero_example_clients_contribute_nothing():
 
 
 def test_dropped_clients_contribute_nothing():
-  state = make_state(optax.sgd(1.0))
+  state = make_state(algorithms.ServerSpec(optax.sgd(1.0)))
   cohort = make_cohort([3, 4, 2, 5, 1, 6], max_examples=6)
   completed = np.asarray(algorithms.completed_mask(state, 6, 0.5)).astype(bool)
   assert 0 < completed.sum() < 6  # this seed drops some and keeps some
@@ -138,7 +142,7 @@ def test_dropped_clients_contribute_nothing():
 def test_a_round_where_everyone_drops_out_changes_nothing():
   server = algorithms.ServerSpec(optax.adam(0.1), dropout_rate=0.999)
   client = algorithms.ClientSpec(optax.sgd(0.1), batch_size=2)
-  state = make_state(server.optimizer)
+  state = make_state(server)
   new_state, metrics = jax.jit(algorithms.make_round(linear_losses, client, server))(
       state, make_cohort([3, 2]))
   assert_trees_close(new_state.params, state.params, atol=0)
@@ -156,7 +160,7 @@ def test_vmapped_round_equals_looped_round(algorithm):
   client, server = algorithms.specs_from_config(fed)
   vmapped = jax.jit(algorithms.make_round(linear_losses, client, server))
   looped = algorithms.make_looped_round(linear_losses, client, server)
-  state_v = state_l = make_state(server.optimizer)
+  state_v = state_l = make_state(server)
   for round_index in range(3):
     cohort = make_cohort([3, 0, 5, 2], max_examples=5, seed=round_index)
     state_v, metrics_v = vmapped(state_v, cohort)
@@ -183,43 +187,119 @@ def _fed_config(**overrides):
   return fed
 
 
-def _sharded_rounds(config, mesh, dataset, rounds=2):
+def _sharded_rounds(config, mesh, dataset, client, server, rounds=2):
   """Runs `rounds` rounds of the federated workflow's round on `mesh`."""
-  from userllm import next_item, sequence_model as sm
-  client, server = algorithms.specs_from_config(config.federated)
-  model = next_item.build_model(config, 121)
-  state, shardings = next_item.init_state(model, server.optimizer, config, mesh)
-  round_fn = jax.jit(
-      algorithms.make_round(functools.partial(sm.next_item_example_losses, model),
-                            client, server),
-      in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-      out_shardings=(shardings, None))
+  from data import sources
+  from federated import tasks, workflow
+  task = tasks.from_config(config, sources.load_timelines(config.data, quiet=True))
+  state, shardings = workflow.init_state(task, client, server, config.seed,
+                                         len(dataset), mesh)
+  round_fn = jax.jit(algorithms.make_round(task.example_loss, client, server),
+                     in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                     out_shardings=(shardings, None))
   sampler = clients.CohortSampler(dataset, config.federated.clients_per_round,
                                   config.seed)
   for r in range(rounds):
     state, metrics = round_fn(state, mesh_lib.put_batch(sampler(r), mesh))
-  return state, metrics
+  return state, metrics, shardings
+
+
+def _counting_client(client):
+  """`client` with a per-client state: rounds completed and the last loss."""
+  import dataclasses
+  return dataclasses.replace(
+      client, state_init=lambda params: {"rounds": jnp.zeros((), jnp.int32),
+                                         "loss": jnp.zeros(())},
+      state_update=lambda state, before, after, metrics: {
+          "rounds": state["rounds"] + 1, "loss": metrics["loss"]})
 
 
 def test_sharded_round_equals_single_device_round():
-  from configs import fedavg_tiny
+  from configs import fedavg
   from data import sources
-  from federated import next_item as fed_next_item
-  config = fedavg_tiny.get_config()
+  config = fedavg.get_config("tiny")
   config.federated.update(dropout_rate=0.2, local_epochs=2)
-  timelines = sources.load_timelines(config.data)
-  _, dataset = fed_next_item.build_clients(config, timelines)
+  timelines = sources.load_timelines(config.data, quiet=True)
+  _, dataset = clients.build_clients(
+      config.federated, timelines, lambda train: sequences.training_windows_by_user(
+          train, config.data.max_len), config.seed)
+  client, server = algorithms.specs_from_config(config.federated)
+  client = _counting_client(client)
 
   config.mesh.update(data=1, model=1)
-  single, metrics_1 = _sharded_rounds(
-      config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]), dataset)
+  single, metrics_1, _ = _sharded_rounds(
+      config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]), dataset,
+      client, server)
   config.mesh.update(data=4, model=2)
-  sharded, metrics_8 = _sharded_rounds(config, mesh_lib.make_mesh(config.mesh),
-                                       dataset)
+  sharded, metrics_8, shardings = _sharded_rounds(
+      config, mesh_lib.make_mesh(config.mesh), dataset, client, server)
   embed = sharded.params["item_embed"]["embedding"]
   assert len(embed.sharding.device_set) == 8
+  assert shardings.client_states["rounds"].spec[0] == "data"  # the table is split
   assert_trees_close(single.params, sharded.params, atol=2e-5)
   assert_trees_close(metrics_1, metrics_8, atol=2e-5)
+  rows = len(dataset)  # the tables are padded to a multiple of the data axis
+  np.testing.assert_array_equal(single.client_states["rounds"][:rows],
+                                sharded.client_states["rounds"][:rows])
+  # two rounds of 8 clients, some dropping out: at most 16 participations
+  assert 0 < int(sharded.client_states["rounds"].sum()) <= 16
+
+
+def test_client_state_persists_across_rounds_for_the_clients_that_finish():
+  client = _counting_client(algorithms.ClientSpec(optax.sgd(0.1), batch_size=2))
+  server = algorithms.ServerSpec(optax.sgd(1.0), dropout_rate=0.5)
+  round_fn = jax.jit(algorithms.make_round(linear_losses, client, server))
+  looped = algorithms.make_looped_round(linear_losses, client, server)
+  state = state_l = make_state(server, client=client, num_clients=8)
+  expected = np.zeros(8, int)
+  for r in range(3):
+    cohort = make_cohort([2, 3, 1, 2], seed=r)
+    cohort["client_rows"] = jnp.array([r, r + 1, r + 3, 7], jnp.int32)
+    completed = np.asarray(algorithms.completed_mask(state, 4, 0.5)).astype(bool)
+    expected[np.asarray(cohort["client_rows"])[completed]] += 1
+    state, _ = round_fn(state, cohort)
+    state_l, _ = looped(state_l, cohort)
+  np.testing.assert_array_equal(state.client_states["rounds"], expected)
+  assert_trees_close(state.client_states, state_l.client_states)
+  assert expected.sum() > 0 and (expected == 0).any()
+
+
+def test_mean_aggregator_is_the_weighted_mean():
+  from federated import aggregators
+  deltas = {"w": jnp.array([[1.0, 2.0], [3.0, 6.0], [100.0, 100.0]])}
+  aggregate, state, _ = aggregators.mean().apply((), deltas,
+                                                 jnp.array([1.0, 3.0, 0.0]), None)
+  np.testing.assert_allclose(aggregate["w"], [2.5, 5.0])
+  zero, _, _ = aggregators.mean().apply((), deltas, jnp.zeros(3), None)
+  np.testing.assert_allclose(zero["w"], [0.0, 0.0])
+
+
+def test_server_loss_gradient_joins_the_pseudo_gradient():
+  """x <- x - lr * (-aggregate + grad f_c(x)) with f_c = |x - target|^2 / 2."""
+  target = {"w": jnp.array([1.0, 2.0, 3.0]), "b": jnp.array(-1.0)}
+  server_loss = lambda params, batch, rng: 0.5 * optax.tree.norm(  # noqa: E731
+      optax.tree.sub(params, batch), squared=True)
+  client = algorithms.ClientSpec(optax.sgd(0.1), batch_size=2)
+  plain = algorithms.ServerSpec(optax.sgd(0.5))
+  mixed = algorithms.ServerSpec(optax.sgd(0.5), server_loss=server_loss)
+  state = make_state(plain)
+  cohort = make_cohort([3, 2])
+  after_plain, _ = jax.jit(algorithms.make_round(linear_losses, client, plain))(
+      state, cohort)
+  after_mixed, metrics = jax.jit(algorithms.make_round(linear_losses, client, mixed))(
+      state, {**cohort, "server_batch": target})
+  expected = jax.tree.map(lambda p, x, t: p - 0.5 * (x - t), after_plain.params,
+                          state.params, target)
+  assert_trees_close(after_mixed.params, expected)
+  assert float(metrics["server_loss"]) == pytest.approx(float(server_loss(
+      state.params, target, None)))
+  # with no client contributing, the server term alone still moves the model
+  everyone_drops = algorithms.ServerSpec(optax.sgd(0.5), server_loss=server_loss,
+                                         dropout_rate=0.999)
+  alone, _ = jax.jit(algorithms.make_round(linear_losses, client, everyone_drops))(
+      state, {**cohort, "server_batch": target})
+  assert_trees_close(alone.params, jax.tree.map(
+      lambda x, t: x - 0.5 * (x - t), state.params, target))
 
 
 def test_server_learning_rate_defaults_by_algorithm():

@@ -8,16 +8,10 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ML100K_DIR, REPO
-from data import movielens, sources
+from conftest import ML100K_DIR, REPO, run_workflow
+from data import movielens, sequences
 from data import timelines as tl
 from federated import clients, evaluation, partition
-from federated import next_item as fed_next_item
-
-
-@pytest.fixture
-def tiny_timelines(tiny_config):
-  return sources.load_timelines(tiny_config.data)
 
 
 def test_participation_split_holds_out_last_events(tiny_timelines):
@@ -126,15 +120,15 @@ def test_summaries_are_per_client_means():
   np.testing.assert_allclose(per_client, [0.5, 1.0, 0.0])
   summary = evaluation.summarize(per_client)
   assert summary["mean"] == pytest.approx(0.5)
-  assert summary["p50"] == pytest.approx(0.5) and summary["clients"] == 3
+  assert summary["p50"] == pytest.approx(0.5) and summary["p10"] == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("kind", ["dirichlet", "semantic"])
-def test_synthesised_clients_group_users(tiny_config, tiny_timelines, kind):
+def test_synthesised_clients_group_users(tiny_timelines, kind):
   from configs import fedavg
   fed = fedavg.get_config().federated
   fed.update(partition=kind, num_clients=4)
-  owners = fed_next_item.client_of_user(fed, tiny_timelines, seed=0)
+  owners = partition.client_of_user(fed, tiny_timelines, seed=0)
   assert owners.shape == (tiny_timelines.num_users,)
   assert set(owners.tolist()) == set(range(owners.max() + 1))  # dense ids
 
@@ -144,7 +138,9 @@ def test_movielens_100k_natural_clients():
   config = fedavg.get_config()
   config.data.update(source="movielens", dir=ML100K_DIR)
   data = movielens.read_movielens(ML100K_DIR)
-  split, dataset = fed_next_item.build_clients(config, data)
+  split, dataset = clients.build_clients(
+      config.federated, data, lambda train: sequences.training_windows_by_user(
+          train, config.data.max_len), config.seed)
   assert len(split.participating) == 943 and split.participating.sum() == 754
   assert len(dataset) == 754 and (dataset.num_examples >= 1).all()
   # Every participating user's training events are in its windows exactly once
@@ -157,30 +153,32 @@ def test_movielens_100k_natural_clients():
 
 def run_main(workdir, *args):
   return subprocess.run([sys.executable, "main.py", "--config",
-                         "configs/fedavg_tiny.py", "--workdir", str(workdir), *args],
+                         "configs/fedavg.py:tiny", "--workdir", str(workdir), *args],
                         cwd=REPO, capture_output=True, text=True, timeout=600)
 
 
 def test_federated_workflow_writes_the_participation_gap_and_resumes(tmp_path):
-  stopped = run_main(tmp_path, "--config.train.stop_after_steps=3")
-  assert stopped.returncode == 0, stopped.stderr[-2000:]
-  resumed = run_main(tmp_path)
-  assert resumed.returncode == 0, resumed.stderr[-2000:]
-  assert "resumed from" in resumed.stdout and "at round 3" in resumed.stdout
-  results = json.load(open(tmp_path / "results.json"))
-  assert results["rounds"] == 6 and results["config"]["workflow"] == "federated"
+  from configs import fedavg
+  config = fedavg.get_config("tiny")
+  config.train.stop_after_steps = 3
+  run_workflow(config, tmp_path)
+  config.train.stop_after_steps = 0
+  results = run_workflow(config, tmp_path)
+  assert results["rounds"] == 6
+  key = lambda split, metric: f"{split}/model/next_item/{metric}"  # noqa: E731
   for name in evaluation.SPLITS:
-    assert 0.0 <= results[f"{name}/recall@10/mean"] <= 1.0
-    assert results[f"{name}/recall@10/p10"] <= results[f"{name}/recall@10/p90"]
-  assert results["participation_gap/recall@10"] == pytest.approx(
-      results["out_of_sample/recall@10/mean"]
-      - results["non_participating/recall@10/mean"])
+    assert 0.0 <= results[key(name, "recall@10_mean")] <= 1.0
+    assert results[key(name, "recall@10_p10")] <= results[key(name, "recall@10_p90")]
+    assert 0.0 <= results[f"{name}/popularity/next_item/recall@10_mean"] <= 1.0
+  assert results["participation_gap/model/next_item/recall@10"] == pytest.approx(
+      results[key("out_of_sample", "recall@10_mean")]
+      - results[key("non_participating", "recall@10_mean")])
+  rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in rows if r["split"] == "federated"] == [2, 3, 4, 6]
 
-  uninterrupted = tmp_path / "straight"
-  assert run_main(uninterrupted).returncode == 0
-  straight = json.load(open(uninterrupted / "results.json"))
-  assert straight["out_of_sample/recall@10/mean"] == pytest.approx(
-      results["out_of_sample/recall@10/mean"], abs=1e-6)
+  straight = run_workflow(config, tmp_path / "straight")
+  assert straight[key("out_of_sample", "recall@10_mean")] == pytest.approx(
+      results[key("out_of_sample", "recall@10_mean")], abs=1e-6)
 
 
 def test_federated_config_errors_are_one_line(tmp_path):

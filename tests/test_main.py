@@ -9,7 +9,7 @@ from conftest import REPO
 
 
 def run_main(*args):
-  return subprocess.run([sys.executable, "main.py", "--config", "configs/tiny.py",
+  return subprocess.run([sys.executable, "main.py", "--config", "configs/default.py:tiny",
                          *args], cwd=REPO, capture_output=True, text=True,
                         timeout=600)
 
@@ -19,8 +19,8 @@ def test_main_writes_results_and_resumes(tmp_path):
   assert first.returncode == 0, first.stderr[-2000:]
   results = json.load(open(tmp_path / "results.json"))
   assert results["steps"] == 6
-  assert 0.0 <= results["test/model/recall@10"] <= 1.0
-  assert "test/popularity/ndcg@10" in results
+  assert 0.0 <= results["test/model/next_item/recall@10"] <= 1.0
+  assert "test/popularity/next_item/ndcg@10" in results
   assert results["config"]["workflow"] == "next_item"
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   assert os.path.isdir(tmp_path / "tensorboard")
@@ -63,3 +63,21 @@ def test_missing_data_dir(tmp_path):
 def test_mesh_that_does_not_fit_the_devices(tmp_path):
   _one_line_error(run_main("--workdir", str(tmp_path), "--config.mesh.model=3"),
                   "config.mesh.model=3")
+
+
+def test_unknown_config_variant(tmp_path):
+  result = subprocess.run([sys.executable, "main.py", "--config",
+                           "configs/default.py:huge", "--workdir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+  _one_line_error(result, "unknown config variant 'huge'")
+
+
+def test_data_dir_with_synthetic_source(tmp_path):
+  _one_line_error(run_main("--workdir", str(tmp_path), "--config.data.dir=/x"),
+                  "config.data.dir='/x' is set but config.data.source='synthetic'")
+
+
+def test_bad_schedule_value(tmp_path):
+  _one_line_error(run_main("--workdir", str(tmp_path),
+                           "--config.train.log_every=0"),
+                  "config.train.log_every=0 must be an integer >= 1")

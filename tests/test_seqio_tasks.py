@@ -8,9 +8,16 @@ from conftest import ML100K_DIR
 from data import seqio_tasks, sources, splits, tfds_builder
 
 
-def test_tasks_yield_tokenized_examples(tiny_config, tmp_path):
-  tiny_config.data.text_ratings = True
-  names = seqio_tasks.register_tasks(tiny_config.data, str(tmp_path))
+def _text_config():
+  from configs import user_llm
+  config = user_llm.get_config("tiny")
+  config.userllm.update(text_ratings=True, history_len=5)
+  return config
+
+
+def test_tasks_yield_tokenized_examples(tmp_path):
+  tiny_config = _text_config()
+  names = seqio_tasks.register_tasks(tiny_config, str(tmp_path))
   assert set(names) == set(seqio_tasks.TASKS) | {"multitask"}
   lengths = {"inputs": 256, "targets": 32}
   title_task = seqio.get_mixture_or_task(names["next_title"])
@@ -45,8 +52,8 @@ def test_tasks_yield_tokenized_examples(tiny_config, tmp_path):
                                                    ratings[:-1]))}
   stars = lambda r: str(int(np.clip(np.round(r), 1, 5)))  # noqa: E731
   shown = [f"{data.items.titles[i]} ({stars(r)})" for i, r in
-           zip(items[:-1][-tiny_config.data.text_history:],
-               ratings[:-1][-tiny_config.data.text_history:])]
+           zip(items[:-1][-tiny_config.userllm.history_len:],
+               ratings[:-1][-tiny_config.userllm.history_len:])]
   for task, (question, answer) in expected.items():
     pairs = {ex["inputs_pretokenized"].numpy().decode():
              ex["targets_pretokenized"].numpy().decode()
@@ -60,8 +67,9 @@ def test_tasks_yield_tokenized_examples(tiny_config, tmp_path):
   assert questions == {"Next", "Favourite", "Rating", "Genre", "Summary:"}
 
 
-def test_vocabulary_is_trained_locally_and_covers_the_prompts(tiny_config, tmp_path):
-  vocab = seqio_tasks.vocabulary(tiny_config.data, str(tmp_path))
+def test_vocabulary_is_trained_locally_and_covers_the_prompts(tmp_path):
+  tiny_config = _text_config()
+  vocab = seqio_tasks.vocabulary(tiny_config, str(tmp_path))
   data = sources.load_timelines(tiny_config.data)
   text = f"Watched: {data.items.titles[1]}; {data.items.titles[2]}. Next title:"
   ids = vocab.encode(text)

@@ -7,31 +7,36 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import run_workflow
 from data import sequences, sources, splits
-from infra import checkpoint, mesh as mesh_lib, train_loop
+from infra import checkpoint, mesh as mesh_lib, optim, train_loop
 from userllm import next_item, sequence_model as sm
+
+
+def _model(config):
+  return next_item.build_model(config.model, config.data.synthetic.num_items,
+                               config.data.max_len)
 
 
 def _final_params(config, workdir):
   """The parameters of the latest checkpoint in `workdir`."""
   mesh = mesh_lib.make_mesh(config.mesh)
-  model = next_item.build_model(config, config.data.synthetic.num_items + 1)
-  template, _ = next_item.init_state(model, next_item.make_optimizer(config.train),
-                                     config, mesh)
+  template, _ = next_item.init_state(_model(config), optim.make_optimizer(
+      config.train), config.seed, mesh)
   restored = checkpoint.Checkpointer(workdir, 1, 1).restore_or_keep(template)
   return int(restored.step), restored.params
 
 
 def test_resume_reaches_the_same_parameters(tiny_config, tmp_path):
   straight = tmp_path / "straight"
-  next_item.run(tiny_config, str(straight))
+  run_workflow(tiny_config, straight)
 
   interrupted = tmp_path / "interrupted"
   tiny_config.train.stop_after_steps = 3
-  next_item.run(tiny_config, str(interrupted))
+  run_workflow(tiny_config, interrupted)
   assert _final_params(tiny_config, str(interrupted))[0] == 3
   tiny_config.train.stop_after_steps = 0
-  next_item.run(tiny_config, str(interrupted))  # resumes at 3, trains to 6
+  run_workflow(tiny_config, interrupted)  # resumes at 3, trains to 6
 
   step_a, params_a = _final_params(tiny_config, str(straight))
   step_b, params_b = _final_params(tiny_config, str(interrupted))
@@ -45,9 +50,9 @@ def test_resume_reaches_the_same_parameters(tiny_config, tmp_path):
 
 
 def _one_step(config, mesh, windows):
-  model = next_item.build_model(config, config.data.synthetic.num_items + 1)
-  tx = next_item.make_optimizer(config.train)
-  state, shardings = next_item.init_state(model, tx, config, mesh)
+  model = _model(config)
+  tx = optim.make_optimizer(config.train)
+  state, shardings = next_item.init_state(model, tx, config.seed, mesh)
   step = jax.jit(train_loop.make_train_step(
       functools.partial(sm.next_item_loss, model), tx),
       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
@@ -59,7 +64,7 @@ def _one_step(config, mesh, windows):
 
 def test_sharded_step_equals_single_device(tiny_config):
   assert jax.device_count() == 8, "conftest sets 8 fake CPU devices"
-  data = sources.load_timelines(tiny_config.data)
+  data = sources.load_timelines(tiny_config.data, quiet=True)
   windows = sequences.training_windows(splits.leave_last_out(data).train,
                                        tiny_config.data.max_len)[:16]
   tiny_config.mesh.update(data=1, model=1)
@@ -86,7 +91,7 @@ def test_model_beats_popularity_on_synthetic(tiny_config, tmp_path):
   tiny_config.data.synthetic.update(num_users=400, mean_extra_events=20.0)
   tiny_config.train.update(num_steps=150, learning_rate=5e-3, warmup_steps=10,
                            log_every=50, eval_every=0, checkpoint_every=150)
-  results = next_item.run(tiny_config, str(tmp_path))
-  model, popular = (results["test/model/recall@10"],
-                    results["test/popularity/recall@10"])
+  results = run_workflow(tiny_config, tmp_path)
+  model, popular = (results["test/model/next_item/recall@10"],
+                    results["test/popularity/next_item/recall@10"])
   assert model > 2 * popular and model > popular + 0.1, results
