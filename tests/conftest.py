@@ -52,3 +52,36 @@ def run_workflow(config, workdir):
   return results.write_results(
       str(workdir), workflow.run(config, str(workdir),
                                  mesh_lib.make_mesh(config.mesh)), config)
+
+
+class ConfigReads:
+  """Records which config fields are read (every ConfigDict lookup) while
+  active; `unread(config)` lists the leaf fields nobody looked up."""
+
+  def __enter__(self):
+    import ml_collections
+    self.read, original = set(), ml_collections.ConfigDict.__getitem__
+    self._restore = (ml_collections.ConfigDict, original)
+    reads = self.read
+
+    def getitem(config, key):
+      reads.add((id(config), key))
+      return original(config, key)
+
+    ml_collections.ConfigDict.__getitem__ = getitem
+    return self
+
+  def __exit__(self, *exc):
+    cls, original = self._restore
+    cls.__getitem__ = original
+
+  def unread(self, config, prefix="config") -> list[str]:
+    import ml_collections
+    out = []
+    for key in config.keys():
+      value = config._fields[key]  # noqa: SLF001 (not a read)
+      if isinstance(value, ml_collections.ConfigDict):
+        out += self.unread(value, f"{prefix}.{key}")
+      elif (id(config), key) not in self.read:
+        out.append(f"{prefix}.{key}")
+    return out

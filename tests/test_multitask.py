@@ -8,15 +8,13 @@ import pytest
 
 from data import prompts, sources, splits
 from data.vocab import Tokenizer, train_vocabulary
+from conftest import ConfigReads, run_workflow
 from infra.errors import ConfigError
 
 
 @pytest.fixture
-def tiny_text(tiny_config, tmp_path):
-  timelines = sources.load_timelines(tiny_config.data)
-  tok = Tokenizer(train_vocabulary(prompts.corpus(timelines),
-                                   str(tmp_path / "spm.model"), 300))
-  return timelines, tok
+def tiny_text(tiny_timelines, tiny_tokenizer):
+  return tiny_timelines, tiny_tokenizer
 
 
 def _decode(tok, batch, row=0):
@@ -63,21 +61,22 @@ def test_every_task_asks_its_question_and_answers_from_its_candidates(tiny_text)
     np.testing.assert_array_equal(candidates[label][mask[label]], got)
 
 
-def test_task_metrics_from_fixed_scores(tiny_text, tiny_config):
-  from userllm import workflow
+def test_task_metrics_from_fixed_scores(tiny_text):
+  from userllm import evaluation
   timelines, tok = tiny_text
   split = splits.leave_last_out(timelines)
   builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 60, 40)
   examples = prompts.held_out_examples(split.test, "rating", 0, 0)
-  evaluator = workflow.Evaluator(None, builder, timelines, examples, 4, 8, mesh=None)
+  evaluator = evaluation.TaskEvaluator(None, builder, examples, prompts.TASKS,
+                                       "test", 4, 8, mesh=None)
   n = len(examples)
   for task in ("favourite_genre", "rating", "summary", "title_genre"):
     labels = evaluator.labels(task)
     perfect = np.eye(len(builder.answers[task]))[labels]
-    assert evaluator.task_metrics(None, task, perfect)["accuracy"] == 1.0
+    assert evaluator.task_metrics(task, perfect)["accuracy"] == 1.0
   labels = evaluator.labels("rating")
   off_by_one = np.eye(5)[np.where(labels < 4, labels + 1, labels - 1)]
-  metrics = evaluator.task_metrics(None, "rating", off_by_one)
+  metrics = evaluator.task_metrics("rating", off_by_one)
   assert metrics == {"accuracy": 0.0, "mae": 1.0}
   # title_genre: any of the item's genres is right, the others are not
   targets = timelines.item_ids[timelines.user_offsets[examples.users] + examples.cuts]
@@ -85,33 +84,35 @@ def test_task_metrics_from_fixed_scores(tiny_text, tiny_config):
   other = np.argmin(item_genres, 1)  # a genre the item does not have
   assert (item_genres[np.arange(n), other] == 0).all()
   wrong = np.eye(item_genres.shape[1])[other]
-  assert evaluator.task_metrics(None, "title_genre", wrong)["accuracy"] == 0.0
+  assert evaluator.task_metrics("title_genre", wrong)["accuracy"] == 0.0
   last = np.eye(item_genres.shape[1])[item_genres.shape[1] - 1 - np.argmax(
       item_genres[:, ::-1], 1)]  # the item's last-listed genre
-  assert evaluator.task_metrics(None, "title_genre", last)["accuracy"] == 1.0
+  assert evaluator.task_metrics("title_genre", last)["accuracy"] == 1.0
 
 
-def test_multitask_adapters_train_through_main(tmp_path):
-  """configs/multitask_tiny.py: every kind trains only its adapters on the
+def test_multitask_adapters_train_through_the_workflow(tmp_path):
+  """configs/multitask.py:tiny: every kind trains only its adapters on the
   shared, frozen LM stage and reports every task."""
-  import main
-  from configs import multitask_tiny
-  config = multitask_tiny.get_config()
+  from configs import multitask
+  config = multitask.get_config("tiny")
   config.userllm.eval_base = True
   results = {}
   for kind in ("mode", "lora"):
     config.adapter.kind = kind
-    results[kind] = main.run_experiment(config, str(tmp_path))
+    with ConfigReads() as reads:
+      results[kind] = run_workflow(config, tmp_path)
+    if kind == "mode":  # the first run reads every stage's fields
+      assert reads.unread(config) == []
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["adapter"]["kind"] == kind
     config.userllm.update(eval_base=False, eval_valid=False)
   mode, lora = results["mode"], results["lora"]
-  assert not any(k.startswith(("valid/", "base/")) for k in lora)  # test only
+  assert not any(k.startswith("valid/") or "/base/" in k for k in lora)  # test only
   for task in prompts.TASKS:
     metric = "recall@10" if task == "next_title" else "accuracy"
-    for prefix in ("test", "valid", "base/test", "test/prior"):
+    for prefix in ("test/model", "valid/model", "test/base", "test/prior"):
       assert 0 <= mode[f"{prefix}/{task}/{metric}"] <= 1
-  assert 0 <= mode["test/rating/mae"] <= 4
+  assert 0 <= mode["test/model/rating/mae"] <= 4
   for r in (mode, lora):  # only the adapters train
     assert r["trainable_parameters"] == r["adapter_parameters"] == r[
         "adapter_parameters_formula"] > 0
@@ -128,52 +129,53 @@ def test_multitask_adapters_train_through_main(tmp_path):
 
 
 def test_multitask_config_errors_name_the_field(tmp_path):
-  import main
-  from configs import multitask_tiny
-  config = multitask_tiny.get_config()
+  from configs import multitask
+  config = multitask.get_config("tiny")
   config.adapter.kind = "none"
   with pytest.raises(ConfigError, match="config.adapter.kind"):
-    main.run_experiment(config, str(tmp_path))
+    run_workflow(config, tmp_path)
   config.adapter.kind = "mode"
   config.userllm.tasks = ("next_title", "horoscope")
   with pytest.raises(ConfigError, match="config.userllm.tasks.*horoscope"):
-    main.run_experiment(config, str(tmp_path))
+    run_workflow(config, tmp_path)
   config.userllm.tasks = ("rating",)
   config.adapter.router = "by_mood"
   with pytest.raises(ConfigError, match="config.adapter.router='by_mood'"):
-    main.run_experiment(config, str(tmp_path))
+    run_workflow(config, tmp_path)
 
 
 def test_adapter_benchmark_kinds_may_name_a_router():
-  import argparse
-  from userllm import adapter_benchmark
-  args = argparse.Namespace(data="synthetic", set=[])
-  plain, routed = (adapter_benchmark.config_for(k, args)
+  from benchmarks import adapters as adapter_benchmark
+  from configs import multitask
+  base = multitask.get_config()
+  plain, routed = (adapter_benchmark.config_for(base, k)
                    for k in ("molora", "mode+token_task"))
   assert (plain.adapter.kind, plain.adapter.router) == ("molora", "token")
   assert (routed.adapter.kind, routed.adapter.router) == ("mode", "token_task")
+  assert base.adapter.kind == "mode"  # the base config is not changed
 
 
 def test_adapter_benchmark_table_has_a_row_per_kind_and_baselines(tmp_path):
-  from userllm import adapter_benchmark
+  from benchmarks import adapters as adapter_benchmark
   tasks = ("next_title", "rating")
   def result(kind, rank, recall):
     r = {"adapter_rank": rank, "adapter_experts": 1 if kind == "lora" else 4,
          "adapter_parameters": 1000, "train_step_seconds": 0.02,
-         "test/next_title/recall@10": recall, "test/rating/accuracy": 0.5,
-         "test/rating/mae": 0.6, "test/average": (recall + 0.5) / 2,
-         "test/prior/next_title/recall@10": 0.01, "test/prior/rating/accuracy": 0.3,
-         "test/prior/average": 0.155}
+         "test/model/next_title/recall@10": recall,
+         "test/model/rating/accuracy": 0.5, "test/model/rating/mae": 0.6,
+         "test/model/all/average": (recall + 0.5) / 2,
+         "test/prior/next_title/recall@10": 0.01,
+         "test/prior/rating/accuracy": 0.3, "test/prior/all/average": 0.155}
     if kind == "lora":
-      r.update({"base/test/next_title/recall@10": 0.02,
-                "base/test/rating/accuracy": 0.1, "base/test/average": 0.06})
+      r.update({"test/base/next_title/recall@10": 0.02,
+                "test/base/rating/accuracy": 0.1, "test/base/all/average": 0.06})
     return r
   rows = adapter_benchmark.rows_from(
-      {"lora": result("lora", 18, 0.2), "mode": result("mode", 4, 0.3)}, tasks)
+      {"lora": result("lora", 18, 0.2), "mode": result("mode", 4, 0.3)})
   assert [r["kind"] for r in rows] == ["lora", "mode", "base (no adapter)", "prior"]
   assert rows[1]["next_title/recall@10"] == 0.3 and rows[1]["experts"] == 4
   assert rows[2]["average"] == 0.06 and rows[3]["rating/accuracy"] == 0.3
-  assert not any(k.startswith("prior/") for r in rows for k in r)
+  assert not any(k.startswith(("prior/", "base/")) for r in rows for k in r)
   out = str(tmp_path / "table")
   adapter_benchmark.write(out, rows, {"data": "synthetic", "eval_users": 100,
                                       "device": "cpu", "jax": "x", "command": "c",

@@ -12,6 +12,7 @@ import pytest
 from flax import linen as nn
 
 from data import prompts, sources, splits
+from conftest import ConfigReads, run_workflow
 from data.vocab import Tokenizer, train_vocabulary
 from infra import mesh as mesh_lib, train_loop
 from infra.train_state import TrainState
@@ -137,11 +138,8 @@ def test_strategy_that_trains_nothing_is_an_error():
     ul.trainable_mask(params, "nope")
 
 
-def test_text_prompt_keeps_the_latest_titles(tiny_config, tmp_path):
-  timelines = sources.load_timelines(tiny_config.data)
-  vocab = train_vocabulary(prompts.corpus(timelines), str(tmp_path / "spm.model"),
-                           300)
-  tok = Tokenizer(vocab)
+def test_text_prompt_keeps_the_latest_titles(tiny_timelines, tiny_tokenizer):
+  timelines, tok = tiny_timelines, tiny_tokenizer
   builder = prompts.PromptBuilder(timelines, tok, "text_prompt", history_len=5,
                                   prompt_len=30, answer_len=12)
   user, cut = 3, 7
@@ -163,55 +161,60 @@ def test_text_prompt_keeps_the_latest_titles(tiny_config, tmp_path):
                                 timelines.user_items(user)[cut - 5:cut])
 
 
-def test_workflow_end_to_end_and_resume(tiny_config, tmp_path):
-  import main
-  from configs import user_llm_tiny
-  config = user_llm_tiny.get_config()
-  straight = main.run_experiment(config, str(tmp_path / "straight"))
-  for key in ("test/next_title/recall@1", "test/next_title/recall@10",
-              "test/favourite_genre/accuracy", "llm_input_tokens"):
+def test_workflow_end_to_end_and_resume(tmp_path):
+  from configs import user_llm
+  config = user_llm.get_config("tiny")
+  with ConfigReads() as reads:
+    straight = run_workflow(config, tmp_path / "straight")
+  assert reads.unread(config) == []  # the config holds only what the workflow reads
+  for key in ("test/model/next_title/recall@1", "test/model/next_title/recall@10",
+              "test/model/favourite_genre/accuracy", "test/prior/all/average",
+              "valid/model/all/average", "llm_input_tokens"):
     assert key in straight
-  assert 0 <= straight["test/next_title/recall@1"] <= straight[
-      "test/next_title/recall@10"] <= 1
+  assert 0 <= straight["test/model/next_title/recall@1"] <= straight[
+      "test/model/next_title/recall@10"] <= 1
   saved = json.loads((tmp_path / "straight" / "results.json").read_text())
   assert saved["config"]["userllm"]["method"] == "cross_attention"
+  for stage in ("lm", "encoder_h8", "cross_attention_h8"):
+    assert (tmp_path / "straight" / stage / "checkpoints").is_dir()
 
   config.train.stop_after_steps = 2  # preempted in the last stage
-  main.run_experiment(config, str(tmp_path / "resumed"))
+  run_workflow(config, tmp_path / "resumed")
   config.train.stop_after_steps = 0
-  resumed = main.run_experiment(config, str(tmp_path / "resumed"))
-  for key in ("test/next_title/recall@10", "test/favourite_genre/accuracy"):
+  resumed = run_workflow(config, tmp_path / "resumed")
+  for key in ("test/model/next_title/recall@10",
+              "test/model/favourite_genre/accuracy"):
     assert resumed[key] == straight[key]
 
   # other methods reuse the finished LM and encoder stages of the workdir
   config.userllm.method = "text_prompt"
-  text = main.run_experiment(config, str(tmp_path / "straight"))
+  text = run_workflow(config, tmp_path / "straight")
   assert text["llm_input_tokens"] > straight["llm_input_tokens"]
   assert text["parameters"] < straight["parameters"]  # no encoder, no cross blocks
+  lm_rows = [json.loads(line) for line in
+             (tmp_path / "straight" / "lm" / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in lm_rows if r["split"] == "lm"] == [2, 4]  # trained once
 
 
 def test_unknown_method_is_a_config_error(tmp_path):
-  import main
-  from configs import user_llm_tiny
+  from configs import user_llm
   from infra.errors import ConfigError
-  config = user_llm_tiny.get_config()
+  config = user_llm.get_config("tiny")
   config.userllm.method = "telepathy"
   with pytest.raises(ConfigError, match="config.userllm.method"):
-    main.run_experiment(config, str(tmp_path))
+    run_workflow(config, tmp_path)
 
 
 def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
-    tiny_config, tmp_path):
+    tiny_timelines, tiny_tokenizer):
   """Held-out cuts index the full timelines; each task gets its own prompt."""
-  from userllm import workflow
-  timelines = sources.load_timelines(tiny_config.data)
+  from userllm import evaluation
+  timelines, tok = tiny_timelines, tiny_tokenizer
   split = splits.leave_last_out(timelines)
-  tok = Tokenizer(train_vocabulary(prompts.corpus(timelines),
-                                   str(tmp_path / "spm.model"), 300))
   builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 40, 12)
   examples = prompts.held_out_examples(split.test, "next_title", 0, 0)
-  evaluator = workflow.Evaluator(None, builder, timelines,
-                                 examples, 4, 8, mesh=None)
+  evaluator = evaluation.TaskEvaluator(None, builder, examples, ["next_title"],
+                                       "test", 4, 8, mesh=None)
   for task, ending in (("next_title", "Next title:"),
                        ("favourite_genre", "Favourite genre:")):
     batch = evaluator.prompt_batch(task, np.arange(2))
@@ -223,24 +226,22 @@ def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
 
 
 def test_candidates_scored_in_length_groups_equal_full_width_scores(
-    tiny_config, tmp_path):
-  """Evaluator.scores trims each group of candidates to its own width; the
+    tiny_config, tiny_timelines, tiny_tokenizer):
+  """TaskEvaluator.scores trims each group of candidates to its own width; the
   scores are those of every candidate at the full padded width."""
-  from userllm import workflow
-  timelines = sources.load_timelines(tiny_config.data)
+  from userllm import evaluation
+  timelines, tok = tiny_timelines, tiny_tokenizer
   split = splits.leave_last_out(timelines)
-  tok = Tokenizer(train_vocabulary(prompts.corpus(timelines),
-                                   str(tmp_path / "spm.model"), 300))
   builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 40, 12)
   lm = llm.LLMConfig(vocab_size=tok.vocab_size, embed_dim=16, num_layers=1,
                      num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
   model = ul.UserLLM(ul.UserLLMConfig(encoder=None, llm=lm, integration="text"))
   examples = prompts.held_out_examples(split.test, "next_title", 6, 0)
   mesh = mesh_lib.make_mesh(tiny_config.mesh, jax.devices()[:1])
-  evaluator = workflow.Evaluator(workflow.candidate_scorer(model), builder,
-                                 timelines, examples, 4, 8, mesh)
+  evaluator = evaluation.TaskEvaluator(evaluation.candidate_scorer(model), builder,
+                                       examples, ["next_title"], "test", 4, 8, mesh)
   candidates, mask = builder.candidates("next_title")
-  groups = workflow.candidate_chunks(mask.sum(1), 8, candidates.shape[1])
+  groups = evaluation.candidate_chunks(mask.sum(1), 8, candidates.shape[1])
   assert sorted(set(np.concatenate([ids for ids, _ in groups]))) == list(
       range(len(candidates)))
   assert min(width for _, width in groups) < candidates.shape[1]  # it trims
@@ -256,11 +257,10 @@ def test_candidates_scored_in_length_groups_equal_full_width_scores(
 
 def test_workflow_starts_from_a_gemma_checkpoint(tmp_path):
   """config.llm.checkpoint: the LM stage is skipped and the LLM is loaded."""
-  import main
-  from configs import user_llm_tiny
+  from configs import user_llm
   from userllm import gemma_loader
-  config = user_llm_tiny.get_config()
-  timelines = sources.load_timelines(config.data)
+  config = user_llm.get_config("tiny")
+  timelines = sources.load_timelines(config.data, quiet=True)
   vocab = train_vocabulary(prompts.corpus(timelines), str(tmp_path / "tok.model"),
                            300)
   lm_cfg = llm.LLMConfig(vocab_size=Tokenizer(vocab).vocab_size, embed_dim=32,
@@ -272,6 +272,6 @@ def test_workflow_starts_from_a_gemma_checkpoint(tmp_path):
   gemma_loader.save_checkpoint(params, str(tmp_path / "gemma"), fuse_qkv=True)
   config.llm.update(checkpoint=str(tmp_path / "gemma"), tokenizer=vocab)
   config.userllm.method = "soft_prompt"
-  results = main.run_experiment(config, str(tmp_path / "run"))
+  results = run_workflow(config, tmp_path / "run")
   assert not (tmp_path / "run" / "lm").exists()
-  assert 0 <= results["test/next_title/recall@10"] <= 1
+  assert 0 <= results["test/model/next_title/recall@10"] <= 1
