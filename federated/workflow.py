@@ -17,7 +17,6 @@ import time
 
 import jax
 import ml_collections
-import numpy as np
 from flax import linen as nn
 
 from data import sources

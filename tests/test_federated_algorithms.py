@@ -1,7 +1,6 @@
 """The FedAvg family as pure functions: equalities with centralised training,
 padding invariance, dropouts, vmapped == looped, sharded == single device."""
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from data import prompts, sources, splits
-from data.vocab import Tokenizer, train_vocabulary
+from data import prompts, splits
 from conftest import ConfigReads, run_workflow
 from infra.errors import ConfigError
 
