@@ -51,6 +51,9 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       tasks=ALL_TASKS if multitask else ("next_title", "favourite_genre"),
       lm_tasks=("next_title",) if multitask else ("next_title", "favourite_genre"),
       text_ratings=multitask,  # text prompts show "(rating)" after each title
+      # stage-3 batches: "arrays" (in memory) or "seqio" (the tasks' seqio
+      # Mixture over the tfds data: data/seqio_tasks.py; same examples)
+      input_pipeline="arrays",
       eval_base=False,  # also score the test tasks before stage-3 training
       eval_valid=True,  # score the valid split after training (as well as test)
       history_len=8 if tiny else (10 if multitask else 50),  # events shown

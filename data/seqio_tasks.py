@@ -1,22 +1,23 @@
-"""seqio text-to-text tasks over `user_timelines` and their SentencePiece vocabulary.
+"""seqio tasks over `user_timelines` (data/tfds_builder.py): the prompt tasks
+of data/prompts.py as a seqio Task each and their equal-rate Mixture, and the
+training batches the User-LLM workflow reads from that Mixture when
+`config.userllm.input_pipeline="seqio"`.
 
-Tasks (names `user_timelines_<config>_<task>`), the text-to-text form of
-data/prompts.py's tasks (same prompt words and answers; here the genre and
-summary answers read the whole history, there the shown one):
-- `next_title`: "Watched: t1; t2; ...; tN. Next title:" -> the next item's title.
-- `favourite_genre`: "Watched: ... Favourite genre:" -> the most frequent genre.
-- `rating`: "Watched: ... Rating of <title>:" -> the user's rating, "1".."5".
-- `title_genre`: "Watched: ... Genre of <title>:" -> the title's first genre.
-- `summary`: "Watched: ... Summary:" -> "<genre>, <genre>; <rating level>".
-The prompt words and separators are data/prompts.py's. The config is a
-`user_llm` one: `config.userllm.history_len` titles are shown, each followed by
-"(rating)" with `config.userllm.text_ratings`. The mixture
-`user_timelines_<config>_multitask` samples the five tasks equally.
+There is one definition of a task: `prompts.PromptBuilder`. A Task reads a
+tfds example's `user` and `cut` and asks the builder for that row's prompt
+and answer ids, so a seqio example holds exactly the tokens of the in-memory
+path (`inputs`: the prompt, no eos; `targets`: the answer + eos), with their
+text (`*_pretokenized`, decoded from those ids) for reading. Names:
+`user_timelines_<config>_<task>` and `user_timelines_<config>_multitask`.
 
-The vocabulary is `config.llm.tokenizer` when given, else a SentencePiece model
-trained locally on the data's text (titles, genre names, prompt words, with
-`config.data.vocab_size`) and saved under the workdir, so a fresh offline
-machine needs no download.
+The tfds train split holds the (user, cut) rows of `prompts.training_examples`
+with the workflow's seed, so both input paths train on the same examples; they
+differ in order only (seqio samples the tasks at equal rates from shuffled
+streams, the in-memory path shuffles every (user, cut, task) row per epoch).
+The vocabulary is the workflow's (`prompts.vocabulary_file`).
+
+This module imports TensorFlow; the training process loads it only when the
+seqio input path is chosen.
 """
 
 from __future__ import annotations
@@ -25,81 +26,63 @@ import hashlib
 import json
 import os
 
-import ml_collections
 import numpy as np
 import seqio
 import tensorflow as tf
 
-from data import sources, tfds_builder
-from data.prompts import (HISTORY_HEAD, HISTORY_SEP, HISTORY_TAIL, ITEM_TAIL,
-                          ITEM_TASKS, PROMPTS as _PROMPTS, TASKS, corpus)
-from data import timelines as tl
-from data.vocab import train_vocabulary
-from infra.errors import ConfigError
+from data import prompts, sources, tfds_builder
+from data.prompts import TASKS
 
 
-def data_fingerprint(data_config: ml_collections.ConfigDict) -> str:
-  """A short hash of config.data: prepared data is reused only for the same one."""
-  blob = json.dumps(data_config.to_dict(), sort_keys=True, default=str)
-  return hashlib.sha1(blob.encode()).hexdigest()[:10]
+def tfds_data_dir(data_config, workdir: str, cuts_per_user: int, seed: int) -> str:
+  """`<workdir>/tfds/<hash>`: prepared data is reused only for the same
+  config.data and train cuts."""
+  blob = json.dumps([data_config.to_dict(), cuts_per_user, seed], sort_keys=True,
+                    default=str)
+  return os.path.join(workdir, "tfds", hashlib.sha1(blob.encode()).hexdigest()[:10])
 
 
-def tfds_data_dir(data_config, workdir: str) -> str:
-  return os.path.join(workdir, "tfds", data_fingerprint(data_config))
-
-
-def vocabulary(config, workdir: str, timelines: tl.UserTimelines | None = None
-               ) -> seqio.SentencePieceVocabulary:
-  """config.llm.tokenizer, or a locally trained model (cached in workdir)."""
-  if config.llm.tokenizer:
-    if not os.path.exists(config.llm.tokenizer):
-      raise FileNotFoundError(f"config.llm.tokenizer={config.llm.tokenizer!r}"
-                              " does not exist")
-    return seqio.SentencePieceVocabulary(config.llm.tokenizer)
-  path = os.path.join(tfds_data_dir(config.data, workdir), "spm.model")
-  if not os.path.exists(path):
-    timelines = timelines or sources.load_timelines(config.data, quiet=True)
-    train_vocabulary(corpus(timelines), path, config.data.vocab_size)
-  return seqio.SentencePieceVocabulary(path)
-
-
-def prepare(data_config, workdir: str) -> tuple[str, dict]:
-  """Builds user_timelines/<config> into the workdir; returns (name, builder kwargs)."""
+def prepare(data_config, workdir: str, cuts_per_user: int, seed: int
+            ) -> tuple[str, seqio.TfdsDataSource]:
+  """Builds user_timelines/<config> into the workdir: (<config>, its seqio
+  source)."""
   config_name = tfds_builder.builder_config_name(data_config)
+  data_dir = tfds_data_dir(data_config, workdir, cuts_per_user, seed)
   kwargs = {"source_dir": data_config.dir or None,
-            "synthetic_spec": sources.synthetic_spec(data_config)}
-  builder = tfds_builder.UserTimelines(
-      config=config_name, data_dir=tfds_data_dir(data_config, workdir), **kwargs)
+            "synthetic_spec": sources.synthetic_spec(data_config),
+            "train_cuts_per_user": cuts_per_user, "train_seed": seed}
+  builder = tfds_builder.UserTimelines(config=config_name, data_dir=data_dir,
+                                       **kwargs)
   builder.download_and_prepare()
-  return f"user_timelines/{config_name}:{builder.VERSION}", kwargs
+  return config_name, seqio.TfdsDataSource(
+      tfds_name=f"user_timelines/{config_name}:{builder.VERSION}",
+      tfds_data_dir=data_dir, tfds_builder_kwargs=kwargs)
 
 
-def _rating_text(ratings):
-  return tf.strings.as_string(tf.clip_by_value(tf.round(ratings), 1, 5), precision=0)
+def _task_rows(builder: prompts.PromptBuilder, task: str):
+  """A preprocessor: tfds example -> the builder's tokens of (user, cut, task)."""
+  task_id = TASKS.index(task)
 
+  def tokens(user, cut):
+    user, cut = int(user), int(cut)
+    prompt = builder.prompt(user, cut, task)
+    answer = builder.answer(user, cut, task)
+    return (np.asarray(prompt, np.int32), np.asarray(answer, np.int32),
+            builder.tokenizer.processor.decode(prompt).encode(),
+            builder.tokenizer.decode(answer).encode())
 
-def _to_text(task: str, max_history: int, show_ratings: bool):
-  """Example -> {"inputs": prompt text, "targets": answer text}."""
   def fn(ex):
-    titles = ex["history_titles"][-max_history:]
-    if show_ratings:
-      titles = tf.strings.join([titles, " (", _rating_text(
-          ex["history_ratings"][-max_history:]), ")"])
-    history = tf.strings.reduce_join(titles, separator=f"{HISTORY_SEP} ")
-    question = [_PROMPTS[task]]
-    if task in ITEM_TASKS:
-      question += [" ", ex["target_title"], ITEM_TAIL]
-    inputs = tf.strings.join([f"{HISTORY_HEAD} ", history, f"{HISTORY_TAIL} ",
-                              *question])
-    target = {"next_title": ex["target_title"],
-              "favourite_genre": ex["favourite_genre"],
-              "rating": _rating_text(ex["target_rating"]),
-              "title_genre": ex["target_genre"], "summary": ex["summary"]}[task]
-    return {"inputs": inputs, "targets": target}
-  return fn
+    prompt, answer, prompt_text, answer_text = tf.numpy_function(
+        tokens, [ex["user"], ex["cut"]], [tf.int32, tf.int32, tf.string, tf.string],
+        stateful=False)
+    prompt.set_shape([None])
+    answer.set_shape([None])
+    prompt_text.set_shape([])
+    answer_text.set_shape([])
+    return {"inputs": prompt, "targets": answer, "inputs_pretokenized": prompt_text,
+            "targets_pretokenized": answer_text, "user": ex["user"],
+            "cut": ex["cut"], "task_id": tf.constant(task_id, tf.int32)}
 
-
-def _map(fn):
   return lambda ds: ds.map(fn, num_parallel_calls=tf.data.AUTOTUNE)
 
 
@@ -107,36 +90,92 @@ def exact_match(targets, predictions) -> dict[str, float]:
   return {"exact_match": float(np.mean([t == p for t, p in zip(targets, predictions)]))}
 
 
-def register_tasks(config, workdir: str) -> dict[str, str]:
-  """Prepares the data and registers one seqio Task per entry of TASKS and
-  their equal-rate Mixture.
+def register_tasks(config, workdir: str, builder: prompts.PromptBuilder,
+                   tasks=TASKS, seed: int | None = None) -> dict[str, str]:
+  """Prepares the data and registers one seqio Task per task and their
+  equal-rate Mixture.
+
+  Args:
+    config: a user_llm config (its `data` and `userllm.cuts_per_user`).
+    workdir: where the tfds data is prepared.
+    builder: the PromptBuilder over the *full* timelines (held-out cuts index
+      them) whose tokens the tasks yield.
+    tasks: the tasks to register and mix.
+    seed: the training examples' seed (the workflow's stage-3 seed).
 
   Returns:
     {task: registered seqio task name, "multitask": the mixture's name}.
     Registering again replaces them.
   """
-  data_config, history = config.data, config.userllm.history_len
-  if history < 1:
-    raise ConfigError(f"config.userllm.history_len={history} must be >= 1")
-  tfds_name, builder_kwargs = prepare(data_config, workdir)
-  vocab = vocabulary(config, workdir)
-  features = {k: seqio.Feature(vocab, add_eos=True) for k in ("inputs", "targets")}
-  config_name = tfds_name.split("/")[1].split(":")[0]
+  seed = config.seed + 1 if seed is None else seed
+  config_name, source = prepare(config.data, workdir, config.userllm.cuts_per_user,
+                                seed)
+  vocab = seqio.SentencePieceVocabulary(builder.tokenizer.path)
+  features = {k: seqio.Feature(vocab, add_eos=False) for k in ("inputs", "targets")}
   names = {}
-  for task in TASKS:
+  for task in tasks:
     name = f"user_timelines_{config_name}_{task}"
     seqio.TaskRegistry.remove(name)
-    seqio.TaskRegistry.add(
-        name,
-        source=seqio.TfdsDataSource(
-            tfds_name=tfds_name, tfds_data_dir=tfds_data_dir(data_config, workdir),
-            tfds_builder_kwargs=builder_kwargs),
-        preprocessors=[_map(_to_text(task, history, config.userllm.text_ratings)),
-                       seqio.preprocessors.tokenize,
-                       seqio.preprocessors.append_eos_after_trim],
-        output_features=features, metric_fns=[exact_match])
+    seqio.TaskRegistry.add(name, source=source,
+                           preprocessors=[_task_rows(builder, task)],
+                           output_features=features, metric_fns=[exact_match])
     names[task] = name
   mixture = f"user_timelines_{config_name}_multitask"
   seqio.MixtureRegistry.remove(mixture)
-  seqio.MixtureRegistry.add(mixture, [names[t] for t in TASKS], default_rate=1.0)
+  seqio.MixtureRegistry.add(mixture, [names[t] for t in tasks], default_rate=1.0)
   return {**names, "multitask": mixture}
+
+
+class MixtureBatches:
+  """step -> the training batch of that step, read from a seqio Mixture.
+
+  The stream is the Mixture's shuffled, equal-rate sample with a fixed seed,
+  so it is a pure function of the step: a call at step s that does not follow
+  step s - 1 (a resumed run) restarts the stream and skips s batches.
+  Batches have the in-memory path's keys and shapes ("tokens", "token_mask",
+  "target_mask", "task_ids", and "events" for user-embedding methods).
+  """
+
+  def __init__(self, mixture: str, builder: prompts.PromptBuilder,
+               batch_size: int, seed: int, with_events: bool):
+    self.mixture, self.builder = seqio.get_mixture_or_task(mixture), builder
+    self.batch_size, self.seed, self.with_events = batch_size, seed, with_events
+    self.next_step, self.stream = None, None
+
+  def _restart(self, step: int) -> None:
+    lengths = {"inputs": self.builder.prompt_len, "targets": self.builder.answer_len}
+    ds = self.mixture.get_dataset(lengths, split="train", shuffle=True,
+                                  seed=self.seed, num_epochs=None,
+                                  passthrough_features=["user", "cut", "task_id"])
+    self.stream = ds.skip(step * self.batch_size).as_numpy_iterator()
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    if step != self.next_step:
+      self._restart(step)
+    self.next_step = step + 1
+    rows = [next(self.stream) for _ in range(self.batch_size)]
+    pad = self.builder.tokenizer.pad
+    prompt, prompt_mask = pad([r["inputs"].tolist() for r in rows],
+                              self.builder.prompt_len, left=True)
+    answer, answer_mask = pad([r["targets"].tolist() for r in rows],
+                              self.builder.answer_len, left=False)
+    batch = {"tokens": np.concatenate([prompt, answer], 1),
+             "token_mask": np.concatenate([prompt_mask, answer_mask], 1),
+             "target_mask": np.concatenate([np.zeros_like(prompt_mask),
+                                            answer_mask], 1),
+             "task_ids": np.array([r["task_id"] for r in rows], np.int32)}
+    if self.with_events:
+      examples = prompts.Examples(np.array([r["user"] for r in rows], np.int32),
+                                  np.array([r["cut"] for r in rows], np.int32),
+                                  batch["task_ids"])
+      batch["events"] = self.builder.events(examples, np.arange(len(rows)))
+    return batch
+
+
+def training_batches(config, workdir: str, builder: prompts.PromptBuilder,
+                     tasks, seed: int) -> MixtureBatches:
+  """The workflow's stage-3 batches from the Mixture of `tasks`."""
+  names = register_tasks(config, workdir, builder, tasks, seed)
+  return MixtureBatches(names["multitask"], builder, config.train.batch_size, seed,
+                        with_events=builder.method in ("cross_attention",
+                                                       "soft_prompt"))

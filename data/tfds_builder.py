@@ -2,15 +2,20 @@
 
 Configs: `synthetic`, `movielens_100k`, `movielens_1m`, `movielens_latest_small`.
 MovieLens configs read the files from `source_dir` (nothing is downloaded); the
-synthetic config generates from `synthetic_spec`. One example per user with a
-held-out target, split leave-last-out:
+synthetic config generates from `synthetic_spec`. One example per (user, cut):
+the user's events before the cut (the history) and the event at the cut (the
+target), as facts only. Task prompts and answers are not stored: they are
+data/prompts.py's, computed from `user` and `cut` (data/seqio_tasks.py).
 
-- train: history = the user's train events but the last, target = the last;
+- train: `train_cuts_per_user` random cuts per user of the leave-last-out train
+  events, exactly the (user, cut) rows of `prompts.training_examples(split.train,
+  train_cuts_per_user, train_seed)`, the in-memory input path's examples;
 - validation: history = all train events, target = the second-to-last event;
 - test: history = all events but the last, target = the last event.
 
-Use `prepare(builder_config, data_dir, ...)`; `data_dir` should be specific to the
-data config (see `seqio_tasks.tfds_data_dir`), since tfds reuses prepared data.
+`cut` indexes the user's full timeline. Prepare it with a `data_dir` specific
+to the data and the train cuts (`seqio_tasks.tfds_data_dir`), since tfds reuses
+prepared data.
 """
 
 from __future__ import annotations
@@ -25,34 +30,37 @@ _MOVIELENS_CONFIGS = ("movielens_100k", "movielens_1m", "movielens_latest_small"
 
 
 class UserTimelines(tfds.core.GeneratorBasedBuilder):
-  """User histories with their next item, from local MovieLens files or synthetic."""
+  """User histories with the event at a cut, from local MovieLens files or synthetic."""
 
-  VERSION = tfds.core.Version("1.1.0")
+  VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {"1.0.0": "Leave-last-out next-item examples.",
-                   "1.1.0": "Target rating and genre, user summary (multi-task)."}
+                   "1.1.0": "Target rating and genre, user summary (multi-task).",
+                   "2.0.0": "Facts only (labels are data/prompts.py's); user index "
+                            "and cut; train split = the training examples' cuts."}
   BUILDER_CONFIGS = [tfds.core.BuilderConfig(name=name) for name in
                      ("synthetic",) + _MOVIELENS_CONFIGS]
 
   def __init__(self, *, source_dir: str | None = None,
-               synthetic_spec: synthetic.SyntheticSpec | None = None, **kwargs):
+               synthetic_spec: synthetic.SyntheticSpec | None = None,
+               train_cuts_per_user: int = 1, train_seed: int = 0, **kwargs):
     self._source_dir = source_dir
     self._synthetic_spec = synthetic_spec or synthetic.SyntheticSpec()
+    self._train_cuts_per_user, self._train_seed = train_cuts_per_user, train_seed
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({
-            "user_id": np.int64,
+            "user": np.int32,  # row of the user in the timelines
+            "cut": np.int32,  # position of the target in the user's timeline
+            "user_id": np.int64,  # the source's id
             "history_items": tfds.features.Sequence(np.int32),
             "history_ratings": tfds.features.Sequence(np.float32),
             "history_timestamps": tfds.features.Sequence(np.int64),
             "history_titles": tfds.features.Sequence(tfds.features.Text()),
             "target_item": np.int32,
             "target_title": tfds.features.Text(),
-            "favourite_genre": tfds.features.Text(),
             "target_rating": np.float32,
-            "target_genre": tfds.features.Text(),  # its first genre
-            "summary": tfds.features.Text(),  # data/prompts.py's summary task
         }),
         description=__doc__)
 
@@ -68,48 +76,31 @@ class UserTimelines(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # local sources only
     data = self._load()
     split = splits.leave_last_out(data)
-    users = split.test.users[split.train.lengths[split.test.users] >= 2]
-    train_lengths = split.train.lengths[users]  # users with >= 1 history event
-    train_held_out = splits.HeldOut(
-        users=users, history_lengths=train_lengths - 1,
-        targets=data.item_ids[data.user_offsets[users] + train_lengths - 1])
-    return {"train": self._generate_examples(data, train_held_out),
-            "validation": self._generate_examples(data, split.valid),
-            "test": self._generate_examples(data, split.test)}
+    train = prompts.training_examples(split.train, self._train_cuts_per_user,
+                                      self._train_seed, tasks=prompts.TASKS[:1])
+    return {"train": self._generate_examples(data, train.users, train.cuts),
+            "validation": self._generate_examples(data, split.valid.users,
+                                                  split.valid.history_lengths),
+            "test": self._generate_examples(data, split.test.users,
+                                            split.test.history_lengths)}
 
-  def _generate_examples(self, data: tl.UserTimelines, held_out: splits.HeldOut):
-    for user, length, target in zip(held_out.users, held_out.history_lengths,
-                                    held_out.targets):
+  def _generate_examples(self, data: tl.UserTimelines, users: np.ndarray,
+                         cuts: np.ndarray):
+    for user, cut in zip(users, cuts):
       start = data.user_offsets[user]
-      events = slice(start, start + length)
-      history = data.item_ids[events]
-      yield int(user), {
+      events = slice(start, start + cut)
+      target = int(data.item_ids[start + cut])
+      yield f"{user}_{cut}", {
+          "user": int(user), "cut": int(cut),
           "user_id": int(data.users.raw_ids[user]),
-          "history_items": history,
+          "history_items": data.item_ids[events],
           "history_ratings": data.ratings[events],
           "history_timestamps": data.timestamps[events],
-          "history_titles": [str(t) for t in data.items.titles[history]],
-          "target_item": int(target),
+          "history_titles": [str(t) for t in data.items.titles[data.item_ids[events]]],
+          "target_item": target,
           "target_title": str(data.items.titles[target]),
-          "favourite_genre": favourite_genre(data.items, history),
-          "target_rating": float(data.ratings[start + length]),
-          "target_genre": data.items.genre_names[int(np.argmax(
-              data.items.genres[target]))],
-          "summary": summary(data.items, history, data.ratings[events]),
+          "target_rating": float(data.ratings[start + cut]),
       }
-
-
-def favourite_genre(items: tl.ItemTable, history: np.ndarray) -> str:
-  """The genre most frequent in `history`; ties go to the earlier genre."""
-  counts = items.genres[history].sum(axis=0)
-  return items.genre_names[int(np.argmax(counts))] if counts.max() > 0 else "unknown"
-
-
-def summary(items: tl.ItemTable, history: np.ndarray, ratings: np.ndarray) -> str:
-  """The `summary` task's answer: "<genre>, <genre>; <rating level>"."""
-  first, second = prompts.top_two_genres(items, history)
-  level = prompts.LEVELS[prompts.rating_level(ratings)]
-  return f"{items.genre_names[first]}, {items.genre_names[second]}; {level}"
 
 
 def builder_config_name(data_config) -> str:

@@ -1,5 +1,6 @@
 """The five personalisation tasks (prompts, answers, candidates, metrics) and
-multi-task adapter training through `main` (configs/multitask_tiny.py)."""
+multi-task adapter training through the workflow (configs/multitask.py:tiny),
+from in-memory batches and from the seqio Mixture."""
 
 import json
 
@@ -104,7 +105,8 @@ def test_multitask_adapters_train_through_the_workflow(tmp_path):
       assert reads.unread(config) == []
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["config"]["adapter"]["kind"] == kind
-    config.userllm.update(eval_base=False, eval_valid=False)
+    # the second kind reads its batches from the seqio Mixture of the tasks
+    config.userllm.update(eval_base=False, eval_valid=False, input_pipeline="seqio")
   mode, lora = results["mode"], results["lora"]
   assert not any(k.startswith("valid/") or "/base/" in k for k in lora)  # test only
   for task in prompts.TASKS:
@@ -120,6 +122,10 @@ def test_multitask_adapters_train_through_the_workflow(tmp_path):
       0.1 * mode["adapter_parameters"])
   assert (tmp_path / "text_prompt_h8_mode_r2_e2").is_dir()
   assert (tmp_path / "text_prompt_h8_lora_r5").is_dir()
+  seqio_losses = [json.loads(line)["loss"] for line in (
+      tmp_path / "text_prompt_h8_lora_r5" / "metrics.jsonl").read_text().splitlines()]
+  assert len(seqio_losses) == 2 and all(np.isfinite(seqio_losses))
+  assert list((tmp_path / "tfds").iterdir())  # the data went through tfds
   lm_lines = [json.loads(line) for line in
               (tmp_path / "lm" / "metrics.jsonl").read_text().splitlines()]
   logged = [line["step"] for line in lm_lines if line["split"] == "lm"]

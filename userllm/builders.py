@@ -7,20 +7,20 @@ workdir. Used by the User-LLM workflow and its benchmarks.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import jax
 import numpy as np
 from flax import linen as nn
 
 from data import prompts
-from data.vocab import Tokenizer, train_vocabulary
+from data.vocab import Tokenizer
 from infra import optim, train_loop
 from infra.errors import ConfigError
 from userllm import adapters, gemma_loader, llm as llm_lib
 from userllm import sequence_model as sm, user_llm as ul
 
 METHODS = ("cross_attention", "soft_prompt", "text_prompt", "no_history")
+INPUT_PIPELINES = ("arrays", "seqio")  # userllm/workflow.py: task_batches
 INTEGRATION = {"cross_attention": "cross_attention", "soft_prompt": "soft_prompt",
                "text_prompt": "text", "no_history": "text"}
 
@@ -44,6 +44,9 @@ def check(config) -> None:
     raise ConfigError(f"config.userllm.method={u.method!r} is not one of {METHODS}")
   if u.history_len < 1:
     raise ConfigError(f"config.userllm.history_len={u.history_len} must be >= 1")
+  if u.input_pipeline not in INPUT_PIPELINES:
+    raise ConfigError(f"config.userllm.input_pipeline={u.input_pipeline!r} is not "
+                      f"one of {INPUT_PIPELINES}")
   if u.strategy == "adapters" and config.adapter.kind == "none":
     raise ConfigError("config.userllm.strategy='adapters' trains the adapters: "
                       "set config.adapter.kind (lora | molora | mode | molora_sd)")
@@ -53,12 +56,7 @@ def check(config) -> None:
 
 def tokenizer_for(config, workdir: str, timelines) -> Tokenizer:
   """`config.llm.tokenizer` (Gemma's), or one trained on the data's text."""
-  if config.llm.tokenizer:
-    return Tokenizer(config.llm.tokenizer)
-  path = os.path.join(workdir, "spm.model")
-  if not os.path.exists(path):
-    train_vocabulary(prompts.corpus(timelines), path, config.data.vocab_size)
-  return Tokenizer(path)
+  return Tokenizer(prompts.vocabulary_file(config, workdir, timelines))
 
 
 def adapter_config(config, llm: llm_lib.LLMConfig) -> adapters.AdapterConfig:

@@ -48,6 +48,19 @@ def example_batches(builder: prompts.PromptBuilder, examples: prompts.Examples,
                        if k in BATCH_KEYS}
 
 
+def task_batches(config, workdir: str, builder: prompts.PromptBuilder, timelines,
+                 examples: prompts.Examples, tasks):
+  """Stage 3's step -> batch, from `config.userllm.input_pipeline`: "arrays"
+  (in memory, from `examples`) or "seqio" (the tasks' seqio Mixture over the
+  tfds data, the same (user, cut) rows: data/seqio_tasks.py)."""
+  if config.userllm.input_pipeline == "arrays":
+    return example_batches(builder, examples, config.train.batch_size, config.seed)
+  from data import seqio_tasks  # loads TensorFlow: only on this path
+  return seqio_tasks.training_batches(config, workdir, builder.over(timelines),
+                                      tasks, seed=config.seed + 1)  # = examples'
+
+
+
 def fit_stage(name: str, state, shardings, train_step, batches, config,
               field: str, mesh, workdir: str, eval_fn=None):
   """One stage through `train_loop.fit` in `<workdir>/<name>`, scheduled by
@@ -151,7 +164,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
   if encoder_params is not None:
     state = builders.load_into(state, shardings, "encoder", encoder_params)
   examples = prompts.training_examples(split.train, u.cuts_per_user,
-                                       config.seed + 1, tasks)
+                                       config.seed + 1, tasks)  # seqio's too
   # held-out cuts index the full timelines (the train split lacks the
   # held-out events); the prompts keep the training shapes
   score = evaluation.candidate_scorer(model)
@@ -164,7 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
     results.update(test.evaluate(state.params, scorer="base"))
   train_step = train_loop.make_train_step(
       functools.partial(ul.lm_loss, model, mask), tx)
-  batches = example_batches(builder, examples, config.train.batch_size, config.seed)
+  batches = task_batches(config, workdir, builder, timelines, examples, tasks)
   train_began = time.time()
   state = fit_stage(builders.stage_name(config, model), state, shardings,
                     train_step, batches, config, "train", mesh, workdir,
