@@ -3,8 +3,12 @@
 Every field of the config can be overridden as `--config.a.b=value`; a variant
 of a config is picked after a colon (`configs/default.py:tiny`). The config's
 `workflow` names the module whose `run(config, workdir, mesh) -> metrics`
-runs; main builds the mesh once, and at the end writes the metrics and the
-config to `<workdir>/results.json` (infra/results.py).
+runs; main checks the config's values (infra/config_checks.py), builds the
+mesh once, holds the workdir's lock for the run (infra/workdir.py), and only
+at a successful end writes the metrics and the config to
+`<workdir>/results.json` (infra/results.py). Errors that are the user's to fix
+(infra/errors.py) print one line and exit 2; SIGTERM saves a checkpoint and
+exits 143.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ def run_experiment(config, workdir: str) -> dict[str, float]:
   if config.workflow not in WORKFLOWS:
     raise ConfigError(f"config.workflow={config.workflow!r} is not one of "
                       f"{sorted(WORKFLOWS)}")
+  from infra import config_checks, workdir as workdir_lib
+  config_checks.check_config(config)  # every numeric field, before any work
   import jax
   if config.distributed:
     jax.distributed.initialize()  # multi-host TPU / GPU: one process per host
@@ -45,10 +51,10 @@ def run_experiment(config, workdir: str) -> dict[str, float]:
   print(f"[mesh] data={mesh.shape['data']} model={mesh.shape['model']} over "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es)", flush=True)
-  os.makedirs(workdir, exist_ok=True)
-  workflow = importlib.import_module(WORKFLOWS[config.workflow])
-  results = results_lib.write_results(workdir, workflow.run(config, workdir, mesh),
-                                      config)
+  with workdir_lib.claim(workdir):  # one run per workdir; no stale results.json
+    workflow = importlib.import_module(WORKFLOWS[config.workflow])
+    metrics = workflow.run(config, workdir, mesh)
+    results = results_lib.write_results(workdir, metrics, config)
   print("results:")
   for name, value in sorted(results.items()):
     print(f"  {name}: {value:.6g}")
@@ -60,13 +66,16 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-  from data.movielens import MalformedRowError
-  from infra.errors import ConfigError
+  from infra.errors import USER_ERRORS, Preempted
   try:
     run_experiment(_CONFIG.value, _WORKDIR.value)
-  except (ConfigError, MalformedRowError, FileNotFoundError) as e:
+  except USER_ERRORS as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
+  except Preempted as e:  # the checkpoint is saved; no results.json
+    print(f"stopped: {e}; rerun to resume", file=sys.stderr)
+    # stop_after_steps did what was asked; SIGTERM: 128 + 15, as if killed by it
+    sys.exit(0 if e.requested else 143)
 
 
 def parse_flags(argv):

@@ -43,6 +43,8 @@ def data(tiny: bool, source: str = "synthetic", directory: str = "",
   section = ml_collections.ConfigDict(dict(source=source, dir=directory, **fields))
   if source == "synthetic":
     section.synthetic = synthetic(tiny)
+  else:  # a (user, item) rated twice: "error" names the line, "drop" keeps the first
+    section.duplicates = "error"
   return section
 
 
@@ -63,7 +65,10 @@ def schedule(num_steps: int, log_every: int, eval_every: int,
       num_steps=num_steps, log_every=log_every, eval_every=eval_every,
       checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
       eval_batch_size=eval_batch_size,
-      stop_after_steps=0))  # > 0: stop there as if preempted; a rerun resumes
+      stop_after_steps=0,  # > 0: stop there as if preempted; a rerun resumes
+      # a step with a non-finite loss or update: "error" stops the run,
+      # "skip" keeps the state as it was and counts the step
+      nonfinite="error"))
 
 
 def optimizer(batch_size: int, learning_rate: float, warmup_steps: int,

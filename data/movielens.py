@@ -5,19 +5,27 @@
 - latest / latest-small (`ratings.csv`, `movies.csv`, optional `tags.csv`): CSV with
   a header and quoted titles, UTF-8.
 
-`read_movielens(dir)` detects the format from the files present. Any malformed row
-raises `MalformedRowError` naming the file and the 1-based line.
+`read_movielens(dir)` detects the format from the files present. Every field
+is checked against its format: ids are integers, ratings finite and in the
+format's range (1..5 whole stars for 100K and 1M, 0.5..5 in half stars for
+latest), timestamps non-negative integers, every rated item (and user, where
+there is a users file) listed, the file in its format's encoding, and a
+(user, item) pair rated once (`duplicates="drop"` keeps the first and counts
+the rest). Any problem raises `MalformedRowError` naming the file and the
+1-based line.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
 import re
 
 import numpy as np
 
 from data import timelines as tl
+from infra.errors import DataError
 
 # Genre lists of the 1M README (the 100K one comes from u.genre).
 GENRES_1M = ("Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -33,7 +41,14 @@ OCCUPATIONS_1M = ("other", "academic/educator", "artist", "clerical/admin",
 _TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
 
 
-class MalformedRowError(ValueError):
+DUPLICATES = ("error", "drop")  # config.data.duplicates
+# rating range and step of each format
+RATING_SCALES = {"100k": (1.0, 5.0, 1.0), "1m": (1.0, 5.0, 1.0),
+                 "latest": (0.5, 5.0, 0.5)}
+_INTEGER = re.compile(r"^\s*[+-]?\d+\s*$")
+
+
+class MalformedRowError(DataError):
   """A row of a data file that cannot be parsed; the message names file:line."""
 
   def __init__(self, path: str, line: int, reason: str):
@@ -54,10 +69,15 @@ def detect_format(data_dir: str) -> str:
       f"{', '.join(markers.values())})")
 
 
-def read_movielens(data_dir: str) -> tl.UserTimelines:
-  """Reads any supported MovieLens directory into UserTimelines."""
+def read_movielens(data_dir: str, duplicates: str = "error",
+                   report: dict | None = None) -> tl.UserTimelines:
+  """Reads any supported MovieLens directory into UserTimelines; `report`
+  (if given) receives {"duplicates_dropped": n}."""
+  if duplicates not in DUPLICATES:
+    raise ValueError(f"duplicates={duplicates!r} is not one of {DUPLICATES}")
   fmt = detect_format(data_dir)
-  return {"100k": read_100k, "1m": read_1m, "latest": read_latest}[fmt](data_dir)
+  reader = {"100k": read_100k, "1m": read_1m, "latest": read_latest}[fmt]
+  return reader(data_dir, duplicates, {} if report is None else report)
 
 
 # ----------------------------------------------------------------------------
@@ -66,13 +86,13 @@ def read_movielens(data_dir: str) -> tl.UserTimelines:
 def _read_rows(path: str, sep: str, num_cols: int, encoding: str,
                skip_header: bool = False) -> list[list[str]]:
   """Splits a separated file into rows of exactly `num_cols` fields."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"MovieLens file not found: {path}")
-  with open(path, encoding=encoding, newline="") as f:
-    if sep == ",":
-      rows = list(csv.reader(f))
-    else:
-      rows = [line.rstrip("\r\n").split(sep) for line in f]
+  text = _read_text(path, encoding)
+  if sep == ",":
+    rows = list(csv.reader(io.StringIO(text, newline="")))
+  else:
+    rows = [line.rstrip("\r").split(sep) for line in text.split("\n")]
+    if rows and rows[-1] == [""]:
+      rows.pop()  # the newline that ends the last line
   first = 1 if skip_header else 0
   for i in range(first, len(rows)):
     if len(rows[i]) != num_cols:
@@ -83,12 +103,44 @@ def _read_rows(path: str, sep: str, num_cols: int, encoding: str,
   return rows[first:]
 
 
+_BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32",
+         b"\xff\xfe": "UTF-16", b"\xfe\xff": "UTF-16"}
+
+
+def _read_text(path: str, encoding: str) -> str:
+  """The file decoded with its format's encoding; a file in another one is a
+  MalformedRowError naming the line of the first undecodable byte."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"MovieLens file not found: {path}")
+  with open(path, "rb") as f:
+    raw = f.read()
+  for bom, name in _BOMS.items():
+    if raw.startswith(bom):
+      raise MalformedRowError(path, 1, f"the file is {name}; this MovieLens format "
+                              f"is {encoding}: re-save it as {encoding}")
+  if raw.startswith(b"\xef\xbb\xbf"):
+    raw = raw[3:]  # a UTF-8 signature
+  try:
+    return raw.decode(encoding)
+  except UnicodeDecodeError as e:
+    line = raw[:e.start].count(b"\n") + 1
+    raise MalformedRowError(path, line, f"byte {raw[e.start]:#04x} is not "
+                            f"{encoding}, this format's encoding: re-save the "
+                            f"file as {encoding}") from None
+
+
 def _column(rows: list[list[str]], col: int, dtype, path: str, name: str,
             line_offset: int) -> np.ndarray:
-  """Converts one column to `dtype`; on failure names the first bad line."""
+  """Converts one column to `dtype` (integers must be written as integers,
+  floats must be finite); on failure names the first bad line."""
   values = [r[col] for r in rows]
+  integer = np.issubdtype(dtype, np.integer)
+  for i, v in enumerate(values):
+    if integer and not _INTEGER.match(v):
+      raise MalformedRowError(path, i + 1 + line_offset,
+                              f"{name} is not an integer: {v!r}")
   try:
-    return np.asarray(values, dtype=np.float64).astype(dtype)
+    column = np.asarray(values, dtype=np.float64)
   except ValueError:
     for i, v in enumerate(values):
       try:
@@ -97,14 +149,56 @@ def _column(rows: list[list[str]], col: int, dtype, path: str, name: str,
         raise MalformedRowError(path, i + 1 + line_offset,
                                 f"{name} is not a number: {v!r}") from None
     raise
+  bad = ~np.isfinite(column)
+  if bad.any():
+    i = int(np.nonzero(bad)[0][0])
+    raise MalformedRowError(path, i + 1 + line_offset,
+                            f"{name} is not finite: {values[i]!r}")
+  return (np.asarray(values, dtype=np.int64) if integer else column).astype(dtype)
 
 
-def _events(rows, path, line_offset, cols=(0, 1, 2, 3)):
-  """(user_raw, item_raw, ratings, timestamps) columns of a ratings file."""
+def _events(rows, path: str, line_offset: int, fmt: str, item_ids: np.ndarray,
+            user_ids: np.ndarray | None, duplicates: str, report: dict):
+  """(user_raw, item_raw, ratings, timestamps) columns of a ratings file,
+  every field checked against the format (see the module docstring)."""
+  if not rows:
+    raise MalformedRowError(path, 1 + line_offset, "no ratings in the file")
   names = ("user id", "item id", "rating", "timestamp")
   dtypes = (np.int64, np.int64, np.float32, np.int64)
-  return tuple(_column(rows, c, d, path, n, line_offset)
-               for c, d, n in zip(cols, dtypes, names))
+  users, items, ratings, times = (_column(rows, c, d, path, n, line_offset)
+                                  for c, (d, n) in enumerate(zip(dtypes, names)))
+  low, high, step = RATING_SCALES[fmt]
+  off_scale = (ratings < low) | (ratings > high) | (np.mod(ratings, step) != 0)
+  checks = ((off_scale, lambda i: f"rating {rows[i][2]!r} is not one of "
+             f"{low:g}..{high:g} in steps of {step:g}"),
+            (times < 0, lambda i: f"timestamp {times[i]} is negative"),
+            (~np.isin(items, item_ids), lambda i: f"item id {items[i]} is not in "
+             "the items file"))
+  if user_ids is not None:
+    checks += ((~np.isin(users, user_ids), lambda i: f"user id {users[i]} is not "
+                "in the users file"),)
+  for bad, reason in checks:
+    if bad.any():
+      i = int(np.nonzero(bad)[0][0])
+      raise MalformedRowError(path, i + 1 + line_offset, reason(i))
+  keep = _first_ratings(users, items, path, line_offset, duplicates)
+  report["duplicates_dropped"] = int((~keep).sum())
+  return users[keep], items[keep], ratings[keep], times[keep]
+
+
+def _first_ratings(users, items, path, line_offset, duplicates: str) -> np.ndarray:
+  """[rows] bool, True at each (user, item) pair's first rating; a repeat is
+  an error naming its line unless `duplicates="drop"`."""
+  pairs = users.astype(np.int64) * (int(items.max()) + 1) + items
+  _, first = np.unique(pairs, return_index=True)
+  keep = np.zeros(len(pairs), bool)
+  keep[first] = True
+  if duplicates == "error" and not keep.all():
+    i = int(np.nonzero(~keep)[0][0])
+    raise MalformedRowError(
+        path, i + 1 + line_offset, f"user {users[i]} rated item {items[i]} again "
+        "(a duplicate row); set config.data.duplicates='drop' to keep the first")
+  return keep
 
 
 def _split_title(raw_title: str) -> tuple[str, int]:
@@ -147,7 +241,8 @@ def _check_unique(ids: np.ndarray, path: str, what: str):
 # ----------------------------------------------------------------------------
 # MovieLens 100K.
 
-def read_100k(data_dir: str) -> tl.UserTimelines:
+def read_100k(data_dir: str, duplicates: str = "error",
+              report: dict | None = None) -> tl.UserTimelines:
   """Reads MovieLens 100K (`u.data`, `u.item`, `u.user`, `u.genre`)."""
   enc = "latin-1"
   genre_names = [r[0] for r in _read_genre_file(data_dir)]
@@ -173,8 +268,9 @@ def read_100k(data_dir: str) -> tl.UserTimelines:
 
   data_path = os.path.join(data_dir, "u.data")
   rows = _read_rows(data_path, "\t", 4, enc)
-  return tl.from_events("movielens_100k", *_events(rows, data_path, 0),
-                        items=items, users=users)
+  events = _events(rows, data_path, 0, "100k", item_ids, user_ids, duplicates,
+                   {} if report is None else report)
+  return tl.from_events("movielens_100k", *events, items=items, users=users)
 
 
 def _read_genre_file(data_dir: str) -> list[list[str]]:
@@ -198,7 +294,8 @@ def _read_genre_file(data_dir: str) -> list[list[str]]:
 # ----------------------------------------------------------------------------
 # MovieLens 1M.
 
-def read_1m(data_dir: str) -> tl.UserTimelines:
+def read_1m(data_dir: str, duplicates: str = "error",
+            report: dict | None = None) -> tl.UserTimelines:
   """Reads MovieLens 1M (`ratings.dat`, `movies.dat`, `users.dat`)."""
   enc = "latin-1"
   movie_path = os.path.join(data_dir, "movies.dat")
@@ -227,8 +324,9 @@ def read_1m(data_dir: str) -> tl.UserTimelines:
 
   rating_path = os.path.join(data_dir, "ratings.dat")
   rows = _read_rows(rating_path, "::", 4, enc)
-  return tl.from_events("movielens_1m", *_events(rows, rating_path, 0),
-                        items=items, users=users)
+  events = _events(rows, rating_path, 0, "1m", movie_ids, user_ids, duplicates,
+                   {} if report is None else report)
+  return tl.from_events("movielens_1m", *events, items=items, users=users)
 
 
 def _multi_hot(genre_fields: list[str], genre_names, path: str) -> np.ndarray:
@@ -248,7 +346,8 @@ def _multi_hot(genre_fields: list[str], genre_names, path: str) -> np.ndarray:
 # ----------------------------------------------------------------------------
 # MovieLens latest / latest-small.
 
-def read_latest(data_dir: str) -> tl.UserTimelines:
+def read_latest(data_dir: str, duplicates: str = "error",
+                report: dict | None = None) -> tl.UserTimelines:
   """Reads MovieLens latest(-small): ratings.csv, movies.csv, optional tags.csv."""
   movie_path = os.path.join(data_dir, "movies.csv")
   movie_rows = _read_rows(movie_path, ",", 3, "utf-8", skip_header=True)
@@ -267,8 +366,9 @@ def read_latest(data_dir: str) -> tl.UserTimelines:
 
   rating_path = os.path.join(data_dir, "ratings.csv")
   rows = _read_rows(rating_path, ",", 4, "utf-8", skip_header=True)
-  return tl.from_events("movielens_latest", *_events(rows, rating_path, 1),
-                        items=items)
+  events = _events(rows, rating_path, 1, "latest", movie_ids, None, duplicates,
+                   {} if report is None else report)
+  return tl.from_events("movielens_latest", *events, items=items)
 
 
 def _item_tags(tag_path: str, movie_ids: np.ndarray) -> list[tuple[str, ...]]:

@@ -51,6 +51,8 @@ def prepare(data_config, workdir: str, cuts_per_user: int, seed: int
   kwargs = {"source_dir": data_config.dir or None,
             "synthetic_spec": sources.synthetic_spec(data_config),
             "train_cuts_per_user": cuts_per_user, "train_seed": seed}
+  if data_config.source != "synthetic":
+    kwargs["duplicates"] = data_config.duplicates
   builder = tfds_builder.UserTimelines(config=config_name, data_dir=data_dir,
                                        **kwargs)
   builder.download_and_prepare()

@@ -22,9 +22,12 @@ def load_timelines(data_config: ml_collections.ConfigDict, quiet: bool = False
                    ) -> tl.UserTimelines:
   """Synthetic data from `data.synthetic`, or MovieLens files from `data.dir`;
   prints the `[data]` line unless `quiet`."""
-  timelines = _load(data_config)
+  report = {}
+  timelines = _load(data_config, report)
   if not quiet:
-    print(f"[data] {describe(timelines)}", flush=True)
+    dropped = report.get("duplicates_dropped", 0)
+    note = f"; {dropped} duplicate ratings dropped" if dropped else ""
+    print(f"[data] {describe(timelines)}{note}", flush=True)
   return timelines
 
 
@@ -33,7 +36,7 @@ def describe(timelines: tl.UserTimelines) -> str:
           f"items, {timelines.num_events} events")
 
 
-def _load(data_config: ml_collections.ConfigDict) -> tl.UserTimelines:
+def _load(data_config: ml_collections.ConfigDict, report: dict) -> tl.UserTimelines:
   if data_config.source == "synthetic":
     if data_config.dir:
       raise ConfigError(f"config.data.dir={data_config.dir!r} is set but "
@@ -50,6 +53,9 @@ def _load(data_config: ml_collections.ConfigDict) -> tl.UserTimelines:
     if not os.path.isdir(data_config.dir):
       raise FileNotFoundError(f"config.data.dir={data_config.dir!r} is not a "
                               "directory")
-    return movielens.read_movielens(data_config.dir)
+    if data_config.duplicates not in movielens.DUPLICATES:
+      raise ConfigError(f"config.data.duplicates={data_config.duplicates!r} is "
+                        f"not one of {movielens.DUPLICATES}")
+    return movielens.read_movielens(data_config.dir, data_config.duplicates, report)
   raise ConfigError(f"config.data.source={data_config.source!r} is not one of "
                     f"{SOURCES}")

@@ -42,8 +42,9 @@ class UserTimelines(tfds.core.GeneratorBasedBuilder):
 
   def __init__(self, *, source_dir: str | None = None,
                synthetic_spec: synthetic.SyntheticSpec | None = None,
-               train_cuts_per_user: int = 1, train_seed: int = 0, **kwargs):
-    self._source_dir = source_dir
+               train_cuts_per_user: int = 1, train_seed: int = 0,
+               duplicates: str = "error", **kwargs):
+    self._source_dir, self._duplicates = source_dir, duplicates
     self._synthetic_spec = synthetic_spec or synthetic.SyntheticSpec()
     self._train_cuts_per_user, self._train_seed = train_cuts_per_user, train_seed
     super().__init__(**kwargs)
@@ -70,7 +71,7 @@ class UserTimelines(tfds.core.GeneratorBasedBuilder):
     if not self._source_dir:
       raise ValueError(f"user_timelines/{self.builder_config.name} reads local "
                        "MovieLens files: pass source_dir (config.data.dir)")
-    return movielens.read_movielens(self._source_dir)
+    return movielens.read_movielens(self._source_dir, self._duplicates)
 
   def _split_generators(self, dl_manager):
     del dl_manager  # local sources only

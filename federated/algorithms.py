@@ -326,13 +326,29 @@ def cohort_client_states(state: ServerState, cohort) -> PyTree:
                       state.client_states)
 
 
+def finite_clients(deltas, losses: jax.Array) -> jax.Array:
+  """[clients] 1.0 where the client's delta and loss are all finite, else 0.0."""
+  finite = jnp.isfinite(losses)
+  for d in jax.tree.leaves(deltas):
+    finite &= jnp.isfinite(d).reshape(d.shape[0], -1).all(axis=1)
+  return finite.astype(jnp.float32)
+
+
 def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
                  cohort, server: ServerSpec):
   """Aggregation + server loss + server update + client states + round
   metrics, shared by both round kinds."""
   num_examples = cohort["num_examples"]
   completed = completed_mask(state, num_examples.shape[0], server.dropout_rate)
+  # a client whose update or loss is not finite is dropped (and counted), and
+  # every dropped client's delta is zeroed: 0 x NaN is NaN in a weighted sum
+  finite = finite_clients(deltas, client_metrics["loss"])
+  ran = completed * (num_examples > 0)
+  completed = completed * finite
   weights = client_weights(num_examples, completed, server.weighting)
+  deltas = jax.tree.map(
+      lambda d: jnp.where((weights > 0).reshape((-1,) + (1,) * (d.ndim - 1)), d,
+                          jnp.zeros_like(d)), deltas)
   aggregator_key, server_key = _server_keys(state)
   aggregate, aggregator_state, aggregator_metrics = server.aggregator.apply(
       state.aggregator_state, deltas, weights, aggregator_key)
@@ -358,8 +374,10 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
                                state.aggregator_state),
       client_states=client_states)
   metrics.update({
-      "client_loss": aggregators.weighted_mean(client_metrics["loss"], weights),
+      "client_loss": aggregators.weighted_mean(
+          jnp.where(weights > 0, client_metrics["loss"], 0.0), weights),
       "clients_completed": jnp.sum(completed * (num_examples > 0)),
+      "nonfinite_clients": jnp.sum(ran * (1 - finite)),
       "examples": jnp.sum(num_examples * completed),
       "delta_norm": optax.tree.norm(aggregate),
       **aggregator_metrics})

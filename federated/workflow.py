@@ -82,7 +82,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
                          train_step=round_fn, batch_fn=sampler, mesh=mesh,
                          workdir=workdir, schedule=config.train,
                          eval_fn=lambda s: periodic.evaluate(s.params),
-                         name="federated", unit="round")
+                         name="federated", unit="round", identity=config.to_dict())
   results = {"train_seconds": time.time() - train_began, "rounds": int(state.step),
              "num_clients": len(split.participating),
              "participating_clients": int(split.participating.sum()),

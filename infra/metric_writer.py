@@ -54,12 +54,30 @@ class MetricWriter:
     self.summary = _EventFile(os.path.join(workdir, "tensorboard"))
 
   def _drop_rows_after(self, step: int) -> None:
+    """Keeps the rows up to `step`, rewritten atomically (a kill mid-rewrite
+    leaves the old file). A line that does not parse (a write cut off by a
+    kill) is dropped with a warning naming it; it never blocks a resume."""
     if not os.path.exists(self.path):
       return
+    kept, torn = [], []
     with open(self.path) as f:
-      rows = [line for line in f if json.loads(line)["step"] <= step]
-    with open(self.path, "w") as f:
-      f.writelines(rows)
+      for number, line in enumerate(f, 1):
+        try:
+          row = json.loads(line)
+          row_step = row["step"]
+        except (ValueError, KeyError, TypeError):
+          torn.append(number)
+          continue
+        if row_step <= step:
+          kept.append(line if line.endswith("\n") else line + "\n")
+    if torn:
+      print(f"[metrics] warning: dropped {len(torn)} unreadable line(s) of "
+            f"{self.path} (line {', '.join(map(str, torn[:5]))}: cut off by a kill?)",
+            flush=True)
+    tmp = self.path + ".tmp"
+    with open(tmp, "w") as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     values = {k: float(np.asarray(v)) for k, v in metrics.items()}

@@ -5,6 +5,9 @@ excluded (callers exclude padding and, for next-item prediction, the items
 already in the user's history, since MovieLens users rate a movie once; the
 target itself is never excluded). Rank 0 is the top. Recall@K = [rank < K];
 NDCG@K = 1/log2(rank + 2) if rank < K else 0 (one relevant item, ideal DCG 1).
+
+A broken model never ranks well: a non-finite target score ranks the target
+last, and a NaN candidate counts as scored above the target.
 """
 
 from __future__ import annotations
@@ -24,13 +27,18 @@ def target_ranks(scores: jax.Array, targets: jax.Array, excluded: jax.Array
     excluded: [batch, candidates] bool, candidates that never outrank.
 
   Returns:
-    [batch] int32, number of eligible candidates scored strictly above the target.
+    [batch] int32, number of eligible candidates scored strictly above the
+    target (NaN candidates count as above); the number of eligible candidates
+    other than the target when the target's score is not finite.
   """
   candidate = jnp.arange(scores.shape[-1])
-  excluded = excluded & (candidate[None, :] != targets[:, None])
-  scores = jnp.where(excluded, -jnp.inf, scores)
+  is_target = candidate[None, :] == targets[:, None]
+  eligible = ~excluded | is_target
   target_scores = jnp.take_along_axis(scores, targets[:, None], axis=1)
-  return jnp.sum(scores > target_scores, axis=1).astype(jnp.int32)
+  above = eligible & ~is_target & ((scores > target_scores) | jnp.isnan(scores))
+  last = jnp.sum(eligible & ~is_target, axis=1)
+  ranks = jnp.where(jnp.isfinite(target_scores[:, 0]), jnp.sum(above, axis=1), last)
+  return ranks.astype(jnp.int32)
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:

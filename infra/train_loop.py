@@ -10,6 +10,8 @@ resumed run sees exactly the batches an uninterrupted run would.
 from __future__ import annotations
 
 import datetime
+import signal
+import threading
 import time
 from typing import Any, Callable
 
@@ -22,7 +24,7 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from infra import checkpoint, mesh as mesh_lib, metric_writer
-from infra.errors import ConfigError
+from infra.errors import ConfigError, DivergedError, Preempted
 from infra.train_state import TrainState
 
 PyTree = Any
@@ -88,6 +90,7 @@ def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
 SCHEDULE_MINIMA = {"num_steps": 1, "log_every": 1, "eval_every": 0,
                    "checkpoint_every": 1, "keep_checkpoints": 1,
                    "stop_after_steps": 0}
+NONFINITE = ("error", "skip")  # schedule.nonfinite: what a non-finite step does
 
 
 def check_schedule(schedule: ml_collections.ConfigDict, field: str) -> None:
@@ -96,6 +99,55 @@ def check_schedule(schedule: ml_collections.ConfigDict, field: str) -> None:
     value = schedule[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
       raise ConfigError(f"{field}.{name}={value!r} must be an integer >= {minimum}")
+  if schedule.nonfinite not in NONFINITE:
+    raise ConfigError(f"{field}.nonfinite={schedule.nonfinite!r} is not one of "
+                      f"{NONFINITE}")
+
+
+def guard_step(train_step: Callable, skip_nonfinite: bool) -> Callable:
+  """`train_step` plus two metrics: `update_norm` (|new params - old params|)
+  and `nonfinite` (1 when a metric or the update is not finite). With
+  `skip_nonfinite` such a step keeps the old state (only the step count
+  advances, so the batch schedule stays the same)."""
+
+  def step(state, batch):
+    new_state, metrics = train_step(state, batch)
+    update_norm = optax.tree.norm(
+        jax.tree.map(jnp.subtract, new_state.params, state.params))
+    finite = jnp.isfinite(update_norm)
+    for value in jax.tree.leaves(metrics):
+      finite &= jnp.all(jnp.isfinite(value))
+    if skip_nonfinite:
+      kept = jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                          new_state, state)
+      new_state = kept.replace(step=new_state.step)
+    return new_state, {**metrics, "update_norm": update_norm,
+                       "nonfinite": 1.0 - finite.astype(jnp.float32)}
+
+  return step
+
+
+class _SigtermFlag:
+  """Turns SIGTERM (what TPU VMs and Colab send before they take the machine)
+  into a flag `fit` reads at the next step boundary, while installed. Only
+  single-process runs install it: multi-host runs get the same notice from
+  JAX's preemption service (`CheckpointManager.reached_preemption`)."""
+
+  def __init__(self):
+    self.raised, self._previous = False, None
+
+  def __enter__(self):
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
 
 
 def fit(*, state: TrainState, state_shardings, train_step: Callable,
@@ -103,52 +155,119 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
         schedule: ml_collections.ConfigDict,
         eval_fn: Callable[[TrainState], dict] | None = None,
         name: str = "train", unit: str = "step",
-        schedule_field: str = "config.train") -> TrainState:
+        schedule_field: str = "config.train", identity: dict | None = None
+        ) -> TrainState:
   """Trains to `schedule.num_steps`, resuming from `workdir`'s checkpoint if any.
 
   `schedule` is the stage's train section of the config; fit reads
   `num_steps, log_every, eval_every, checkpoint_every, keep_checkpoints,
-  stop_after_steps`. `stop_after_steps` > 0 stops (and checkpoints) at that
-  step as if preempted, leaving the schedule of a `num_steps` run intact; a
-  rerun resumes from there. `eval_fn(state) -> {key: value}` runs every
-  `eval_every` steps (0: never). `unit` names a step in the progress lines
-  (a federated step is a "round"); `schedule_field` names the schedule in errors.
+  stop_after_steps, nonfinite`. `stop_after_steps` > 0 stops (and checkpoints)
+  at that step as if preempted (raising Preempted: nothing is evaluated or
+  reported of a partly trained model), leaving the schedule of a `num_steps`
+  run intact; a rerun resumes from there. `eval_fn(state) -> {key: value}` runs
+  every `eval_every` steps (0: never). `unit` names a step in the progress
+  lines (a federated step is a "round"); `schedule_field` names the schedule
+  in errors. `identity` (the config values that define this stage) is stored
+  with the checkpoints; resuming under other values is a WorkdirError.
+
+  Safety: a step whose loss, metrics or update is not finite stops the run
+  with a DivergedError naming the step (no checkpoint holds it), or with
+  `nonfinite="skip"` leaves the state as it was (counted as `skipped_steps`).
+  A run whose steps never changed the parameters is a DivergedError too.
+  SIGTERM saves a checkpoint at the next step boundary and raises Preempted;
+  so does reaching `stop_after_steps` (with `requested=True`).
   """
   check_schedule(schedule, schedule_field)
   num_steps, log_every = schedule.num_steps, schedule.log_every
   eval_every = schedule.eval_every if eval_fn is not None else 0
   ckpt = checkpoint.Checkpointer(workdir, schedule.checkpoint_every,
                                  schedule.keep_checkpoints)
+  ckpt.check_identity(identity or {})
   state = ckpt.restore_or_keep(state)
   start = int(state.step)
   writer = metric_writer.MetricWriter(workdir, resume_step=start)
   if start:
     print(f"[{name}] resumed from {ckpt.directory} at {unit} {start}", flush=True)
   data_sharding = mesh_lib.batch_sharding(mesh)
-  step_fn = jax.jit(train_step, in_shardings=(state_shardings, data_sharding),
+  step_fn = jax.jit(guard_step(train_step, schedule.nonfinite == "skip"),
+                    in_shardings=(state_shardings, data_sharding),
                     out_shardings=(state_shardings, None), donate_argnums=0)
   progress = _Progress(name, unit, start, num_steps)
   stop_after = schedule.stop_after_steps
   stop = min(num_steps, stop_after) if stop_after > 0 else num_steps
-  pending = []  # device metrics not yet fetched: no host sync every step
-  for step in range(start, stop):
-    batch = mesh_lib.put_batch(batch_fn(step), mesh)
-    state, metrics = step_fn(state, batch)
-    pending.append(metrics)
-    done = step + 1
-    if done % log_every == 0 or done == stop:
-      means = jax.tree.map(lambda *xs: float(jnp.mean(jnp.stack(xs))), *pending)
-      pending = []
-      writer.write(done, name, means)
-      progress.report(done, means)
-    if eval_every and (done % eval_every == 0 or done == stop):
-      eval_metrics = eval_fn(state)
-      writer.write(done, "valid", eval_metrics)
-      print(f"[{name}] {unit} {done} valid " + _format(eval_metrics), flush=True)
-    ckpt.maybe_save(done, state, is_last=done == stop)
-  ckpt.close()
-  writer.close()
+  pending, window = [], []  # device metrics not yet fetched; fetched, not logged
+  changed = False
+  try:
+    with _SigtermFlag() as sigterm:
+      for step in range(start, stop):
+        batch = mesh_lib.put_batch(batch_fn(step), mesh)
+        state, metrics = step_fn(state, batch)
+        pending.append(metrics)
+        done = step + 1
+        log_due = done % log_every == 0 or done == stop
+        preempted = sigterm.raised or ckpt.manager.reached_preemption(done)
+        if log_due or ckpt.save_due(done, done == stop) or preempted:
+          # no host sync every step: fetch at logs and saves, and check them
+          fetched = jax.device_get(pending)
+          pending = []
+          changed |= _check_steps(fetched, done, name, unit, schedule_field,
+                                  schedule.nonfinite)
+          window += fetched
+        if log_due and window:
+          means = _window_means(window)
+          window = []
+          writer.write(done, name, means)
+          progress.report(done, means)
+        if eval_every and (done % eval_every == 0 or done == stop):
+          eval_metrics = eval_fn(state)
+          writer.write(done, "valid", eval_metrics)
+          print(f"[{name}] {unit} {done} valid " + _format(eval_metrics), flush=True)
+        ckpt.maybe_save(done, state, is_last=done == stop or preempted)
+        if preempted:
+          ckpt.close()
+          print(f"[{name}] SIGTERM: saved a checkpoint at {unit} {done} in "
+                f"{ckpt.directory}; rerun the same command to resume", flush=True)
+          raise Preempted(f"preempted at {unit} {done}")
+    if stop < num_steps:  # stop_after_steps: saved above; no results of a part
+      ckpt.close()
+      raise Preempted(f"[{name}] stopped at {unit} {stop} of {num_steps} "
+                      f"({schedule_field}.stop_after_steps={stop_after})",
+                      requested=True)
+    if stop > start and not changed:
+      raise DivergedError(
+          f"[{name}] {stop - start} {unit}(s) ran but the parameters never changed "
+          f"(every update was zero or skipped: e.g. a learning rate of 0, or no "
+          f"client finished a {unit}); no results are reported")
+  finally:
+    ckpt.close()
+    writer.close()
   return state
+
+
+def _check_steps(fetched: list[dict], last: int, name: str, unit: str,
+                 field: str, nonfinite: str) -> bool:
+  """Raises DivergedError at the first non-finite step of `fetched` (the
+  metrics of the steps ending at `last`) unless they are skipped; returns
+  whether any step changed the parameters."""
+  first = last - len(fetched) + 1
+  for offset, metrics in enumerate(fetched):
+    if metrics["nonfinite"] and nonfinite == "error":
+      bad = {k: float(v) for k, v in metrics.items()
+             if np.size(v) == 1 and not np.isfinite(v)}
+      raise DivergedError(
+          f"[{name}] {unit} {first + offset}: training went non-finite "
+          f"({_format(bad)}); nothing after the last checkpoint was saved. Lower "
+          f"the learning rate, or set {field}.nonfinite='skip' to skip such steps")
+  return any(not m["nonfinite"] and m["update_norm"] > 0 for m in fetched)
+
+
+def _window_means(window: list[dict]) -> dict[str, float]:
+  """Means over the finite steps of a log window, and how many were skipped."""
+  kept = [m for m in window if not m["nonfinite"]]
+  means = {k: float(np.mean([m[k] for m in kept])) for k in window[0]
+           if k != "nonfinite"} if kept else {}
+  skipped = len(window) - len(kept)
+  return {**means, "skipped_steps": float(skipped)} if skipped else means
 
 
 class _Progress:

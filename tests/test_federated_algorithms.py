@@ -126,6 +126,27 @@ def test_zero_example_clients_contribute_nothing():
     assert float(metrics["clients_completed"]) == 2
 
 
+def test_nonfinite_clients_are_dropped_and_counted():
+  """A weight-0 client with a NaN update (0 x NaN is NaN in a weighted sum)
+  and a client whose data makes its update NaN both leave the server as if
+  they were not in the cohort; the second is counted."""
+  state = make_state(algorithms.ServerSpec(optax.sgd(1.0)))
+  cohort = make_cohort([4, 0, 3, 2], max_examples=4)
+  examples = np.array(cohort["examples"])
+  examples[1] = np.nan  # the empty client's padding
+  examples[3, 0, 0] = np.nan  # a real example
+  broken = {**cohort, "examples": jnp.asarray(examples)}
+  clean = {k: v[jnp.array([0, 2])] for k, v in cohort.items()}
+  for round_fn in (_round_with(), _round_with(weighting="uniform")):
+    new_state, metrics = round_fn(state, broken)
+    reference, _ = round_fn(state, clean)
+    assert np.isfinite(np.asarray(new_state.params["w"])).all()
+    assert_trees_close(new_state.params, reference.params)
+    assert float(metrics["nonfinite_clients"]) == 1
+    assert float(metrics["clients_completed"]) == 2
+    assert np.isfinite(float(metrics["client_loss"]))
+
+
 def test_dropped_clients_contribute_nothing():
   state = make_state(algorithms.ServerSpec(optax.sgd(1.0)))
   cohort = make_cohort([3, 4, 2, 5, 1, 6], max_examples=6)

@@ -8,6 +8,7 @@ import sys
 import numpy as np
 import pytest
 
+from infra.errors import Preempted
 from conftest import ML100K_DIR, REPO, run_workflow
 from data import movielens, sequences
 from data import timelines as tl
@@ -161,7 +162,8 @@ def test_federated_workflow_writes_the_participation_gap_and_resumes(tmp_path):
   from configs import fedavg
   config = fedavg.get_config("tiny")
   config.train.stop_after_steps = 3
-  run_workflow(config, tmp_path)
+  with pytest.raises(Preempted, match="stopped at round 3 of 6"):
+    run_workflow(config, tmp_path)
   config.train.stop_after_steps = 0
   results = run_workflow(config, tmp_path)
   assert results["rounds"] == 6

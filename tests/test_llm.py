@@ -41,14 +41,14 @@ def test_no_attention_to_padding_or_future():
   tokens, mask = _tokens()
   model, params = _init(CFG, tokens, mask)
   params = _randomise(params)
-  logits, _ = model.apply({"params": params}, tokens, mask)
+  logits, _ = jax.jit(model.apply)({"params": params}, tokens, mask)
   changed = tokens.at[0, :3].set(5).at[:, 6:].set(7)  # padding and the future
-  changed_logits, _ = model.apply({"params": params}, changed, mask)
+  changed_logits, _ = jax.jit(model.apply)({"params": params}, changed, mask)
   np.testing.assert_allclose(logits[0, 3:6], changed_logits[0, 3:6], atol=1e-5)
   np.testing.assert_allclose(logits[1, :6], changed_logits[1, :6], atol=1e-5)
   assert np.abs(logits[:, 6:] - changed_logits[:, 6:]).max() > 1e-3
   # a left-padded row reads exactly like the same tokens unpadded
-  unpadded, _ = model.apply({"params": params}, tokens[:1, 3:], mask[:1, 3:])
+  unpadded, _ = jax.jit(model.apply)({"params": params}, tokens[:1, 3:], mask[:1, 3:])
   np.testing.assert_allclose(logits[0, 3:], unpadded[0], atol=1e-5)
 
 
@@ -56,27 +56,26 @@ def test_kv_cache_decoding_equals_full_recomputation():
   tokens, mask = _tokens(t=10)
   model, params = _init(CFG, tokens, mask)
   params = _randomise(params)
-  full, _ = model.apply({"params": params}, tokens, mask)
+  full, _ = jax.jit(model.apply)({"params": params}, tokens, mask)
   cache = llm.init_cache(CFG, 2, 12)
   pieces = []
   for start, stop in ((0, 4), (4, 5), (5, 10)):  # a prompt, one token, a chunk
-    out, cache = model.apply({"params": params}, tokens[:, start:stop],
+    out, cache = jax.jit(model.apply)({"params": params}, tokens[:, start:stop],
                              mask[:, start:stop], cache=cache)
     pieces.append(out)
   np.testing.assert_allclose(np.where(mask[..., None], full, 0),
                              np.where(mask[..., None], jnp.concatenate(pieces, 1), 0),
                              atol=1e-5)
 
-  # greedy generation == argmax of a full forward at every step
+  # greedy generation == argmax of a full forward at every step: one causal
+  # forward over prompt + generated tokens gives every step's logits at once
   generated = decoding.generate(model, params, tokens, mask, jax.random.PRNGKey(0),
                                 max_new_tokens=5, eos_id=-1)
-  sequence, seq_mask = tokens, mask
-  for step in range(5):
-    logits, _ = model.apply({"params": params}, sequence, seq_mask)
-    nxt = logits[:, -1].argmax(-1)
-    np.testing.assert_array_equal(generated[:, step], nxt)
-    sequence = jnp.concatenate([sequence, nxt[:, None]], 1)
-    seq_mask = jnp.concatenate([seq_mask, jnp.ones((2, 1), bool)], 1)
+  sequence = jnp.concatenate([tokens, generated[:, :5]], 1)
+  seq_mask = jnp.concatenate([mask, jnp.ones((2, 5), bool)], 1)
+  logits, _ = jax.jit(model.apply)({"params": params}, sequence, seq_mask)
+  t = tokens.shape[1]
+  np.testing.assert_array_equal(generated[:, :5], logits[:, t - 1:t + 4].argmax(-1))
 
 
 def test_sampling_stops_at_eos_and_depends_on_the_key():
@@ -105,7 +104,7 @@ def test_score_continuations_equals_full_forward():
     for j in range(3):
       seq = jnp.concatenate([tokens[i:i + 1], candidates[j:j + 1]], 1)
       seq_mask = jnp.concatenate([mask[i:i + 1], cand_mask[j:j + 1]], 1)
-      logits, _ = model.apply({"params": params}, seq, seq_mask)
+      logits, _ = jax.jit(model.apply)({"params": params}, seq, seq_mask)
       target = jnp.zeros_like(seq_mask).at[:, 9:].set(cand_mask[j:j + 1])
       expected = decoding.token_log_likelihood(logits, seq, target)[0]
       np.testing.assert_allclose(scores[i, j], expected, rtol=1e-5, atol=1e-5)
@@ -121,13 +120,13 @@ def test_cross_attention_with_zero_gates_leaves_the_llm_unchanged():
   assert sorted(k for k in cross if k.startswith("cross_attention_")) == [
       "cross_attention_0", "cross_attention_1", "cross_attention_2"]
   cross = {**cross, **plain}  # same LLM weights; cross blocks fresh (gates 0)
-  expected, _ = plain_model.apply({"params": plain}, tokens, mask)
-  got, _ = cross_model.apply({"params": cross}, tokens, mask, user_tokens=user)
+  expected, _ = jax.jit(plain_model.apply)({"params": plain}, tokens, mask)
+  got, _ = jax.jit(cross_model.apply)({"params": cross}, tokens, mask, user_tokens=user)
   np.testing.assert_allclose(got, expected, atol=1e-5)
   # opening a gate makes the user matter
   opened = jax.tree.map(lambda x: x, cross)
   opened["cross_attention_0"] = {**cross["cross_attention_0"], "attn_gate": 1.0}
-  changed, _ = cross_model.apply({"params": opened}, tokens, mask, user_tokens=user)
+  changed, _ = jax.jit(cross_model.apply)({"params": opened}, tokens, mask, user_tokens=user)
   assert np.abs(changed - expected).max() > 1e-3
 
 
@@ -135,14 +134,14 @@ def test_soft_prompt_of_length_zero_equals_the_plain_llm():
   tokens, mask = _tokens()
   model, params = _init(CFG, tokens, mask)
   params = _randomise(params)
-  plain, _ = model.apply({"params": params}, tokens, mask)
+  plain, _ = jax.jit(model.apply)({"params": params}, tokens, mask)
   empty = jnp.zeros((2, 0, CFG.embed_dim))
-  prefixed, _ = model.apply({"params": params}, tokens, mask, prefix=empty,
+  prefixed, _ = jax.jit(model.apply)({"params": params}, tokens, mask, prefix=empty,
                             prefix_mask=jnp.zeros((2, 0), bool))
   np.testing.assert_allclose(prefixed, plain, atol=1e-6)
   # a real soft prompt changes the outputs and adds its positions
   prefix = jax.random.normal(jax.random.PRNGKey(5), (2, 3, CFG.embed_dim))
-  longer, _ = model.apply({"params": params}, tokens, mask, prefix=prefix,
+  longer, _ = jax.jit(model.apply)({"params": params}, tokens, mask, prefix=prefix,
                           prefix_mask=jnp.ones((2, 3), bool))
   assert longer.shape[1] == 12 and np.abs(longer[:, 3:] - plain).max() > 1e-3
 
@@ -162,8 +161,8 @@ def test_gemma_checkpoint_round_trips(tmp_path, num_kv_heads, fuse_qkv):
   loaded_cfg, loaded = gemma_loader.load_checkpoint(path)
   assert loaded_cfg == cfg
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.device_get(params))
-  expected, _ = model.apply({"params": params}, tokens, mask)
-  got, _ = llm.DecoderLM(loaded_cfg).apply({"params": loaded}, tokens, mask)
+  expected, _ = jax.jit(model.apply)({"params": params}, tokens, mask)
+  got, _ = jax.jit(llm.DecoderLM(loaded_cfg).apply)({"params": loaded}, tokens, mask)
   np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
@@ -210,7 +209,7 @@ def test_sharded_forward_equals_one_device():
                                             user_tokens=user)["params"])
   params = _randomise(nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens, mask,
                                                user_tokens=user)["params"]))
-  expected, _ = model.apply({"params": params}, tokens, mask, user_tokens=user)
+  expected, _ = jax.jit(model.apply)({"params": params}, tokens, mask, user_tokens=user)
 
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
   shardings = mesh_lib.logical_shardings(boxed, mesh)
@@ -218,7 +217,7 @@ def test_sharded_forward_equals_one_device():
   sharded = jax.device_put(params, shardings)
   batch = mesh_lib.put_batch((np.asarray(tokens), np.asarray(mask),
                               np.asarray(user)), mesh)
-  got, _ = jax.jit(lambda p, b: model.apply({"params": p}, b[0], b[1],
+  got, _ = jax.jit(lambda p, b: jax.jit(model.apply)({"params": p}, b[0], b[1],
                                             user_tokens=b[2]))(sharded, batch)
   # float reassociation of the sharded matmuls only
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=5e-4)

@@ -22,13 +22,29 @@ def test_main_writes_results_and_resumes(tmp_path):
   assert 0.0 <= results["test/model/next_item/recall@10"] <= 1.0
   assert "test/popularity/next_item/ndcg@10" in results
   assert results["config"]["workflow"] == "next_item"
-  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6", "identity.json"]
   assert os.path.isdir(tmp_path / "tensorboard")
 
   again = run_main("--workdir", str(tmp_path), "--config.train.num_steps=8")
   assert again.returncode == 0, again.stderr[-2000:]
   assert "resumed from" in again.stdout and "at step 6" in again.stdout
   assert json.load(open(tmp_path / "results.json"))["steps"] == 8
+
+  changed = run_main("--workdir", str(tmp_path), "--config.train.learning_rate=0.5")
+  _one_line_error(changed, "was trained under another config (train.learning_rate:")
+  assert changed.returncode == 2
+  assert not (tmp_path / "results.json").exists()  # a failed rerun leaves none
+  assert not (tmp_path / "run.lock").exists()
+
+
+def test_a_diverging_run_is_an_error_with_no_results(tmp_path):
+  diverged = run_main("--workdir", str(tmp_path), "--config.train.learning_rate=1e38",
+                      "--config.train.grad_clip=0")
+  _one_line_error(diverged, "[train] step ", "training went non-finite")
+  assert diverged.returncode == 2 and not (tmp_path / "results.json").exists()
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  _one_line_error(run_main("--workdir", str(afile)), f"--workdir={afile} is a file")
 
 
 def _one_line_error(result, *needles):
@@ -80,4 +96,4 @@ def test_data_dir_with_synthetic_source(tmp_path):
 def test_bad_schedule_value(tmp_path):
   _one_line_error(run_main("--workdir", str(tmp_path),
                            "--config.train.log_every=0"),
-                  "config.train.log_every=0 must be an integer >= 1")
+                  "config.train.log_every=0 must be >= 1")

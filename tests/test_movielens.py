@@ -55,10 +55,54 @@ def test_100k_malformed_row_names_file_and_line(ml100k_dir):
     movielens.read_movielens(str(ml100k_dir))
 
 
-def test_unknown_item_in_ratings_is_an_error(ml100k_dir):
-  write(ml100k_dir / "u.data", ["1\t99\t5\t100"], "latin-1")
-  with pytest.raises(ValueError, match="item id 99"):
+GOOD_ROW = "1\t1\t5\t100"
+
+
+@pytest.mark.parametrize("bad_row,reason", [
+    ("1\t2\tnan\t200", "rating is not finite: 'nan'"),
+    ("1\t2\tinf\t200", "rating is not finite: 'inf'"),
+    ("1\t2\t6\t200", "rating '6' is not one of 1..5 in steps of 1"),
+    ("1\t2\t3.5\t200", "rating '3.5' is not one of 1..5"),
+    ("1.5\t2\t3\t200", "user id is not an integer: '1.5'"),
+    ("1\t2.9\t3\t200", "item id is not an integer: '2.9'"),
+    ("1\t2\t3\tnan", "timestamp is not an integer: 'nan'"),
+    ("1\t2\t3\t-5", "timestamp -5 is negative"),
+    ("1\t99\t5\t100", "item id 99 is not in the items file"),
+    ("8\t2\t5\t100", "user id 8 is not in the users file"),
+    ("1\t1\t4\t300", "user 1 rated item 1 again"),
+])
+def test_bad_values_name_file_and_line(ml100k_dir, bad_row, reason):
+  write(ml100k_dir / "u.data", [GOOD_ROW, bad_row], "latin-1")
+  with pytest.raises(movielens.MalformedRowError) as error:
     movielens.read_movielens(str(ml100k_dir))
+  assert str(error.value).startswith(f"{ml100k_dir / 'u.data'}:2: {reason}")
+
+
+def test_duplicates_can_be_dropped_and_are_counted(ml100k_dir):
+  write(ml100k_dir / "u.data", [GOOD_ROW, "1\t2\t3\t200", GOOD_ROW, GOOD_ROW],
+        "latin-1")
+  report = {}
+  data = movielens.read_movielens(str(ml100k_dir), duplicates="drop", report=report)
+  assert data.num_events == 2 and report == {"duplicates_dropped": 2}
+
+
+def test_empty_or_misencoded_files_name_the_file(ml100k_dir):
+  (ml100k_dir / "u.data").write_text("")
+  with pytest.raises(movielens.MalformedRowError, match=r"u\.data:1: no ratings"):
+    movielens.read_movielens(str(ml100k_dir))
+  (ml100k_dir / "u.data").write_bytes(f"{GOOD_ROW}\n".encode("utf-16"))
+  with pytest.raises(movielens.MalformedRowError,
+                     match=r"u\.data:1: the file is UTF-16; .* latin-1"):
+    movielens.read_movielens(str(ml100k_dir))
+
+
+def test_a_latest_file_not_in_utf8_names_the_line(latest_dir):
+  ratings = (latest_dir / "ratings.csv").read_bytes()
+  (latest_dir / "ratings.csv").write_bytes(ratings + b"1,1,4.0,9\xe9\n")
+  line = ratings.count(b"\n") + 1
+  with pytest.raises(movielens.MalformedRowError,
+                     match=rf"ratings\.csv:{line}: byte 0xe9 is not utf-8"):
+    movielens.read_movielens(str(latest_dir))
 
 
 @pytest.fixture

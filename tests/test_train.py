@@ -7,6 +7,7 @@ import jax
 import numpy as np
 import pytest
 
+from infra.errors import Preempted
 from conftest import run_workflow
 from data import sequences, sources, splits
 from infra import checkpoint, mesh as mesh_lib, optim, train_loop
@@ -33,7 +34,8 @@ def test_resume_reaches_the_same_parameters(tiny_config, tmp_path):
 
   interrupted = tmp_path / "interrupted"
   tiny_config.train.stop_after_steps = 3
-  run_workflow(tiny_config, interrupted)
+  with pytest.raises(Preempted, match="stop_after_steps=3"):
+    run_workflow(tiny_config, interrupted)
   assert _final_params(tiny_config, str(interrupted))[0] == 3
   tiny_config.train.stop_after_steps = 0
   run_workflow(tiny_config, interrupted)  # resumes at 3, trains to 6

@@ -3,6 +3,7 @@
 
 import functools
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +13,7 @@ import pytest
 from flax import linen as nn
 
 from data import prompts, sources, splits
+from infra.errors import Preempted
 from conftest import ConfigReads, run_workflow
 from data.vocab import Tokenizer, train_vocabulary
 from infra import mesh as mesh_lib, train_loop
@@ -178,8 +180,14 @@ def test_workflow_end_to_end_and_resume(tmp_path):
   for stage in ("lm", "encoder_h8", "cross_attention_h8"):
     assert (tmp_path / "straight" / stage / "checkpoints").is_dir()
 
-  config.train.stop_after_steps = 2  # preempted in the last stage
-  run_workflow(config, tmp_path / "resumed")
+  # preempted in the last stage (the finished LM and encoder stages are reused)
+  for finished in ("lm", "encoder_h8", "spm.model"):
+    copy = shutil.copytree if finished != "spm.model" else shutil.copy
+    copy(tmp_path / "straight" / finished, tmp_path / "resumed" / finished)
+  config.train.stop_after_steps = 2
+  with pytest.raises(Preempted, match="stopped at step 2 of 4"):
+    run_workflow(config, tmp_path / "resumed")
+  assert not (tmp_path / "resumed" / "results.json").exists()
   config.train.stop_after_steps = 0
   resumed = run_workflow(config, tmp_path / "resumed")
   for key in ("test/model/next_title/recall@10",

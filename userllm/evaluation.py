@@ -66,6 +66,12 @@ def candidate_chunks(lengths: np.ndarray, chunk: int, limit: int,
   return groups
 
 
+def predicted_answers(scores: np.ndarray) -> np.ndarray:
+  """[n] the best-scored answer of each row of scores [n, answers]; -1 where a
+  score of the row is not finite (a broken model never answers right)."""
+  return np.where(np.isfinite(scores).all(1), np.argmax(scores, 1), -1)
+
+
 class TaskEvaluator:
   """Ranks every task's candidates by log-likelihood for held-out users."""
 
@@ -126,16 +132,19 @@ class TaskEvaluator:
     """`task`'s metrics of scores [n or 1, answers]."""
     if task == "next_title":
       return self.next_title_metrics(scores)
-    predicted = np.broadcast_to(scores, (len(self.examples), scores.shape[1])
-                                ).argmax(1)
+    predicted = predicted_answers(np.broadcast_to(
+        scores, (len(self.examples), scores.shape[1])))
     labels = self.labels(task)
+    broken = predicted < 0  # a row with a non-finite score answers wrongly
     if task == "title_genre":  # any of the item's genres is right
       correct = self.timelines.items.genres[self.targets(), predicted] > 0
     else:
       correct = predicted == labels
-    metrics = {"accuracy": float(np.mean(correct))}
+    metrics = {"accuracy": float(np.mean(correct & ~broken))}
     if task == "rating":  # buckets are ordered: how far off, in stars
-      metrics["mae"] = float(np.mean(np.abs(predicted - labels)))
+      worst = np.maximum(labels, len(prompts.RATINGS) - 1 - labels)
+      metrics["mae"] = float(np.mean(np.where(broken, worst,
+                                              np.abs(predicted - labels))))
     return metrics
 
   def evaluate(self, params, scorer: str = "model",

@@ -51,7 +51,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
   state = train_loop.fit(state=state, state_shardings=shardings,
                          train_step=train_step, batch_fn=batches, mesh=mesh,
                          workdir=workdir, schedule=train,
-                         eval_fn=lambda s: valid.evaluate(s.params))
+                         eval_fn=lambda s: valid.evaluate(s.params),
+                         identity=config.to_dict())
   results = {"train_seconds": time.time() - train_began,
              "num_users": timelines.num_users, "num_items": timelines.num_items,
              "num_events": timelines.num_events, "num_test_users": len(split.test),

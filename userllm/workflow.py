@@ -60,6 +60,30 @@ def task_batches(config, workdir: str, builder: prompts.PromptBuilder, timelines
                                       tasks, seed=config.seed + 1)  # = examples'
 
 
+# the config values that define each stage's training (stored with its
+# checkpoints: a resume under other values is an error); None: all of them
+STAGE_FIELDS = {
+    "lm_train": ("seed", "data", "llm", "lm_train", "userllm.lm_history",
+                 "userllm.lm_tasks", "userllm.tasks", "userllm.text_prompt_len",
+                 "userllm.answer_len", "userllm.text_ratings", "userllm.cuts_per_user"),
+    "encoder_train": ("seed", "data", "encoder", "encoder_train",
+                      "userllm.history_len"),
+    "train": None}
+
+
+def stage_identity(config, field: str) -> dict:
+  """{dotted field: value} of the config values stage `field` depends on."""
+  names = STAGE_FIELDS[field]
+  if names is None:
+    return config.to_dict()
+  out = {}
+  for name in names:
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
+  return out
+
 
 def fit_stage(name: str, state, shardings, train_step, batches, config,
               field: str, mesh, workdir: str, eval_fn=None):
@@ -70,7 +94,8 @@ def fit_stage(name: str, state, shardings, train_step, batches, config,
   return train_loop.fit(state=state, state_shardings=shardings,
                         train_step=train_step, batch_fn=batches, mesh=mesh,
                         workdir=f"{workdir}/{name}", schedule=train,
-                        eval_fn=eval_fn, name=name, schedule_field=f"config.{field}")
+                        eval_fn=eval_fn, name=name, schedule_field=f"config.{field}",
+                        identity=stage_identity(config, field))
 
 
 def language_model(config, split, tokenizer, tasks, mesh, workdir: str):

@@ -1,0 +1,216 @@
+"""Fault injection (issue 17): a broken model never scores well, training that
+goes non-finite stops (or skips) with the step named, federated rounds drop
+non-finite clients, damaged state resumes from what is intact, SIGTERM saves
+and resumes, a workdir is claimed by one run under one config, and config
+values are checked by field."""
+
+import json
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from configs import common
+from infra import checkpoint, config_checks, mesh as mesh_lib, ranking, train_loop
+from infra import workdir as workdir_lib
+from infra.errors import ConfigError, DivergedError, Preempted, WorkdirError
+
+
+# --- a broken model never ranks well ------------------------------------------
+
+def test_nan_scores_rank_the_target_last():
+  scores = jnp.array([[np.nan] * 6, [0.1, 0.9, np.nan, 0.2, 0.3, 0.0],
+                      [0.5, 0.4, 0.3, 0.2, 0.1, 0.0]])
+  excluded = jnp.zeros((3, 6), bool).at[:, 0].set(True)  # padding
+  ranks = np.asarray(ranking.target_ranks(scores, jnp.array([2, 1, 1]), excluded))
+  # all NaN: last of the 4 other eligible; a NaN candidate outranks the target
+  assert ranks.tolist() == [4, 1, 0]
+  assert ranking.metrics_from_ranks(np.array([4, 4]), ks=(1,))["recall@1"] == 0.0
+  inf_target = jnp.array([[0.0, 1.0, np.inf]])
+  assert int(ranking.target_ranks(inf_target, jnp.array([2]),
+                                  jnp.zeros((1, 3), bool))[0]) == 2
+
+
+def test_nan_task_scores_answer_wrongly(tiny_timelines, tiny_tokenizer):
+  from data import prompts, splits
+  from userllm import evaluation
+  split = splits.leave_last_out(tiny_timelines)
+  builder = prompts.PromptBuilder(tiny_timelines, tiny_tokenizer, "text_prompt", 3,
+                                  60, 40)
+  examples = prompts.held_out_examples(split.test, "rating", 0, 0)
+  evaluator = evaluation.TaskEvaluator(None, builder, examples, prompts.TASKS,
+                                       "test", 4, 8, mesh=None)
+  labels = evaluator.labels("rating")
+  perfect = np.eye(5)[labels]
+  perfect[0, :] = np.nan  # one broken row: wrong, and as far off as can be
+  metrics = evaluator.task_metrics("rating", perfect)
+  n = len(examples)
+  assert metrics["accuracy"] == pytest.approx((n - 1) / n)
+  assert metrics["mae"] == pytest.approx(max(labels[0], 4 - labels[0]) / n)
+  for task in ("favourite_genre", "title_genre", "summary"):
+    nan = np.full((1, len(builder.answers[task])), np.nan)
+    assert evaluator.task_metrics(task, nan)["accuracy"] == 0.0
+  titles = np.full((1, tiny_timelines.num_items + 1), np.nan)
+  assert evaluator.task_metrics("next_title", titles)["recall@10"] == 0.0
+
+
+# --- the train loop ----------------------------------------------------------
+
+MESH_CONFIG = ml_collections.ConfigDict(dict(data=-1, model=1))
+
+
+def _schedule(num_steps, **fields):
+  schedule = common.schedule(num_steps=num_steps, log_every=1, eval_every=0,
+                             checkpoint_every=2, eval_batch_size=8,
+                             keep_checkpoints=5)
+  schedule.update(fields)
+  return schedule
+
+
+def _batches(nan_at=()):
+  """step -> a regression batch of 8 rows (NaN targets at `nan_at` steps)."""
+  def batch(step):
+    rng = np.random.default_rng(step)
+    x = rng.normal(size=(8, 4)).astype(np.float32)
+    y = x @ np.arange(1, 5, dtype=np.float32)
+    if step in nan_at:
+      y[:] = np.nan
+    return {"x": x, "y": y}
+  return batch
+
+
+def _fit(workdir, schedule, batch_fn, learning_rate=0.05, identity=None):
+  mesh = mesh_lib.make_mesh(MESH_CONFIG)
+  tx = optax.sgd(learning_rate)
+  state, shardings = train_loop.create_state(
+      lambda rng: {"w": jnp.zeros(4)}, tx, jax.random.PRNGKey(0), mesh)
+  loss = lambda p, b, rng: (jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2), {})  # noqa: E731
+  return train_loop.fit(state=state, state_shardings=shardings,
+                        train_step=train_loop.make_train_step(loss, tx),
+                        batch_fn=batch_fn, mesh=mesh, workdir=str(workdir),
+                        schedule=schedule, identity=identity)
+
+
+def _rows(workdir):
+  return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_nonfinite_loss_stops_with_the_step_and_saves_nothing_after(tmp_path):
+  with pytest.raises(DivergedError, match=r"step 4: training went non-finite "
+                     r"\(.*loss=nan"):
+    _fit(tmp_path, _schedule(6), _batches(nan_at={3}))
+  saved = checkpoint.Checkpointer(str(tmp_path), 2, 5).manager.all_steps()
+  assert list(saved) == [2]  # the NaN step 4 was never saved
+
+
+def test_nonfinite_steps_can_be_skipped_and_are_counted(tmp_path):
+  state = _fit(tmp_path, _schedule(6, nonfinite="skip"), _batches(nan_at={1, 3}))
+  assert np.isfinite(np.asarray(state.params["w"])).all()
+  assert int(state.step) == 6
+  skipped = [r.get("skipped_steps", 0) for r in _rows(tmp_path)]
+  assert skipped == [0, 1, 0, 1, 0, 0]
+  # a skipped step changes nothing: the same as a run whose NaN steps had no data
+  reference = _fit(tmp_path / "ref", _schedule(6, nonfinite="skip"),
+                   lambda s: _batches()(s) if s not in (1, 3) else {
+                       "x": np.zeros((8, 4), np.float32), "y": np.zeros(8, np.float32)})
+  np.testing.assert_allclose(state.params["w"], reference.params["w"], rtol=1e-6)
+
+
+def test_a_run_that_never_changes_the_model_is_an_error(tmp_path):
+  with pytest.raises(DivergedError, match="never changed"):
+    _fit(tmp_path, _schedule(3), _batches(), learning_rate=0.0)
+
+
+def test_damaged_latest_checkpoint_resumes_from_the_one_before(tmp_path, capsys):
+  straight = _fit(tmp_path / "straight", _schedule(8), _batches())
+  damaged = tmp_path / "damaged"
+  with pytest.raises(Preempted, match="stopped at step 6 of 8"):
+    _fit(damaged, _schedule(8, stop_after_steps=6), _batches())  # saves 2, 4, 6
+  latest = damaged / "checkpoints" / "6"
+  for root, _, files in os.walk(latest):  # truncate every file of step 6
+    for name in files:
+      open(os.path.join(root, name), "w").close()
+  (damaged / "checkpoints" / "7").mkdir()  # and an empty step directory
+  with open(damaged / "metrics.jsonl", "a") as f:
+    f.write('{"step": 7, "split": "tr')  # a row cut off by a kill
+  resumed = _fit(damaged, _schedule(8), _batches())
+  out = capsys.readouterr().out
+  assert "step 7" in out and "step 6" in out and "cannot be restored" in out
+  assert "resumed from" in out and "at step 4" in out
+  assert "unreadable line" in out
+  np.testing.assert_allclose(resumed.params["w"], straight.params["w"], rtol=1e-6)
+  assert sorted(os.listdir(damaged / "damaged_checkpoints"))[0].startswith("6.")
+  steps = [r["step"] for r in _rows(damaged)]
+  assert steps == list(range(1, 9))  # every step once, nothing torn
+
+
+def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(tmp_path):
+  straight = _fit(tmp_path / "straight", _schedule(7), _batches())
+  plain = _batches()
+
+  def killed_at_3(step):
+    if step == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return plain(step)
+
+  with pytest.raises(Preempted, match="step 4"):
+    _fit(tmp_path / "killed", _schedule(7), killed_at_3)
+  saved = checkpoint.Checkpointer(str(tmp_path / "killed"), 2, 5).manager
+  assert saved.latest_step() == 4  # not a save step: saved because of SIGTERM
+  resumed = _fit(tmp_path / "killed", _schedule(7), plain)
+  np.testing.assert_allclose(resumed.params["w"], straight.params["w"], rtol=1e-6)
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed
+
+
+def test_resume_under_a_changed_config_is_an_error(tmp_path):
+  identity = {"seed": 0, "train": {"learning_rate": 0.05, "num_steps": 4}}
+  with pytest.raises(Preempted):
+    _fit(tmp_path, _schedule(4, stop_after_steps=2), _batches(), identity=identity)
+  changed = {"seed": 1, "train": {"learning_rate": 0.5, "num_steps": 4}}
+  with pytest.raises(WorkdirError, match=r"seed: 0 -> 1; train.learning_rate: "
+                     r"0.05 -> 0.5"):
+    _fit(tmp_path, _schedule(4), _batches(), identity=changed)
+  longer = {"seed": 0, "train": {"learning_rate": 0.05, "num_steps": 6}}
+  assert int(_fit(tmp_path, _schedule(6), _batches(), identity=longer).step) == 6
+
+
+# --- the workdir ---------------------------------------------------------------
+
+def test_one_run_per_workdir_and_no_stale_results(tmp_path):
+  (tmp_path / "results.json").write_text("{}")
+  with workdir_lib.claim(str(tmp_path), process_index=0):
+    assert not (tmp_path / "results.json").exists()
+    with pytest.raises(WorkdirError, match=f"in use by process {os.getpid()}"):
+      with workdir_lib.claim(str(tmp_path), process_index=0):
+        pass
+  assert not (tmp_path / workdir_lib.LOCK).exists()
+  # a lock left by a process that is gone is taken over
+  (tmp_path / workdir_lib.LOCK).write_text(json.dumps(
+      {"pid": 2 ** 22 + 12345, "host": os.uname().nodename, "since": "then"}))
+  with workdir_lib.claim(str(tmp_path), process_index=0):
+    pass
+  afile = tmp_path / "afile"
+  afile.write_text("x")
+  with pytest.raises(WorkdirError, match="is a file"):
+    with workdir_lib.claim(str(afile), process_index=0):
+      pass
+
+
+# --- config values -------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,why", [
+    ("train.batch_size", 0, ">= 1"), ("train.log_every", -5, ">= 1"),
+    ("train.num_steps", -1, ">= 1"), ("seed", -1, ">= 0"),
+    ("model.dropout", 1.0, r"in \[0, 1\)"), ("data.max_len", 0, ">= 1"),
+    ("train.learning_rate", float("nan"), "finite"),
+    ("train.eval_batch_size", 0, ">= 1")])
+def test_config_values_are_checked_by_field(tiny_config, field, value, why):
+  section, name = field.rsplit(".", 1) if "." in field else ("", field)
+  (tiny_config[section] if section else tiny_config)[name] = value
+  with pytest.raises(ConfigError, match=rf"^config\.{field}={value!r} must be {why}"):
+    config_checks.check_config(tiny_config)
