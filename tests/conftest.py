@@ -15,7 +15,21 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 ML100K_DIR = os.path.join(REPO, "..", "shared", "data", "movielens-100k")
 
+import atexit  # noqa: E402
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
+
+# A compilation cache for this session only: workflows that rebuild the same
+# computation (a resumed run, a second method over the same stages) load it
+# instead of compiling it again. Nothing carries over between sessions.
+_CACHE_DIR = tempfile.mkdtemp(prefix="jax-cache-")
+atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture
