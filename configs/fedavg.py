@@ -44,7 +44,11 @@ def get_config(arg: str = ""):
       client_momentum=0.0,
       prox_mu=0.0,  # FedProx proximal weight
       # Aggregation and server.
-      aggregator="mean",  # federated/aggregators.py
+      aggregator="mean",  # federated/aggregators.py: mean | dp
+      # each client's update as sent (federated/compression.py): none | qsgd |
+      # truncated_uniform | tnqsgd (bits per coordinate) | topk (fraction kept)
+      compression=ml_collections.ConfigDict(dict(scheme="none", bits=4,
+                                                 fraction=0.01)),
       weighting="examples",  # examples | uniform
       dropout_rate=0.0,  # chance a sampled client drops out of a round
       server_learning_rate=0.0,  # 0 = the algorithm's default (algorithms.py):

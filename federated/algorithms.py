@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from federated import aggregators
+from federated import aggregators, compression
 from infra.errors import ConfigError
 
 PyTree = Any
@@ -434,13 +434,14 @@ def _optimizer(name: str, learning_rate: float, field: str,
   raise ConfigError(f"{field}={name!r} is not one of ('sgd', 'adam')")
 
 
-def specs_from_config(fed: ml_collections.ConfigDict
+def specs_from_config(fed: ml_collections.ConfigDict, dp_budget=None
                       ) -> tuple[ClientSpec, ServerSpec]:
   """ClientSpec and ServerSpec for `config.federated`.
 
   `fed.algorithm` picks the server optimiser (and, for fedsgd, the client
   procedure; for fedprox, requires `prox_mu` > 0). Adaptive server optimisers
-  use eps=1e-3, the value Reddi et al. tune around.
+  use eps=1e-3, the value Reddi et al. tune around. `dp_budget`
+  (federated/privacy.budget) gives the `dp` aggregator its noise.
   """
   algorithm = fed.algorithm
   if algorithm not in ALGORITHMS:
@@ -479,5 +480,7 @@ def specs_from_config(fed: ml_collections.ConfigDict
         terms=(proximal_term(fed.prox_mu),) if fed.prox_mu else ())
   server = ServerSpec(server_tx, weighting=fed.weighting,
                       dropout_rate=fed.dropout_rate,
-                      aggregator=aggregators.from_config(fed))
+                      aggregator=compression.compressed(
+                          aggregators.from_config(fed, dp_budget),
+                          compression.from_config(fed)))
   return client, server

@@ -20,7 +20,7 @@ import ml_collections
 from flax import linen as nn
 
 from data import sources
-from federated import algorithms, clients, evaluation, tasks
+from federated import algorithms, clients, evaluation, privacy, tasks
 from infra import mesh as mesh_lib, train_loop
 
 
@@ -64,7 +64,15 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
                                "config.federated.clients_per_round")
   mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh,
                                "config.train.eval_batch_size")
-  client_spec, server_spec = algorithms.specs_from_config(fed)
+  dp_budget = None
+  if fed.aggregator == "dp":  # accounted over the clients the cohorts come from
+    dp_budget = privacy.budget(fed, len(dataset), config.train.num_steps)
+    print(f"[privacy] DP-FedAvg: clip {fed.dp.clip_norm:g}, noise multiplier "
+          f"{dp_budget.noise_multiplier:.4g}, q={dp_budget.sampling_probability:.4g}"
+          f"; epsilon {dp_budget.epsilon(config.train.num_steps):.4g} at delta "
+          f"{fed.dp.delta:g} after {config.train.num_steps} rounds "
+          f"({fed.dp.accountant})", flush=True)
+  client_spec, server_spec = algorithms.specs_from_config(fed, dp_budget)
   state, shardings = init_state(task, client_spec, server_spec, config.seed,
                                 len(dataset), mesh)
   round_fn = algorithms.make_round(task.example_loss, client_spec, server_spec)
@@ -81,12 +89,23 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
   state = train_loop.fit(state=state, state_shardings=shardings,
                          train_step=round_fn, batch_fn=sampler, mesh=mesh,
                          workdir=workdir, schedule=config.train,
-                         eval_fn=lambda s: periodic.evaluate(s.params),
+                         eval_fn=lambda s: {**periodic.evaluate(s.params),
+                                            **privacy_spent(dp_budget, s.step)},
                          name="federated", unit="round", identity=config.to_dict())
   results = {"train_seconds": time.time() - train_began, "rounds": int(state.step),
              "num_clients": len(split.participating),
              "participating_clients": int(split.participating.sum()),
              "training_examples": int(dataset.num_examples.sum())}
   results.update(final.evaluate(state.params))
+  results.update(privacy_spent(dp_budget, state.step))
   results["wall_seconds"] = time.time() - began
   return results
+
+
+def privacy_spent(dp_budget, rounds) -> dict[str, float]:
+  """{"dp_epsilon", "dp_delta", "dp_noise_multiplier"} after `rounds`; {}
+  without DP."""
+  if dp_budget is None:
+    return {}
+  return {"dp_epsilon": dp_budget.epsilon(int(rounds)), "dp_delta": dp_budget.delta,
+          "dp_noise_multiplier": dp_budget.noise_multiplier}
