@@ -156,7 +156,9 @@ def test_gemma_checkpoint_round_trips(tmp_path, num_kv_heads, fuse_qkv):
   path = gemma_loader.save_checkpoint(params, str(tmp_path / "ckpt"), fuse_qkv)
   flat = gemma_loader.to_gemma_layout(params, fuse_qkv)
   assert ("transformer/layer_0/attn/qkv_einsum" in flat) == fuse_qkv
-  assert flat["transformer/layer_2/mlp"]["gating_einsum"].shape == (2, 32, 64)
+  # the released layout: every Einsum weight, the MLP's included, is {"w": x}
+  assert flat["transformer/layer_2/mlp/gating_einsum"]["w"].shape == (2, 32, 64)
+  assert flat["transformer/layer_2/mlp/linear"]["w"].shape == (64, 32)
 
   loaded_cfg, loaded = gemma_loader.load_checkpoint(path)
   assert loaded_cfg == cfg
@@ -166,12 +168,51 @@ def test_gemma_checkpoint_round_trips(tmp_path, num_kv_heads, fuse_qkv):
   np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
+def test_gemma_library_nested_layout_loads_the_same(tmp_path):
+  """`model.init()["params"]` of the gemma library: no transformer root, the
+  MLP weights as plain arrays, the attention Einsums as {"w": x}."""
+  tokens, mask = _tokens()
+  _, params = _init(CFG, tokens, mask)
+  params = jax.device_get(_randomise(params))
+  nested = {"embedder": {"input_embedding": params["embedder"]["input_embedding"]},
+            "final_norm": params["final_norm"]}
+  for i in range(CFG.num_layers):
+    layer = params[f"layer_{i}"]
+    nested[f"layer_{i}"] = {
+        "pre_attention_norm": layer["pre_attention_norm"],
+        "pre_ffw_norm": layer["pre_ffw_norm"],
+        "attn": {k: {"w": v} for k, v in layer["attn"].items()},
+        "mlp": {"gating_einsum": layer["mlp"]["gating_einsum"],
+                "linear": layer["mlp"]["linear"]}}
+  released_cfg, released = gemma_loader.convert(gemma_loader.to_gemma_layout(params))
+  nested_cfg, loaded = gemma_loader.convert(nested)
+  assert nested_cfg == released_cfg
+  jax.tree.map(np.testing.assert_array_equal, loaded, released)
+
+
+@pytest.mark.parametrize("extra,named", [
+    ("transformer/layer_1/post_attention_norm", "layer_1/post_attention_norm/scale"),
+    ("transformer/layer_0/attn/_key_norm", "layer_0/attn/_key_norm/scale"),
+    ("transformer/layer_2/mlp/bias", "layer_2/mlp/bias/scale")])
+def test_gemma_loader_names_every_key_it_does_not_map(extra, named):
+  tokens, mask = _tokens()
+  _, params = _init(CFG, tokens, mask)
+  flat = gemma_loader.to_gemma_layout(params)
+  flat[extra] = {"scale": np.zeros(32)}
+  with pytest.raises(ValueError, match=f"does not map: transformer/{named}"):
+    gemma_loader.convert(flat)
+
+
 def test_gemma_loader_refuses_other_layouts(tmp_path):
   tokens, mask = _tokens()
   _, params = _init(CFG, tokens, mask)
   flat = gemma_loader.to_gemma_layout(params)
   flat["transformer/layer_1/post_attention_norm"] = {"scale": np.zeros(32)}
-  with pytest.raises(ValueError, match="layer_1.*post_attention_norm"):
+  with pytest.raises(ValueError, match="layer_1/post_attention_norm.*Gemma 2/3"):
+    gemma_loader.convert(flat)
+  flat = gemma_loader.to_gemma_layout(params)
+  flat["SigLiPFromPatches_0/siglip_encoder/embedding"] = {"kernel": np.zeros(3)}
+  with pytest.raises(ValueError, match="SigLiPFromPatches_0.*beside transformer"):
     gemma_loader.convert(flat)
   with pytest.raises(ValueError, match="not a Gemma checkpoint"):
     gemma_loader.convert({"encoder/w": np.zeros(3)})

@@ -1,31 +1,42 @@
-"""Loads an official Gemma (v1) Flax checkpoint into `userllm.llm.DecoderLM`.
+"""Loads an official Gemma (v1) Flax checkpoint into `userllm.llm.DecoderLM`,
+and exports ours in the layout Google released.
 
-The official release is an orbax PyTree checkpoint whose keys are flat paths
-(`transformer/layer_0/attn/q_einsum` -> {"w": array}) and a SentencePiece
-`tokenizer.model`. Our module uses Gemma's own names, so loading is:
-nest the paths, drop the `transformer` root and the Einsum `w` leaves, split a
-fused `qkv_einsum` (multi-head checkpoints such as 7B) into `q_einsum` and
-`kv_einsum`, and pad the embedding rows to the model's padded vocabulary. The
-config (width, depth, heads, MLP width) is read off the parameter shapes.
+Two layouts load:
+- the released one (what `gemma.gm.ckpts.save_params` writes and
+  `load_params` reads as FLAT): an orbax PyTree whose keys are flat paths with
+  the Einsum weights as `{"w": array}`, the MLP's included
+  (`transformer/layer_0/attn/q_einsum -> {"w"}`,
+  `transformer/layer_0/mlp/gating_einsum -> {"w"}`,
+  `transformer/layer_0/pre_attention_norm -> {"scale"}`);
+- the library's nested one (`model.init()["params"]`: `layer_0/mlp/gating_einsum`
+  as an array, no `transformer` root).
+Our module uses Gemma's own names, so loading is: nest the paths, drop the
+`transformer` root and the `w` leaves, split a fused `qkv_einsum` (multi-head
+checkpoints such as 7B) into `q_einsum` and `kv_einsum`, and pad the embedding
+rows to the model's padded vocabulary. The config (width, depth, heads, MLP
+width) is read off the parameter shapes.
 
-Gemma 2 / 3 checkpoints (post-norms, logit soft-capping, local attention) are
-refused with an error naming the parameter that gives them away.
+Every key is either mapped or an error naming it: Gemma 2 / 3 parameters
+(post-norms, QK-norm scales) are refused by name, never dropped silently.
 
-`save_checkpoint` writes our parameters back in the official layout: the tests
-use it to make a tiny checkpoint, and it exports a fine-tuned LM.
+`save_checkpoint` writes our parameters in the released layout: the tests use
+it to make tiny checkpoints, and it exports a fine-tuned LM.
 """
 
 from __future__ import annotations
 
 import os
 
-import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
 from userllm import llm
 
-_LAYER_KEYS = {"pre_attention_norm", "pre_ffw_norm", "attn", "mlp"}
+# the parameters a Gemma v1 layer holds: path inside the layer -> optional
+_LAYER_PARAMS = ("pre_attention_norm/scale", "pre_ffw_norm/scale",
+                 "attn/q_einsum", "attn/kv_einsum", "attn/qkv_einsum",
+                 "attn/attn_vec_einsum", "mlp/gating_einsum", "mlp/linear")
+_GEMMA_2_3 = ("post_attention_norm", "post_ffw_norm", "_query_norm", "_key_norm")
 
 
 def _nest(flat: dict) -> dict:
@@ -40,30 +51,53 @@ def _nest(flat: dict) -> dict:
   return nested
 
 
-def _w(node: dict, path: str):
-  leaf = node.get("w") if isinstance(node, dict) else node
-  if leaf is None:
-    raise ValueError(f"Gemma checkpoint: {path} has no 'w' parameter")
-  return np.asarray(leaf)
+def _leaf_paths(tree, prefix: str = "") -> set[str]:
+  """Every array's path in a nested dict, with the Einsum `w` leaves folded
+  into their parent (`attn/q_einsum/w` -> `attn/q_einsum`)."""
+  if not isinstance(tree, dict):
+    return {prefix.rstrip("/")}
+  if set(tree) == {"w"} and not isinstance(tree["w"], dict):
+    return {prefix.rstrip("/")}
+  paths = set()
+  for key, value in tree.items():
+    paths |= _leaf_paths(value, f"{prefix}{key}/")
+  return paths
+
+
+def _get(tree: dict, path: str):
+  """The array at `path` (`a/b`), through an Einsum's `{"w": array}`; None if absent."""
+  node = tree
+  for part in path.split("/"):
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  if isinstance(node, dict):
+    node = node.get("w")
+  return None if node is None else np.asarray(node)
 
 
 def convert(gemma_params: dict, vocab_size: int | None = None
             ) -> tuple[llm.LLMConfig, dict]:
-  """Official Gemma parameters (flat or nested) -> (LLMConfig, our params).
-
-  `vocab_size` defaults to the checkpoint's embedding rows.
-  """
+  """Gemma v1 parameters (released flat or library nested) -> (LLMConfig,
+  our params). `vocab_size` defaults to the checkpoint's embedding rows. A
+  key the conversion does not use is a ValueError naming it."""
   tree = _nest(dict(gemma_params))
-  tree = tree.get("transformer", tree)
+  if "transformer" in tree:  # the released layout's root
+    others = sorted(set(tree) - {"transformer"})
+    if others:
+      raise ValueError(f"Gemma checkpoint has parameters this loader does not "
+                       f"map: {others} beside transformer/ (a multimodal "
+                       "checkpoint? only the text model is supported)")
+    tree = tree["transformer"]
   layer_names = sorted((k for k in tree if k.startswith("layer_")),
                        key=lambda k: int(k.split("_")[1]))
   if not layer_names or "embedder" not in tree or "final_norm" not in tree:
     raise ValueError("not a Gemma checkpoint: expected transformer/embedder, "
                      f"transformer/layer_N and transformer/final_norm, found "
                      f"{sorted(tree)}")
-  embedding = np.asarray(tree["embedder"]["input_embedding"])
-  params = {"embedder": {}, "final_norm": {"scale": np.asarray(
-      tree["final_norm"]["scale"])}}
+  _check_every_key_is_known(tree, layer_names)
+  embedding = _get(tree, "embedder/input_embedding")
+  params = {"embedder": {}, "final_norm": {"scale": _get(tree, "final_norm/scale")}}
   for name in layer_names:
     params[name] = _convert_layer(tree[name], f"transformer/{name}")
   first = params[layer_names[0]]
@@ -82,68 +116,87 @@ def convert(gemma_params: dict, vocab_size: int | None = None
   return config, params
 
 
-def _convert_layer(layer: dict, path: str) -> dict:
-  unknown = set(layer) - _LAYER_KEYS
+def _check_every_key_is_known(tree: dict, layer_names: list[str]) -> None:
+  known = {"embedder/input_embedding", "final_norm/scale"} | {
+      f"{layer}/{p}" for layer in layer_names for p in _LAYER_PARAMS}
+  unknown = sorted(_leaf_paths(tree) - known)
   if unknown:
-    raise ValueError(f"{path} has {sorted(unknown)}: a Gemma 2/3 layer (post-norms"
-                     "); only Gemma v1 checkpoints are supported")
-  attn = layer["attn"]
-  if "qkv_einsum" in attn:  # multi-head: [3, heads, embed, head_dim]
-    qkv = _w(attn["qkv_einsum"], f"{path}/attn/qkv_einsum")
+    family = ("; a Gemma 2/3 checkpoint: only Gemma v1 is supported"
+              if any(k in u for u in unknown for k in _GEMMA_2_3) else "")
+    shown = ", ".join(f"transformer/{u}" for u in unknown[:6])
+    more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
+    raise ValueError(f"Gemma checkpoint has parameters this loader does not map: "
+                     f"{shown}{more}{family}")
+
+
+def _required(layer: dict, part: str, path: str) -> np.ndarray:
+  value = _get(layer, part)
+  if value is None:
+    raise ValueError(f"Gemma checkpoint: {path}/{part} is missing")
+  return value
+
+
+def _convert_layer(layer: dict, path: str) -> dict:
+  qkv = _get(layer, "attn/qkv_einsum")
+  if qkv is not None:  # multi-head: [3, heads, embed, head_dim]
     q, kv = qkv[0], qkv[1:]
   else:
-    q = _w(attn["q_einsum"], f"{path}/attn/q_einsum")
-    kv = _w(attn["kv_einsum"], f"{path}/attn/kv_einsum")
-  gating = np.asarray(layer["mlp"]["gating_einsum"])
-  linear = np.asarray(layer["mlp"]["linear"])
+    q = _required(layer, "attn/q_einsum", path)
+    kv = _required(layer, "attn/kv_einsum", path)
+  gating = _required(layer, "mlp/gating_einsum", path)
   if gating.shape[1] != q.shape[1]:  # some releases store [2, mlp, embed]
     gating = gating.transpose(0, 2, 1)
-  return {"pre_attention_norm": {"scale": np.asarray(
-              layer["pre_attention_norm"]["scale"])},
-          "pre_ffw_norm": {"scale": np.asarray(layer["pre_ffw_norm"]["scale"])},
+  return {"pre_attention_norm": {"scale": _required(
+              layer, "pre_attention_norm/scale", path)},
+          "pre_ffw_norm": {"scale": _required(layer, "pre_ffw_norm/scale", path)},
           "attn": {"q_einsum": q, "kv_einsum": kv,
-                   "attn_vec_einsum": _w(attn["attn_vec_einsum"],
-                                         f"{path}/attn/attn_vec_einsum")},
-          "mlp": {"gating_einsum": gating, "linear": linear}}
+                   "attn_vec_einsum": _required(layer, "attn/attn_vec_einsum",
+                                                path)},
+          "mlp": {"gating_einsum": gating,
+                  "linear": _required(layer, "mlp/linear", path)}}
 
 
 def load_checkpoint(path: str, vocab_size: int | None = None
                     ) -> tuple[llm.LLMConfig, dict]:
-  """Restores an official Gemma checkpoint directory -> (LLMConfig, params)."""
+  """Restores a Gemma checkpoint directory -> (LLMConfig, params)."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"Gemma checkpoint directory {path!r} does not exist")
-  restored = ocp.PyTreeCheckpointer().restore(path)
+  restored = ocp.StandardCheckpointer().restore(path)
   return convert(restored, vocab_size)
 
 
 def to_gemma_layout(params: dict, fuse_qkv: bool = False) -> dict:
-  """Our LLM parameters -> the official flat layout (base weights only)."""
+  """Our LLM parameters -> the released flat layout (base weights only)."""
+  def einsum(x):
+    return {"w": np.asarray(x)}
   flat = {"transformer/embedder": {"input_embedding": np.asarray(
               params["embedder"]["input_embedding"])},
           "transformer/final_norm": {"scale": np.asarray(
               params["final_norm"]["scale"])}}
   for name in (k for k in params if k.startswith("layer_")):
     layer, root = params[name], f"transformer/{name}"
-    attn = jax.tree.map(np.asarray, layer["attn"])
+    attn = layer["attn"]
     if fuse_qkv:
-      flat[f"{root}/attn/qkv_einsum"] = {"w": np.concatenate(
-          [attn["q_einsum"][None], attn["kv_einsum"]])}
+      flat[f"{root}/attn/qkv_einsum"] = einsum(np.concatenate(
+          [np.asarray(attn["q_einsum"])[None], np.asarray(attn["kv_einsum"])]))
     else:
-      flat[f"{root}/attn/q_einsum"] = {"w": attn["q_einsum"]}
-      flat[f"{root}/attn/kv_einsum"] = {"w": attn["kv_einsum"]}
-    flat[f"{root}/attn/attn_vec_einsum"] = {"w": attn["attn_vec_einsum"]}
-    flat[f"{root}/mlp"] = {"gating_einsum": np.asarray(layer["mlp"]["gating_einsum"]),
-                           "linear": np.asarray(layer["mlp"]["linear"])}
+      flat[f"{root}/attn/q_einsum"] = einsum(attn["q_einsum"])
+      flat[f"{root}/attn/kv_einsum"] = einsum(attn["kv_einsum"])
+    flat[f"{root}/attn/attn_vec_einsum"] = einsum(attn["attn_vec_einsum"])
+    flat[f"{root}/mlp/gating_einsum"] = einsum(layer["mlp"]["gating_einsum"])
+    flat[f"{root}/mlp/linear"] = einsum(layer["mlp"]["linear"])
     for norm in ("pre_attention_norm", "pre_ffw_norm"):
       flat[f"{root}/{norm}"] = {"scale": np.asarray(layer[norm]["scale"])}
   return flat
 
 
 def save_checkpoint(params: dict, path: str, fuse_qkv: bool = False) -> str:
-  """Writes `params` (our LLM's) as an official-layout orbax checkpoint."""
-  checkpointer = ocp.PyTreeCheckpointer()
+  """Writes `params` (our LLM's) as a released-layout orbax checkpoint (what
+  `gemma.gm.ckpts.load_params` reads)."""
+  checkpointer = ocp.StandardCheckpointer()
   checkpointer.save(os.path.abspath(path), to_gemma_layout(params, fuse_qkv))
+  checkpointer.wait_until_finished()
   return path
 
 
