@@ -63,9 +63,11 @@ def task_batches(config, workdir: str, builder: prompts.PromptBuilder, timelines
 # the config values that define each stage's training (stored with its
 # checkpoints: a resume under other values is an error); None: all of them
 STAGE_FIELDS = {
+    # (+ the prompt and answer lengths the LM trains at, which the config's
+    # text_prompt_len and answer_len only bound: language_model adds them)
     "lm_train": ("seed", "data", "llm", "lm_train", "userllm.lm_history",
-                 "userllm.lm_tasks", "userllm.tasks", "userllm.text_prompt_len",
-                 "userllm.answer_len", "userllm.text_ratings", "userllm.cuts_per_user"),
+                 "userllm.lm_tasks", "userllm.tasks", "userllm.text_ratings",
+                 "userllm.cuts_per_user"),
     "encoder_train": ("seed", "data", "encoder", "encoder_train",
                       "userllm.history_len"),
     "train": None}
@@ -86,16 +88,18 @@ def stage_identity(config, field: str) -> dict:
 
 
 def fit_stage(name: str, state, shardings, train_step, batches, config,
-              field: str, mesh, workdir: str, eval_fn=None):
+              field: str, mesh, workdir: str, eval_fn=None,
+              identity_extras: dict | None = None):
   """One stage through `train_loop.fit` in `<workdir>/<name>`, scheduled by
-  `config.<field>`."""
+  `config.<field>`; its checkpoints record `stage_identity` (+ extras)."""
   train = config[field]
   mesh_lib.check_batch_divides(train.batch_size, mesh, f"config.{field}.batch_size")
   return train_loop.fit(state=state, state_shardings=shardings,
                         train_step=train_step, batch_fn=batches, mesh=mesh,
                         workdir=f"{workdir}/{name}", schedule=train,
                         eval_fn=eval_fn, name=name, schedule_field=f"config.{field}",
-                        identity=stage_identity(config, field))
+                        identity={**stage_identity(config, field),
+                                  **(identity_extras or {})})
 
 
 def language_model(config, split, tokenizer, tasks, mesh, workdir: str):
@@ -121,7 +125,9 @@ def language_model(config, split, tokenizer, tasks, mesh, workdir: str):
   state = fit_stage("lm", state, shardings, train_loop.make_train_step(
       functools.partial(ul.lm_loss, model, mask), tx), example_batches(
           builder, examples, config.lm_train.batch_size, config.seed),
-      config, "lm_train", mesh, workdir)
+      config, "lm_train", mesh, workdir,
+      identity_extras={"lm_prompt_len": builder.prompt_len,
+                       "lm_answer_len": builder.answer_len})
   return None, jax.device_get(state.params["llm"])
 
 
