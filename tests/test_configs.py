@@ -1,12 +1,13 @@
 """Every config holds only fields its workflow reads (the User-LLM configs are
-checked on the end-to-end runs of test_user_llm.py and test_multitask.py)."""
+checked on the end-to-end runs of test_user_llm.py and test_multitask.py, the
+DP one on test_privacy.py's)."""
 
 import pytest
 
 from conftest import ConfigReads, ML100K_DIR, run_workflow
 
 
-@pytest.mark.parametrize("name", ["default", "fedavg", "dp_fedavg", "movielens_100k"])
+@pytest.mark.parametrize("name", ["default", "fedavg", "movielens_100k"])
 def test_every_config_field_is_read(name, tmp_path):
   import importlib
   config = importlib.import_module(f"configs.{name}").get_config("tiny")

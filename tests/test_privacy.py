@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 
-from conftest import run_workflow
+from conftest import ConfigReads, run_workflow
 from federated import aggregators, algorithms, privacy
 from infra.errors import ConfigError
 from test_federated_algorithms import (assert_trees_close, linear_losses,
@@ -147,7 +147,9 @@ def test_dp_workflow_reports_epsilon_each_evaluation(tmp_path):
   from configs import dp_fedavg
   config = dp_fedavg.get_config("tiny")
   config.federated.dp.target_epsilon = 8.0
-  results = run_workflow(config, tmp_path)
+  with ConfigReads() as reads:
+    results = run_workflow(config, tmp_path)
+  assert reads.unread(config) == []  # the config holds only what is read
   assert results["dp_epsilon"] <= 8.0 + 1e-6 and results["dp_noise_multiplier"] > 0
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   spent = [r["dp_epsilon"] for r in rows if r["split"] == "valid"]
