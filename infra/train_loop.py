@@ -224,12 +224,11 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
           print(f"[{name}] {unit} {done} valid " + _format(eval_metrics), flush=True)
         ckpt.maybe_save(done, state, is_last=done == stop or preempted)
         if preempted:
-          ckpt.close()
-          print(f"[{name}] SIGTERM: saved a checkpoint at {unit} {done} in "
+          ckpt.close()  # wait for the save before saying it is there
+          print(f"[{name}] preempted (SIGTERM): saved a checkpoint at {unit} {done} in "
                 f"{ckpt.directory}; rerun the same command to resume", flush=True)
           raise Preempted(f"preempted at {unit} {done}")
     if stop < num_steps:  # stop_after_steps: saved above; no results of a part
-      ckpt.close()
       raise Preempted(f"[{name}] stopped at {unit} {stop} of {num_steps} "
                       f"({schedule_field}.stop_after_steps={stop_after})",
                       requested=True)
