@@ -49,6 +49,11 @@ def get_config(arg: str = ""):
       # truncated_uniform | tnqsgd (bits per coordinate) | topk (fraction kept)
       compression=ml_collections.ConfigDict(dict(scheme="none", bits=4,
                                                  fraction=0.01)),
+      # "fellrec": a model per client, mixed from the cohort's by similarity
+      # with curriculum heating (federated/personalisation.py)
+      personalisation="none",
+      fellrec=ml_collections.ConfigDict(dict(alpha=0.7, beta=1.0,
+                                             temperature=0.05)),
       weighting="examples",  # examples | uniform
       dropout_rate=0.0,  # chance a sampled client drops out of a round
       server_learning_rate=0.0,  # 0 = the algorithm's default (algorithms.py):

@@ -23,6 +23,13 @@ Seams for the algorithms to come (each a field of a spec, defaults are no-ops):
   `ClientSpec.state_update`): a [num_clients, ...] table in the server state,
   sharded over the mesh's `data` axis; the cohort's rows are gathered before
   the clients train and written back after.
+- personalised models (`ClientSpec.start`, `ServerSpec.personalise`): a
+  client may start local training from parameters of its own (kept in its
+  state) rather than the server's, and the server may rewrite the cohort's
+  client states from all of their updates at once (FELLRec's
+  similarity-weighted aggregation, federated/personalisation.py). Deltas are
+  always local parameters minus the *server's*, so the server model stays the
+  (weighted) average of the cohort's local models.
 - a server-side loss term (`ServerSpec.server_loss(params, server_batch,
   rng) -> scalar`, server data in the cohort under `server_batch`): its
   gradient at the round's starting parameters is added to the pseudo-gradient
@@ -51,7 +58,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from federated import aggregators, compression
+from federated import aggregators, compression, personalisation
 from infra.errors import ConfigError
 
 PyTree = Any
@@ -89,6 +96,11 @@ def _keep_state(state, params_before, params_after, metrics):
   return state
 
 
+def _server_start(server_params, client_state):
+  del client_state
+  return server_params
+
+
 @dataclasses.dataclass(frozen=True)
 class ClientSpec:
   """How every client trains locally.
@@ -104,6 +116,8 @@ class ClientSpec:
       none, an empty tuple).
     state_update: (state, params at the round's start, params after local
       training, metrics) -> the client's state for its next round.
+    start: (server params, client state) -> the parameters local training
+      starts from (default: the server's).
   """
   optimizer: optax.GradientTransformation
   local_epochs: int = 1
@@ -111,6 +125,7 @@ class ClientSpec:
   terms: tuple[ClientTerm, ...] = ()
   state_init: Callable[[PyTree], PyTree] = _no_state
   state_update: Callable[..., PyTree] = _keep_state
+  start: Callable[[PyTree, PyTree], PyTree] = _server_start
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +141,12 @@ class ServerSpec:
     aggregator: combines the deltas (default: the weighted mean).
     server_loss: optional f_c(params, server_batch, rng) -> scalar, a loss
       computed at the server; its gradient joins the pseudo-gradient.
+    personalise: optional (client_states, server_params, deltas, losses,
+      weights, round) -> client_states over the cohort (leaves [clients,
+      ...]; `server_params` the round's starting ones; `deltas` local
+      minus server parameters, `losses` the clients' mean local losses,
+      `weights` 0 for clients that did not finish): the cohort's new
+      per-client states, computed from every client's update together.
   """
   optimizer: optax.GradientTransformation
   weighting: str = "examples"
@@ -133,6 +154,7 @@ class ServerSpec:
   aggregator: aggregators.Aggregator = dataclasses.field(
       default_factory=aggregators.mean)
   server_loss: Callable[[PyTree, Any, jax.Array], jax.Array] | None = None
+  personalise: Callable[..., PyTree] | None = None
 
 
 @flax.struct.dataclass
@@ -214,7 +236,8 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec):
 
   Returns:
     (delta, client_state, metrics): `delta` = local parameters - server
-    parameters (a pytree like the parameters); the client's next state;
+    parameters (a pytree like the parameters; local training starts from
+    `client.start(server_params, client_state)`); the client's next state;
     metrics {"loss": mean local loss over the steps that had data, "steps":
     number of such steps}.
   """
@@ -250,14 +273,15 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec):
               (loss * has_data, has_data))
 
     steps = jnp.arange(indices.shape[0])
+    start = client.start(server_params, client_state)
     (params, _), (losses, has_data) = jax.lax.scan(
-        local_step, (server_params, client.optimizer.init(server_params)),
+        local_step, (start, client.optimizer.init(start)),
         (steps, indices, masks))
     real_steps = has_data.sum()
     delta = optax.tree.sub(params, server_params)
     metrics = {"loss": losses.sum() / jnp.maximum(real_steps, 1),
                "steps": real_steps}
-    new_state = client.state_update(client_state, server_params, params, metrics)
+    new_state = client.state_update(client_state, start, params, metrics)
     return delta, new_state, metrics
 
   return client_update
@@ -362,6 +386,10 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
     any_update = jnp.asarray(True)
     metrics["server_loss"] = server_loss
   new_state = server_update(state, pseudo_grad, any_update, server.optimizer)
+  if server.personalise is not None:
+    new_client_states = server.personalise(new_client_states, state.params,
+                                           deltas, client_metrics["loss"],
+                                           weights, state.step)
   # only clients that finished the round keep their new state
   keep = completed > 0
   rows = cohort["client_rows"]
@@ -440,7 +468,9 @@ def specs_from_config(fed: ml_collections.ConfigDict, dp_budget=None
 
   `fed.algorithm` picks the server optimiser (and, for fedsgd, the client
   procedure; for fedprox, requires `prox_mu` > 0). Adaptive server optimisers
-  use eps=1e-3, the value Reddi et al. tune around. `dp_budget`
+  use eps=1e-3, the value Reddi et al. tune around. `fed.personalisation`
+  ("fellrec") gives every client its own model (federated/personalisation.py).
+  `dp_budget`
   (federated/privacy.budget) gives the `dp` aggregator its noise.
   """
   algorithm = fed.algorithm
@@ -483,4 +513,9 @@ def specs_from_config(fed: ml_collections.ConfigDict, dp_budget=None
                       aggregator=compression.compressed(
                           aggregators.from_config(fed, dp_budget),
                           compression.from_config(fed)))
+  personal = personalisation.from_config(fed)
+  if personal is not None:
+    client = dataclasses.replace(client, state_init=personal.state_init,
+                                 start=personal.start)
+    server = dataclasses.replace(server, personalise=personal.personalise)
   return client, server

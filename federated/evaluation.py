@@ -79,12 +79,43 @@ class ParticipationGapEvaluator:
       means[metric] = float(per_client.mean())
     return out, means
 
-  def evaluate(self, params) -> dict[str, float]:
+  def _model_rows(self, name: str, params, client_params) -> dict:
+    """{metric: [rows]} of the model on split `name`: the one model, or with
+    `client_params` each client's own model on its rows (clients it has no
+    model for, e.g. non-participating ones, get `params`)."""
+    scorer = self.scorers[name]
+    if client_params is None:
+      return self.task.row_metrics(scorer, params)
+    row_clients = self.row_clients[name]
+    rows = None
+    for client in np.unique(row_clients):
+      subset = np.nonzero(row_clients == client)[0]
+      own = client_params(int(client))
+      values = self.task.row_metrics(scorer, params if own is None else own, subset)
+      if rows is None:
+        rows = {k: np.zeros(len(row_clients)) for k in values}
+      for k, v in values.items():
+        rows[k][subset] = v
+    return rows
+
+  def client_scores(self, name: str, params, client_params=None
+                    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """(client ids, {metric: [clients] per-client mean}) of the model on
+    split `name` (for paired comparisons of two trainings, client by client)."""
+    rows = self._model_rows(name, params, client_params)
+    clients = np.unique(self.row_clients[name])
+    return clients, {m: per_client_means(v, self.row_clients[name])
+                     for m, v in rows.items()}
+
+  def evaluate(self, params, client_params=None) -> dict[str, float]:
+    """The summaries and gaps; `client_params(client_id)` -> that client's own
+    parameters or None (personalised training: federated/personalisation.py)."""
     out = {}
     for scorer_name in ("model", *self.baselines):
       means = {}
       for name, scorer in self.scorers.items():
-        rows = (self.task.row_metrics(scorer, params) if scorer_name == "model"
+        rows = (self._model_rows(name, params, client_params)
+                if scorer_name == "model"
                 else self.task.baseline_row_metrics(scorer,
                                                     self.baselines[scorer_name]))
         entries, means[name] = self._summaries(name, scorer_name, rows)

@@ -60,9 +60,10 @@ class NextItemTask:
     return {"recall@10": hit.astype(np.float64),
             "ndcg@10": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
 
-  def row_metrics(self, scorer, params) -> dict[str, np.ndarray]:
-    """{metric: [rows]} of the model on `scorer`'s held-out rows."""
-    return self._from_ranks(scorer.ranks(params))
+  def row_metrics(self, scorer, params, subset: np.ndarray | None = None
+                  ) -> dict[str, np.ndarray]:
+    """{metric: [rows]} of the model on `scorer`'s held-out rows (or `subset`)."""
+    return self._from_ranks(scorer.ranks(params, subset))
 
   def baseline_row_metrics(self, scorer, scores) -> dict[str, np.ndarray]:
     return self._from_ranks(scorer.fixed_score_ranks(scores))

@@ -8,15 +8,20 @@ favourite genre) or `semantic` (GMM clusters of user embeddings per favourite
 genre, matched across genres). A round is `algorithms.make_round`; the shared
 train loop (`infra.train_loop.fit`) drives it, so rounds are checkpointed,
 resumed, logged and evaluated exactly like steps of centralised training
-(`config.train` is the loop's schedule, counted in rounds).
+(`config.train` is the loop's schedule, counted in rounds). With
+`config.federated.personalisation = "fellrec"` every client that trained is
+evaluated with its own model (the rest with the server's).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 from flax import linen as nn
 
 from data import sources
@@ -45,9 +50,21 @@ def init_state(task, client: algorithms.ClientSpec, server: algorithms.ServerSpe
   return train_loop.init_sharded(boxed_state, mesh)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:
-  """Federated training + participation-gap evaluation; metrics for results.json."""
-  began = time.time()
+@dataclasses.dataclass
+class Federation:
+  """What a federated run builds before it trains (the benchmarks reuse it
+  to attack the trained model)."""
+  timelines: Any
+  task: Any
+  split: clients.ParticipationSplit
+  dataset: clients.ClientDataset
+  dp_budget: privacy.Budget | None
+  client_spec: algorithms.ClientSpec
+  server_spec: algorithms.ServerSpec
+
+
+def build(config: ml_collections.ConfigDict, mesh) -> Federation:
+  """Data, task, clients, privacy budget and the round's specs of `config`."""
   fed = config.federated
   timelines = sources.load_timelines(config.data)
   task = tasks.from_config(config, timelines)
@@ -59,7 +76,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
         f"{dataset.examples.shape[1]} per client"
         + (f" ({dataset.num_capped} left out by max_examples_per_client)"
            if dataset.num_capped else ""), flush=True)
-
   mesh_lib.check_batch_divides(fed.clients_per_round, mesh,
                                "config.federated.clients_per_round")
   mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh,
@@ -73,33 +89,73 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
           f"{fed.dp.delta:g} after {config.train.num_steps} rounds "
           f"({fed.dp.accountant})", flush=True)
   client_spec, server_spec = algorithms.specs_from_config(fed, dp_budget)
-  state, shardings = init_state(task, client_spec, server_spec, config.seed,
-                                len(dataset), mesh)
-  round_fn = algorithms.make_round(task.example_loss, client_spec, server_spec)
-  sampler = clients.CohortSampler(dataset, fed.clients_per_round, config.seed)
+  return Federation(timelines, task, split, dataset, dp_budget, client_spec,
+                    server_spec)
 
-  baselines = task.baselines(split.train, config.seed)
-  final = evaluation.ParticipationGapEvaluator(
-      task, timelines, split, config.train.eval_batch_size, mesh, baselines)
+
+def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
+  """Rounds of `f`'s algorithm under the shared loop; the final ServerState."""
+  state, shardings = init_state(f.task, f.client_spec, f.server_spec, config.seed,
+                                len(f.dataset), mesh)
+  round_fn = algorithms.make_round(f.task.example_loss, f.client_spec,
+                                   f.server_spec)
+  sampler = clients.CohortSampler(f.dataset, config.federated.clients_per_round,
+                                  config.seed)
   periodic = evaluation.ParticipationGapEvaluator(  # participating clients' means
-      task, timelines, split, config.train.eval_batch_size, mesh,
+      f.task, f.timelines, f.split, config.train.eval_batch_size, mesh,
       splits=("out_of_sample",), full_summary=False)
+  return train_loop.fit(state=state, state_shardings=shardings,
+                        train_step=round_fn, batch_fn=sampler, mesh=mesh,
+                        workdir=workdir, schedule=config.train,
+                        eval_fn=lambda s: {
+                            **periodic.evaluate(s.params,
+                                                personal_models(s, f.dataset)),
+                            **privacy_spent(f.dp_budget, s.step)},
+                        name="federated", unit="round", identity=config.to_dict())
 
+
+def evaluate(config: ml_collections.ConfigDict, mesh, f: Federation, state
+             ) -> dict[str, float]:
+  """The participation-gap evaluation of a trained state (with baselines)."""
+  final = evaluation.ParticipationGapEvaluator(
+      f.task, f.timelines, f.split, config.train.eval_batch_size, mesh,
+      f.task.baselines(f.split.train, config.seed))
+  out = final.evaluate(state.params, personal_models(state, f.dataset))
+  out.update(privacy_spent(f.dp_budget, state.step))
+  return out
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:
+  """Federated training + participation-gap evaluation; metrics for results.json."""
+  began = time.time()
+  f = build(config, mesh)
   train_began = time.time()
-  state = train_loop.fit(state=state, state_shardings=shardings,
-                         train_step=round_fn, batch_fn=sampler, mesh=mesh,
-                         workdir=workdir, schedule=config.train,
-                         eval_fn=lambda s: {**periodic.evaluate(s.params),
-                                            **privacy_spent(dp_budget, s.step)},
-                         name="federated", unit="round", identity=config.to_dict())
+  state = train(config, workdir, mesh, f)
   results = {"train_seconds": time.time() - train_began, "rounds": int(state.step),
-             "num_clients": len(split.participating),
-             "participating_clients": int(split.participating.sum()),
-             "training_examples": int(dataset.num_examples.sum())}
-  results.update(final.evaluate(state.params))
-  results.update(privacy_spent(dp_budget, state.step))
+             "num_clients": len(f.split.participating),
+             "participating_clients": int(f.split.participating.sum()),
+             "training_examples": int(f.dataset.num_examples.sum())}
+  results.update(evaluate(config, mesh, f, state))
   results["wall_seconds"] = time.time() - began
   return results
+
+
+def personal_models(state, dataset: clients.ClientDataset):
+  """client id -> its own parameters (FELLRec) or None; None when the run
+  keeps no per-client models."""
+  states = state.client_states
+  if not isinstance(states, dict) or "params" not in states:
+    return None
+  row_of_client = {int(c): r for r, c in enumerate(dataset.client_ids)}
+  trained = np.asarray(states["trained"])
+
+  def client_params(client_id: int):
+    row = row_of_client.get(client_id)
+    if row is None or not trained[row]:
+      return None
+    return jax.tree.map(lambda table: table[row], states["params"])
+
+  return client_params
 
 
 def privacy_spent(dp_budget, rounds) -> dict[str, float]:

@@ -69,19 +69,22 @@ class NextItemEvaluator:
     self.batch_size, self.mesh, self.rank_fn = batch_size, mesh, rank_fn
     self.split, self.baselines = split, baselines or {}
 
-  def _batches(self):
-    """Yields (inputs, lengths, targets, excluded, real) of fixed batch size."""
-    for rows, real in evaluation.padded_rows(len(self.targets), self.batch_size):
+  def _batches(self, subset: np.ndarray | None = None):
+    """Yields (inputs, lengths, targets, excluded, real) of fixed batch size,
+    over every held-out row or over the rows `subset`."""
+    subset = np.arange(len(self.targets)) if subset is None else subset
+    for positions, real in evaluation.padded_rows(len(subset), self.batch_size):
+      rows = subset[positions]
       excluded = sequences.excluded_items(
           [self.histories[r] for r in rows[:real]], len(rows), self.vocab)
       yield (self.inputs[rows], np.maximum(self.lengths[rows], 1),
              self.targets[rows], excluded,
              real)
 
-  def ranks(self, params) -> np.ndarray:
-    """[n] the model's rank of every held-out target."""
+  def ranks(self, params, subset: np.ndarray | None = None) -> np.ndarray:
+    """[n] the model's rank of every held-out target (or of the rows `subset`)."""
     out = []
-    for inputs, lengths, targets, excluded, real in self._batches():
+    for inputs, lengths, targets, excluded, real in self._batches(subset):
       batch = mesh_lib.put_batch((inputs, lengths, targets, excluded), self.mesh)
       out.append(np.asarray(self.rank_fn(params, *batch))[:real])
     return np.concatenate(out)

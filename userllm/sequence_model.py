@@ -178,6 +178,29 @@ class ItemSequenceTransformer(nn.Module):
                                  self.feature_norms[name], train))
     return self.fuse(jnp.concatenate(streams, -1))
 
+  # The id-only forward pass in three parts, for split storage
+  # (federated/split.py): encode == final_states(run_blocks(embed_items(..))).
+  def embed_items(self, items: jax.Array, train: bool = False):
+    """items [b, len] -> (tokens [b, len, embed] with positions, attention
+    mask [b, 1, len, len]): what the first block reads."""
+    is_real = items != PAD_ITEM
+    length = items.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    mask = causal[None, None] & is_real[:, None, None, :]
+    x = self.item_embed(items) + self.position_embed[None, :length]
+    return self.dropout(x, deterministic=not train), mask
+
+  def run_blocks(self, x: jax.Array, mask: jax.Array, start: int, stop: int,
+                 train: bool = False) -> jax.Array:
+    """Blocks start..stop-1 over x [b, len, embed]."""
+    for block in self.blocks[start:stop]:
+      x = block(x, mask, train)
+    return x
+
+  def final_states(self, x: jax.Array) -> jax.Array:
+    """The final LayerNorm: the states `item_logits` reads."""
+    return self.final_norm(x)
+
   def item_logits(self, states: jax.Array) -> jax.Array:
     """states: [..., embed] -> [..., vocab] scores; padding item at -inf."""
     logits = self.item_embed.attend(states)[..., :self.config.vocab_size]
