@@ -53,9 +53,12 @@ def _load(data_config: ml_collections.ConfigDict, report: dict) -> tl.UserTimeli
     if not os.path.isdir(data_config.dir):
       raise FileNotFoundError(f"config.data.dir={data_config.dir!r} is not a "
                               "directory")
-    if data_config.duplicates not in movielens.DUPLICATES:
-      raise ConfigError(f"config.data.duplicates={data_config.duplicates!r} is "
+    # a synthetic config switched to MovieLens on the command line
+    # (--config.data.source=movielens) has no `duplicates` field: the default
+    duplicates = data_config.get("duplicates", "error")
+    if duplicates not in movielens.DUPLICATES:
+      raise ConfigError(f"config.data.duplicates={duplicates!r} is "
                         f"not one of {movielens.DUPLICATES}")
-    return movielens.read_movielens(data_config.dir, data_config.duplicates, report)
+    return movielens.read_movielens(data_config.dir, duplicates, report)
   raise ConfigError(f"config.data.source={data_config.source!r} is not one of "
                     f"{SOURCES}")

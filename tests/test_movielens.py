@@ -184,3 +184,14 @@ def test_real_movielens_100k():
   assert data.items.titles[1] == "Toy Story" and data.items.years[1] == 1995
   assert len(data.items.genre_names) == 19
   assert set(np.unique(data.ratings)) == {1.0, 2.0, 3.0, 4.0, 5.0}
+
+
+def test_a_synthetic_config_switched_to_movielens_reads_the_files(ml100k_dir):
+  """`--config.data.source=movielens` on a synthetic config (the README's
+  federated MovieLens command) has no `duplicates` field: the default holds."""
+  from configs import fedavg
+  from data import sources
+  data = fedavg.get_config("tiny").data
+  data.update(source="movielens", dir=ml100k_dir)
+  assert "duplicates" not in data
+  assert sources.load_timelines(data, quiet=True).num_events > 0
