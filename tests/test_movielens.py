@@ -192,6 +192,6 @@ def test_a_synthetic_config_switched_to_movielens_reads_the_files(ml100k_dir):
   from configs import fedavg
   from data import sources
   data = fedavg.get_config("tiny").data
-  data.update(source="movielens", dir=ml100k_dir)
+  data.update(source="movielens", dir=str(ml100k_dir))
   assert "duplicates" not in data
   assert sources.load_timelines(data, quiet=True).num_events > 0
