@@ -17,9 +17,11 @@ query runs at z_delta = (z^-2 - (2 sigma_b)^-2)^(-1/2) for the account's z
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import dp_accounting
+from absl import logging as absl_logging
 
 from infra.errors import ConfigError
 
@@ -33,6 +35,19 @@ def _accountant(name: str):
     return dp_accounting.pld.PLDAccountant()
   raise ConfigError(f"config.federated.dp.accountant={name!r} is not one of "
                     f"{ACCOUNTANTS}")
+
+
+@contextlib.contextmanager
+def _quiet_accountant():
+  """The RDP accountant logs a warning for every order whose series does not
+  converge at small q; it then leaves that order out, which is correct, and
+  the warnings (dozens per calibration) are not the user's to act on."""
+  level = absl_logging.get_verbosity()
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logging.set_verbosity(level)
 
 
 def dp_event(noise_multiplier: float, sampling_probability: float, rounds: int):
@@ -52,17 +67,19 @@ def epsilon(noise_multiplier: float, sampling_probability: float, rounds: int,
     return 0.0
   account = _accountant(accountant)
   account.compose(dp_event(noise_multiplier, sampling_probability, rounds))
-  return float(account.get_epsilon(delta))
+  with _quiet_accountant():
+    return float(account.get_epsilon(delta))
 
 
 def noise_for_epsilon(target_epsilon: float, sampling_probability: float,
                       rounds: int, delta: float, accountant: str = "rdp") -> float:
   """The smallest noise multiplier with epsilon <= target after `rounds`."""
-  return float(dp_accounting.calibrate_dp_mechanism(
-      lambda: _accountant(accountant),
-      lambda z: dp_event(z, sampling_probability, rounds),
-      target_epsilon, delta, bracket_interval=dp_accounting.LowerEndpointAndGuess(
-          0.0, 1.0)))
+  with _quiet_accountant():
+    return float(dp_accounting.calibrate_dp_mechanism(
+        lambda: _accountant(accountant),
+        lambda z: dp_event(z, sampling_probability, rounds),
+        target_epsilon, delta,
+        bracket_interval=dp_accounting.LowerEndpointAndGuess(0.0, 1.0)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -188,3 +188,37 @@ def test_federated_config_errors_are_one_line(tmp_path):
   assert result.returncode == 2
   assert "config.federated.clients_per_round=100" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_fellrec_workflow_resumes_its_client_models_and_scores_with_them(tmp_path):
+  """Per-client models are checkpointed with the server state: a run stopped
+  and resumed scores exactly like a straight one, and the participating
+  clients are scored with their own models (the server's model scores
+  otherwise)."""
+  from configs import fedavg
+  from federated import workflow
+  from infra import mesh as mesh_lib
+  config = fedavg.get_config("tiny")
+  config.federated.update(personalisation="fellrec", partition="dirichlet",
+                          num_clients=10, clients_per_round=8, algorithm="fedavg")
+  config.train.stop_after_steps = 3
+  with pytest.raises(Preempted):
+    run_workflow(config, tmp_path / "resumed")
+  config.train.stop_after_steps = 0
+  resumed = run_workflow(config, tmp_path / "resumed")
+  straight = run_workflow(config, tmp_path / "straight")
+  key = "out_of_sample/model/next_item/recall@10_mean"
+  assert resumed[key] == pytest.approx(straight[key], abs=1e-6)
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  f = workflow.build(config, mesh)
+  state = workflow.train(config, str(tmp_path / "straight"), mesh, f)  # restored
+  personal = workflow.personal_models(state, f.dataset)
+  trained = [c for c in f.dataset.client_ids if personal(int(c)) is not None]
+  assert trained and personal(10**6) is None
+  evaluator = evaluation.ParticipationGapEvaluator(
+      f.task, f.timelines, f.split, config.train.eval_batch_size, mesh)
+  same = evaluator.evaluate(state.params, lambda c: state.params)
+  assert same[key] == pytest.approx(evaluator.evaluate(state.params)[key])
+  assert evaluator.evaluate(state.params, personal)[key] == pytest.approx(
+      straight[key], abs=1e-6)
