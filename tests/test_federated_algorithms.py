@@ -234,17 +234,20 @@ def _counting_client(client):
           "rounds": state["rounds"] + 1, "loss": metrics["loss"]})
 
 
-def test_sharded_round_equals_single_device_round():
+@pytest.mark.parametrize("personalisation", ["none", "fellrec"])
+def test_sharded_round_equals_single_device_round(personalisation):
   from configs import fedavg
   from data import sources
   config = fedavg.get_config("tiny")
-  config.federated.update(dropout_rate=0.2, local_epochs=2)
+  config.federated.update(dropout_rate=0.2, local_epochs=2,
+                          personalisation=personalisation)
   timelines = sources.load_timelines(config.data, quiet=True)
   _, dataset = clients.build_clients(
       config.federated, timelines, lambda train: sequences.training_windows_by_user(
           train, config.data.max_len), config.seed)
   client, server = algorithms.specs_from_config(config.federated)
-  client = _counting_client(client)
+  if personalisation == "none":
+    client = _counting_client(client)
 
   config.mesh.update(data=1, model=1)
   single, metrics_1, _ = _sharded_rounds(
@@ -255,10 +258,18 @@ def test_sharded_round_equals_single_device_round():
       config, mesh_lib.make_mesh(config.mesh), dataset, client, server)
   embed = sharded.params["item_embed"]["embedding"]
   assert len(embed.sharding.device_set) == 8
-  assert shardings.client_states["rounds"].spec[0] == "data"  # the table is split
   assert_trees_close(single.params, sharded.params, atol=2e-5)
   assert_trees_close(metrics_1, metrics_8, atol=2e-5)
   rows = len(dataset)  # the tables are padded to a multiple of the data axis
+  if personalisation == "fellrec":  # one model per client, split over clients
+    table = shardings.client_states["params"]["item_embed"]["embedding"]
+    assert table.spec[0] == "data"
+    assert_trees_close(jax.tree.map(lambda t: t[:rows], single.client_states),
+                       jax.tree.map(lambda t: t[:rows], sharded.client_states),
+                       atol=2e-5)
+    assert 0 < int(sharded.client_states["trained"].sum()) <= 16
+    return
+  assert shardings.client_states["rounds"].spec[0] == "data"  # the table is split
   np.testing.assert_array_equal(single.client_states["rounds"][:rows],
                                 sharded.client_states["rounds"][:rows])
   # two rounds of 8 clients, some dropping out: at most 16 participations
