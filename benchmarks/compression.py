@@ -79,7 +79,13 @@ def tail_stats(deltas) -> dict[str, float]:
   kurtosis = float(np.mean(centred ** 4) / np.mean(centred ** 2) ** 2)
   squares = np.sort(g ** 2)[::-1]
   top = squares[:max(1, len(squares) // 100)].sum() / squares.sum()
-  return {"kurtosis": kurtosis, "top1pct_energy": float(top), "coordinates": len(g)}
+  # the survival function P(|g| / mean|g| > x): Laplace's is exp(-x)
+  xs = np.linspace(0.0, 30.0, 61)
+  magnitudes = np.sort(np.abs(g))
+  survival = 1.0 - np.searchsorted(magnitudes, xs, side="right") / len(magnitudes)
+  return {"kurtosis": kurtosis, "top1pct_energy": float(top), "coordinates": len(g),
+          "survival_x": xs.tolist(), "survival": survival.tolist(),
+          "zero_fraction": float(np.mean(g == 0.0))}
 
 
 def relative_error(comp: compression.Compressor, deltas, draws: int = 8) -> float:
@@ -122,7 +128,8 @@ def write(out: str, errors, tails, runs, meta) -> None:
   for stage, tail in tails.items():
     lines.append(f"- updates at {stage}: kurtosis {tail['kurtosis']:.1f} (Laplace 6, "
                  f"Gaussian 3); the largest 1% of coordinates hold "
-                 f"{100 * tail['top1pct_energy']:.0f}% of the squared norm.")
+                 f"{100 * tail['top1pct_energy']:.0f}% of the squared norm; "
+                 f"{100 * tail['zero_fraction']:.0f}% are exactly 0.")
   lines += ["", "Relative squared error of the decoded cohort sum (mean of 8 "
             "draws):", ""]
   for stage in tails:
@@ -149,7 +156,13 @@ def write(out: str, errors, tails, runs, meta) -> None:
 
 
 def plot(out: str, errors, runs, tails) -> None:
-  fig, (left, right) = report.figure(2)
+  fig, (tail_ax, left, right) = report.figure(3)
+  for stage, tail in tails.items():
+    tail_ax.plot(tail["survival_x"], np.maximum(tail["survival"], 1e-9), label=stage)
+  xs = np.asarray(next(iter(tails.values()))["survival_x"])
+  tail_ax.plot(xs, np.exp(-xs), "k--", label="Laplace, same mean |g|")
+  tail_ax.set(yscale="log", ylim=(1e-7, 1.5), xlabel="|g| / mean |g|",
+              ylabel="P(larger)", title="tail of the client updates")
   stage = list(tails)[-1]
   for scheme in SCHEMES:
     rows = [r for r in errors if r["stage"] == stage and r["scheme"] == scheme]
@@ -164,7 +177,7 @@ def plot(out: str, errors, runs, tails) -> None:
                label=scheme)
   right.axhline(base, color="gray", ls="--", label="32-bit")
   right.set(xlabel="bits per coordinate", ylabel="Recall@10", title="after training")
-  for ax in (left, right):
+  for ax in (tail_ax, left, right):
     ax.legend(fontsize=8)
   report.save(fig, out)
 
