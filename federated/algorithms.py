@@ -30,10 +30,34 @@ Seams for the algorithms to come (each a field of a spec, defaults are no-ops):
   similarity-weighted aggregation, federated/personalisation.py). Deltas are
   always local parameters minus the *server's*, so the server model stays the
   (weighted) average of the cohort's local models.
-- a server-side loss term (`ServerSpec.server_loss(params, server_batch,
-  rng) -> scalar`, server data in the cohort under `server_batch`): its
-  gradient at the round's starting parameters is added to the pseudo-gradient
-  (x <- x - opt(-aggregate + grad f_c(x))).
+- a server-side loss term f_c (`ServerSpec.server_loss(params, server_batch,
+  rng) -> scalar`, server data in the cohort under `server_batch`, or a
+  regulariser of the parameters alone), joined to the federated objective by
+  one of the three mixed-FL algorithms below (`ServerSpec.mixing`).
+
+Mixed FL (Augenstein et al., "Mixed Federated Learning", arXiv 2205.13655),
+objective f = f_f + f_c. With x the round's server parameters, D_f the
+aggregate of the client deltas, g_c(y) = grad f_c(y) and S central steps of
+SGD at rate eta_c on the server (`central_steps`, `central_learning_rate`):
+
+  parallel:  the clients train on f_k as in FedAvg; from the same x the
+             server takes y_{s+1} = y_s - eta_c g_c(y_s), D_c = y_S - x;
+             pseudo-gradient p = -(D_f + D_c).
+  one_way:   g_c(x) is sent to the clients, and every local step descends
+             f_k(y) + <g_c(x), y> (gradient grad f_k(y) + g_c(x)); p = -D_f.
+  two_way:   the clients as in one_way, and each also returns its full-batch
+             gradient at x; their weighted mean g_f = grad f_f(x) (the
+             federated gradient, obtained by differentiating every client's
+             loss inside the vmapped round) augments the server's steps:
+             y_{s+1} = y_s - eta_c (g_c(y_s) + g_f), D_c = y_S - x;
+             p = -(D_f + D_c).
+
+The server optimiser then applies p (x <- x - opt(p)). Parallel with S = 1,
+eta_c = 1 is "add g_c(x) to the pseudo-gradient". Both terms of one_way and
+two_way descend the whole objective f, so their fixed points are its
+minimisers whatever the step budgets; parallel's is a minimiser only when the
+client and server step budgets balance (tested on a quadratic, where all
+three have closed forms).
 
 FedSGD is one full-batch client step at learning rate 1 (so the delta is minus
 the client's mean gradient) and a server SGD step.
@@ -69,6 +93,7 @@ ClientTerm = Callable[[PyTree, dict], jax.Array]
 
 ALGORITHMS = ("fedsgd", "fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 WEIGHTINGS = ("examples", "uniform")
+MIXINGS = ("parallel", "one_way", "two_way")
 # Server learning rates used when config.federated.server_learning_rate is 0:
 # 1 makes fedavg/fedprox the plain average of client models (McMahan et al.);
 # adaptive server optimisers take much smaller steps (Reddi et al. 2021).
@@ -140,7 +165,10 @@ class ServerSpec:
       contributes nothing (drawn per client per round from the round's RNG).
     aggregator: combines the deltas (default: the weighted mean).
     server_loss: optional f_c(params, server_batch, rng) -> scalar, a loss
-      computed at the server; its gradient joins the pseudo-gradient.
+      computed at the server, joined to the clients' by `mixing`.
+    mixing: "parallel" | "one_way" | "two_way" (the module docstring).
+    central_steps, central_learning_rate: the server's SGD steps on f_c
+      (parallel, two_way).
     personalise: optional (client_states, server_params, deltas, losses,
       weights, round) -> client_states over the cohort (leaves [clients,
       ...]; `server_params` the round's starting ones; `deltas` local
@@ -154,6 +182,9 @@ class ServerSpec:
   aggregator: aggregators.Aggregator = dataclasses.field(
       default_factory=aggregators.mean)
   server_loss: Callable[[PyTree, Any, jax.Array], jax.Array] | None = None
+  mixing: str = "parallel"
+  central_steps: int = 1
+  central_learning_rate: float = 1.0
   personalise: Callable[..., PyTree] | None = None
 
 
@@ -223,9 +254,14 @@ def local_batch_indices(rng: jax.Array, num_examples: jax.Array,
           masks.reshape(-1, batch_size))
 
 
-def make_client_update(example_loss: ExampleLoss, client: ClientSpec):
-  """`client_update(server_params, client_state, examples, num_examples, rng)`
-  for ONE client.
+def make_client_update(example_loss: ExampleLoss, client: ClientSpec,
+                       federated_gradient: bool = False):
+  """`client_update(server_params, client_state, examples, num_examples, rng,
+  server_grad=None)` for ONE client.
+
+  `server_grad` (mixed FL's one_way / two_way) adds <server_grad, params> to
+  every local step's objective. With `federated_gradient` the metrics also
+  hold "gradient": the client's full-batch gradient at `server_params`.
 
   Args (of the returned function):
     server_params: the round's starting parameters.
@@ -242,7 +278,8 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec):
     number of such steps}.
   """
 
-  def client_update(server_params, client_state, examples, num_examples, rng):
+  def client_update(server_params, client_state, examples, num_examples, rng,
+                    server_grad=None):
     max_examples = examples.shape[0]
     batch_size = client.batch_size or max_examples
     order_rng, step_rng = jax.random.split(rng)
@@ -256,6 +293,8 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec):
       loss = jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1)
       for term in client.terms:
         loss += term(params, context)
+      if server_grad is not None:
+        loss += optax.tree.vdot(server_grad, params)
       return loss
 
     def local_step(carry, step_inputs):
@@ -282,6 +321,14 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec):
     metrics = {"loss": losses.sum() / jnp.maximum(real_steps, 1),
                "steps": real_steps}
     new_state = client.state_update(client_state, start, params, metrics)
+    if federated_gradient:
+      real = jnp.arange(max_examples) < num_examples
+
+      def client_loss(p):  # this client's f_k: the mean over its real examples
+        losses = example_loss(p, examples, jax.random.fold_in(order_rng, 1))
+        return jnp.sum(losses * real) / jnp.maximum(real.sum(), 1)
+
+      metrics["gradient"] = jax.grad(client_loss)(server_params)
     return delta, new_state, metrics
 
   return client_update
@@ -358,6 +405,30 @@ def finite_clients(deltas, losses: jax.Array) -> jax.Array:
   return finite.astype(jnp.float32)
 
 
+def central_loss_and_grad(state: ServerState, cohort, server: ServerSpec):
+  """(f_c(x), grad f_c(x)) at the round's server parameters."""
+  _, key = _server_keys(state)
+  return jax.value_and_grad(server.server_loss)(
+      state.params, cohort["server_batch"], jax.random.fold_in(key, 0))
+
+
+def central_delta(state: ServerState, cohort, server: ServerSpec,
+                  federated_grad: PyTree | None) -> PyTree:
+  """D_c = y_S - x after S SGD steps on f_c (plus the constant
+  `federated_grad` for two_way) from the server parameters x."""
+  _, key = _server_keys(state)
+
+  def step(s, y):
+    grad = jax.grad(server.server_loss)(y, cohort["server_batch"],
+                                        jax.random.fold_in(key, s))
+    if federated_grad is not None:
+      grad = optax.tree.add(grad, federated_grad)
+    return jax.tree.map(lambda p, g: p - server.central_learning_rate * g, y, grad)
+
+  end = jax.lax.fori_loop(0, server.central_steps, step, state.params)
+  return optax.tree.sub(end, state.params)
+
+
 def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
                  cohort, server: ServerSpec):
   """Aggregation + server loss + server update + client states + round
@@ -373,18 +444,22 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
   deltas = jax.tree.map(
       lambda d: jnp.where((weights > 0).reshape((-1,) + (1,) * (d.ndim - 1)), d,
                           jnp.zeros_like(d)), deltas)
-  aggregator_key, server_key = _server_keys(state)
+  aggregator_key, _ = _server_keys(state)
   aggregate, aggregator_state, aggregator_metrics = server.aggregator.apply(
       state.aggregator_state, deltas, weights, aggregator_key)
   pseudo_grad = jax.tree.map(jnp.negative, aggregate)
   any_update = weights.sum() > 0
   metrics = {}
   if server.server_loss is not None:
-    server_loss, server_grad = jax.value_and_grad(server.server_loss)(
-        state.params, cohort["server_batch"], server_key)
-    pseudo_grad = optax.tree.add(pseudo_grad, server_grad)
+    metrics["server_loss"] = central_loss_and_grad(state, cohort, server)[0]
+    if server.mixing != "one_way":
+      federated_grad = None
+      if server.mixing == "two_way":  # the clients' gradients at x, averaged
+        federated_grad = aggregators.weighted_mean(client_metrics["gradient"],
+                                                   weights)
+      pseudo_grad = optax.tree.sub(pseudo_grad, central_delta(
+          state, cohort, server, federated_grad))
     any_update = jnp.asarray(True)
-    metrics["server_loss"] = server_loss
   new_state = server_update(state, pseudo_grad, any_update, server.optimizer)
   if server.personalise is not None:
     new_client_states = server.personalise(new_client_states, state.params,
@@ -415,17 +490,42 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
 def make_round(example_loss: ExampleLoss, client: ClientSpec,
                server: ServerSpec):
   """The vmapped round: `round(state, cohort) -> (state, metrics)`, pure, to jit."""
-  client_update = make_client_update(example_loss, client)
+  check_mixing(server)
+  client_update = make_client_update(example_loss, client,
+                                     federated_gradient=_two_way(server))
 
   def federated_round(state, cohort):
+    server_grad = _sent_server_grad(state, cohort, server)
     deltas, client_states, client_metrics = jax.vmap(
-        client_update, in_axes=(None, 0, 0, 0, 0))(
+        client_update, in_axes=(None, 0, 0, 0, 0, None))(
             state.params, cohort_client_states(state, cohort), cohort["examples"],
-            cohort["num_examples"], client_rngs(state, cohort["client_ids"]))
+            cohort["num_examples"], client_rngs(state, cohort["client_ids"]),
+            server_grad)
     return finish_round(state, deltas, client_states, client_metrics, cohort,
                         server)
 
   return federated_round
+
+
+def check_mixing(server: ServerSpec) -> None:
+  if server.mixing not in MIXINGS:
+    raise ConfigError(f"config.federated.mixed.algorithm={server.mixing!r} is not "
+                      f"one of {MIXINGS}")
+  if server.central_steps < 1 or server.central_learning_rate <= 0:
+    raise ConfigError("config.federated.mixed needs central_steps >= 1 and "
+                      f"central_learning_rate > 0, got {server.central_steps} "
+                      f"and {server.central_learning_rate}")
+
+
+def _two_way(server: ServerSpec) -> bool:
+  return server.server_loss is not None and server.mixing == "two_way"
+
+
+def _sent_server_grad(state, cohort, server: ServerSpec):
+  """g_c(x) for the clients (one_way, two_way), else None."""
+  if server.server_loss is None or server.mixing == "parallel":
+    return None
+  return central_loss_and_grad(state, cohort, server)[1]
 
 
 def make_looped_round(example_loss: ExampleLoss, client: ClientSpec,
@@ -433,19 +533,24 @@ def make_looped_round(example_loss: ExampleLoss, client: ClientSpec,
   """The same round as a Python loop over clients calling one jitted
   `client_update`: what frameworks that simulate clients one by one do. Kept
   for the equality test and the throughput benchmark, not for training."""
-  client_update = jax.jit(make_client_update(example_loss, client))
+  check_mixing(server)
+  client_update = jax.jit(make_client_update(
+      example_loss, client, federated_gradient=_two_way(server)))
   finish = jax.jit(lambda state, deltas, states, metrics, cohort: finish_round(
       state, deltas, states, metrics, cohort, server))
   rngs_of = jax.jit(client_rngs)
   states_of = jax.jit(cohort_client_states)
+  server_grad_of = jax.jit(lambda state, cohort: _sent_server_grad(state, cohort,
+                                                                   server))
 
   def looped_round(state, cohort):
     rngs = rngs_of(state, cohort["client_ids"])
     client_states = states_of(state, cohort)
+    server_grad = server_grad_of(state, cohort)
     results = [client_update(state.params,
                              jax.tree.map(lambda x: x[c], client_states),
                              cohort["examples"][c], cohort["num_examples"][c],
-                             rngs[c])
+                             rngs[c], server_grad)
                for c in range(cohort["num_examples"].shape[0])]
     deltas, states, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
     return finish(state, deltas, states, metrics, cohort)
