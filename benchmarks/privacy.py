@@ -27,6 +27,7 @@ Writes `<out>.json`, `<out>.md` and `<out>.png`.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import os
 import sys
@@ -50,6 +51,8 @@ _OUT = flags.DEFINE_string("out", "benchmarks/privacy", "Output path prefix.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Runs go here (default runs/<out name>).")
 _EPSILONS = flags.DEFINE_list("epsilons", ["64", "16", "4", "1"],
                               "Target epsilons of the DP settings.")
+_RENDER = flags.DEFINE_bool("render", False, "Only re-write the markdown and the "
+                            "plot from <out>.json (and the runs' metrics).")
 _COMPRESSORS = flags.DEFINE_list("compressors", ["tnqsgd:2", "qsgd:2", "topk:0.01"],
                                  "scheme:bits or topk:fraction, attacked as sent.")
 
@@ -164,14 +167,32 @@ def run_setting(name: str, config, workdir: str, mesh) -> tuple[dict, tuple]:
   return row, (f, state, deltas, items)
 
 
+def logged_delta_norm(workdir: str, setting: str) -> float:
+  """Mean norm of the applied aggregate over a run's logged rounds (with DP
+  noise, the noise's norm dominates it)."""
+  with open(os.path.join(workdir, setting, "metrics.jsonl")) as f:
+    rows = [json.loads(line) for line in f if line.strip()]
+  return float(np.mean([r["delta_norm"] for r in rows if "delta_norm" in r]))
+
+
+def noise_norm(row: dict, meta: dict) -> float | None:
+  """The norm of one round's noise on the mean: z C sqrt(P) / m."""
+  z = row["noise_multiplier"]
+  if z is None:
+    return None
+  return z * meta["clip_norm"] * math.sqrt(meta["parameters"]) / meta[
+      "clients_per_round"]
+
+
 def write(out: str, rows, compressed_rows, cut_rows, meta) -> None:
   fmt = lambda v, f="{:.3f}": "-" if v is None else f.format(v)  # noqa: E731
-  header = ["setting", "epsilon", "noise z", "Recall@10 (participating)",
+  header = ["setting", "epsilon", "noise z", "noise norm / round",
+            "applied update norm", "Recall@10 (participating)",
             "Recall@10 (non-participating)", "MIA AUC", "update attack AUC (client)",
             "update attack AUC (released)"]
   cells = [[r["setting"], fmt(r["epsilon"], "{:.3g}"), fmt(r["noise_multiplier"],
                                                            "{:.3g}"),
-            fmt(r["recall@10"]), fmt(r["recall@10_nonparticipating"]),
+            fmt(noise_norm(r, meta)), fmt(r["delta_norm"]), fmt(r["recall@10"]), fmt(r["recall@10_nonparticipating"]),
             f"{r['mia_auc']:.3f} ± {r['mia_auc_se']:.3f}", fmt(r["client_update_auc"]),
             fmt(r["released_update_auc"])] for r in rows]
   events = rows[0]["events"]
@@ -181,7 +202,11 @@ def write(out: str, rows, compressed_rows, cut_rows, meta) -> None:
   lines += ["", f"Recall@10 is over {events:.0f} held-out events (binomial standard "
             f"error at most {(0.25 / events) ** 0.5:.3f}); the MIA AUC is over "
             f"{rows[0]['mia_members']:.0f} member and {rows[0]['mia_nonmembers']:.0f} "
-            f"non-member users, ± one standard error (Hanley & McNeil).", ""]
+            f"non-member users, ± one standard error (Hanley & McNeil). The noise "
+            f"norm is z C sqrt(P) / m for the model's P = {meta['parameters']:,} "
+            f"parameters and m = {meta['clients_per_round']} clients a round; the "
+            f"applied update norm is the mean over the logged rounds of the norm "
+            f"of what the server applied (the clipped mean plus the noise).", ""]
   lines += ["What a client sends, attacked on the unprotected model's updates:", ""]
   lines += results_lib.markdown_table(
       ["compressor", "bits per client", "update attack AUC (client)"],
@@ -224,15 +249,35 @@ def plot(out: str, rows) -> None:
   report.save(fig, out)
 
 
+def render(out: str, workdir: str, base) -> None:
+  """Re-writes the markdown and the plot from `<out>.json`, filling in what
+  an older version of this script did not record."""
+  with open(out + ".json") as f:
+    saved = json.load(f)
+  meta = saved["meta"]
+  meta.setdefault("clip_norm", base.federated.dp.clip_norm)
+  meta.setdefault("parameters", int(saved["compressed"][0]["bits"] // 32))
+  for row in saved["rows"]:
+    row.setdefault("delta_norm", logged_delta_norm(workdir, row["setting"]))
+    row.setdefault("mia_auc_se", attacks.auc_standard_error(
+        row["mia_auc"], int(row["mia_members"]), int(row["mia_nonmembers"])))
+  write(out, saved["rows"], saved["compressed"], saved["split"], meta)
+
+
 def main(argv):
   del argv
   base = _CONFIG.value
   out = _OUT.value
   workdir = _WORKDIR.value or os.path.join("runs", os.path.basename(out))
+  if _RENDER.value:
+    render(out, workdir, base)
+    print(open(out + ".md").read())
+    return
   mesh = mesh_lib.make_mesh(base.mesh)
   rows, unprotected = [], None
   for name, config in settings(base, _EPSILONS.value).items():
     row, context = run_setting(name, config, workdir, mesh)
+    row["delta_norm"] = logged_delta_norm(workdir, name)
     rows.append(row)
     if name == "none":
       unprotected = context
@@ -253,6 +298,9 @@ def main(argv):
           "rounds": base.train.num_steps,
           "clients_per_round": base.federated.clients_per_round,
           "delta": base.federated.dp.delta,
+          "clip_norm": base.federated.dp.clip_norm,
+          "parameters": int(sum(np.prod(x.shape[1:])
+                                for x in jax.tree.leaves(deltas))),
           "command": "python -m benchmarks.privacy " + " ".join(sys.argv[1:])}
   write(out, rows, compressed_rows, cut_rows, meta)
   print(open(out + ".md").read())
