@@ -234,19 +234,25 @@ def _counting_client(client):
           "rounds": state["rounds"] + 1, "loss": metrics["loss"]})
 
 
-@pytest.mark.parametrize("personalisation", ["none", "fellrec"])
+@pytest.mark.parametrize("personalisation", ["none", "fellrec", "dp"])
 def test_sharded_round_equals_single_device_round(personalisation):
-  from configs import fedavg
+  """"dp": DP-FedAvg's clipped, noised sum with dropouts; its noise is drawn
+  the same whatever the sharding."""
+  from configs import dp_fedavg, fedavg
   from data import sources
-  config = fedavg.get_config("tiny")
+  from federated import privacy
+  config = (dp_fedavg if personalisation == "dp" else fedavg).get_config("tiny")
   config.federated.update(dropout_rate=0.2, local_epochs=2,
-                          personalisation=personalisation)
+                          personalisation="fellrec" if personalisation == "fellrec"
+                          else "none")
   timelines = sources.load_timelines(config.data, quiet=True)
   _, dataset = clients.build_clients(
       config.federated, timelines, lambda train: sequences.training_windows_by_user(
           train, config.data.max_len), config.seed)
-  client, server = algorithms.specs_from_config(config.federated)
-  if personalisation == "none":
+  budget = (privacy.budget(config.federated, len(dataset), 2)
+            if personalisation == "dp" else None)
+  client, server = algorithms.specs_from_config(config.federated, budget)
+  if personalisation != "fellrec":
     client = _counting_client(client)
 
   config.mesh.update(data=1, model=1)
