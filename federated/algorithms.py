@@ -488,19 +488,30 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
 
 
 def make_round(example_loss: ExampleLoss, client: ClientSpec,
-               server: ServerSpec):
-  """The vmapped round: `round(state, cohort) -> (state, metrics)`, pure, to jit."""
+               server: ServerSpec, client_chunk: int = 0):
+  """The vmapped round: `round(state, cohort) -> (state, metrics)`, pure, to jit.
+
+  `client_chunk` > 0 trains the cohort `client_chunk` clients at a time
+  (`lax.map` with a batch size: vmapped within a chunk, a loop across
+  chunks), so one chunk's activations stay in cache on CPU; 0 vmaps the whole
+  cohort at once. The result is the same either way.
+  """
   check_mixing(server)
+  if client_chunk < 0:
+    raise ConfigError(f"config.federated.client_chunk={client_chunk} must be >= 0")
   client_update = make_client_update(example_loss, client,
                                      federated_gradient=_two_way(server))
 
   def federated_round(state, cohort):
     server_grad = _sent_server_grad(state, cohort, server)
-    deltas, client_states, client_metrics = jax.vmap(
-        client_update, in_axes=(None, 0, 0, 0, 0, None))(
-            state.params, cohort_client_states(state, cohort), cohort["examples"],
-            cohort["num_examples"], client_rngs(state, cohort["client_ids"]),
-            server_grad)
+    per_client = (cohort_client_states(state, cohort), cohort["examples"],
+                  cohort["num_examples"], client_rngs(state, cohort["client_ids"]))
+    train = lambda xs: client_update(state.params, *xs, server_grad)  # noqa: E731
+    if client_chunk:
+      deltas, client_states, client_metrics = jax.lax.map(
+          train, per_client, batch_size=client_chunk)
+    else:
+      deltas, client_states, client_metrics = jax.vmap(train)(per_client)
     return finish_round(state, deltas, client_states, client_metrics, cohort,
                         server)
 

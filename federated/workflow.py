@@ -98,7 +98,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
   state, shardings = init_state(f.task, f.client_spec, f.server_spec, config.seed,
                                 len(f.dataset), mesh)
   round_fn = algorithms.make_round(f.task.example_loss, f.client_spec,
-                                   f.server_spec)
+                                   f.server_spec,
+                                   client_chunk=config.federated.client_chunk)
   sampler = clients.CohortSampler(f.dataset, config.federated.clients_per_round,
                                   config.seed)
   periodic = evaluation.ParticipationGapEvaluator(  # participating clients' means

@@ -349,3 +349,25 @@ def test_server_learning_rate_defaults_by_algorithm():
       algorithm="fedavg", server_learning_rate=0.25))
   updates, _ = server.optimizer.update(grads, server.optimizer.init(grads))
   np.testing.assert_allclose(updates["w"], -0.25)
+
+
+@pytest.mark.parametrize("chunk", [2, 3])
+def test_chunked_round_equals_the_vmapped_round(chunk):
+  """Clients trained `chunk` at a time (the last chunk short for 3) give the
+  same round as the whole cohort vmapped at once."""
+  client = _counting_client(algorithms.ClientSpec(optax.sgd(0.1), batch_size=2,
+                                                  local_epochs=2))
+  server = algorithms.ServerSpec(optax.adam(0.05), dropout_rate=0.3)
+  whole = jax.jit(algorithms.make_round(linear_losses, client, server))
+  chunked = jax.jit(algorithms.make_round(linear_losses, client, server,
+                                          client_chunk=chunk))
+  state_w = state_c = make_state(server, client=client)
+  for r in range(2):
+    cohort = make_cohort([3, 0, 5, 2], max_examples=5, seed=r)
+    state_w, metrics_w = whole(state_w, cohort)
+    state_c, metrics_c = chunked(state_c, cohort)
+  assert_trees_close(state_w.params, state_c.params)
+  assert_trees_close(state_w.client_states, state_c.client_states)
+  assert_trees_close(metrics_w, metrics_c)
+  with pytest.raises(ValueError, match="client_chunk=-1"):
+    algorithms.make_round(linear_losses, client, server, client_chunk=-1)
