@@ -21,6 +21,7 @@ Writes `<out>.json`, `<out>.md` and `<out>.png`.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import sys
 
@@ -39,6 +40,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/fedavg.py",
 _OUT = flags.DEFINE_string("out", "benchmarks/fellrec", "Output path prefix.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Runs go here (default runs/<out name>).")
 _CLIENTS = flags.DEFINE_integer("clients", 20, "Clients the users are grouped into.")
+_RENDER = flags.DEFINE_bool("render", False, "Only re-write the markdown and the "
+                            "plot from <out>.json.")
 _PARTITION = flags.DEFINE_string("partition", "dirichlet", "dirichlet | semantic")
 
 METRIC = "recall@10"
@@ -88,6 +91,15 @@ def run(name: str, config, workdir: str, mesh) -> dict:
           "split_costs": costs}
 
 
+def excess_std(run: dict) -> float:
+  """The spread over clients beyond sampling noise: sqrt(max(0, variance of
+  the per-client means - the mean binomial variance p (1 - p) / n_events))."""
+  p = np.asarray(run["per_client"])
+  n = np.asarray(run["events_per_client"])
+  noise = np.mean(p * (1 - p) / np.maximum(n, 1))
+  return float(np.sqrt(max(p.var(ddof=1) - noise, 0.0)))
+
+
 def paired(a: dict, b: dict) -> dict[str, float]:
   """Client-by-client difference b - a: mean and its standard error, and the
   worst quarter's mean of each."""
@@ -105,10 +117,10 @@ def paired(a: dict, b: dict) -> dict[str, float]:
 
 def write(out: str, runs: dict, comparison: dict, meta: dict) -> None:
   header = ["method", "mean", "p10", "p50", "p90", "p90 - p10", "std over clients",
-            "non-participating mean"]
+            "std beyond sampling noise", "non-participating mean"]
   cells = [[r["name"], *(f"{r[k]:.3f}" for k in ("mean", "p10", "p50", "p90",
-                                                  "spread_p90_p10", "std",
-                                                  "nonparticipating_mean"))]
+                                                  "spread_p90_p10", "std")),
+            f"{excess_std(r):.3f}", f"{r['nonparticipating_mean']:.3f}"]
            for r in runs.values()]
   c = comparison
   events = np.asarray(runs["fedavg"]["events_per_client"])
@@ -153,6 +165,12 @@ def main(argv):
   del argv
   base = _CONFIG.value
   out = _OUT.value
+  if _RENDER.value:
+    with open(out + ".json") as f:
+      saved = json.load(f)
+    write(out, saved["runs"], saved["paired"], saved["meta"])
+    print(open(out + ".md").read())
+    return
   workdir = _WORKDIR.value or os.path.join("runs", os.path.basename(out))
   mesh = mesh_lib.make_mesh(base.mesh)
   runs = {name: run(name, config, workdir, mesh)
