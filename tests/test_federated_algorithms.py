@@ -52,6 +52,19 @@ def assert_trees_close(a, b, atol=1e-6):
                a, b)
 
 
+def assert_rounds_agree(round_a, round_b, state, rounds: int = 3):
+  """Runs two round functions from `state` over the same cohorts (sizes 3, 0,
+  5, 2 padded to 5); states and metrics agree after every round."""
+  a = b = state
+  for r in range(rounds):
+    cohort = make_cohort([3, 0, 5, 2], max_examples=5, seed=r)
+    a, metrics_a = round_a(a, cohort)
+    b, metrics_b = round_b(b, cohort)
+    assert_trees_close(a.params, b.params)
+    assert_trees_close(a.client_states, b.client_states)
+    assert_trees_close(metrics_a, metrics_b)
+
+
 def test_fedavg_one_client_one_step_is_centralised_sgd():
   lr = 0.1
   client = algorithms.ClientSpec(optax.sgd(lr), local_epochs=1, batch_size=None)
@@ -178,15 +191,9 @@ def test_vmapped_round_equals_looped_round(algorithm):
                     client_learning_rate=0.05, local_epochs=2, client_batch_size=2,
                     dropout_rate=0.3)
   client, server = algorithms.specs_from_config(fed)
-  vmapped = jax.jit(algorithms.make_round(linear_losses, client, server))
-  looped = algorithms.make_looped_round(linear_losses, client, server)
-  state_v = state_l = make_state(server)
-  for round_index in range(3):
-    cohort = make_cohort([3, 0, 5, 2], max_examples=5, seed=round_index)
-    state_v, metrics_v = vmapped(state_v, cohort)
-    state_l, metrics_l = looped(state_l, cohort)
-    assert_trees_close(state_v.params, state_l.params)
-    assert_trees_close(metrics_v, metrics_l)
+  assert_rounds_agree(jax.jit(algorithms.make_round(linear_losses, client, server)),
+                      algorithms.make_looped_round(linear_losses, client, server),
+                      make_state(server))
 
 
 def test_config_errors_name_the_field():
@@ -358,16 +365,10 @@ def test_chunked_round_equals_the_vmapped_round(chunk):
   client = _counting_client(algorithms.ClientSpec(optax.sgd(0.1), batch_size=2,
                                                   local_epochs=2))
   server = algorithms.ServerSpec(optax.adam(0.05), dropout_rate=0.3)
-  whole = jax.jit(algorithms.make_round(linear_losses, client, server))
-  chunked = jax.jit(algorithms.make_round(linear_losses, client, server,
-                                          client_chunk=chunk))
-  state_w = state_c = make_state(server, client=client)
-  for r in range(2):
-    cohort = make_cohort([3, 0, 5, 2], max_examples=5, seed=r)
-    state_w, metrics_w = whole(state_w, cohort)
-    state_c, metrics_c = chunked(state_c, cohort)
-  assert_trees_close(state_w.params, state_c.params)
-  assert_trees_close(state_w.client_states, state_c.client_states)
-  assert_trees_close(metrics_w, metrics_c)
+  assert_rounds_agree(
+      jax.jit(algorithms.make_round(linear_losses, client, server)),
+      jax.jit(algorithms.make_round(linear_losses, client, server,
+                                    client_chunk=chunk)),
+      make_state(server, client=client), rounds=2)
   with pytest.raises(ValueError, match="client_chunk=-1"):
     algorithms.make_round(linear_losses, client, server, client_chunk=-1)
