@@ -57,7 +57,8 @@ def get_config(arg: str = ""):
       # with curriculum heating (federated/personalisation.py)
       personalisation="none",
       fellrec=ml_collections.ConfigDict(dict(alpha=0.7, beta=1.0,
-                                             temperature=0.05)),
+                                             temperature=0.05,
+                                             include_self=False)),
       weighting="examples",  # examples | uniform
       dropout_rate=0.0,  # chance a sampled client drops out of a round
       server_learning_rate=0.0,  # 0 = the algorithm's default (algorithms.py):

@@ -16,7 +16,10 @@ finished the round (weights > 0):
     w_i  = tanh(alpha / l_i ** (r + 1 / beta))           curriculum heating
     theta_i <- theta_server + (1 - w_i) D_i + w_i sum_{j != i} a_ij D_j
 
-r is the round index. A client with a high loss (it lags: l_i near 1) has a
+r is the round index. With `include_self` the attention runs over every
+present client, i included (s_ii = 1): as the heating drives w_i to 1, the
+default formula leaves a client's own update out of its model, this variant
+keeps a share of it. A client with a high loss (it lags: l_i near 1) has a
 small w_i early and keeps more of its own model; as r grows l_i ** (r + 1/beta)
 falls toward 0 and every w_i rises toward 1, so all clients learn more from
 the others over time (the "heating"). The similarity is taken between the
@@ -71,10 +74,14 @@ def heating_weights(losses: jax.Array, present: jax.Array, round_index,
   return jnp.where(present, w, 0.0)
 
 
-def attention(sim: jax.Array, present: jax.Array) -> jax.Array:
-  """[clients, clients] a_ij over the other present clients (rows sum to 1,
-  or to 0 for a client with no present peer)."""
-  others = present[None, :] & present[:, None] & ~jnp.eye(sim.shape[0], dtype=bool)
+def attention(sim: jax.Array, present: jax.Array, include_self: bool = False
+              ) -> jax.Array:
+  """[clients, clients] a_ij over the other present clients (with
+  `include_self`, over all present clients, s_ii = 1); rows sum to 1, or to 0
+  for a client with no one to attend to."""
+  others = present[None, :] & present[:, None]
+  if not include_self:
+    others &= ~jnp.eye(sim.shape[0], dtype=bool)
   scores = jnp.where(others, sim, 0.0)
   total = scores.sum(1, keepdims=True)
   return jnp.where(total > 0, scores / jnp.maximum(total, 1e-12), 0.0)
@@ -82,7 +89,8 @@ def attention(sim: jax.Array, present: jax.Array) -> jax.Array:
 
 def personalised_deltas(deltas: PyTree, losses: jax.Array, weights: jax.Array,
                         round_index, alpha: float, beta: float,
-                        temperature: float) -> tuple[PyTree, dict]:
+                        temperature: float, include_self: bool = False
+                        ) -> tuple[PyTree, dict]:
   """Every client's personalised model minus the server's, from the cohort's
   updates (leaves [clients, ...]); clients with weight 0 keep their own D.
 
@@ -91,7 +99,7 @@ def personalised_deltas(deltas: PyTree, losses: jax.Array, weights: jax.Array,
   present = weights > 0
   losses = jnp.where(present & jnp.isfinite(losses), losses, 0.0)
   w = heating_weights(losses, present, round_index, alpha, beta, temperature)
-  a = attention(similarity(deltas), present)
+  a = attention(similarity(deltas), present, include_self)
   has_peers = a.sum(1) > 0
   w = jnp.where(has_peers, w, 0.0)  # alone in the cohort: its own model
 
@@ -112,6 +120,7 @@ class FELLRec:
   alpha: float = 0.7
   beta: float = 1.0
   temperature: float = 0.05
+  include_self: bool = False  # a_ii in the attention (see the README)
 
   def state_init(self, params: PyTree) -> dict:
     return {"params": params, "trained": jnp.zeros((), bool)}
@@ -127,7 +136,8 @@ class FELLRec:
     """The cohort's new states: personalised params, server + mixed D
     (clients with weight 0 are not written back by the round)."""
     mixed, _ = personalised_deltas(deltas, losses, weights, round_index,
-                                   self.alpha, self.beta, self.temperature)
+                                   self.alpha, self.beta, self.temperature,
+                                   self.include_self)
     return {"params": jax.tree.map(lambda server, d: server[None] + d,
                                    server_params, mixed),
             "trained": client_states["trained"] | (weights > 0)}
@@ -146,4 +156,5 @@ def from_config(fed) -> FELLRec | None:
   for field in ("alpha", "beta", "temperature"):
     if not cfg[field] > 0:
       raise ConfigError(f"config.federated.fellrec.{field}={cfg[field]} must be > 0")
-  return FELLRec(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature)
+  return FELLRec(alpha=cfg.alpha, beta=cfg.beta, temperature=cfg.temperature,
+                 include_self=bool(cfg.include_self))

@@ -49,6 +49,16 @@ def test_personalised_deltas_follow_the_formula():
   assert int(np.argmin(w)) == int(np.argmax(np.asarray(losses[:3])))
 
 
+def test_attention_may_include_the_client_itself():
+  sim = jnp.array([[1.0, 0.5, 0.25], [0.5, 1.0, 0.5], [0.25, 0.5, 1.0]])
+  present = jnp.array([True, True, False])
+  others = personalisation.attention(sim, present)
+  np.testing.assert_allclose(others[:2], [[0, 1, 0], [1, 0, 0]], atol=1e-7)
+  with_self = personalisation.attention(sim, present, include_self=True)
+  np.testing.assert_allclose(with_self[0], [1 / 1.5, 0.5 / 1.5, 0], rtol=1e-6)
+  np.testing.assert_allclose(with_self[2], [0, 0, 0])  # absent: nothing
+
+
 def test_heating_rises_toward_one_over_rounds():
   losses, present = jnp.array([1.0, 0.9, 0.2]), jnp.ones(3, bool)
   early, late = (personalisation.heating_weights(losses, present, jnp.asarray(r),
