@@ -54,7 +54,8 @@ def get_config(arg: str = ""):
       compression=ml_collections.ConfigDict(dict(scheme="none", bits=4,
                                                  fraction=0.01)),
       # "fellrec": a model per client, mixed from the cohort's by similarity
-      # with curriculum heating (federated/personalisation.py)
+      # with curriculum heating (federated/personalisation.py); include_self
+      # lets a client's own update into its attention
       personalisation="none",
       fellrec=ml_collections.ConfigDict(dict(alpha=0.7, beta=1.0,
                                              temperature=0.05,
