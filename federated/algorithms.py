@@ -405,11 +405,15 @@ def finite_clients(deltas, losses: jax.Array) -> jax.Array:
   return finite.astype(jnp.float32)
 
 
-def central_loss_and_grad(state: ServerState, cohort, server: ServerSpec):
-  """(f_c(x), grad f_c(x)) at the round's server parameters."""
+def _central_inputs(state: ServerState, cohort) -> tuple:
+  """(x, server batch, key) at which f_c is read at the round's start."""
   _, key = _server_keys(state)
-  return jax.value_and_grad(server.server_loss)(
-      state.params, cohort["server_batch"], jax.random.fold_in(key, 0))
+  return state.params, cohort["server_batch"], jax.random.fold_in(key, 0)
+
+
+def central_grad(state: ServerState, cohort, server: ServerSpec) -> PyTree:
+  """grad f_c(x) at the round's server parameters (sent to the clients)."""
+  return jax.grad(server.server_loss)(*_central_inputs(state, cohort))
 
 
 def central_delta(state: ServerState, cohort, server: ServerSpec,
@@ -451,7 +455,8 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
   any_update = weights.sum() > 0
   metrics = {}
   if server.server_loss is not None:
-    metrics["server_loss"] = central_loss_and_grad(state, cohort, server)[0]
+    # the value only: a metric, no second gradient of f_c
+    metrics["server_loss"] = server.server_loss(*_central_inputs(state, cohort))
     if server.mixing != "one_way":
       federated_grad = None
       if server.mixing == "two_way":  # the clients' gradients at x, averaged
@@ -536,7 +541,7 @@ def _sent_server_grad(state, cohort, server: ServerSpec):
   """g_c(x) for the clients (one_way, two_way), else None."""
   if server.server_loss is None or server.mixing == "parallel":
     return None
-  return central_loss_and_grad(state, cohort, server)[1]
+  return central_grad(state, cohort, server)
 
 
 def make_looped_round(example_loss: ExampleLoss, client: ClientSpec,
