@@ -49,7 +49,11 @@ _TRAIN_BITS = flags.DEFINE_list("train_bits", ["2", "4"], "Bits per coordinate "
 
 RECALL = "out_of_sample/model/next_item/recall@10_mean"
 QUANTISERS = ("qsgd", "truncated_uniform", "tnqsgd")
-SCHEMES = QUANTISERS + ("topk",)
+# (name, scheme, scale): each quantiser with one scale per tensor and per row
+# (federated/compression.py), and top-k
+VARIANTS = ([(s, s, "tensor") for s in QUANTISERS] + [("topk", "topk", "tensor")]
+            + [(f"{s}/row", s, "row") for s in QUANTISERS])
+NAMES = [name for name, _, _ in VARIANTS]
 
 
 def topk_fraction(bits: int, deltas) -> float:
@@ -59,10 +63,11 @@ def topk_fraction(bits: int, deltas) -> float:
   return bits / (32 + math.ceil(math.log2(d)))
 
 
-def compressor(scheme: str, bits: int, deltas) -> compression.Compressor:
+def compressor(scheme: str, bits: int, deltas, scale: str = "tensor"
+               ) -> compression.Compressor:
   if scheme == "topk":
     return compression.Compressor("topk", fraction=topk_fraction(bits, deltas))
-  return compression.Compressor(scheme, bits)
+  return compression.Compressor(scheme, bits, scale=scale)
 
 
 def tail_stats(deltas) -> dict[str, float]:
@@ -105,11 +110,11 @@ def relative_error(comp: compression.Compressor, deltas, draws: int = 8) -> floa
 def error_rows(stage: str, deltas, bits_list) -> list[dict]:
   rows = []
   for bits in bits_list:
-    for scheme in SCHEMES:
-      comp = compressor(scheme, bits, deltas)
+    for name, scheme, scale in VARIANTS:
+      comp = compressor(scheme, bits, deltas, scale)
       keys = jax.random.split(jax.random.PRNGKey(0), 1)
       _, sent = comp.client(jax.tree.map(lambda x: x[0], deltas), keys[0])
-      rows.append({"stage": stage, "scheme": scheme, "bits": bits,
+      rows.append({"stage": stage, "scheme": name, "bits": bits,
                    "bits_per_client": float(sent),
                    "relative_error": relative_error(comp, deltas)})
   return rows
@@ -133,11 +138,11 @@ def write(out: str, errors, tails, runs, meta) -> None:
   lines += ["", "Relative squared error of the decoded cohort sum (mean of 8 "
             "draws):", ""]
   for stage in tails:
-    header = ["bits / coordinate"] + list(SCHEMES)
+    header = ["bits / coordinate"] + NAMES
     cells = []
     for bits in sorted({r["bits"] for r in errors}):
       by = {r["scheme"]: r for r in errors if r["stage"] == stage and r["bits"] == bits}
-      cells.append([bits] + [f"{by[s]['relative_error']:.3g}" for s in SCHEMES])
+      cells.append([bits] + [f"{by[s]['relative_error']:.3g}" for s in NAMES])
     lines += [f"At {stage}:", ""] + results_lib.markdown_table(header, cells) + [""]
   events = runs[0]["events"]
   lines += [f"Training with each compressor (Recall@10 of participating clients' "
@@ -146,13 +151,18 @@ def write(out: str, errors, tails, runs, meta) -> None:
             f" over {events:.0f} events):", ""]
   lines += results_lib.markdown_table(
       ["compressor", "bits / coordinate", "bits per client per round",
-       "Recall@10", "mean compression error"],
+       "bits sent / coordinate", "Recall@10", "mean compression error"],
       [[r["scheme"], r["bits"], f"{r['bits_per_client']:,.0f}",
+        f"{r['bits_per_client'] / meta['parameters']:.2f}",
         f"{r['recall@10']:.3f}", "-" if r["compression_error"] is None else
         f"{r['compression_error']:.3g}"] for r in runs])
   results_lib.write_report(out, {"meta": meta, "errors": errors, "tails": tails,
                                  "runs": runs}, lines)
   plot(out, errors, runs, tails)
+
+
+def _style(name: str) -> str:
+  return "s--" if name.endswith("/row") else "o-"
 
 
 def plot(out: str, errors, runs, tails) -> None:
@@ -164,16 +174,16 @@ def plot(out: str, errors, runs, tails) -> None:
   tail_ax.set(yscale="log", ylim=(1e-7, 1.5), xlabel="|g| / mean |g|",
               ylabel="P(larger)", title="tail of the client updates")
   stage = list(tails)[-1]
-  for scheme in SCHEMES:
+  for scheme in NAMES:
     rows = [r for r in errors if r["stage"] == stage and r["scheme"] == scheme]
-    left.plot([r["bits"] for r in rows], [r["relative_error"] for r in rows], "o-",
+    left.plot([r["bits"] for r in rows], [r["relative_error"] for r in rows], _style(scheme),
               label=scheme)
   left.set(yscale="log", xlabel="bits per coordinate",
            ylabel="relative error of the sum", title=f"error on real updates ({stage})")
   base = runs[0]["recall@10"]
-  for scheme in SCHEMES:
+  for scheme in NAMES:
     rows = [r for r in runs if r["scheme"] == scheme]
-    right.plot([r["bits"] for r in rows], [r["recall@10"] for r in rows], "o-",
+    right.plot([r["bits"] for r in rows], [r["recall@10"] for r in rows], _style(scheme),
                label=scheme)
   right.axhline(base, color="gray", ls="--", label="32-bit")
   right.set(xlabel="bits per coordinate", ylabel="Recall@10", title="after training")
@@ -216,17 +226,17 @@ def main(argv):
       "initialisation"]))
   runs = [run_record("none", "none", 32, metrics, 32.0 * params, None)]
   for bits in (int(b) for b in _TRAIN_BITS.value):
-    for scheme in SCHEMES:
+    for label, scheme, scale in VARIANTS:
       config = copy.deepcopy(base)
-      comp = compressor(scheme, bits, stages["initialisation"])
+      comp = compressor(scheme, bits, stages["initialisation"], scale)
       config.federated.compression.update(scheme=scheme, bits=bits,
-                                          fraction=comp.fraction)
-      name = f"{scheme}_{bits}"
+                                          fraction=comp.fraction, scale=scale)
+      name = f"{label.replace('/', '_')}_{bits}"
       _, _, run_metrics = train(config, name, workdir, mesh)
       train_lines = [m for m in logged_metrics(os.path.join(workdir, name))
                      if "compression_error" in m]
       runs.append(run_record(
-          name, scheme, bits, run_metrics,
+          name, label, bits, run_metrics,
           float(np.mean([m["bits_per_client"] for m in train_lines])) if train_lines
           else None,
           float(np.mean([m["compression_error"] for m in train_lines]))

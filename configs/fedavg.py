@@ -50,9 +50,10 @@ def get_config(arg: str = ""):
       # Aggregation and server.
       aggregator="mean",  # federated/aggregators.py: mean | dp
       # each client's update as sent (federated/compression.py): none | qsgd |
-      # truncated_uniform | tnqsgd (bits per coordinate) | topk (fraction kept)
+      # truncated_uniform | tnqsgd (bits per coordinate) | topk (fraction
+      # kept); the quantisers' scale estimated per "tensor" or per "row"
       compression=ml_collections.ConfigDict(dict(scheme="none", bits=4,
-                                                 fraction=0.01)),
+                                                 fraction=0.01, scale="tensor")),
       # "fellrec": a model per client, mixed from the cohort's by similarity
       # with curriculum heating (federated/personalisation.py); include_self
       # lets a client's own update into its attention

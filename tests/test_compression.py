@@ -92,3 +92,40 @@ def test_compressed_aggregator_keeps_everything_exactly_and_reports_bits():
       state, cohort)
   assert float(metrics["bits_per_client"]) == (3 * 4 + 32) + (1 * 4 + 32)
   assert 0 < float(metrics["compression_error"]) < 1
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_row_scales_are_unbiased_exact_in_bits_and_fit_rows_of_unequal_size(scheme):
+  # an item table's update: a few rows (the items seen) 100x the rest
+  rng = np.random.default_rng(3)
+  g = rng.laplace(0.0, 1.0, (16, 8)) * np.where(np.arange(16) < 2, 100.0, 1.0)[:, None]
+  g = jnp.asarray(g, jnp.float32)
+  by_row = compression.Compressor(scheme, bits=3, scale="row")
+  by_tensor = compression.Compressor(scheme, bits=3, scale="tensor")
+  keys = jax.random.split(jax.random.PRNGKey(2), 20_000)
+  draws = jax.vmap(lambda k: by_row.leaf(g, k)[0])(keys)
+  if scheme == "qsgd":
+    expected = g
+  else:  # each row truncated at the alpha* of its own (bfloat16) scale
+    b = jnp.mean(jnp.abs(g), 1, keepdims=True).astype(jnp.bfloat16).astype(jnp.float32)
+    alpha = compression.optimal_alpha(b, 8)
+    expected = jnp.clip(g, -alpha, alpha)
+  spread = jnp.std(draws, 0) / np.sqrt(draws.shape[0])
+  assert np.all(np.abs(np.asarray(draws.mean(0) - expected)) <= 5 * spread + 1e-4)
+  assert float(by_row.leaf(g, keys[0])[1]) == 16 * (8 * 3 + 16)
+  assert float(by_tensor.leaf(g, keys[0])[1]) == 16 * 8 * 3 + 32
+
+  def mse(c):
+    return float(jnp.mean(jnp.square(jax.vmap(lambda k: c.leaf(g, k)[0])(keys[:64]) - g)))
+  assert mse(by_row) < 0.5 * mse(by_tensor)
+
+
+def test_compression_config_names_the_bad_field():
+  import ml_collections
+  from infra.errors import ConfigError
+  fed = ml_collections.ConfigDict(dict(compression=dict(
+      scheme="tnqsgd", bits=2, fraction=0.01, scale="block")))
+  with pytest.raises(ConfigError, match="compression.scale"):
+    compression.from_config(fed)
+  fed.compression.scale = "row"
+  assert compression.from_config(fed) == compression.Compressor("tnqsgd", 2, 0.01, "row")
