@@ -99,3 +99,69 @@ def experiment(workflow: str) -> ml_collections.ConfigDict:
   config.distributed = False  # True on multi-host TPU/GPU: jax.distributed.initialize()
   config.mesh = mesh()
   return config
+
+
+def federated(tiny: bool, **overrides) -> ml_collections.ConfigDict:
+  """`config.federated`: the FedAvg-family round, its clients and its
+  aggregation stages (federated/algorithms.py reads it)."""
+  fed = ml_collections.ConfigDict(dict(
+      task="next_item",  # the task model of federated/tasks.py
+      algorithm="fedadam",  # fedsgd | fedavg | fedavgm | fedprox | fedadam | fedyogi
+      clients_per_round=8 if tiny else 64,
+      # Clients: "natural" = one per user; "dirichlet" / "semantic" synthesise
+      # num_clients clients from users (label = favourite genre).
+      partition="natural",
+      num_clients=0,
+      dirichlet_alpha=0.5,
+      embedding_dim=16,  # semantic partition: item2vec (PPMI-SVD) width
+      # Participation gap: share of clients that train; per user, share of the
+      # last events held out.
+      participating_fraction=0.8,
+      heldout_fraction=0.2,
+      max_examples_per_client=0,  # 0 = no cap on windows per client
+      # Clients trained this many at a time (lax.map over vmapped chunks, so
+      # a chunk's activations stay in cache on CPU); 0 = the whole cohort in
+      # one vmap. The round's result is the same.
+      client_chunk=0,
+      # Local training.
+      local_epochs=1,
+      client_batch_size=2 if tiny else 4,
+      client_optimizer="sgd",  # sgd | adam (state fresh each round)
+      client_learning_rate=0.5,
+      client_momentum=0.0,
+      prox_mu=0.0,  # FedProx proximal weight
+      # Aggregation and server.
+      aggregator="mean",  # federated/aggregators.py: mean | dp
+      # each client's update as sent (federated/compression.py): none | qsgd |
+      # truncated_uniform | tnqsgd (bits per coordinate) | topk (fraction
+      # kept); the quantisers' scale estimated per "tensor" or per "row"
+      compression=ml_collections.ConfigDict(dict(scheme="none", bits=4,
+                                                 fraction=0.01, scale="tensor")),
+      # "fellrec": a model per client, mixed from the cohort's by similarity
+      # with curriculum heating (federated/personalisation.py); include_self
+      # lets a client's own update into its attention
+      personalisation="none",
+      fellrec=ml_collections.ConfigDict(dict(alpha=0.7, beta=1.0,
+                                             temperature=0.05,
+                                             include_self=False)),
+      weighting="examples",  # examples | uniform
+      dropout_rate=0.0,  # chance a sampled client drops out of a round
+      server_learning_rate=0.0,  # 0 = the algorithm's default (algorithms.py):
+                                 # 1.0 for fedsgd/fedavg/fedprox/fedavgm, 1e-2
+                                 # for fedadam/fedyogi
+      server_momentum=0.9,  # fedavgm
+      # Mixed FL (federated/algorithms.py): a server-side loss f_c that the
+      # task offers (retrieval: "global_spreadout", weight x the spreadout
+      # of the item table), joined by parallel | one_way | two_way, with the
+      # server's own SGD steps on f_c.
+      mixed=ml_collections.ConfigDict(dict(
+          server_loss="none", weight=0.0, algorithm="parallel", central_steps=1,
+          central_learning_rate=1.0)),
+      # "central": every participating client's examples pooled into one
+      # client (centralised training through the same round); "iid": the
+      # examples dealt back to the clients at random, same counts (the IID
+      # control); "none": each client keeps its own.
+      pooling="none",
+  ))
+  fed.update(overrides)
+  return fed

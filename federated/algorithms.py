@@ -583,8 +583,8 @@ def _optimizer(name: str, learning_rate: float, field: str,
   raise ConfigError(f"{field}={name!r} is not one of ('sgd', 'adam')")
 
 
-def specs_from_config(fed: ml_collections.ConfigDict, dp_budget=None
-                      ) -> tuple[ClientSpec, ServerSpec]:
+def specs_from_config(fed: ml_collections.ConfigDict, dp_budget=None,
+                      server_loss=None) -> tuple[ClientSpec, ServerSpec]:
   """ClientSpec and ServerSpec for `config.federated`.
 
   `fed.algorithm` picks the server optimiser (and, for fedsgd, the client
@@ -593,6 +593,8 @@ def specs_from_config(fed: ml_collections.ConfigDict, dp_budget=None
   ("fellrec") gives every client its own model (federated/personalisation.py).
   `dp_budget`
   (federated/privacy.budget) gives the `dp` aggregator its noise.
+  `server_loss` (the task's f_c for `fed.mixed.server_loss`, or None) is
+  joined by `fed.mixed` (algorithm, central_steps, central_learning_rate).
   """
   algorithm = fed.algorithm
   if algorithm not in ALGORITHMS:
@@ -634,6 +636,11 @@ def specs_from_config(fed: ml_collections.ConfigDict, dp_budget=None
                       aggregator=compression.compressed(
                           aggregators.from_config(fed, dp_budget),
                           compression.from_config(fed)))
+  server = dataclasses.replace(  # the mixing fields are no-ops without f_c
+      server, server_loss=server_loss, mixing=fed.mixed.algorithm,
+      central_steps=fed.mixed.central_steps,
+      central_learning_rate=fed.mixed.central_learning_rate)
+  check_mixing(server)
   personal = personalisation.from_config(fed)
   if personal is not None:
     client = dataclasses.replace(client, state_init=personal.state_init,

@@ -180,10 +180,31 @@ class CohortSampler:
             "client_rows": rows.astype(np.int32)}
 
 
+POOLINGS = ("none", "iid", "central")
+
+
+def pool_examples(pooling: str, example_clients: np.ndarray,
+                  client_ids: np.ndarray, seed: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+  """(each example's client, the clients to pack) under `pooling`:
+  "none" keeps every example with its owner; "iid" deals the examples to the
+  same clients at random, each keeping its count (the IID control: the same
+  federated round with no per-user skew); "central" gives every example to
+  one client, the first of `client_ids` (centralised training through the
+  same round, one client a round)."""
+  if pooling == "none":
+    return example_clients, client_ids
+  if pooling == "iid":
+    return np.random.default_rng([seed, 3]).permutation(example_clients), client_ids
+  if pooling == "central":
+    return np.full_like(example_clients, client_ids[0]), client_ids[:1]
+  raise ConfigError(f"config.federated.pooling={pooling!r} is not one of {POOLINGS}")
+
+
 def build_clients(fed, timelines: tl.UserTimelines, client_examples, seed: int
                   ) -> tuple[ParticipationSplit, ClientDataset]:
   """The participation split of `fed.partition`'s clients and the packed
-  training examples of the participating ones.
+  training examples of the participating ones (pooled by `fed.pooling`).
 
   client_examples: train timelines -> (examples [n, ...], owning users [n]).
   """
@@ -191,7 +212,9 @@ def build_clients(fed, timelines: tl.UserTimelines, client_examples, seed: int
       timelines, partition.client_of_user(fed, timelines, seed),
       fed.participating_fraction, fed.heldout_fraction, seed)
   examples, example_users = client_examples(split.train)
-  dataset = pack_clients(examples, split.client_of_user[example_users],
-                         np.nonzero(split.participating)[0],
+  example_clients, client_ids = pool_examples(
+      fed.get("pooling", "none"), split.client_of_user[example_users],
+      np.nonzero(split.participating)[0], seed)
+  dataset = pack_clients(examples, example_clients, client_ids,
                          fed.max_examples_per_client)
   return split, dataset

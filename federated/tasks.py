@@ -3,9 +3,9 @@
 A task gives the workflow everything model-specific: the clients' training
 examples, the parameters' initialiser, the per-example loss the clients
 minimise, and per-row metrics of held-out events for the participation-gap
-evaluation (with the user-independent baselines scored the same way). Today:
-the next-item transformer; the retrieval dual encoder and User-LLM adapters
-join this table as further entries.
+evaluation (with the user-independent baselines scored the same way), and the
+server-side losses it offers mixed FL. Entries: the next-item transformer and
+the retrieval dual encoder (userllm/dual_encoder.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from data import sequences, splits
 from data import timelines as tl
 from infra import ranking
 from infra.errors import ConfigError
+from userllm import dual_encoder as de
 from userllm import next_item, sequence_model as sm
 
 
@@ -68,8 +69,69 @@ class NextItemTask:
   def baseline_row_metrics(self, scorer, scores) -> dict[str, np.ndarray]:
     return self._from_ranks(scorer.fixed_score_ranks(scores))
 
+  def server_loss(self, name: str, weight: float):
+    """The mixed-FL server loss `name`: none for this task."""
+    del weight
+    if name != "none":
+      raise ConfigError(f"config.federated.mixed.server_loss={name!r}: the "
+                        f"{self.name} task offers none")
+    return None
 
-TASKS = {"next_item": NextItemTask}
+
+class RetrievalTask(NextItemTask):
+  """Next-item retrieval with the dual encoder (`config.retrieval`): examples
+  are (last <= context_len items, next item) pairs, and the held-out next
+  events are ranked among every item by cosine (Global Recall@1/5/10; items
+  already in the history excluded, as for next-item prediction)."""
+
+  name = "retrieval"
+  metrics = ("recall@1", "recall@5", "recall@10")
+
+  def __init__(self, config, timelines: tl.UserTimelines):
+    self.cfg = de.DualEncoderConfig.from_config(config.retrieval,
+                                                timelines.num_items + 1)
+    self.max_len = self.cfg.context_len
+    self.model = de.DualEncoder(self.cfg)
+    self.rank_fn = de.make_rank_fn(self.model)
+    self.example_loss = de.make_example_loss(self.model)
+
+  def client_examples(self, train: tl.UserTimelines):
+    """(examples [n, context_len + 1], users [n] their owners)."""
+    return de.context_examples_by_user(train.user_items, train.num_users,
+                                       self.cfg.context_len)
+
+  @staticmethod
+  def _from_ranks(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    return {f"recall@{k}": (ranks < k).astype(np.float64) for k in (1, 5, 10)}
+
+  def rows_read(self, examples: np.ndarray) -> int | None:
+    """How many item-table rows a client with these real examples reads (and
+    whose update it sends): the items in them, or None (the whole table)
+    when the loss or a spreadout reads every row."""
+    dense = self.cfg.loss == "global_softmax" or any(
+        name == "global" for name, _ in self.cfg.spreadout)
+    return None if dense else int(np.count_nonzero(np.unique(examples)))
+
+  def server_loss(self, name: str, weight: float):
+    """"global_spreadout": `weight` x the global spreadout of the item table,
+    a loss of the parameters alone (server_batch unused): the regulariser
+    moved from the clients to the server (mixed FL)."""
+    if name == "none":
+      return None
+    if name != "global_spreadout":
+      raise ConfigError(f"config.federated.mixed.server_loss={name!r} is not one "
+                        "of ('none', 'global_spreadout')")
+    model = self.model
+
+    def loss(params, server_batch, rng):
+      del server_batch, rng
+      return weight * de.global_spreadout(model.apply({"params": params},
+                                                      method=model.table))
+
+    return loss
+
+
+TASKS = {"next_item": NextItemTask, "retrieval": RetrievalTask}
 
 
 def from_config(config, timelines: tl.UserTimelines):

@@ -88,7 +88,8 @@ def build(config: ml_collections.ConfigDict, mesh) -> Federation:
           f"; epsilon {dp_budget.epsilon(config.train.num_steps):.4g} at delta "
           f"{fed.dp.delta:g} after {config.train.num_steps} rounds "
           f"({fed.dp.accountant})", flush=True)
-  client_spec, server_spec = algorithms.specs_from_config(fed, dp_budget)
+  client_spec, server_spec = algorithms.specs_from_config(
+      fed, dp_budget, task.server_loss(fed.mixed.server_loss, fed.mixed.weight))
   return Federation(timelines, task, split, dataset, dp_budget, client_spec,
                     server_spec)
 
@@ -100,8 +101,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
   round_fn = algorithms.make_round(f.task.example_loss, f.client_spec,
                                    f.server_spec,
                                    client_chunk=config.federated.client_chunk)
-  sampler = clients.CohortSampler(f.dataset, config.federated.clients_per_round,
-                                  config.seed)
+  sampler = cohorts(config, f)
   periodic = evaluation.ParticipationGapEvaluator(  # participating clients' means
       f.task, f.timelines, f.split, config.train.eval_batch_size, mesh,
       splits=("out_of_sample",), full_summary=False)
@@ -113,6 +113,18 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
                                                 personal_models(s, f.dataset)),
                             **privacy_spent(f.dp_budget, s.step)},
                         name="federated", unit="round", identity=config.to_dict())
+
+
+def cohorts(config: ml_collections.ConfigDict, f: Federation):
+  """round -> the cohort of that round; with a server loss, the cohort also
+  carries its `server_batch` (the task's losses need no server data yet: a
+  zero placeholder with one row per client, so it shards like the cohort)."""
+  cohort_size = config.federated.clients_per_round
+  sampler = clients.CohortSampler(f.dataset, cohort_size, config.seed)
+  if f.server_spec.server_loss is None:
+    return sampler
+  placeholder = np.zeros((cohort_size,), np.float32)
+  return lambda round_index: {**sampler(round_index), "server_batch": placeholder}
 
 
 def evaluate(config: ml_collections.ConfigDict, mesh, f: Federation, state
