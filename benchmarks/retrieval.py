@@ -34,14 +34,13 @@ import copy
 import os
 import sys
 
-import jax
 import numpy as np
 from absl import app, flags
 from flax import linen as nn
 from ml_collections import config_flags
 
 from benchmarks import report
-from federated import algorithms, workflow
+from federated import cost, workflow
 from infra import mesh as mesh_lib
 from infra import results as results_lib
 from userllm import dual_encoder as de
@@ -55,7 +54,9 @@ _CENTRAL_EPOCHS = flags.DEFINE_integer("central_epochs", 30, "Epochs (rounds) of
 _SPREADOUT = flags.DEFINE_float("spreadout", 0.1, "lambda of the global spreadout.")
 _CENTRAL_STEPS = flags.DEFINE_integer("central_steps", 1, "Server SGD steps on the "
                                       "spreadout a round (mixed FL).")
-_CENTRAL_LR = flags.DEFINE_float("central_learning_rate", 0.03, "Their learning rate.")
+# about what the clients' local steps give the spreadout when they compute it:
+# client learning rate 0.5 x ~5 local steps (84 examples in batches of 16)
+_CENTRAL_LR = flags.DEFINE_float("central_learning_rate", 2.5, "Their learning rate.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these settings (default: all).")
 
 KEY = "out_of_sample/model/retrieval/{}_mean"
@@ -99,31 +100,6 @@ def with_overrides(base, overrides: dict):
   return config
 
 
-def client_cost(f: workflow.Federation, state) -> dict[str, float]:
-  """Bytes down/up per client a round (mean over clients) and the compiled
-  FLOPs of one client's update."""
-  params = nn.meta.unbox(state.params)
-  table = params["item_embed"]["embedding"]
-  row_bytes = table.shape[1] * table.dtype.itemsize
-  dense_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params)
-                    ) - table.size * table.dtype.itemsize
-  rows = []
-  for examples, count in zip(f.dataset.examples, f.dataset.num_examples):
-    read = f.task.rows_read(examples[:count])
-    rows.append(table.shape[0] if read is None else read)
-  per_client = dense_bytes + row_bytes * np.asarray(rows, np.float64)
-  update = jax.jit(algorithms.make_client_update(f.task.example_loss, f.client_spec))
-  client_state = jax.tree.map(lambda t: t[0], nn.meta.unbox(state.client_states))
-  cost = update.lower(params, client_state, f.dataset.examples[0],
-                      f.dataset.num_examples[0], jax.random.PRNGKey(0)
-                      ).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
-  return {"bytes_down": float(per_client.mean()), "bytes_up": float(per_client.mean()),
-          "model_bytes": float(dense_bytes + table.size * table.dtype.itemsize),
-          "client_flops": float(cost.get("flops", float("nan"))),
-          "padded_examples": int(f.dataset.examples.shape[1])}
-
-
 def batch_recall_at_1(f: workflow.Federation, state, batch: int = 16) -> float:
   """Batch Recall@1 over the participating users' held-out events in
   consecutive batches of `batch` (the context of each event's history)."""
@@ -146,7 +122,8 @@ def run_setting(name: str, config, workdir: str, mesh) -> dict:
   metrics = workflow.evaluate(config, mesh, f, state)
   events = metrics["out_of_sample/model/retrieval/events"]
   row = {"setting": name, "rounds": int(state.step), "events": events,
-         "batch_recall@1": batch_recall_at_1(f, state), **client_cost(f, state)}
+         "batch_recall@1": batch_recall_at_1(f, state),
+         **cost.round_cost(f.task, f.client_spec, state, f.dataset)}
   for k in (1, 5, 10):
     value = metrics[KEY.format(f"recall@{k}")]
     row[f"recall@{k}"] = value
@@ -171,7 +148,7 @@ def write(out: str, rows: list[dict], meta: dict) -> None:
       [[r["setting"], f"{r['recall@1']:.4f}", f"{r['recall@5']:.4f}",
         f"{r['recall@10']:.4f} ± {r['recall@10_se']:.4f}",
         f"{r['batch_recall@1']:.3f}",
-        f"{r['bytes_down'] / 1024:.1f} / {r['bytes_up'] / 1024:.1f}",
+        f"{r['client_bytes_down'] / 1024:.1f} / {r['client_bytes_up'] / 1024:.1f}",
         f"{r['client_flops'] / 1e6:.1f}"] for r in rows])
   results_lib.write_report(out, {"meta": meta, "rows": rows}, lines)
   plot(out, rows)

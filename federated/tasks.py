@@ -69,6 +69,12 @@ class NextItemTask:
   def baseline_row_metrics(self, scorer, scores) -> dict[str, np.ndarray]:
     return self._from_ranks(scorer.fixed_score_ranks(scores))
 
+  def rows_read(self, examples: np.ndarray) -> int | None:
+    """Item-table rows a client reads (federated/cost.py): every row, since
+    the output softmax scores every item."""
+    del examples
+    return None
+
   def server_loss(self, name: str, weight: float):
     """The mixed-FL server loss `name`: none for this task."""
     del weight

@@ -25,7 +25,7 @@ import numpy as np
 from flax import linen as nn
 
 from data import sources
-from federated import algorithms, clients, evaluation, privacy, tasks
+from federated import algorithms, clients, cost, evaluation, privacy, tasks
 from infra import mesh as mesh_lib, train_loop
 
 
@@ -149,6 +149,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
              "participating_clients": int(f.split.participating.sum()),
              "training_examples": int(f.dataset.num_examples.sum())}
   results.update(evaluate(config, mesh, f, state))
+  results.update(cost.round_cost(f.task, f.client_spec, state, f.dataset))
   results["wall_seconds"] = time.time() - began
   return results
 

@@ -231,3 +231,27 @@ def test_bad_retrieval_config_values_are_config_errors(field, value, message):
   mesh = mesh_lib.make_mesh(config.mesh)
   with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
     workflow.build(config, mesh)
+
+
+def test_round_cost_counts_only_the_rows_a_client_reads():
+  from federated import cost
+  config = tiny_retrieval()
+  config.mesh.update(data=1, model=1)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:1])
+  f = workflow.build(config, mesh)
+  state, _ = workflow.init_state(f.task, f.client_spec, f.server_spec, config.seed,
+                                 len(f.dataset), mesh)
+  sparse = cost.round_cost(f.task, f.client_spec, state, f.dataset)
+  table = config.retrieval.embed_dim * 4 * (f.timelines.num_items + 1)
+  dense = sparse["model_bytes"] - table
+  rows = [len(set(np.unique(e[:n])) - {0}) for e, n in
+          zip(f.dataset.examples, f.dataset.num_examples)]
+  expected = dense + config.retrieval.embed_dim * 4 * np.mean(rows)
+  assert sparse["client_bytes_down"] == pytest.approx(expected)
+  assert sparse["client_bytes_up"] < sparse["model_bytes"]
+  assert sparse["client_flops"] > 0
+  config.retrieval.spreadout["global"] = 0.1  # reads every row
+  g = workflow.build(config, mesh)
+  everything = cost.round_cost(g.task, g.client_spec, state, g.dataset)
+  assert everything["client_bytes_down"] == pytest.approx(everything["model_bytes"])
+  assert everything["client_flops"] > sparse["client_flops"]
