@@ -157,6 +157,12 @@ def federated(tiny: bool, **overrides) -> ml_collections.ConfigDict:
       mixed=ml_collections.ConfigDict(dict(
           server_loss="none", weight=0.0, algorithm="parallel", central_steps=1,
           central_learning_rate=1.0)),
+      # Mixed FL's datacenter data: "genre" gives the server the users whose
+      # favourite genre has an odd popularity rank (the clients keep the
+      # rest); swap exchanges the two groups; the server loss "datacenter"
+      # reads server_batch_size of the server's examples a round.
+      datacenter=ml_collections.ConfigDict(dict(users="none", swap=False,
+                                                server_batch_size=64)),
       # "central": every participating client's examples pooled into one
       # client (centralised training through the same round); "iid": the
       # examples dealt back to the clients at random, same counts (the IID

@@ -289,18 +289,21 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec,
     context = {"server_params": server_params, "client_state": client_state}
 
     def objective(params, batch, mask, key):
+      """(the local objective, its data loss: what the metrics report; the
+      gradient-transfer term <g, y> is linear, its value meaningless)."""
       losses = example_loss(params, batch, key)
-      loss = jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1)
+      data_loss = jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1)
+      loss = data_loss
       for term in client.terms:
         loss += term(params, context)
       if server_grad is not None:
         loss += optax.tree.vdot(server_grad, params)
-      return loss
+      return loss, data_loss
 
     def local_step(carry, step_inputs):
       params, opt_state = carry
       step, index, mask = step_inputs
-      loss, grads = jax.value_and_grad(objective)(
+      (_, loss), grads = jax.value_and_grad(objective, has_aux=True)(
           params, examples[index], mask, jax.random.fold_in(step_rng, step))
       updates, new_opt_state = client.optimizer.update(grads, opt_state, params)
       new_params = optax.apply_updates(params, updates)

@@ -111,11 +111,14 @@ class ClientDataset:
     num_examples: [num_clients] int32 real rows per client.
     client_ids: [num_clients] int32 global client id of each row.
     num_capped: examples left out because a client held more than the cap.
+    server_examples: [n, ...] examples the server holds instead of any client
+      (mixed FL's datacenter data; empty without one).
   """
   examples: np.ndarray
   num_examples: np.ndarray
   client_ids: np.ndarray
   num_capped: int = 0
+  server_examples: np.ndarray | None = None
 
   def __len__(self) -> int:
     return len(self.client_ids)
@@ -205,6 +208,9 @@ def build_clients(fed, timelines: tl.UserTimelines, client_examples, seed: int
                   ) -> tuple[ParticipationSplit, ClientDataset]:
   """The participation split of `fed.partition`'s clients and the packed
   training examples of the participating ones (pooled by `fed.pooling`).
+  With `fed.datacenter.users` the examples of one group of users go to the
+  server instead (`server_examples`); `fed.datacenter.swap` gives the clients
+  that group and the server the other (the centralised-only baseline).
 
   client_examples: train timelines -> (examples [n, ...], owning users [n]).
   """
@@ -212,9 +218,22 @@ def build_clients(fed, timelines: tl.UserTimelines, client_examples, seed: int
       timelines, partition.client_of_user(fed, timelines, seed),
       fed.participating_fraction, fed.heldout_fraction, seed)
   examples, example_users = client_examples(split.train)
+  server_examples = examples[:0]
+  datacenter = fed.get("datacenter")
+  at_server = partition.datacenter_users(datacenter.users if datacenter else "none",
+                                         timelines)
+  if at_server is not None:
+    if datacenter.swap:
+      at_server = ~at_server
+    on_server = at_server[example_users]
+    server_examples = examples[on_server]
+    examples, example_users = examples[~on_server], example_users[~on_server]
+  client_ids = np.nonzero(split.participating)[0]
+  if at_server is not None:  # clients whose users all went to the server: gone
+    client_ids = np.intersect1d(client_ids, split.client_of_user[example_users])
   example_clients, client_ids = pool_examples(
       fed.get("pooling", "none"), split.client_of_user[example_users],
-      np.nonzero(split.participating)[0], seed)
+      client_ids, seed)
   dataset = pack_clients(examples, example_clients, client_ids,
                          fed.max_examples_per_client)
-  return split, dataset
+  return split, dataclasses.replace(dataset, server_examples=server_examples)

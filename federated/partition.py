@@ -168,3 +168,26 @@ def favourite_genres(timelines: tl.UserTimelines) -> np.ndarray:
   np.add.at(counts, timelines.event_users,
             timelines.items.genres[timelines.item_ids].astype(np.float64))
   return counts.argmax(axis=1).astype(np.int32)
+
+
+DATACENTER_SPLITS = ("none", "genre")
+
+
+def datacenter_users(how: str, timelines: tl.UserTimelines) -> np.ndarray | None:
+  """[num_users] bool, True for the users whose data the server holds (mixed
+  FL's datacenter data; `config.federated.datacenter.users`), or None.
+
+  "genre": genres ranked by how many users they are the favourite of; users
+  whose favourite has an odd rank go to the server, the rest stay clients:
+  two groups of about equal size whose tastes differ.
+  """
+  if how == "none":
+    return None
+  if how != "genre":
+    raise ConfigError(f"config.federated.datacenter.users={how!r} is not one of "
+                      f"{DATACENTER_SPLITS}")
+  favourite = favourite_genres(timelines)
+  counts = np.bincount(favourite, minlength=timelines.items.genres.shape[1])
+  rank = np.empty_like(counts)
+  rank[np.argsort(-counts, kind="stable")] = np.arange(len(counts))
+  return rank[favourite] % 2 == 1

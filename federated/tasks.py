@@ -76,12 +76,22 @@ class NextItemTask:
     return None
 
   def server_loss(self, name: str, weight: float):
-    """The mixed-FL server loss `name`: none for this task."""
-    del weight
-    if name != "none":
-      raise ConfigError(f"config.federated.mixed.server_loss={name!r}: the "
-                        f"{self.name} task offers none")
-    return None
+    """The mixed-FL server loss `name`: "datacenter" is `weight` x the mean
+    example loss over the round's `server_batch` (examples the server holds,
+    config.federated.datacenter)."""
+    if name == "none":
+      return None
+    if name != "datacenter":
+      raise ConfigError(f"config.federated.mixed.server_loss={name!r} is not one "
+                        f"of {self.server_losses}")
+    example_loss = self.example_loss
+
+    def loss(params, server_batch, rng):
+      return weight * jnp.mean(example_loss(params, server_batch, rng))
+
+    return loss
+
+  server_losses = ("none", "datacenter")
 
 
 class RetrievalTask(NextItemTask):
@@ -92,6 +102,7 @@ class RetrievalTask(NextItemTask):
 
   name = "retrieval"
   metrics = ("recall@1", "recall@5", "recall@10")
+  server_losses = ("none", "datacenter", "global_spreadout")
 
   def __init__(self, config, timelines: tl.UserTimelines):
     self.cfg = de.DualEncoderConfig.from_config(config.retrieval,
@@ -122,11 +133,8 @@ class RetrievalTask(NextItemTask):
     """"global_spreadout": `weight` x the global spreadout of the item table,
     a loss of the parameters alone (server_batch unused): the regulariser
     moved from the clients to the server (mixed FL)."""
-    if name == "none":
-      return None
     if name != "global_spreadout":
-      raise ConfigError(f"config.federated.mixed.server_loss={name!r} is not one "
-                        "of ('none', 'global_spreadout')")
+      return super().server_loss(name, weight)
     model = self.model
 
     def loss(params, server_batch, rng):

@@ -27,6 +27,7 @@ from flax import linen as nn
 from data import sources
 from federated import algorithms, clients, cost, evaluation, privacy, tasks
 from infra import mesh as mesh_lib, train_loop
+from infra.errors import ConfigError
 
 
 def init_state(task, client: algorithms.ClientSpec, server: algorithms.ServerSpec,
@@ -94,6 +95,25 @@ def build(config: ml_collections.ConfigDict, mesh) -> Federation:
                     server_spec)
 
 
+def check_server_data(fed, dataset: clients.ClientDataset, mesh) -> None:
+  """The datacenter server loss needs server data, a batch it can draw."""
+  held = 0 if dataset.server_examples is None else len(dataset.server_examples)
+  if held:
+    print(f"[clients] the server holds {held} examples "
+          f"(datacenter.users={fed.datacenter.users!r}"
+          f"{', swapped' if fed.datacenter.swap else ''})", flush=True)
+  if fed.mixed.server_loss != "datacenter":
+    return
+  size = fed.datacenter.server_batch_size
+  if not 1 <= size <= held:
+    raise ConfigError(
+        f"config.federated.datacenter.server_batch_size={size} must be between 1 "
+        f"and the server's {held} examples (config.federated.datacenter.users "
+        "gives the server data)")
+  mesh_lib.check_batch_divides(size, mesh,
+                               "config.federated.datacenter.server_batch_size")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
   """Rounds of `f`'s algorithm under the shared loop; the final ServerState."""
   state, shardings = init_state(f.task, f.client_spec, f.server_spec, config.seed,
@@ -117,14 +137,26 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
 
 def cohorts(config: ml_collections.ConfigDict, f: Federation):
   """round -> the cohort of that round; with a server loss, the cohort also
-  carries its `server_batch` (the task's losses need no server data yet: a
-  zero placeholder with one row per client, so it shards like the cohort)."""
-  cohort_size = config.federated.clients_per_round
-  sampler = clients.CohortSampler(f.dataset, cohort_size, config.seed)
+  carries its `server_batch`: `datacenter.server_batch_size` of the server's
+  examples drawn as a pure function of (seed, round), or, for a loss of the
+  parameters alone, a zero placeholder with one row per client (so it shards
+  like the cohort)."""
+  fed = config.federated
+  sampler = clients.CohortSampler(f.dataset, fed.clients_per_round, config.seed)
   if f.server_spec.server_loss is None:
     return sampler
-  placeholder = np.zeros((cohort_size,), np.float32)
-  return lambda round_index: {**sampler(round_index), "server_batch": placeholder}
+  held = f.dataset.server_examples
+  if fed.mixed.server_loss != "datacenter":
+    placeholder = np.zeros((fed.clients_per_round,), np.float32)
+    return lambda round_index: {**sampler(round_index), "server_batch": placeholder}
+  size = fed.datacenter.server_batch_size
+
+  def with_server_batch(round_index):
+    rng = np.random.default_rng([config.seed, 4, round_index])
+    rows = np.sort(rng.choice(len(held), size, replace=False))
+    return {**sampler(round_index), "server_batch": held[rows]}
+
+  return with_server_batch
 
 
 def evaluate(config: ml_collections.ConfigDict, mesh, f: Federation, state
