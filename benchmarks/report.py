@@ -33,3 +33,17 @@ def save(fig, out: str) -> str:
   os.replace(path + ".tmp.png", path)
   plt.close(fig)
   return path
+
+
+def with_overrides(config, overrides: dict):
+  """A deep copy of `config` with {"section.field": value} set (what the
+  settings of a benchmark change)."""
+  import copy
+  config = copy.deepcopy(config)
+  for path, value in overrides.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config

@@ -30,7 +30,6 @@ Writes `<out>.json`, `<out>.md` and `<out>.png`.
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 
@@ -70,6 +69,7 @@ def settings(base) -> dict[str, dict]:
   """name -> config overrides of every setting."""
   central = {"federated.pooling": "central", "federated.clients_per_round": 1,
              "federated.max_examples_per_client": 0, "federated.algorithm": "fedavg",
+             "federated.server_learning_rate": 1.0,  # the server copies the client
              "federated.client_optimizer": "adam",
              "federated.client_learning_rate": 3e-3,
              "train.num_steps": _CENTRAL_EPOCHS.value}
@@ -87,17 +87,6 @@ def settings(base) -> dict[str, dict]:
       "federated.mixed.central_steps": _CENTRAL_STEPS.value,
       "federated.mixed.central_learning_rate": _CENTRAL_LR.value}
   return {k: v for k, v in out.items() if not _ONLY.value or k in _ONLY.value}
-
-
-def with_overrides(base, overrides: dict):
-  config = copy.deepcopy(base)
-  for path, value in overrides.items():
-    node = config
-    *parents, leaf = path.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
 
 
 def batch_recall_at_1(f: workflow.Federation, state, batch: int = 16) -> float:
@@ -175,7 +164,7 @@ def main(argv):
   out = _OUT.value
   workdir = _WORKDIR.value or os.path.join("runs", os.path.basename(out))
   mesh = mesh_lib.make_mesh(base.mesh)
-  rows = [run_setting(name, with_overrides(base, overrides), workdir, mesh)
+  rows = [run_setting(name, report.with_overrides(base, overrides), workdir, mesh)
           for name, overrides in settings(base).items()]
   meta = {"data": base.data.source, "device": report.device(),
           "rounds": base.train.num_steps,
