@@ -35,6 +35,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def distributed_args() -> dict:
+  """jax.distributed.initialize's arguments: none on Cloud TPU, Slurm or
+  Open MPI (it finds the cluster itself); elsewhere (e.g. several processes on
+  one machine) from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
+  JAX_PROCESS_ID. On CPU the processes' collectives run over gloo."""
+  import jax
+  names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+  if not all(os.environ.get(n) for n in names):
+    return {}
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  return {"coordinator_address": os.environ["JAX_COORDINATOR_ADDRESS"],
+          "num_processes": int(os.environ["JAX_NUM_PROCESSES"]),
+          "process_id": int(os.environ["JAX_PROCESS_ID"])}
+
+
 def run_experiment(config, workdir: str) -> dict[str, float]:
   """Dispatches to the workflow and writes `<workdir>/results.json`."""
   from infra.errors import ConfigError
@@ -44,8 +59,8 @@ def run_experiment(config, workdir: str) -> dict[str, float]:
   from infra import config_checks, workdir as workdir_lib
   config_checks.check_config(config)  # every numeric field, before any work
   import jax
-  if config.distributed:
-    jax.distributed.initialize()  # multi-host TPU / GPU: one process per host
+  if config.distributed:  # multi-host TPU / GPU: one process per host
+    jax.distributed.initialize(**distributed_args())
   from infra import mesh as mesh_lib, results as results_lib
   mesh = mesh_lib.make_mesh(config.mesh)  # fails early, in one line, if it can't fit
   print(f"[mesh] data={mesh.shape['data']} model={mesh.shape['model']} over "

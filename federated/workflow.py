@@ -193,7 +193,7 @@ def personal_models(state, dataset: clients.ClientDataset):
   if not isinstance(states, dict) or "params" not in states:
     return None
   row_of_client = {int(c): r for r, c in enumerate(dataset.client_ids)}
-  trained = np.asarray(states["trained"])
+  trained = mesh_lib.to_host(states["trained"])
 
   def client_params(client_id: int):
     row = row_of_client.get(client_id)

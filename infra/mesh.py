@@ -76,3 +76,13 @@ def check_batch_divides(batch_size: int, mesh: Mesh, field: str) -> None:
   if batch_size % data:
     raise ConfigError(f"{field}={batch_size} must be a multiple of the mesh's "
                       f"data axis ({data} devices)")
+
+
+def to_host(x) -> np.ndarray:
+  """`x` as a numpy array on every process: a global array that spans other
+  processes' devices (a multi-host batch's outputs) is gathered first."""
+  if isinstance(x, jax.Array) and not (x.is_fully_addressable
+                                       or x.is_fully_replicated):
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)

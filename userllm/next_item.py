@@ -86,7 +86,7 @@ class NextItemEvaluator:
     out = []
     for inputs, lengths, targets, excluded, real in self._batches(subset):
       batch = mesh_lib.put_batch((inputs, lengths, targets, excluded), self.mesh)
-      out.append(np.asarray(self.rank_fn(params, *batch))[:real])
+      out.append(mesh_lib.to_host(self.rank_fn(params, *batch))[:real])
     return np.concatenate(out)
 
   def fixed_score_ranks(self, scores: np.ndarray) -> np.ndarray:
