@@ -67,6 +67,8 @@ class Checkpointer:
             f"{self.workdir} was trained under another config ({'; '.join(changed)}); "
             "use a new --workdir, or put the old values back to resume")
       return
+    if jax.process_index():  # process 0 writes it for every process
+      return
     os.makedirs(self.directory, exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

@@ -45,11 +45,17 @@ class _EventFile:
 
 class MetricWriter:
   """Writes `{step, split, name: value}` rows; a resumed run first drops the rows
-  written after the step it resumes from, so the file never holds a step twice."""
+  written after the step it resumes from, so the file never holds a step twice.
+  Only process 0 writes (every process of a multi-host run has the same
+  metrics)."""
 
   def __init__(self, workdir: str, resume_step: int = 0):
-    os.makedirs(workdir, exist_ok=True)
+    import jax
+    self.primary = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
+    if not self.primary:
+      return
+    os.makedirs(workdir, exist_ok=True)
     self._drop_rows_after(resume_step)
     self.summary = _EventFile(os.path.join(workdir, "tensorboard"))
 
@@ -81,9 +87,12 @@ class MetricWriter:
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     values = {k: float(np.asarray(v)) for k, v in metrics.items()}
+    if not self.primary:
+      return
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
     self.summary.scalars(step, {f"{split}/{k}": v for k, v in values.items()})
 
   def close(self) -> None:
-    self.summary.close()
+    if self.primary:
+      self.summary.close()

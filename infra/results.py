@@ -34,10 +34,13 @@ def write_json(path: str, payload) -> None:
 
 
 def write_results(workdir: str, metrics: dict, config) -> dict[str, float]:
-  """`<workdir>/results.json`: the metrics as floats and the config that ran."""
+  """`<workdir>/results.json`: the metrics as floats and the config that ran
+  (written by process 0 only; every process returns them)."""
+  import jax
   results = {k: float(v) for k, v in metrics.items()}
-  write_json(os.path.join(workdir, "results.json"),
-             {**results, "config": config.to_dict()})
+  if jax.process_index() == 0:
+    write_json(os.path.join(workdir, "results.json"),
+               {**results, "config": config.to_dict()})
   return results
 
 

@@ -63,6 +63,9 @@ def test_two_processes_train_checkpoint_resume_and_match_one(tmp_path):
       timeout=600)
   assert single.returncode == 0, single.stderr[-3000:]
   two, one = results(tmp_path / "two"), results(tmp_path / "one")
+  rows = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
+  steps = [(r["step"], r["split"]) for r in rows]
+  assert len(steps) == len(set(steps))  # process 0 alone writes the metrics
   for key in ("out_of_sample/model/next_item/recall@10_mean",
               "in_sample/model/next_item/recall@10_mean",
               "non_participating/model/next_item/ndcg@10_mean"):
