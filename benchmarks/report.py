@@ -47,3 +47,68 @@ def with_overrides(config, overrides: dict):
       node = node[part]
     node[leaf] = value
   return config
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """The rows of `<workdir>/metrics.jsonl` (unreadable lines skipped)."""
+  import json
+  rows = []
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      try:
+        rows.append(json.loads(line))
+      except ValueError:
+        continue
+  return rows
+
+
+def curves(workdirs: list[str], out: str, max_panels: int = 8) -> str:
+  """Learning curves of one or more workdirs, overlaid: every loss of the
+  training rows and every metric of the evaluation rows, one panel each (up
+  to `max_panels`); writes `<out>.png`."""
+  series: dict[str, dict[str, tuple[list, list]]] = {}
+  for workdir in workdirs:
+    for row in read_metrics(workdir):
+      split = row["split"]
+      for name, value in row.items():
+        if name in ("step", "split"):
+          continue
+        is_eval = split not in ("train", "federated")
+        if not (is_eval or "loss" in name):
+          continue
+        xs, ys = series.setdefault(f"{split}/{name}", {}).setdefault(workdir, ([], []))
+        xs.append(row["step"])
+        ys.append(value)
+  names = sorted(series, key=lambda n: ("loss" not in n, n))[:max_panels]
+  if not names:
+    raise SystemExit(f"no losses or evaluation metrics in {workdirs}")
+  fig, axes = figure(min(len(names), 4), width=4.0, height=3.0)
+  if len(names) > 4:
+    plt.close(fig)
+    rows = -(-len(names) // 4)
+    fig, grid = plt.subplots(rows, 4, figsize=(16, 3 * rows), squeeze=False)
+    axes = list(grid.ravel())
+    for ax in axes[len(names):]:
+      ax.axis("off")
+  for ax, name in zip(axes, names):
+    for workdir, (xs, ys) in series[name].items():
+      ax.plot(xs, ys, "o-" if len(xs) < 20 else "-", ms=3,
+              color=f"C{workdirs.index(workdir) % 10}",  # one colour per workdir
+              label=os.path.basename(os.path.normpath(workdir)))
+    ax.set_title(name, fontsize=8)
+    ax.set_xlabel("step", fontsize=8)
+  handles = {os.path.basename(os.path.normpath(w)): plt.Line2D([], [], color=f"C{i % 10}")
+             for i, w in enumerate(workdirs)}
+  axes[0].legend(handles.values(), handles.keys(), fontsize=7)
+  return save(fig, out)
+
+
+if __name__ == "__main__":
+  import argparse
+  parser = argparse.ArgumentParser(
+      description="Learning curves of workdirs from their metrics.jsonl: "
+                  "python -m benchmarks.report runs/a [runs/b ...] --out curves")
+  parser.add_argument("workdirs", nargs="+")
+  parser.add_argument("--out", default="", help="default <first workdir>/curves")
+  args = parser.parse_args()
+  print(curves(args.workdirs, args.out or os.path.join(args.workdirs[0], "curves")))
