@@ -30,6 +30,7 @@ Writes `<out>.json`, `<out>.md` and `<out>.png`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 
@@ -57,6 +58,8 @@ _CENTRAL_STEPS = flags.DEFINE_integer("central_steps", 1, "Server SGD steps on t
 # client learning rate 0.5 x ~5 local steps (84 examples in batches of 16)
 _CENTRAL_LR = flags.DEFINE_float("central_learning_rate", 2.5, "Their learning rate.")
 _ONLY = flags.DEFINE_list("only", [], "Run only these settings (default: all).")
+_RENDER = flags.DEFINE_bool("render", False, "Only re-draw <out>.png and re-write "
+                            "<out>.md from <out>.json.")
 
 KEY = "out_of_sample/model/retrieval/{}_mean"
 LOSSES = {"batch softmax": {"retrieval.loss": "batch_softmax"},
@@ -144,7 +147,7 @@ def write(out: str, rows: list[dict], meta: dict) -> None:
 
 
 def plot(out: str, rows: list[dict]) -> None:
-  fig, (ax,) = report.figure(1)
+  fig, (ax,) = report.figure(1, width=8.0, height=4.0)
   names = [r["setting"] for r in rows]
   y = np.arange(len(rows))
   ax.barh(y, [r["recall@10"] for r in rows], xerr=[r["recall@10_se"] for r in rows],
@@ -153,7 +156,8 @@ def plot(out: str, rows: list[dict]) -> None:
   ax.set_yticks(y, names, fontsize=7)
   ax.invert_yaxis()
   ax.axvline(rows[0]["popularity_recall@10"], color="gray", ls="--", label="popularity")
-  ax.set(xlabel="Global Recall@10", title="centralised (blue), federated (orange), IID (green)")
+  ax.set(xlabel="Global Recall@10 (± s.e.)",
+         title="blue: centralised, orange: federated, green: IID control")
   ax.legend(fontsize=8)
   report.save(fig, out)
 
@@ -162,6 +166,11 @@ def main(argv):
   del argv
   base = _CONFIG.value
   out = _OUT.value
+  if _RENDER.value:
+    with open(out + ".json") as f:
+      saved = json.load(f)
+    write(out, saved["rows"], saved["meta"])
+    return
   workdir = _WORKDIR.value or os.path.join("runs", os.path.basename(out))
   mesh = mesh_lib.make_mesh(base.mesh)
   rows = [run_setting(name, report.with_overrides(base, overrides), workdir, mesh)
