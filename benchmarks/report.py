@@ -62,10 +62,23 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
-def curves(workdirs: list[str], out: str, max_panels: int = 8) -> str:
-  """Learning curves of one or more workdirs, overlaid: every loss of the
-  training rows and every metric of the evaluation rows, one panel each (up
-  to `max_panels`); writes `<out>.png`."""
+def metric_dirs(workdir: str) -> list[str]:
+  """The run directories of a workdir: itself when it holds metrics.jsonl,
+  else its stages that do (User-LLM writes one per stage: lm, encoder, ...)."""
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    return [workdir]
+  stages = sorted(os.path.join(workdir, d) for d in os.listdir(workdir)
+                  if os.path.exists(os.path.join(workdir, d, "metrics.jsonl")))
+  if not stages:
+    raise SystemExit(f"{workdir}: no metrics.jsonl in it or in its stages")
+  return stages
+
+
+def curves(workdirs: list[str], out: str, max_panels: int = 12) -> str:
+  """Learning curves of one or more workdirs (or their stages), overlaid:
+  every loss of the training rows and every metric of the evaluation rows,
+  one panel each (up to `max_panels`); writes `<out>.png`."""
+  workdirs = [d for w in workdirs for d in metric_dirs(w)]
   series: dict[str, dict[str, tuple[list, list]]] = {}
   for workdir in workdirs:
     for row in read_metrics(workdir):
@@ -94,13 +107,19 @@ def curves(workdirs: list[str], out: str, max_panels: int = 8) -> str:
     for workdir, (xs, ys) in series[name].items():
       ax.plot(xs, ys, "o-" if len(xs) < 20 else "-", ms=3,
               color=f"C{workdirs.index(workdir) % 10}",  # one colour per workdir
-              label=os.path.basename(os.path.normpath(workdir)))
+              label=_label(workdir))
     ax.set_title(name, fontsize=8)
     ax.set_xlabel("step", fontsize=8)
-  handles = {os.path.basename(os.path.normpath(w)): plt.Line2D([], [], color=f"C{i % 10}")
+  handles = {_label(w): plt.Line2D([], [], color=f"C{i % 10}")
              for i, w in enumerate(workdirs)}
   axes[0].legend(handles.values(), handles.keys(), fontsize=7)
   return save(fig, out)
+
+
+def _label(run_dir: str) -> str:
+  """The last two path parts of a run directory (workdir/stage)."""
+  parts = os.path.normpath(run_dir).split(os.sep)
+  return "/".join(parts[-2:])
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def settings(base) -> dict[str, dict]:
              "train.num_steps": _CENTRAL_EPOCHS.value}
   out = {}
   for loss, overrides in LOSSES.items():
-    spread = ({"retrieval.spreadout.global": _SPREADOUT.value}
+    spread = ({"retrieval.spreadout.table": _SPREADOUT.value}
               if "spreadout" in loss else {})
     out[f"{loss} / centralised"] = {**overrides, **spread, **central}
     out[f"{loss} / federated"] = {**overrides, **spread}

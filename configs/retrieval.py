@@ -6,11 +6,12 @@ Run on the embedded synthetic data, or on MovieLens-100K:
   python main.py --config configs/retrieval.py --config.data.source=movielens \\
     --config.data.dir=../shared/data/movielens-100k --workdir runs/retrieval_ml100k
 The loss: --config.retrieval.loss=batch_softmax|global_softmax|hinge, plus
-spreadouts, e.g. --config.retrieval.spreadout.label=1.0. Centralised training
+spreadouts, e.g. --config.retrieval.spreadout.table=0.1 (the global spreadout
+over the whole item table). Centralised training
 through the same round: --config.federated.pooling=central
 --config.federated.clients_per_round=1; the IID control: pooling=iid.
 The global spreadout at the server instead of on the clients (mixed FL):
---config.retrieval.spreadout.global=0 --config.federated.mixed.server_loss=
+--config.retrieval.spreadout.table=0 --config.federated.mixed.server_loss=
 global_spreadout --config.federated.mixed.weight=<lambda>.
 `configs/retrieval.py:tiny`: 64 users, 8 clients a round, 6 rounds.
 """
@@ -31,7 +32,7 @@ def get_config(arg: str = ""):
       logit_scale=10.0,  # cosine x this inside the softmaxes
       # lambda x Frobenius norm of the off-diagonal similarities, per term
       spreadout=ml_collections.ConfigDict(dict(context=0.0, label=0.0, cross=0.0,
-                                                **{"global": 0.0})),
+                                                table=0.0)),
   ))
   config.federated = common.federated(
       # FedAdam: FedAvg's server step of 1 moves the item rows far too slowly

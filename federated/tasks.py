@@ -126,7 +126,7 @@ class RetrievalTask(NextItemTask):
     whose update it sends): the items in them, or None (the whole table)
     when the loss or a spreadout reads every row."""
     dense = self.cfg.loss == "global_softmax" or any(
-        name == "global" for name, _ in self.cfg.spreadout)
+        name == "table" for name, _ in self.cfg.spreadout)
     return None if dense else int(np.count_nonzero(np.unique(examples)))
 
   def server_loss(self, name: str, weight: float):

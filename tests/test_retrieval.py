@@ -150,7 +150,7 @@ def test_a_client_reads_and_changes_only_its_own_items_rows():
   read = np.unique(examples[:count])
   assert set(changed) <= set(read[read > 0])
   assert task.rows_read(examples[:count]) == len(read[read > 0])
-  dense = tasks.from_config(tiny_retrieval(spreadout={"global": 0.1}), timelines)
+  dense = tasks.from_config(tiny_retrieval(spreadout={"table": 0.1}), timelines)
   assert dense.rows_read(examples[:count]) is None
 
 
@@ -250,7 +250,7 @@ def test_round_cost_counts_only_the_rows_a_client_reads():
   assert sparse["client_bytes_down"] == pytest.approx(expected)
   assert sparse["client_bytes_up"] < sparse["model_bytes"]
   assert sparse["client_flops"] > 0
-  config.retrieval.spreadout["global"] = 0.1  # reads every row
+  config.retrieval.spreadout.table = 0.1  # reads every row
   g = workflow.build(config, mesh)
   everything = cost.round_cost(g.task, g.client_spec, state, g.dataset)
   assert everything["client_bytes_down"] == pytest.approx(everything["model_bytes"])

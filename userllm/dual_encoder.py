@@ -19,8 +19,9 @@ times `logit_scale` inside the softmaxes):
   hinge:          max(0, 0.9 - S_ii)^2, positives only (batch-insensitive).
 Spreadout regularisers, each lambda x the Frobenius norm of the off-diagonal
 similarities (the reference code's definition), added once per batch:
-  context: C C^T;  label: L L^T;  cross: S;  global: E_n E_n^T over the whole
-  item table, computed as sqrt(||E_n^T E_n||_F^2 - (V - 1)) in O(V d^2)
+  context: C C^T;  label: L L^T;  cross: S;  table (the paper's "global"
+  spreadout; `global` is a Python keyword, so no config field can carry
+  that name): E_n E_n^T over the whole item table, computed as sqrt(||E_n^T E_n||_F^2 - (V - 1)) in O(V d^2)
   (rows are unit vectors, so the diagonal holds V - 1 ones).
 The global spreadout needs no data, so it can also be the server's loss f_c
 of mixed FL (federated/algorithms.py), computed at the server instead of on
@@ -41,7 +42,7 @@ from infra import ranking
 from infra.errors import ConfigError
 
 LOSSES = ("batch_softmax", "global_softmax", "hinge")
-SPREADOUTS = ("context", "label", "cross", "global")
+SPREADOUTS = ("context", "label", "cross", "table")
 HINGE_MARGIN = 0.9
 
 
@@ -58,7 +59,7 @@ class DualEncoderConfig:
   def from_config(cls, retrieval: ml_collections.ConfigDict, vocab: int
                   ) -> "DualEncoderConfig":
     """`config.retrieval` (embed_dim, context_len, loss, logit_scale,
-    spreadout.{context, label, cross, global}), checked field by field."""
+    spreadout.{context, label, cross, table}), checked field by field."""
     if retrieval.loss not in LOSSES:
       raise ConfigError(f"config.retrieval.loss={retrieval.loss!r} is not one of "
                         f"{LOSSES}")
@@ -181,7 +182,7 @@ def example_losses(cfg: DualEncoderConfig, context: jax.Array, label: jax.Array,
       penalty += weight * off_diagonal_norm(label @ label.T, valid)
     elif name == "cross":
       penalty += weight * off_diagonal_norm(sims, valid)
-    elif name == "global":
+    elif name == "table":
       penalty += weight * global_spreadout(table)
   return jnp.where(valid, losses + penalty, 0.0)
 
