@@ -15,21 +15,32 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 ML100K_DIR = os.path.join(REPO, "..", "shared", "data", "movielens-100k")
 
-import atexit  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# A compilation cache for this session only: workflows that rebuild the same
-# computation (a resumed run, a second method over the same stages) load it
-# instead of compiling it again. Nothing carries over between sessions.
-_CACHE_DIR = tempfile.mkdtemp(prefix="jax-cache-")
-atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+# A compilation cache for this session only, shared by the xdist workers and
+# the main.py processes the tests start (through the environment): workflows
+# that rebuild the same computation (a resumed run, the notebook's tiny runs,
+# a second method over the same stages) load it instead of compiling it
+# again. Nothing carries over between sessions: the controller removes it.
+# the controller process and its xdist workers (its children) name one dir
+_OWNER = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"userllm-jax-cache-{_OWNER}")
+os.makedirs(_CACHE_DIR, exist_ok=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session):
+  if not hasattr(session.config, "workerinput"):  # the controller, last out
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture
