@@ -59,12 +59,7 @@ MIXINGS = ("parallel", "one_way", "two_way")
 
 def settings() -> dict[str, dict]:
   """name -> config overrides."""
-  central = {"federated.pooling": "central", "federated.clients_per_round": 1,
-             "federated.max_examples_per_client": 0, "federated.algorithm": "fedavg",
-             "federated.server_learning_rate": 1.0,  # the server copies the client
-             "federated.client_optimizer": "adam",
-             "federated.client_learning_rate": 3e-3,
-             "train.num_steps": _CENTRAL_EPOCHS.value}
+  central = report.centralised(_CENTRAL_EPOCHS.value)
   split = {"federated.datacenter.users": "genre"}
   out = {"oracle": central, "FL oracle": {},
          "centralised only": {**central, **split, "federated.datacenter.swap": True},

@@ -70,12 +70,7 @@ TRAININGS = ("centralised", "federated", "iid")
 
 def settings(base) -> dict[str, dict]:
   """name -> config overrides of every setting."""
-  central = {"federated.pooling": "central", "federated.clients_per_round": 1,
-             "federated.max_examples_per_client": 0, "federated.algorithm": "fedavg",
-             "federated.server_learning_rate": 1.0,  # the server copies the client
-             "federated.client_optimizer": "adam",
-             "federated.client_learning_rate": 3e-3,
-             "train.num_steps": _CENTRAL_EPOCHS.value}
+  central = report.centralised(_CENTRAL_EPOCHS.value)
   out = {}
   for loss, overrides in LOSSES.items():
     spread = ({"retrieval.spreadout.table": _SPREADOUT.value}

