@@ -1,6 +1,9 @@
-"""Workflow `federated`: a task model (federated/tasks.py; the next-item
-transformer today) trained by a FedAvg-family algorithm over clients and
-evaluated for the participation gap.
+"""Workflow `federated`: a task model (federated/tasks.py: the next-item
+transformer or the retrieval dual encoder) trained by a FedAvg-family
+algorithm over clients, optionally with a server-side loss (mixed FL:
+`config.federated.mixed`, server data from `config.federated.datacenter`),
+and evaluated for the participation gap; results.json also gets each client's
+bytes and FLOPs per round (federated/cost.py).
 
 Clients are users (`config.federated.partition = "natural"`, one client per
 user), or groups of users synthesised by `dirichlet` (label skew on each user's
@@ -8,7 +11,9 @@ favourite genre) or `semantic` (GMM clusters of user embeddings per favourite
 genre, matched across genres). A round is `algorithms.make_round`; the shared
 train loop (`infra.train_loop.fit`) drives it, so rounds are checkpointed,
 resumed, logged and evaluated exactly like steps of centralised training
-(`config.train` is the loop's schedule, counted in rounds). With
+(`config.train` is the loop's schedule, counted in rounds).
+`config.federated.pooling` = "central" trains centrally through the same round
+(one client holding every example), "iid" deals the examples at random. With
 `config.federated.personalisation = "fellrec"` every client that trained is
 evaluated with its own model (the rest with the server's).
 """
