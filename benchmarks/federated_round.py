@@ -160,7 +160,7 @@ def _markdown(cells: list[dict], header: dict) -> str:
         + " | best vmapped / looped | vmapped GFLOP/s (% of peak) | "
         "vmapped peak RSS (MiB) | looped peak RSS (MiB) | vmapped XLA temp (MiB) "
         "| chunk8 XLA temp (MiB) |",
-        "|---" * (len(MODES) + 6) + "|"]
+        "|---" * (len(MODES) + 7) + "|"]
     for n in COHORTS:
       row = {m: by_key[(size, m, n)] for m in MODES}
       best = max(row[m]["clients_per_second"] for m in MODES if m != "looped")
