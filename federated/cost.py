@@ -21,13 +21,17 @@ from flax import linen as nn
 from federated import algorithms
 
 
+def _bytes(tree) -> int:
+  return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
 def _item_table(params):
   return params.get("item_embed", {}).get("embedding") if isinstance(params, dict) else None
 
 
 def client_bytes(task, params, dataset) -> np.ndarray:
   """[clients] bytes each client of `dataset` downloads (= uploads) a round."""
-  total = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
+  total = _bytes(params)
   table = _item_table(params)
   if table is None:
     return np.full(len(dataset), float(total))
@@ -57,7 +61,6 @@ def round_cost(task, client_spec, state, dataset) -> dict[str, float]:
   per_client = client_bytes(task, params, dataset)
   return {"client_bytes_down": float(per_client.mean()),
           "client_bytes_up": float(per_client.mean()),
-          "model_bytes": float(sum(x.size * x.dtype.itemsize
-                                   for x in jax.tree.leaves(params))),
+          "model_bytes": float(_bytes(params)),
           "client_flops": client_flops(task, client_spec, params, client_state,
                                        dataset)}

@@ -29,6 +29,7 @@ class NextItemTask:
 
   name = next_item.TASK
   metrics = ("recall@10", "ndcg@10")
+  server_losses = ("none", "datacenter")  # what config.federated.mixed may name
 
   def __init__(self, config, timelines: tl.UserTimelines):
     self.max_len = config.data.max_len
@@ -90,8 +91,6 @@ class NextItemTask:
       return weight * jnp.mean(example_loss(params, server_batch, rng))
 
     return loss
-
-  server_losses = ("none", "datacenter")
 
 
 class RetrievalTask(NextItemTask):
