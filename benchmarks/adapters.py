@@ -45,6 +45,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/multitask.py",
                                           "The multi-task experiment config.")
 _OUT = flags.DEFINE_string("out", None, "Path prefix of the .json and .md outputs.")
 _WORKDIR = flags.DEFINE_string("workdir", "", "Shared workdir (default runs/<out name>).")
+_RENDER = flags.DEFINE_bool("render", False, "Only re-draw <out>.png and re-write "
+                            "<out>.md from <out>.json.")
 _KINDS = flags.DEFINE_list("kinds", list(KINDS), "Adapter kinds, each <kind> or "
                            "<kind>+<router>.")
 
@@ -158,12 +160,35 @@ def write(out: str, rows: list[dict], meta: dict) -> None:
             f"`{meta['command']}`.", ""] + results_lib.markdown_table(header, cells)
            + ["", standard_error_note(rows, tasks, meta["eval_users"])])
   results_lib.write_report(out, {"meta": meta, "rows": rows}, lines)
+  plot(out, rows, tasks, meta)
+
+
+def plot(out: str, rows: list[dict], tasks, meta: dict) -> None:
+  """Grouped bars: every task's headline metric (and the average) per adapter."""
+  from benchmarks import report
+  metrics = [f"{t}/{evaluation.HEADLINE[t]}" for t in tasks] + ["average"]
+  fig, (ax,) = report.figure(1, width=max(6.0, 1.1 * len(metrics)))
+  width = 0.8 / max(len(rows), 1)
+  for i, row in enumerate(rows):
+    ax.bar([m + (i - (len(rows) - 1) / 2) * width for m in range(len(metrics))],
+           [row.get(k, float("nan")) for k in metrics], width, label=row["kind"])
+  ax.set_xticks(range(len(metrics)),
+                [k.replace("/", "\n") for k in metrics], fontsize=7)
+  ax.set(ylabel="score (higher is better)",
+         title=f"multi-task adapters, {meta['data']} data")
+  ax.legend(fontsize=7, ncol=2)
+  report.save(fig, out)
 
 
 def main(argv):
   del argv
   base = _CONFIG.value
   out = _OUT.value
+  if _RENDER.value:
+    with open(out + ".json") as f:
+      saved = json.load(f)
+    write(out, saved["rows"], saved["meta"])
+    return
   workdir = _WORKDIR.value or os.path.join("runs", os.path.basename(out))
   mesh = mesh_lib.make_mesh(base.mesh)
   configs = {kind: config_for(base, kind, first=i == 0)

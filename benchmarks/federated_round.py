@@ -1,20 +1,28 @@
 """Round throughput and memory: the vmapped round (whole cohort, or in chunks)
-vs a Python loop over clients, against the machine's measured matmul peak.
+vs a Python loop over clients and vs Flower, against the machine's measured
+matmul peak and memory bandwidth.
 
-  python -m benchmarks.federated_round --out benchmarks/federated_round
+  python -m benchmarks.federated_round --out benchmarks/federated_round \
+      --flower_python=.venv-flower/bin/python
 
-Both rounds train the foundation's next-item transformer (a small config) with
-the same client update, aggregation and server step (`federated/algorithms.py`);
-they differ only in how clients are mapped: one jitted `vmap` over the cohort,
-or a Python loop calling the jitted single-client update once per client, as
-frameworks that simulate clients one at a time do; `chunkN` is the vmapped
-round trained N clients at a time (`config.federated.client_chunk`, lax.map
-over vmapped chunks). Each (mode, clients) cell runs in a fresh process so its
-peak RSS is its own. FLOPs per round are XLA's cost analysis of the compiled
-round; the peak is a float32 GEMM microbenchmark in the same run, so "% of
-peak" says how far the round is from what this CPU's matmul reaches. Writes
-`<out>.json`, `<out>.md` and `<out>.png`. A throughput microbenchmark of one round at fixed model sizes, so
-it takes no experiment config: the sizes below are the experiment.
+All modes train the foundation's next-item transformer (two small sizes) with
+the same jitted client update and FedAvg (server SGD at learning rate 1 on the
+mean delta, i.e. the clients' mean parameters); they differ only in how clients
+are mapped: `vmapped` is one jitted `vmap` over the cohort; `chunkN` the same
+trained N clients at a time (`config.federated.client_chunk`, lax.map over
+vmapped chunks); `looped` a Python loop calling the jitted single-client update
+once per client, as simulators that loop over clients do; `flower` Flower's
+simulation engine running that update in Ray actors (benchmarks/flower_peer.py,
+its own environment: requirements-peers.txt; left out without
+--flower_python). Each (mode, clients) cell runs in a fresh process, so its
+peak RSS is its own, times 5 rounds after a compile round, and saves its final
+server model; every mode's is compared with the vmapped one's.
+
+FLOPs per client come from XLA's cost analysis of one local step (the round's
+loops cannot be costed whole, see `client_cost`), checked against an analytic
+count. The peak is a float32 GEMM and the bandwidth a jitted axpy, measured in
+the same run. Writes `<out>.json`, `<out>.md` and `<out>.png`. A throughput
+microbenchmark at fixed model sizes, so it takes no experiment config.
 """
 
 from __future__ import annotations
@@ -34,11 +42,19 @@ from absl import app, flags
 _OUT = flags.DEFINE_string("out", "benchmarks/federated_round",
                            "Path prefix of the .json and .md outputs.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds per cell.")
+_COHORTS = flags.DEFINE_list("cohorts", ["16", "64", "256", "1024"],
+                             "Clients per round, one row each.")
 _CELL = flags.DEFINE_string("cell", "", "Internal: size:mode:clients, one cell in "
                             "this process.")
+_PARAMS_OUT = flags.DEFINE_string("params_out", "", "Internal: where a cell saves "
+                                  "its final server parameters (.npz).")
+_FLOWER_PYTHON = flags.DEFINE_string(
+    "flower_python", "", "Python of the environment made from "
+    "requirements-peers.txt; when set, every (size, clients) also runs in Flower "
+    "(benchmarks/flower_peer.py) and its server model is checked against ours.")
 
 MODES = ("vmapped", "chunk8", "chunk32", "looped")
-COHORTS = (16, 64, 256, 1024)
+DEFAULT_MODE = "chunk8"  # what client_chunk=-1 (auto) picks on one CPU device
 # Two sizes of the next-item transformer: "small" is compute-bound per client on
 # CPU, "tiny" (a few thousand parameters) shows the per-client dispatch overhead.
 SIZES = {
@@ -49,7 +65,7 @@ SIZES = {
 }
 
 
-def _setup(size: str, num_clients: int, seed: int = 0):
+def setup(size: str, num_clients: int, seed: int = 0):
   """(state, cohort, example_loss, client, server) for the benchmark model."""
   import jax
   import jax.numpy as jnp
@@ -68,7 +84,7 @@ def _setup(size: str, num_clients: int, seed: int = 0):
       jax.random.PRNGKey(seed), jnp.zeros((1, max_len), jnp.int32))["params"]))()
   client = algorithms.ClientSpec(optax.sgd(0.1), local_epochs=1,
                                  batch_size=spec["batch"])
-  server = algorithms.ServerSpec(optax.adam(1e-2))
+  server = algorithms.ServerSpec(optax.sgd(1.0))  # FedAvg, as Flower's
   state = algorithms.init_server_state(params, client, server,
                                       jax.random.PRNGKey(seed), num_clients)
   rng = np.random.default_rng(seed)
@@ -83,23 +99,22 @@ def _setup(size: str, num_clients: int, seed: int = 0):
   return state, cohort, example_loss, client, server, num_params
 
 
-def measure_cell(size: str, mode: str, num_clients: int, rounds: int) -> dict:
-  """Times `rounds` rounds after one warm-up (compile) round, in this process."""
+def measure_cell(size: str, mode: str, num_clients: int, rounds: int,
+                 params_out: str = "") -> dict:
+  """Times `rounds` rounds after one warm-up (compile) round, in this process;
+  saves the final server parameters (leaves in tree order) to `params_out`."""
   import jax
+  import numpy as np
   from federated import algorithms
 
-  state, cohort, example_loss, client, server, num_params = _setup(size,
+  state, cohort, example_loss, client, server, num_params = setup(size,
                                                                    num_clients)
-  flops = float("nan")
   if mode != "looped":
     chunk = int(mode[len("chunk"):]) if mode.startswith("chunk") else 0
     round_fn = jax.jit(algorithms.make_round(example_loss, client, server,
                                              client_chunk=min(chunk, num_clients)))
     compiled = round_fn.lower(state, cohort).compile()
     xla_temp = compiled.memory_analysis().temp_size_in_bytes
-    cost = compiled.cost_analysis()
-    flops = float((cost[0] if isinstance(cost, (list, tuple)) else cost).get(
-        "flops", float("nan")))
   else:
     round_fn = algorithms.make_looped_round(example_loss, client, server)
     one = jax.jit(algorithms.make_client_update(example_loss, client))
@@ -115,13 +130,49 @@ def measure_cell(size: str, mode: str, num_clients: int, rounds: int) -> dict:
     state, metrics = round_fn(state, cohort)
   jax.block_until_ready((state, metrics))
   seconds = (time.perf_counter() - began) / rounds
+  if params_out:
+    np.savez(params_out, *[np.asarray(x) for x in jax.tree.leaves(state.params)])
   return {"size": size, "mode": mode, "clients": num_clients, "rounds_timed": rounds,
           "round_seconds": seconds, "clients_per_second": num_clients / seconds,
           "first_round_seconds": first_round,
           "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
           "xla_temp_mib": xla_temp / 2**20, "num_params": num_params,
-          "round_flops": flops, "gflops_per_second": flops / seconds / 1e9,
           "client_loss": float(metrics["client_loss"])}
+
+
+def _xla_cost(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  return cost[0] if isinstance(cost, (list, tuple)) else cost
+
+
+def client_cost(size: str) -> dict:
+  """FLOPs and bytes of one client's round: its local steps x one step's.
+
+  XLA's cost analysis counts a while loop's body once (not times its trip
+  count), so the compiled round, whose local steps and chunks are loops, cannot
+  be costed whole; one local step (value_and_grad of the batch loss, no loop)
+  can. The analytic count of the same step checks it: 3x the forward pass's
+  matmul FLOPs (forward, and backward's two matmuls per forward one), per
+  layer 8 L d^2 (q, k, v, out) + 4 L^2 d (scores, weighted values) + 4 L d m
+  (MLP), plus 2 L d V for the item logits, over `batch` windows of L = max_len.
+  """
+  import jax
+  import jax.numpy as jnp
+  state, cohort, example_loss, client, _, _ = setup(size, 1)
+  spec, model = SIZES[size], SIZES[size]["model"]
+  batch = cohort["examples"][0][:spec["batch"]]
+  step = jax.jit(jax.value_and_grad(
+      lambda p: jnp.mean(example_loss(p, batch, jax.random.PRNGKey(0)))))
+  cost = _xla_cost(step.lower(state.params).compile())
+  steps = -(-spec["examples"] // spec["batch"])
+  length, d, m = spec["max_len"], model["embed_dim"], model["mlp_dim"]
+  vocab = state.params["item_embed"]["embedding"].shape[0]
+  forward = spec["batch"] * (model["num_layers"] * (
+      8 * length * d * d + 4 * length * length * d + 4 * length * d * m)
+                             + 2 * length * d * vocab)
+  return {"steps": steps, "xla_flops": steps * float(cost["flops"]),
+          "xla_bytes": steps * float(cost["bytes accessed"]),
+          "analytic_flops": steps * 3 * forward}
 
 
 def gemm_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
@@ -142,74 +193,168 @@ def gemm_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
 
 def _markdown(cells: list[dict], header: dict) -> str:
   by_key = {(c["size"], c["mode"], c["clients"]): c for c in cells}
+  modes = header["modes"]
+  flower = "flower" in modes
   lines = [
       f"Federated round throughput on {header['device']} "
       f"({header['cpu_count']} CPU cores), jax {header['jax']}. Command: "
-      f"`{header['command']}`. Measured float32 matmul peak (1024 x 1024, "
-      f"jitted): {header['gemm_gflops']:.1f} GFLOP/s.", ""]
+      f"`{header['command']}`. Measured in the same run: float32 matmul peak "
+      f"(1024 x 1024, jitted) {header['gemm_gflops']:.1f} GFLOP/s; memory "
+      f"bandwidth (jitted 2x + 1) {header['cache_stream_gbs']:.1f} GB/s over 8 MiB "
+      f"(cache-resident), {header['stream_gbs']:.1f} GB/s over 256 MiB (DRAM). "
+      f"`{DEFAULT_MODE}` is the default on one CPU (client_chunk auto). GFLOP/s = "
+      "clients x a client's FLOPs (XLA's cost analysis of one local step x its "
+      "steps) / round time; roofline = min(peak, bandwidth x the step's FLOPs / "
+      "bytes accessed).", ""]
   for size, spec in SIZES.items():
     model = spec["model"]
     params = next(c["num_params"] for c in cells if c["size"] == size)
+    cost, roof = header["client_cost"][size], header["roofline_gflops"][size]
+    ratios = ["looped"] + (["flower"] if flower else [])
     lines += [
         f"**{size}** model: next-item transformer, {params:,} parameters (width "
         f"{model['embed_dim']}, {model['num_layers']} layer, {spec['num_items']} "
         f"items, length {spec['max_len']}); each client {spec['examples']} "
         f"examples, batch {spec['batch']}, 1 local epoch "
-        f"({-(-spec['examples'] // spec['batch'])} local steps).", "",
-        "| clients / round | " + " | ".join(f"{m} clients/s" for m in MODES)
-        + " | best vmapped / looped | vmapped GFLOP/s (% of peak) | "
-        "vmapped peak RSS (MiB) | looped peak RSS (MiB) | vmapped XLA temp (MiB) "
-        "| chunk8 XLA temp (MiB) |",
-        "|---" * (len(MODES) + 7) + "|"]
-    for n in COHORTS:
-      row = {m: by_key[(size, m, n)] for m in MODES}
-      best = max(row[m]["clients_per_second"] for m in MODES if m != "looped")
-      v = row["vmapped"]
+        f"({-(-spec['examples'] // spec['batch'])} local steps). FLOPs per "
+        f"client: {cost['xla_flops'] / 1e6:.2f} M (XLA), "
+        f"{cost['analytic_flops'] / 1e6:.2f} M (analytic matmuls); "
+        f"{cost['xla_flops'] / cost['xla_bytes']:.2f} FLOP / byte; roofline "
+        f"{roof['cache_stream_gbs']:.0f} GFLOP/s from cache, "
+        f"{roof['stream_gbs']:.0f} from DRAM.", "",
+        "| clients / round | " + " | ".join(f"{m} clients/s" for m in modes)
+        + "".join(f" | {DEFAULT_MODE} / {r}" for r in ratios)
+        + f" | {DEFAULT_MODE} GFLOP/s | % of peak | % of cache roofline | "
+        "% of DRAM roofline | peak RSS MiB ("
+        + ", ".join(modes) + ") | vmapped / chunk8 XLA temp (MiB) |"
+        + (" max abs(Flower - vmapped) params |" if flower else ""),
+        "|---" * (len(modes) + len(ratios) + 7 + flower) + "|"]
+    for n in header["cohorts"]:
+      row = {m: by_key[(size, m, n)] for m in modes}
+      ours = row[DEFAULT_MODE]
       lines.append(
-          f"| {n} | " + " | ".join(f"{row[m]['clients_per_second']:.0f}" for m in MODES)
-          + f" | {best / row['looped']['clients_per_second']:.1f}x | "
-          f"{v['gflops_per_second']:.2f} "
-          f"({100 * v['gflops_per_second'] / header['gemm_gflops']:.0f}%) | "
-          f"{v['peak_rss_mib']:.0f} | {row['looped']['peak_rss_mib']:.0f} | "
-          f"{v['xla_temp_mib']:.1f} | {row['chunk8']['xla_temp_mib']:.1f} |")
+          f"| {n} | " + " | ".join(f"{row[m]['clients_per_second']:.0f}" for m in modes)
+          + "".join(f" | {ours['clients_per_second'] / row[r]['clients_per_second']:.1f}x"
+                    for r in ratios)
+          + f" | {ours['gflops_per_second']:.1f} | "
+          f"{100 * ours['gflops_per_second'] / header['gemm_gflops']:.0f}% | "
+          f"{100 * ours['gflops_per_second'] / roof['cache_stream_gbs']:.0f}% | "
+          f"{100 * ours['gflops_per_second'] / roof['stream_gbs']:.0f}% | "
+          + " / ".join(f"{row[m]['peak_rss_mib']:.0f}" for m in modes)
+          + f" | {row['vmapped']['xla_temp_mib']:.1f} / "
+          f"{row['chunk8']['xla_temp_mib']:.1f} |"
+          + (f" {row['flower']['max_param_diff_vs_vmapped']:.1e} |" if flower else ""))
     lines.append("")
   return "\n".join(lines)
+
+
+def stream_bandwidth_gbs(mib: int = 256, repeats: int = 10) -> float:
+  """GB/s of a jitted `2x + 1` over a float32 array of `mib` MiB (read + write),
+  the best of `repeats` timed calls: the memory side of the roofline."""
+  import jax
+  import jax.numpy as jnp
+  x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
+  axpy = jax.jit(lambda v: 2.0 * v + 1.0)
+  axpy(x).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    began = time.perf_counter()
+    axpy(x).block_until_ready()
+    best = min(best, time.perf_counter() - began)
+  return 2 * x.size * 4 / best / 1e9
+
+
+def _run_cell(repo: str, size: str, mode: str, n: int, params_out: str) -> dict:
+  """One cell in a fresh process (so its peak RSS is its own)."""
+  if mode == "flower":
+    command = [_FLOWER_PYTHON.value, "-m", "benchmarks.flower_peer", f"--size={size}",
+               f"--clients={n}", f"--rounds={_ROUNDS.value}"]
+  else:
+    command = [sys.executable, "-m", "benchmarks.federated_round",
+               f"--cell={size}:{mode}:{n}", f"--rounds={_ROUNDS.value}"]
+  command.append(f"--params_out={params_out}")
+  env = {**os.environ, "PYTHONPATH": repo}
+  out = subprocess.run(command, capture_output=True, text=True, cwd=repo, env=env)
+  if out.returncode:
+    raise RuntimeError(f"{size}/{mode}/{n} failed:\n{out.stderr[-3000:]}")
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _max_param_difference(a_path: str, b_path: str) -> float:
+  """max |a - b| over every parameter of two saved server models."""
+  import numpy as np
+  with np.load(a_path) as a, np.load(b_path) as b:
+    if sorted(a.files) != sorted(b.files):
+      raise ValueError(f"{a_path} and {b_path} hold different parameter lists")
+    return max(float(np.max(np.abs(a[k] - b[k]))) for k in a.files)
 
 
 def main(argv) -> None:
   del argv
   if _CELL.value:
     size, mode, clients = _CELL.value.split(":")
-    print(json.dumps(measure_cell(size, mode, int(clients), _ROUNDS.value)))
+    print(json.dumps(measure_cell(size, mode, int(clients), _ROUNDS.value,
+                                  _PARAMS_OUT.value)))
     return
+  import tempfile
+  cohorts = [int(n) for n in _COHORTS.value]
+  modes = MODES + (("flower",) if _FLOWER_PYTHON.value else ())
   cells = []
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  for size, n, mode in itertools.product(SIZES, COHORTS, MODES):
-    out = subprocess.run([sys.executable, "-m", "benchmarks.federated_round",
-                          f"--cell={size}:{mode}:{n}", f"--rounds={_ROUNDS.value}"],
-                         capture_output=True, text=True, check=True, cwd=repo)
-    cell = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"{size:5s} {mode:8s} {n:4d} clients: {cell['clients_per_second']:8.1f} "
-          f"clients/s, peak RSS {cell['peak_rss_mib']:.0f} MiB", flush=True)
-    cells.append(cell)
+  with tempfile.TemporaryDirectory() as scratch:
+    for size, n in itertools.product(SIZES, cohorts):
+      for mode in modes:
+        saved = os.path.join(scratch, f"{size}-{n}-{mode}.npz")
+        cell = _run_cell(repo, size, mode, n, saved)
+        if mode != "vmapped":
+          cell["max_param_diff_vs_vmapped"] = _max_param_difference(
+              saved, os.path.join(scratch, f"{size}-{n}-vmapped.npz"))
+        print(f"{size:5s} {mode:8s} {n:4d} clients: "
+              f"{cell['clients_per_second']:8.1f} clients/s, peak RSS "
+              f"{cell['peak_rss_mib']:.0f} MiB, max |params - vmapped| "
+              f"{cell.get('max_param_diff_vs_vmapped', 0.0):.1e}", flush=True)
+        cells.append(cell)
   import jax
   from infra import results as results_lib
+  command = "python -m benchmarks.federated_round --out " + _OUT.value
+  if _FLOWER_PYTHON.value:
+    command += " --flower_python=" + _FLOWER_PYTHON.value
+  if cohorts != [16, 64, 256, 1024]:
+    command += " --cohorts=" + ",".join(map(str, cohorts))
   header = {"device": jax.devices()[0].device_kind, "jax": jax.__version__,
             "gemm_gflops": gemm_peak_gflops(),
+            "stream_gbs": stream_bandwidth_gbs(256),
+            "cache_stream_gbs": stream_bandwidth_gbs(8, repeats=50),
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "command": "python -m benchmarks.federated_round --out " + _OUT.value}
+            "command": command, "modes": list(modes), "cohorts": cohorts}
+  header["client_cost"] = {size: client_cost(size) for size in SIZES}
+  for cell in cells:
+    cost = header["client_cost"][cell["size"]]
+    cell["gflops_per_second"] = (cell["clients"] * cost["xla_flops"]
+                                 / cell["round_seconds"] / 1e9)
+  header["roofline_gflops"] = {
+      size: {memory: roofline_gflops(cost, header, header[memory])
+             for memory in ("cache_stream_gbs", "stream_gbs")}
+      for size, cost in header["client_cost"].items()}
   markdown = _markdown(cells, header)
   results_lib.write_report(_OUT.value, {**header, "cells": cells},
                            markdown.splitlines())
-  plot(_OUT.value, cells)
+  plot(_OUT.value, cells, modes)
   print(markdown)
 
 
-def plot(out: str, cells: list[dict]) -> None:
+def roofline_gflops(cost: dict, header: dict, bandwidth_gbs: float) -> float:
+  """A client step's attainable GFLOP/s: min(matmul peak, bandwidth x its
+  arithmetic intensity, XLA's FLOPs over its bytes accessed)."""
+  return min(header["gemm_gflops"],
+             bandwidth_gbs * cost["xla_flops"] / cost["xla_bytes"])
+
+
+def plot(out: str, cells: list[dict], modes=MODES) -> None:
   from benchmarks import report
   fig, axes = report.figure(len(SIZES))
   for ax, size in zip(axes, SIZES):
-    for mode in MODES:
+    for mode in modes:
       rows = sorted((c for c in cells if c["size"] == size and c["mode"] == mode),
                     key=lambda c: c["clients"])
       ax.plot([c["clients"] for c in rows], [c["clients_per_second"] for c in rows],

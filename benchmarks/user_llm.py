@@ -56,6 +56,8 @@ _WORKDIR = flags.DEFINE_string("workdir", "runs/user_llm_benchmark",
 _HISTORIES = flags.DEFINE_list("histories", ["50", "100", "200", "500"],
                                "History lengths H.")
 _METHODS = flags.DEFINE_list("methods", list(METHODS), "Methods to compare.")
+_RENDER = flags.DEFINE_bool("render", False, "Only re-draw <out>.png and re-write "
+                            "<out>.md from <out>.json.")
 _EFFICIENCY_ONLY = flags.DEFINE_bool("efficiency_only", False,
                                      "Tokens, FLOPs and step time only.")
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per cell.")
@@ -208,10 +210,40 @@ def write(out: str, rows: list[dict], meta: dict) -> None:
             f"{rows[0]['batch_size'] if rows else '-'}.", ""]
            + results_lib.markdown_table(header, cells) + [""] + ratios)
   results_lib.write_report(out, {"meta": meta, "rows": rows}, lines)
+  plot(out, rows)
+
+
+def plot(out: str, rows: list[dict]) -> None:
+  """Per method against H: total forward GFLOPs (LLM + user encoder), and the
+  quality columns the rows hold (efficiency-only rows have none)."""
+  from benchmarks import report
+  panels = [("total GFLOPs / example", lambda r: (r["llm_flops_xla"]
+                                                  + r["user_flops_xla"]) / 1e9)]
+  for key, label in ((QUALITY_KEYS[2], "next-title Recall@10"),
+                     (QUALITY_KEYS[3], "favourite-genre accuracy")):
+    if any(key in r for r in rows):
+      panels.append((label, lambda r, key=key: r.get(key, float("nan"))))
+  fig, axes = report.figure(len(panels), width=4.2)
+  for ax, (label, value) in zip(axes, panels):
+    for method in dict.fromkeys(r["method"] for r in rows):
+      mine = sorted((r for r in rows if r["method"] == method),
+                    key=lambda r: r["history"])
+      ax.plot([r["history"] for r in mine], [value(r) for r in mine], "o-",
+              label=method)
+    ax.set(xlabel="history length H (events)", ylabel=label)
+    if label.startswith("total"):
+      ax.set_yscale("log")
+  axes[0].legend(fontsize=8)
+  report.save(fig, out)
 
 
 def main(argv):
   del argv
+  if _RENDER.value:
+    with open(_OUT.value + ".json") as f:
+      saved = json.load(f)
+    write(_OUT.value, saved["rows"], saved["meta"])
+    return
   histories = [int(h) for h in _HISTORIES.value]
   config = long_histories(_CONFIG.value, max(histories))
   mesh = mesh_lib.make_mesh(config.mesh)

@@ -121,8 +121,9 @@ def federated(tiny: bool, **overrides) -> ml_collections.ConfigDict:
       max_examples_per_client=0,  # 0 = no cap on windows per client
       # Clients trained this many at a time (lax.map over vmapped chunks, so
       # a chunk's activations stay in cache on CPU); 0 = the whole cohort in
-      # one vmap. The round's result is the same.
-      client_chunk=0,
+      # one vmap; -1 = auto (8 on a one-device CPU, else 0; see
+      # federated/workflow.resolve_client_chunk). The round's result is the same.
+      client_chunk=-1,
       # Local training.
       local_epochs=1,
       client_batch_size=2 if tiny else 4,

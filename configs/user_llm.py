@@ -38,9 +38,13 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       embed_dim=32 if tiny else 128, num_layers=2, num_heads=2 if tiny else 4,
       num_kv_heads=1, head_dim=16 if tiny else 32, mlp_dim=64 if tiny else 512,
       rope_max_wavelength=10_000,
+      # gemma1 | gemma2 | gemma3: the family's switches (llm.gemma_family) for
+      # an LM trained here; a checkpoint's own family wins
+      family="gemma1",
       cross_attention_every=1,  # used by method=cross_attention only
       dtype="float32",
-      checkpoint="",  # an official Gemma (v1) Flax checkpoint dir: skip LM pretraining
+      checkpoint="",  # an official Gemma 1/2/3 Flax checkpoint dir: skip LM pretraining
+      drop_vision=False,  # Gemma 3 4B+: load the text model without its vision tower
       tokenizer=""))  # its tokenizer.model (or any SentencePiece model)
   config.encoder = common.sequence_model(tiny)
   config.encoder.fusion = "early"  # or "late"

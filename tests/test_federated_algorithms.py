@@ -372,3 +372,20 @@ def test_chunked_round_equals_the_vmapped_round(chunk):
       make_state(server, client=client), rounds=2)
   with pytest.raises(ValueError, match="client_chunk=-1"):
     algorithms.make_round(linear_losses, client, server, client_chunk=-1)
+
+
+def test_client_chunk_auto_chunks_on_one_cpu_and_vmaps_across_devices():
+  """-1 picks the measured CPU chunk on one CPU device and the whole-cohort vmap
+  on a mesh of several; explicit values pass through; below -1 is refused."""
+  import ml_collections
+  from federated import workflow
+  from infra.errors import ConfigError
+  one = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "model": 1}),
+                           jax.devices()[:1])
+  eight = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
+  assert workflow.resolve_client_chunk(-1, one) == workflow.CPU_CLIENT_CHUNK
+  assert workflow.resolve_client_chunk(-1, eight) == 0
+  assert workflow.resolve_client_chunk(0, one) == 0
+  assert workflow.resolve_client_chunk(32, eight) == 32
+  with pytest.raises(ConfigError, match="client_chunk=-2"):
+    workflow.resolve_client_chunk(-2, one)

@@ -86,8 +86,14 @@ def llm_config(config, vocab_size: int, method: str,
   """config.llm (shape from `base`, a loaded Gemma's config, when given) with
   cross-attention for `method` and the adapters of config.adapter."""
   fields = dict(config.llm)
-  for key in ("checkpoint", "tokenizer"):
-    fields.pop(key)
+  for key in ("checkpoint", "tokenizer", "drop_vision"):
+    fields.pop(key, None)
+  family = fields.pop("family", "gemma1")
+  try:
+    fields.update(llm_lib.gemma_family(family, fields["embed_dim"],
+                                       fields["num_heads"], fields["head_dim"]))
+  except ValueError as e:
+    raise ConfigError(f"config.llm.family: {e}") from None
   fields["cross_attention_every"] = (fields["cross_attention_every"]
                                      if method == "cross_attention" else 0)
   try:

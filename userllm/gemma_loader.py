@@ -1,5 +1,5 @@
-"""Loads an official Gemma (v1) Flax checkpoint into `userllm.llm.DecoderLM`,
-and exports ours in the layout Google released.
+"""Loads an official Gemma 1, 2 or 3 (text) Flax checkpoint into
+`userllm.llm.DecoderLM`, and exports ours in the layout Google released.
 
 Two layouts load:
 - the released one (what `gemma.gm.ckpts.save_params` writes and
@@ -16,8 +16,15 @@ checkpoints such as 7B) into `q_einsum` and `kv_einsum`, and pad the embedding
 rows to the model's padded vocabulary. The config (width, depth, heads, MLP
 width) is read off the parameter shapes.
 
-Every key is either mapped or an error naming it: Gemma 2 / 3 parameters
-(post-norms, QK-norm scales) are refused by name, never dropped silently.
+The family is read off the keys: post-norms (`post_attention_norm`,
+`post_ffw_norm`) make Gemma 2, and with QK-norm scales (`attn/_query_norm`,
+`attn/_key_norm`) Gemma 3, whose MLP gating is stored transposed ([2, mlp,
+embed]). A checkpoint does not hold the family's other settings (soft-caps,
+sliding windows, RoPE bases), so they come from `llm.gemma_family`.
+
+Every key is either mapped or an error naming it. Gemma 3's vision tower
+(`SigLiPFromPatches_0/...` and the embedder's `mm_*` projection) is an error too
+unless `drop_vision=True` (`config.llm.drop_vision`): User-LLM reads text.
 
 `save_checkpoint` writes our parameters in the released layout: the tests use
 it to make tiny checkpoints, and it exports a fine-tuned LM.
@@ -32,11 +39,14 @@ import orbax.checkpoint as ocp
 
 from userllm import llm
 
-# the parameters a Gemma v1 layer holds: path inside the layer -> optional
+# the parameters a Gemma layer may hold (paths inside the layer)
 _LAYER_PARAMS = ("pre_attention_norm/scale", "pre_ffw_norm/scale",
                  "attn/q_einsum", "attn/kv_einsum", "attn/qkv_einsum",
                  "attn/attn_vec_einsum", "mlp/gating_einsum", "mlp/linear")
-_GEMMA_2_3 = ("post_attention_norm", "post_ffw_norm", "_query_norm", "_key_norm")
+_POST_NORMS = ("post_attention_norm/scale", "post_ffw_norm/scale")  # Gemma 2, 3
+_QK_NORMS = ("attn/_query_norm/scale", "attn/_key_norm/scale")  # Gemma 3
+_VISION_ROOTS = ("SigLiPFromPatches_0", "vision_encoder")  # released, nested
+_VISION_EMBEDDER = ("mm_input_projection", "mm_soft_embedding_norm")
 
 
 def _nest(flat: dict) -> dict:
@@ -76,37 +86,40 @@ def _get(tree: dict, path: str):
   return None if node is None else np.asarray(node)
 
 
-def convert(gemma_params: dict, vocab_size: int | None = None
-            ) -> tuple[llm.LLMConfig, dict]:
-  """Gemma v1 parameters (released flat or library nested) -> (LLMConfig,
+def convert(gemma_params: dict, vocab_size: int | None = None,
+            drop_vision: bool = False) -> tuple[llm.LLMConfig, dict]:
+  """Gemma 1/2/3 parameters (released flat or library nested) -> (LLMConfig,
   our params). `vocab_size` defaults to the checkpoint's embedding rows. A
   key the conversion does not use is a ValueError naming it."""
   tree = _nest(dict(gemma_params))
+  vision = sorted(k for k in tree if k in _VISION_ROOTS)
   if "transformer" in tree:  # the released layout's root
-    others = sorted(set(tree) - {"transformer"})
+    others = sorted(set(tree) - {"transformer"} - set(vision))
     if others:
       raise ValueError(f"Gemma checkpoint has parameters this loader does not "
-                       f"map: {others} beside transformer/ (a multimodal "
-                       "checkpoint? only the text model is supported)")
+                       f"map: {others} beside transformer/")
     tree = tree["transformer"]
+  tree = _without_vision(tree, vision, drop_vision)
   layer_names = sorted((k for k in tree if k.startswith("layer_")),
                        key=lambda k: int(k.split("_")[1]))
   if not layer_names or "embedder" not in tree or "final_norm" not in tree:
     raise ValueError("not a Gemma checkpoint: expected transformer/embedder, "
                      f"transformer/layer_N and transformer/final_norm, found "
                      f"{sorted(tree)}")
-  _check_every_key_is_known(tree, layer_names)
+  family = _family(tree[layer_names[0]])
+  _check_every_key_is_known(tree, layer_names, family)
   embedding = _get(tree, "embedder/input_embedding")
   params = {"embedder": {}, "final_norm": {"scale": _get(tree, "final_norm/scale")}}
   for name in layer_names:
-    params[name] = _convert_layer(tree[name], f"transformer/{name}")
+    params[name] = _convert_layer(tree[name], f"transformer/{name}", family)
   first = params[layer_names[0]]
   num_heads, embed_dim, head_dim = first["attn"]["q_einsum"].shape
   config = llm.LLMConfig(
       vocab_size=vocab_size or embedding.shape[0], embed_dim=embed_dim,
       num_layers=len(layer_names), num_heads=num_heads,
       num_kv_heads=first["attn"]["kv_einsum"].shape[1], head_dim=head_dim,
-      mlp_dim=first["mlp"]["linear"].shape[0]).validate()
+      mlp_dim=first["mlp"]["linear"].shape[0],
+      **llm.gemma_family(family, embed_dim, num_heads, head_dim)).validate()
   rows = config.padded_vocab
   if embedding.shape[0] > rows:
     raise ValueError(f"Gemma checkpoint has {embedding.shape[0]} embedding rows, "
@@ -116,17 +129,44 @@ def convert(gemma_params: dict, vocab_size: int | None = None
   return config, params
 
 
-def _check_every_key_is_known(tree: dict, layer_names: list[str]) -> None:
+def _without_vision(tree: dict, vision_roots: list[str], drop: bool) -> dict:
+  """The text model's tree: Gemma 3's vision tower dropped when `drop`, else an
+  error naming it."""
+  embedder = tree.get("embedder", {})
+  found = vision_roots + [f"embedder/{k}" for k in _VISION_EMBEDDER if k in embedder]
+  if not found:
+    return tree
+  if not drop:
+    raise ValueError(f"Gemma checkpoint has a vision encoder ({', '.join(found)}); "
+                     "User-LLM reads text only: set config.llm.drop_vision=True "
+                     "to load the text model without it")
+  print(f"[gemma] dropping the vision encoder: {', '.join(found)}", flush=True)
+  tree = {k: v for k, v in tree.items() if k not in _VISION_ROOTS}
+  tree["embedder"] = {k: v for k, v in embedder.items() if k not in _VISION_EMBEDDER}
+  return tree
+
+
+def _family(layer: dict) -> str:
+  """gemma1 | gemma2 | gemma3, from which norms a layer holds."""
+  if any(_get(layer, p) is not None for p in _QK_NORMS):
+    return "gemma3"
+  if any(_get(layer, p) is not None for p in _POST_NORMS):
+    return "gemma2"
+  return "gemma1"
+
+
+def _check_every_key_is_known(tree: dict, layer_names: list[str],
+                              family: str) -> None:
+  per_layer = _LAYER_PARAMS + (_POST_NORMS if family != "gemma1" else ()) + (
+      _QK_NORMS if family == "gemma3" else ())
   known = {"embedder/input_embedding", "final_norm/scale"} | {
-      f"{layer}/{p}" for layer in layer_names for p in _LAYER_PARAMS}
+      f"{layer}/{p}" for layer in layer_names for p in per_layer}
   unknown = sorted(_leaf_paths(tree) - known)
   if unknown:
-    family = ("; a Gemma 2/3 checkpoint: only Gemma v1 is supported"
-              if any(k in u for u in unknown for k in _GEMMA_2_3) else "")
     shown = ", ".join(f"transformer/{u}" for u in unknown[:6])
     more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
-    raise ValueError(f"Gemma checkpoint has parameters this loader does not map: "
-                     f"{shown}{more}{family}")
+    raise ValueError(f"Gemma checkpoint ({family}, from its first layer's keys) "
+                     f"has parameters this loader does not map: {shown}{more}")
 
 
 def _required(layer: dict, part: str, path: str) -> np.ndarray:
@@ -136,7 +176,7 @@ def _required(layer: dict, part: str, path: str) -> np.ndarray:
   return value
 
 
-def _convert_layer(layer: dict, path: str) -> dict:
+def _convert_layer(layer: dict, path: str, family: str) -> dict:
   qkv = _get(layer, "attn/qkv_einsum")
   if qkv is not None:  # multi-head: [3, heads, embed, head_dim]
     q, kv = qkv[0], qkv[1:]
@@ -144,30 +184,37 @@ def _convert_layer(layer: dict, path: str) -> dict:
     q = _required(layer, "attn/q_einsum", path)
     kv = _required(layer, "attn/kv_einsum", path)
   gating = _required(layer, "mlp/gating_einsum", path)
-  if gating.shape[1] != q.shape[1]:  # some releases store [2, mlp, embed]
-    gating = gating.transpose(0, 2, 1)
-  return {"pre_attention_norm": {"scale": _required(
-              layer, "pre_attention_norm/scale", path)},
-          "pre_ffw_norm": {"scale": _required(layer, "pre_ffw_norm/scale", path)},
-          "attn": {"q_einsum": q, "kv_einsum": kv,
-                   "attn_vec_einsum": _required(layer, "attn/attn_vec_einsum",
-                                                path)},
-          "mlp": {"gating_einsum": gating,
-                  "linear": _required(layer, "mlp/linear", path)}}
+  if family == "gemma3" or gating.shape[1] != q.shape[1]:
+    gating = gating.transpose(0, 2, 1)  # stored [2, mlp, embed]
+  if gating.shape[1] != q.shape[1]:
+    raise ValueError(f"Gemma checkpoint: {path}/mlp/gating_einsum has shape "
+                     f"{gating.shape}, which fits no width {q.shape[1]} layout")
+  norms = ("pre_attention_norm", "pre_ffw_norm") + (
+      ("post_attention_norm", "post_ffw_norm") if family != "gemma1" else ())
+  out = {norm: {"scale": _required(layer, f"{norm}/scale", path)} for norm in norms}
+  out["attn"] = {"q_einsum": q, "kv_einsum": kv,
+                 "attn_vec_einsum": _required(layer, "attn/attn_vec_einsum", path)}
+  if family == "gemma3":
+    for norm in ("_query_norm", "_key_norm"):
+      out["attn"][norm] = {"scale": _required(layer, f"attn/{norm}/scale", path)}
+  out["mlp"] = {"gating_einsum": gating,
+                "linear": _required(layer, "mlp/linear", path)}
+  return out
 
 
-def load_checkpoint(path: str, vocab_size: int | None = None
-                    ) -> tuple[llm.LLMConfig, dict]:
+def load_checkpoint(path: str, vocab_size: int | None = None,
+                    drop_vision: bool = False) -> tuple[llm.LLMConfig, dict]:
   """Restores a Gemma checkpoint directory -> (LLMConfig, params)."""
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"Gemma checkpoint directory {path!r} does not exist")
   restored = ocp.StandardCheckpointer().restore(path)
-  return convert(restored, vocab_size)
+  return convert(restored, vocab_size, drop_vision)
 
 
 def to_gemma_layout(params: dict, fuse_qkv: bool = False) -> dict:
-  """Our LLM parameters -> the released flat layout (base weights only)."""
+  """Our LLM parameters -> the released flat layout (base weights only; the
+  family follows from which norms the layers hold)."""
   def einsum(x):
     return {"w": np.asarray(x)}
   flat = {"transformer/embedder": {"input_embedding": np.asarray(
@@ -184,10 +231,18 @@ def to_gemma_layout(params: dict, fuse_qkv: bool = False) -> dict:
       flat[f"{root}/attn/q_einsum"] = einsum(attn["q_einsum"])
       flat[f"{root}/attn/kv_einsum"] = einsum(attn["kv_einsum"])
     flat[f"{root}/attn/attn_vec_einsum"] = einsum(attn["attn_vec_einsum"])
-    flat[f"{root}/mlp/gating_einsum"] = einsum(layer["mlp"]["gating_einsum"])
+    gating = np.asarray(layer["mlp"]["gating_einsum"])
+    gemma3 = "_query_norm" in attn
+    flat[f"{root}/mlp/gating_einsum"] = einsum(
+        gating.transpose(0, 2, 1) if gemma3 else gating)
     flat[f"{root}/mlp/linear"] = einsum(layer["mlp"]["linear"])
-    for norm in ("pre_attention_norm", "pre_ffw_norm"):
-      flat[f"{root}/{norm}"] = {"scale": np.asarray(layer[norm]["scale"])}
+    for norm in ("pre_attention_norm", "pre_ffw_norm", "post_attention_norm",
+                 "post_ffw_norm"):
+      if norm in layer:
+        flat[f"{root}/{norm}"] = {"scale": np.asarray(layer[norm]["scale"])}
+    for norm in ("_query_norm", "_key_norm"):
+      if norm in attn:
+        flat[f"{root}/attn/{norm}"] = {"scale": np.asarray(attn[norm]["scale"])}
   return flat
 
 

@@ -1,11 +1,21 @@
 """A Gemma-style decoder-only LM with a KV cache, soft prompts and gated
 cross-attention to user tokens.
 
-The architecture and the parameter tree are Gemma v1's (RMSNorm with `1 + scale`,
+The architecture and the parameter tree are Gemma's (RMSNorm with `1 + scale`,
 RoPE on split halves, multi-query / grouped-query attention, gated GeLU MLP,
 input embeddings scaled by sqrt(width) and tied with the output layer), so an
 official Gemma Flax checkpoint maps onto it by renaming alone
 (`userllm/gemma_loader.py`). Every parameter carries logical axis names.
+Gemma 2 and 3 are the same module with `LLMConfig` switches (`gemma_family`
+gives each family's values):
+- Gemma 2: norms after attention and MLP too (`post_norms`), tanh soft-capping
+  of attention logits (50) and final logits (30), sliding-window attention
+  (4,096) on every other layer (`global_every=2`), and a query scale that the
+  27B model takes from embed / heads instead of head_dim (`query_scale`).
+- Gemma 3: post-norms, RMSNorm of queries and keys over head_dim (`qk_norm`),
+  no soft-capping, five sliding-window layers to one global (`global_every=6`),
+  and RoPE with base 10k on local layers but 1M on global ones, there with
+  positions divided by a scale factor (8 on 4B and up).
 
 One forward function serves training, scoring and decoding:
 
@@ -48,7 +58,17 @@ class LLMConfig:
   num_kv_heads: int = 1  # 1: multi-query (Gemma 2B); = num_heads: multi-head
   head_dim: int = 32
   mlp_dim: int = 512
-  rope_max_wavelength: int = 10_000
+  rope_max_wavelength: int = 10_000  # RoPE base (of local layers, when they differ)
+  # Gemma 2 / 3 (the defaults are Gemma v1's; see gemma_family):
+  post_norms: bool = False  # RMSNorm after attention and after the MLP as well
+  qk_norm: bool = False  # RMSNorm of queries and keys over head_dim
+  query_scale: float = 0.0  # queries x this; 0 = head_dim ** -0.5
+  attn_logit_softcap: float = 0.0  # cap * tanh(logits / cap); 0 = none
+  final_logit_softcap: float = 0.0
+  sliding_window: int = 0  # local layers attend to |i - j| < window; 0 = none
+  global_every: int = 1  # layer i is global iff (i + 1) % global_every == 0
+  rope_global_wavelength: int = 0  # RoPE base of global layers; 0 = rope_max_wavelength
+  rope_global_scale: float = 1.0  # global layers' positions are divided by it
   cross_attention_every: int = 0  # k > 0: a gated cross-attention block after every k layers
   adapter: adapters.AdapterConfig = adapters.AdapterConfig()  # LoRA / MoLoRA / MoDE
   dtype: str = "float32"  # activations; "bfloat16" on TPU
@@ -63,8 +83,27 @@ class LLMConfig:
                        f"llm.num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"llm.head_dim={self.head_dim} must be even (RoPE)")
+    if self.global_every < 1 or self.sliding_window < 0:
+      raise ValueError(f"llm.global_every={self.global_every} must be >= 1 and "
+                       f"llm.sliding_window={self.sliding_window} >= 0")
+    if self.rope_global_scale < 1.0:
+      raise ValueError(f"llm.rope_global_scale={self.rope_global_scale} must be >= 1")
     self.adapter.validate()
     return self
+
+  def is_global(self, layer: int) -> bool:
+    """Whether `layer` attends to the whole context (else its sliding window)."""
+    return not self.sliding_window or (layer + 1) % self.global_every == 0
+
+  def rope(self, layer: int) -> tuple[int, float]:
+    """(RoPE base wavelength, position scale factor) of `layer`."""
+    if self.is_global(layer) and self.rope_global_wavelength:
+      return self.rope_global_wavelength, self.rope_global_scale
+    return self.rope_max_wavelength, 1.0
+
+  @property
+  def query_scalar(self) -> float:
+    return self.query_scale or self.head_dim ** -0.5
 
   def cross_attention_after(self) -> tuple[int, ...]:
     """Indices of the layers followed by a cross-attention block."""
@@ -77,6 +116,31 @@ def _param(module: nn.Module, name: str, shape, axes, init=None):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape)
 
 
+# Each family's switches (LLMConfig fields) on top of the shapes; the size
+# exceptions (Gemma 2 27B's query scale, Gemma 3 1B's window and unscaled RoPE)
+# are resolved from the shapes by `gemma_family`.
+FAMILIES = ("gemma1", "gemma2", "gemma3")
+
+
+def gemma_family(family: str, embed_dim: int, num_heads: int, head_dim: int) -> dict:
+  """LLMConfig fields of a released Gemma `family` model of these shapes."""
+  if family == "gemma1":
+    return {}
+  if family == "gemma2":
+    out = dict(post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
+               sliding_window=4096, global_every=2)
+    if embed_dim // num_heads != head_dim:  # 27B: 4608 / 32 = 144 != 128
+      out["query_scale"] = (embed_dim // num_heads) ** -0.5
+    return out
+  if family == "gemma3":
+    small = embed_dim <= 1152  # 1B (and 270M): window 512, RoPE not scaled
+    return dict(post_norms=True, qk_norm=True, global_every=6,
+                sliding_window=512 if small else 1024,
+                rope_global_wavelength=1_000_000,
+                rope_global_scale=1.0 if small else 8.0)
+  raise ValueError(f"llm family {family!r} is not one of {FAMILIES}")
+
+
 class RMSNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
@@ -86,27 +150,33 @@ class RMSNorm(nn.Module):
     return normed * (1 + scale).astype(x.dtype)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: int) -> jax.Array:
-  """x: [batch, len, heads, head_dim]; positions: [batch, len] -> same as x."""
+def apply_rope(x: jax.Array, positions: jax.Array, max_wavelength: int,
+               scale: float = 1.0) -> jax.Array:
+  """x: [batch, len, heads, head_dim]; positions: [batch, len] (divided by
+  `scale`, Gemma 3's long-context factor) -> same as x."""
   head_dim = x.shape[-1]
   fraction = 2 * jnp.arange(head_dim // 2) / head_dim
-  angles = positions[..., None, None] / (max_wavelength ** fraction)
+  angles = positions[..., None, None] / (max_wavelength ** fraction) / scale
   sin, cos = jnp.sin(angles).astype(x.dtype), jnp.cos(angles).astype(x.dtype)
   first, second = jnp.split(x, 2, axis=-1)
   return jnp.concatenate([first * cos - second * sin,
                           second * cos + first * sin], -1)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array) -> jax.Array:
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, allowed: jax.Array,
+           softcap: float = 0.0) -> jax.Array:
   """Grouped-query attention.
 
   q: [batch, t, heads, d] (already scaled); k, v: [batch, s, kv_heads, d];
-  allowed: [batch, t, s] bool -> [batch, t, heads, d].
+  allowed: [batch, t, s] bool -> [batch, t, heads, d]. `softcap` > 0 squashes
+  the logits to cap * tanh(logits / cap) (Gemma 2).
   """
   b, t, h, d = q.shape
   groups = k.shape[2]
   q = q.reshape(b, t, groups, h // groups, d)
   logits = jnp.einsum("btkgd,bskd->btkgs", q, k)
+  if softcap:
+    logits = jnp.tanh(logits / softcap) * softcap
   logits = jnp.where(allowed[:, :, None, None, :], logits, _MASKED)
   probs = jax.nn.softmax(logits.astype(jnp.float32), -1).astype(v.dtype)
   return jnp.einsum("btkgs,bskd->btkgd", probs, v).reshape(b, t, h, d)
@@ -125,11 +195,14 @@ def adapter_delta(cfg: LLMConfig, target: str, x, in_axes, out_shape, out_axes,
 
 class Attention(nn.Module):
   """Gemma's attention: q_einsum [heads, embed, d], kv_einsum [2, kv, embed, d],
-  attn_vec_einsum [heads, d, embed]."""
+  attn_vec_einsum [heads, d, embed]; with qk_norm also `_query_norm` and
+  `_key_norm` (Gemma 3's names)."""
   config: LLMConfig
+  layer: int = 0  # which layer: local or global, and its RoPE
 
   @nn.compact
-  def __call__(self, x, positions, allowed, layer_cache, end, task_ids=None):
+  def __call__(self, x, positions, allowed, layer_cache, end, task_ids=None,
+               key_positions=None):
     cfg = self.config
     dtype = x.dtype
     wq = _param(self, "q_einsum", (cfg.num_heads, cfg.embed_dim, cfg.head_dim),
@@ -148,15 +221,22 @@ class Attention(nn.Module):
     k, v = jnp.einsum("btd,cndh->cbtnh", x, wkv)
     k = k + adapt("k", x, ("embed",), kv_heads, ("kv_heads", "kv"))
     v = v + adapt("v", x, ("embed",), kv_heads, ("kv_heads", "kv"))
-    q = apply_rope(q, positions, cfg.rope_max_wavelength) * cfg.head_dim ** -0.5
-    k = apply_rope(k, positions, cfg.rope_max_wavelength)
+    if cfg.qk_norm:
+      q, k = RMSNorm(name="_query_norm")(q), RMSNorm(name="_key_norm")(k)
+    wavelength, scale = cfg.rope(self.layer)
+    q = apply_rope(q, positions, wavelength, scale) * cfg.query_scalar
+    k = apply_rope(k, positions, wavelength, scale)
+    if not cfg.is_global(self.layer):  # Gemma's sliding window, in positions
+      key_positions = positions if key_positions is None else key_positions
+      distance = positions[:, :, None] - key_positions[:, None, :]
+      allowed = allowed & (jnp.abs(distance) < cfg.sliding_window)
     if layer_cache is not None:  # write this chunk at the cache's end
       k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(
           layer_cache["k"].dtype), (0, end, 0, 0)).astype(dtype)
       v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(
           layer_cache["v"].dtype), (0, end, 0, 0)).astype(dtype)
       layer_cache = {"k": k, "v": v}
-    attended = attend(q, k, v, allowed)
+    attended = attend(q, k, v, allowed, cfg.attn_logit_softcap)
     out = jnp.einsum("btnh,nhd->btd", attended, wo) + adapt(
         "out", attended, ("heads", "kv"), (cfg.embed_dim,), ("embed",))
     return out, layer_cache
@@ -186,16 +266,22 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
   config: LLMConfig
+  layer: int = 0
 
   @nn.compact
-  def __call__(self, x, positions, allowed, layer_cache, end, task_ids=None):
-    attended, layer_cache = Attention(self.config, name="attn")(
+  def __call__(self, x, positions, allowed, layer_cache, end, task_ids=None,
+               key_positions=None):
+    attended, layer_cache = Attention(self.config, self.layer, name="attn")(
         RMSNorm(name="pre_attention_norm")(x), positions, allowed, layer_cache, end,
-        task_ids)
+        task_ids, key_positions)
+    if self.config.post_norms:
+      attended = RMSNorm(name="post_attention_norm")(attended)
     x = x + attended
-    x = x + FeedForward(self.config, name="mlp")(RMSNorm(name="pre_ffw_norm")(x),
-                                                 task_ids)
-    return x, layer_cache
+    mlp = FeedForward(self.config, name="mlp")(RMSNorm(name="pre_ffw_norm")(x),
+                                               task_ids)
+    if self.config.post_norms:
+      mlp = RMSNorm(name="post_ffw_norm")(mlp)
+    return x + mlp, layer_cache
 
 
 class GatedCrossAttention(nn.Module):
@@ -233,13 +319,16 @@ def init_cache(config: LLMConfig, batch: int, size: int,
   """An empty KV cache of `size` slots.
 
   Returns {"layers": [{"k", "v": [batch, size, kv_heads, head_dim]}] * layers,
-  "mask": [batch, size] bool (slot holds a real token), "count": [batch] int32
-  (real tokens so far: the next RoPE position), "end": [] int32 (next slot)}.
+  "mask": [batch, size] bool (slot holds a real token), "positions": [batch,
+  size] int32 (each slot's RoPE position, for sliding windows), "count":
+  [batch] int32 (real tokens so far: the next RoPE position), "end": [] int32
+  (next slot)}.
   """
   shape = (batch, size, config.num_kv_heads, config.head_dim)
   return {"layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
                      for _ in range(config.num_layers)],
           "mask": jnp.zeros((batch, size), bool),
+          "positions": jnp.zeros((batch, size), jnp.int32),
           "count": jnp.zeros((batch,), jnp.int32),
           "end": jnp.zeros((), jnp.int32)}
 
@@ -250,7 +339,7 @@ class DecoderLM(nn.Module):
   def setup(self):
     cfg = self.config.validate()
     self.embedder = Embedder(cfg, name="embedder")
-    self.layers = [Block(cfg, name=f"layer_{i}") for i in range(cfg.num_layers)]
+    self.layers = [Block(cfg, i, name=f"layer_{i}") for i in range(cfg.num_layers)]
     self.cross = {i: GatedCrossAttention(cfg, name=f"cross_attention_{i}")
                   for i in cfg.cross_attention_after()}
     self.final_norm = RMSNorm(name="final_norm")
@@ -277,9 +366,11 @@ class DecoderLM(nn.Module):
     if self.cross and user_tokens is None:
       raise ValueError("this LM has cross-attention blocks: pass user_tokens")
     positions, allowed, end, new_cache = _attention_layout(mask, cache)
+    key_positions = None if cache is None else new_cache["positions"]
     for i, layer in enumerate(self.layers):
       layer_cache = None if cache is None else cache["layers"][i]
-      x, layer_cache = layer(x, positions, allowed, layer_cache, end, task_ids)
+      x, layer_cache = layer(x, positions, allowed, layer_cache, end, task_ids,
+                             key_positions)
       if cache is not None:
         new_cache["layers"].append(layer_cache)
       if i in self.cross:
@@ -287,7 +378,11 @@ class DecoderLM(nn.Module):
           user_mask = jnp.ones(user_tokens.shape[:2], bool)
         x = self.cross[i](x, user_tokens, user_mask)
     logits = self.embedder.decode(self.final_norm(x))
-    return logits[..., :self.config.vocab_size].astype(jnp.float32), new_cache
+    logits = logits[..., :self.config.vocab_size].astype(jnp.float32)
+    cap = self.config.final_logit_softcap
+    if cap:
+      logits = jnp.tanh(logits / cap) * cap
+    return logits, new_cache
 
 
 class Embedder(nn.Module):
@@ -327,6 +422,8 @@ def _attention_layout(mask: jax.Array, cache: dict | None):
   key_slots = jnp.arange(key_mask.shape[1])
   allowed = (key_slots[None, :] <= query_slots[:, None])[None] & key_mask[:, None, :]
   skeleton = {"layers": [], "mask": key_mask,
+              "positions": jax.lax.dynamic_update_slice(
+                  cache["positions"], positions.astype(jnp.int32), (0, end)),
               "count": cache["count"] + mask.sum(1).astype(jnp.int32),
               "end": end + t}
   return positions, allowed, end, skeleton
