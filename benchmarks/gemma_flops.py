@@ -4,7 +4,7 @@ soft prompt against the text prompt, H = 50 ... 500 events.
   python -m benchmarks.gemma_flops --out benchmarks/gemma_flops
 
 For Gemma 2B and 7B (v1 shapes, and Gemma 2 2B), one forward pass per example:
-the analytic matmul count (`benchmarks.user_llm.analytic_llm_flops`) and XLA's
+the analytic matmul count (`userllm.llm.forward_flops`) and XLA's
 cost analysis of the decoder lowered from shapes alone (`jax.eval_shape`
 parameters, nothing materialised; the HLO is costed before optimisation, which
 for these dot-dominated graphs counts the same matmuls). The text prompt holds
@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 from absl import app, flags
 
-from benchmarks.user_llm import analytic_llm_flops
 from infra import results as results_lib
 from userllm import llm as llm_lib
 
@@ -95,18 +94,19 @@ def rows_for(name: str, cfg: llm_lib.LLMConfig, histories, per_event: float,
       rows.append({
           "model": name, "history": history, "method": method,
           "llm_input_tokens": tokens + prefix,
-          "flops_analytic": analytic_llm_flops(model_cfg, tokens + prefix, user),
+          "flops_analytic": llm_lib.forward_flops(model_cfg, tokens + prefix, user),
           "flops_xla": xla_forward_flops(model_cfg, tokens, user, prefix)})
       print(rows[-1], flush=True)
   return rows
 
 
 def small_lm_check() -> dict:
-  """Our benchmark LM (configs/user_llm.py) at the 941-token text prompt."""
-  cfg = llm_lib.LLMConfig(vocab_size=2000, embed_dim=128, num_layers=2, num_heads=4,
+  """The LM of that H = 200 row (configs/user_llm.py's shape with the tiny data's
+  300-piece vocabulary, `meta.config` of its JSON) at its 941-token prompt."""
+  cfg = llm_lib.LLMConfig(vocab_size=300, embed_dim=128, num_layers=2, num_heads=4,
                           num_kv_heads=1, head_dim=32, mlp_dim=512)
   tokens = 941
-  return {"tokens": tokens, "analytic": analytic_llm_flops(cfg, tokens, 0),
+  return {"tokens": tokens, "analytic": llm_lib.forward_flops(cfg, tokens, 0),
           "xla_cpu_compiled": xla_forward_flops(cfg, tokens, 0, 0, compile_=True),
           "xla_cpu_lowered": xla_forward_flops(cfg, tokens, 0, 0)}
 

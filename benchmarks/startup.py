@@ -8,10 +8,11 @@ workflow module and the metric writer and initialises JAX's backend: everything
 start included), the median of `--repeats` runs, with and without an extra
 `import tensorflow`; the latter is what every run paid before the metric writer
 dropped `clu` (whose writers import TensorFlow), so the two columns are the
-before and after of that change. Also records whether the workflow itself
-imports TensorFlow (the User-LLM workflow does: seqio and tf.data read its
-prompts) and how many lines the run wrote to stderr (TensorFlow's cuInit and
-oneDNN notices). Writes `<out>.json`, `<out>.md` and `<out>.png`.
+before and after of that change. Also records whether importing the workflow
+loads TensorFlow (none does: the User-LLM workflow loads it only on its
+opt-in seqio input path, `userllm.input_pipeline=seqio`) and how many lines
+the run wrote to stderr (TensorFlow's cuInit and oneDNN notices). Writes
+`<out>.json`, `<out>.md` and `<out>.png`.
 """
 
 from __future__ import annotations

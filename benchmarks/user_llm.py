@@ -12,7 +12,7 @@ For every method x history length H:
   plus the latents; cross-attention: the bare task prompt);
 - FLOPs per example of one forward pass, from XLA's cost analysis of the
   compiled computation (LLM alone, and encoder + Perceiver + projector), and
-  the analytic count of the LLM's matmuls (`analytic_llm_flops`), which should
+  the analytic count of the LLM's matmuls (`llm.forward_flops`), which should
   agree with XLA's to within the elementwise ops XLA also counts;
 - step time: a jitted training step (forward, backward, Adam) at --step_batch
   examples, the median of timed steps after a compile step;
@@ -63,25 +63,6 @@ _EFFICIENCY_ONLY = flags.DEFINE_bool("efficiency_only", False,
 _TIMED_STEPS = flags.DEFINE_integer("timed_steps", 5, "Timed steps per cell.")
 _STEP_BATCH = flags.DEFINE_integer("step_batch", 8, "Batch of the timed step and "
                                    "the FLOPs count.")
-
-
-def analytic_llm_flops(cfg: llm_lib.LLMConfig, tokens: int, user_tokens: int
-                       ) -> float:
-  """Matmul FLOPs (2 per multiply-add) of one forward pass over `tokens`
-  positions (soft-prompt slots included), with `user_tokens` for the
-  cross-attention blocks. Attention scores are computed over the full
-  tokens x tokens square (the causal half is masked, not skipped), as here."""
-  d, h, kv, hd, f = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
-                     cfg.head_dim, cfg.mlp_dim)
-  mlp = 2 * 3 * d * f  # gating (2 x d x f) and linear (f x d) per token
-  self_attn_proj = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d)
-  scores = 2 * 2 * tokens * tokens * h * hd  # QK^T and PV
-  layer = tokens * (self_attn_proj + mlp) + scores
-  cross = (tokens * (2 * (d * h * hd + h * hd * d) + mlp)
-           + user_tokens * 2 * 2 * d * h * hd + 2 * 2 * tokens * user_tokens * h * hd)
-  logits = 2 * tokens * d * cfg.padded_vocab
-  return float(cfg.num_layers * layer + len(cfg.cross_attention_after()) * cross
-               + logits)
 
 
 def xla_flops(fn, *args) -> float:
@@ -151,7 +132,7 @@ def efficiency(config, timelines, method: str, history: int, timed_steps: int,
       state, jax.device_put(train_batch), timed_steps)
   return {"llm_input_tokens": real_prompt + soft, "llm_sequence": seq + soft,
           "llm_flops_xla": llm_xla, "user_flops_xla": user_xla,
-          "llm_flops_analytic": analytic_llm_flops(model.config.llm, seq + soft,
+          "llm_flops_analytic": llm_lib.forward_flops(model.config.llm, seq + soft,
                                                    cross),
           "step_seconds": step_seconds, "batch_size": batch_size}
 

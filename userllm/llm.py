@@ -111,6 +111,24 @@ class LLMConfig:
     return tuple(i for i in range(self.num_layers) if k and (i + 1) % k == 0)
 
 
+def forward_flops(cfg: LLMConfig, tokens: int, user_tokens: int = 0) -> float:
+  """Matmul FLOPs (2 per multiply-add) of one forward pass over `tokens`
+  positions (soft-prompt slots included), with `user_tokens` for the
+  cross-attention blocks. Attention scores are computed over the full
+  tokens x tokens square (the causal half is masked, not skipped), as here."""
+  d, h, kv, hd, f = (cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads,
+                     cfg.head_dim, cfg.mlp_dim)
+  mlp = 2 * 3 * d * f  # gating (2 x d x f) and linear (f x d) per token
+  self_attn_proj = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d)
+  scores = 2 * 2 * tokens * tokens * h * hd  # QK^T and PV
+  layer = tokens * (self_attn_proj + mlp) + scores
+  cross = (tokens * (2 * (d * h * hd + h * hd * d) + mlp)
+           + user_tokens * 2 * 2 * d * h * hd + 2 * 2 * tokens * user_tokens * h * hd)
+  logits = 2 * tokens * d * cfg.padded_vocab
+  return float(cfg.num_layers * layer + len(cfg.cross_attention_after()) * cross
+               + logits)
+
+
 def _param(module: nn.Module, name: str, shape, axes, init=None):
   init = init or nn.initializers.normal(stddev=0.02)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape)
