@@ -65,6 +65,9 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       lm_history=3 if tiny else 10,  # titles per prompt when pretraining the LM
       answer_len=0,  # 0: the longest title / genre + eos
       num_latents=4 if tiny else 16, perceiver_layers=1, perceiver_heads=2,
+      # learning rate x this for the parts made fresh in stage 3 (Perceiver,
+      # projector, cross-attention blocks and gates; user_llm.NEW_PARTS)
+      new_params_lr_scale=1.0,
       cuts_per_user=2 if (tiny or multitask) else 4,  # examples per user and task
       eval_users=16 if tiny else (200 if multitask else 300),  # 0: all
       candidate_chunk=64 if tiny else 256))  # item titles scored per call

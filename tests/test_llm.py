@@ -360,3 +360,38 @@ def test_sliding_window_kv_cache_decoding_equals_full_recomputation():
   np.testing.assert_allclose(np.where(mask[..., None], full, 0),
                              np.where(mask[..., None], jnp.concatenate(pieces, 1), 0),
                              atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_decoder_matches_the_gemma_library(family):
+  """Google DeepMind's `gemma` library (pip install gemma==3.3.0, outside
+  requirements.txt): a tiny random model of each family, initialised by the
+  library, loaded through our loader from its nested tree, gives the library's
+  logits to 1e-4."""
+  gm = pytest.importorskip("gemma.gm", reason="the gemma reference library is not "
+                           "installed (pip install gemma==3.3.0)")
+  import dataclasses
+  local, glob = gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL
+  switches, settings = FAMILIES[family]
+  kinds = ((local, glob, local) if family != "gemma1" else (glob,) * 3)
+  config = gm.nn.config.TransformerConfig(
+      num_embed=256, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8,
+      num_kv_heads=2, final_logit_softcap=settings.get("final_softcap"),
+      use_post_attn_norm=family != "gemma1", use_post_ffw_norm=family != "gemma1",
+      attention_types=kinds, attn_logits_soft_cap=settings.get("attn_softcap"),
+      sliding_window_size=settings.get("window"),
+      transpose_gating_einsum=family == "gemma3", use_qk_norm=family == "gemma3",
+      global_base_frequency=int(settings.get("global_base", 10_000)),
+      global_scale_factor=settings.get("global_scale", 1.0))
+  model = gm.nn.Transformer(config=config)
+  tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 10), 3, 256)
+  params = _randomise(model.init(jax.random.PRNGKey(0), tokens)["params"])
+  theirs = model.apply({"params": params}, tokens).logits
+  cfg, ours_params = gemma_loader.convert(jax.device_get(params))
+  # the test's own window and caps (a checkpoint does not carry them); Gemma 2's
+  # library query scale is head_dim ** -0.5 here, as ours without query_scale
+  cfg = dataclasses.replace(cfg, **{k: v for k, v in switches.items()
+                                    if k != "query_scale"})
+  ours, _ = jax.jit(llm.DecoderLM(cfg).apply)({"params": ours_params}, tokens,
+                                              jnp.ones((1, 10), bool))
+  assert np.abs(np.asarray(ours) - np.asarray(theirs)[..., :256]).max() < 1e-4

@@ -107,7 +107,9 @@ def test_frozen_parameters_do_not_change(strategy, integration):
   state_size = sum(x.size for x in jax.tree.leaves(opt_state))
   trainable_size = sum(x.size for x, m in zip(jax.tree.leaves(params),
                                               jax.tree.leaves(mask)) if m)
-  assert state_size == 2 * trainable_size + 1  # mu, nu and Adam's step count
+  # mu, nu and a step count per Adam: one for the pretrained parts, one for
+  # the parts made fresh (their own learning-rate scale)
+  assert state_size == 2 * trainable_size + 2
 
   step = jax.jit(train_loop.make_train_step(functools.partial(ul.lm_loss, model, mask),
                                             tx))
@@ -171,7 +173,8 @@ def test_workflow_end_to_end_and_resume(tmp_path):
   assert reads.unread(config) == []  # the config holds only what the workflow reads
   for key in ("test/model/next_title/recall@1", "test/model/next_title/recall@10",
               "test/model/favourite_genre/accuracy", "test/prior/all/average",
-              "valid/model/all/average", "llm_input_tokens"):
+              "valid/model/all/average", "llm_input_tokens",
+              "valid/encoder/next_item/recall@10", "cross_attention_attn_gate_tanh"):
     assert key in straight
   assert 0 <= straight["test/model/next_title/recall@1"] <= straight[
       "test/model/next_title/recall@10"] <= 1
@@ -283,3 +286,23 @@ def test_workflow_starts_from_a_gemma_checkpoint(tmp_path):
   results = run_workflow(config, tmp_path / "run")
   assert not (tmp_path / "run" / "lm").exists()
   assert 0 <= results["test/model/next_title/recall@10"] <= 1
+  # the stage-by-stage evidence: the encoder's own next-item quality
+  assert 0 <= results["valid/encoder/next_item/recall@10"] <= 1
+
+
+def test_new_parts_learn_at_their_own_rate():
+  """new_scale multiplies the updates of the fresh parts (Perceiver, projector,
+  cross-attention blocks) and of nothing else."""
+  model = _tiny_user_llm("cross_attention")
+  batch = _lm_batch()
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch["events"],
+                                    batch["tokens"], batch["token_mask"])["params"])
+  mask = ul.trainable_mask(params, "full")
+  grads = jax.tree.map(jnp.ones_like, params)
+  updates = {scale: ul.masked_optimizer(optax.sgd(0.1), mask, scale).update(
+      grads, ul.masked_optimizer(optax.sgd(0.1), mask, scale).init(params), params)[0]
+             for scale in (1.0, 10.0)}
+  for path, one in jax.tree_util.tree_leaves_with_path(updates[1.0]):
+    ten = functools.reduce(lambda node, k: node[k.key], path, updates[10.0])
+    fresh = ul.part_of(tuple(k.key for k in path)) in ul.NEW_PARTS
+    np.testing.assert_allclose(ten, one * (10.0 if fresh else 1.0), rtol=1e-6)

@@ -134,9 +134,10 @@ def build_model(config, timelines, vocab_size: int, method: str,
 
 
 def init_state(model: ul.UserLLM, strategy: str, train, seed: int, mesh,
-               builder: prompts.PromptBuilder):
+               builder: prompts.PromptBuilder, new_scale: float = 1.0):
   """(state, shardings, tx, trainable mask) of a UserLLM, parameters fresh;
-  `train` is the stage's optimiser section."""
+  `train` is the stage's optimiser section; `new_scale` multiplies the
+  learning rate of the parts made fresh for the task (ul.NEW_PARTS)."""
   dummy = builder.batch(prompts.Examples(np.zeros(1, np.int32), np.ones(1, np.int32),
                                          np.zeros(1, np.int32)), np.arange(1))
   init = lambda rng: model.init(rng, dummy.get("events"), dummy["tokens"],  # noqa: E731
@@ -146,7 +147,9 @@ def init_state(model: ul.UserLLM, strategy: str, train, seed: int, mesh,
     mask = ul.trainable_mask(shapes, strategy)
   except ValueError as e:
     raise ConfigError(f"config.userllm.strategy: {e}") from None
-  tx = ul.masked_optimizer(optim.make_optimizer(train), mask)
+  if new_scale <= 0:
+    raise ConfigError(f"config.userllm.new_params_lr_scale={new_scale} must be > 0")
+  tx = ul.masked_optimizer(optim.make_optimizer(train), mask, new_scale)
   state, shardings = train_loop.create_state(init, tx, jax.random.PRNGKey(seed),
                                              mesh)
   return state, shardings, tx, mask

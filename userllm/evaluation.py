@@ -183,3 +183,47 @@ def prior_scores(builder: prompts.PromptBuilder, examples: prompts.Examples,
               for r in rows]
     out[task] = np.bincount(labels, minlength=len(builder.answers[task]))[None]
   return out
+
+
+def encoder_next_item(encoder, params, timelines, held_out, history_len: int,
+                      max_users: int, seed: int, split: str,
+                      batch_size: int = 64) -> dict[str, float]:
+  """The pretrained user encoder's own next-item quality: full-ranking Recall /
+  NDCG of each held-out user's next item from the encoder's item logits at the
+  last of its latest `history_len` events (seen items excluded), keyed
+  `<split>/encoder/next_item/<metric>`. Tells whether the user tokens can carry
+  the next item at all, before any LLM reads them."""
+  examples = prompts.held_out_examples(held_out, "next_title", max_users, seed)
+  vocab = timelines.num_items + 1
+
+  @jax.jit
+  def ranks_of(events, lengths, targets, excluded):
+    states = encoder.apply({"params": params}, events["items"], ratings=events[
+        "ratings"], genres=events["genres"], method=encoder.encode)
+    last = jax.numpy.take_along_axis(states, (lengths - 1)[:, None, None], 1)[:, 0]
+    scores = encoder.apply({"params": params}, last, method=encoder.item_logits)
+    return ranking.target_ranks(scores, targets, excluded)
+
+  out = []
+  for rows, real in evaluation.padded_rows(len(examples), batch_size):
+    events = prompts.history_events(timelines, examples, rows, history_len)
+    lengths = np.maximum((events["items"] != 0).sum(1), 1)
+    offsets = timelines.user_offsets[examples.users[rows]]
+    seen = [timelines.item_ids[o:o + c] for o, c in
+            zip(offsets[:real], examples.cuts[rows][:real])]
+    targets = timelines.item_ids[offsets + examples.cuts[rows]]
+    excluded = sequences.excluded_items(seen, len(rows), vocab)
+    out.append(np.asarray(ranks_of(events, lengths, targets, excluded))[:real])
+  return results.prefixed(ranking.metrics_from_ranks(np.concatenate(out)),
+                          split, "encoder", "next_item")
+
+
+def gate_values(llm_params: dict) -> dict[str, float]:
+  """tanh of the cross-attention blocks' gates (0: the block is a no-op), the
+  mean over blocks: how far stage 3 opened the LLM to the user tokens."""
+  blocks = [v for k, v in llm_params.items() if k.startswith("cross_attention_")]
+  if not blocks:
+    return {}
+  return {f"cross_attention_{gate}_tanh": float(np.mean(
+      [np.tanh(np.asarray(b[gate])) for b in blocks]))
+          for gate in ("attn_gate", "mlp_gate")}

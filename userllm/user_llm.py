@@ -136,11 +136,26 @@ def trainable_mask(params, strategy: str):
   return mask
 
 
-def masked_optimizer(tx: optax.GradientTransformation, mask
-                     ) -> optax.GradientTransformation:
-  """`tx` on the trainable leaves, zero updates and no state for the rest."""
-  labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+# Parts created fresh for the task model (the LLM and encoder arrive pretrained).
+NEW_PARTS = ("projector", "integration")
+
+
+def masked_optimizer(tx: optax.GradientTransformation, mask,
+                     new_scale: float = 1.0) -> optax.GradientTransformation:
+  """`tx` on the trainable leaves, zero updates and no state for the rest; the
+  updates of trainable NEW_PARTS leaves (Perceiver, projector, cross-attention
+  blocks and their gates) are scaled by `new_scale`, i.e. their learning rate
+  is `new_scale` x the stage's. A zero-initialised tanh gate passes no gradient
+  to its block until it opens, and at the stage's rate it opens by at most
+  about lr per step."""
+  def label(path, trainable):
+    if not trainable:
+      return "frozen"
+    return "new" if part_of(tuple(k.key for k in path)) in NEW_PARTS else "train"
+  labels = jax.tree_util.tree_map_with_path(label, mask)
+  return optax.multi_transform(
+      {"train": tx, "new": optax.chain(tx, optax.scale(new_scale)),
+       "frozen": optax.set_to_zero()}, labels)
 
 
 def freeze(params, mask):

@@ -164,6 +164,18 @@ def user_encoder(config, train_timelines, encoder_cfg: sm.SequenceModelConfig,
   return params, len(examples)
 
 
+def encoder_quality(config, encoder_cfg: sm.SequenceModelConfig, params: dict,
+                    timelines, split) -> dict[str, float]:
+  """The pretrained encoder's own next-item Recall / NDCG on the valid users
+  (the test users stay for the task model)."""
+  metrics = evaluation.encoder_next_item(
+      sm.ItemSequenceTransformer(encoder_cfg), params, timelines, split.valid,
+      config.userllm.history_len, config.userllm.eval_users, config.seed, "valid")
+  print(f"[encoder] valid next-item recall@10 "
+        f"{metrics['valid/encoder/next_item/recall@10']:.3f}", flush=True)
+  return metrics
+
+
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:
   builders.check(config)
   began = time.time()
@@ -185,13 +197,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
     encoder_params, windows = user_encoder(config, split.train,
                                            model.config.encoder, mesh, workdir)
     results["encoder_pretrain_windows"] = float(windows)
+    results.update(encoder_quality(config, model.config.encoder, encoder_params,
+                                   timelines, split))
 
   # 3. the task model
   builder = prompts.PromptBuilder(
       split.train, tokenizer, u.method, u.history_len, u.text_prompt_len,
       u.answer_len, u.text_ratings, tasks + builders.tasks_of(config, "lm_tasks"))
   state, shardings, tx, mask = builders.init_state(model, u.strategy, config.train,
-                                                   config.seed, mesh, builder)
+                                                   config.seed, mesh, builder,
+                                                   u.new_params_lr_scale)
   state = builders.load_into(state, shardings, "llm", llm_params)
   if encoder_params is not None:
     state = builders.load_into(state, shardings, "encoder", encoder_params)
@@ -225,6 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
                                   config.seed)
   results.update(test.evaluate(None, scorer="prior", fixed_scores=prior))
   results.update(cost_figures(config, model, state, mask, builder, test))
+  results.update(evaluation.gate_values(jax.device_get(state.params["llm"])))
   results.update({"eval_users": float(len(test.examples)),
                   "steps": float(state.step), "wall_seconds": time.time() - began})
   return results
