@@ -70,6 +70,7 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       new_params_lr_scale=1.0,
       cuts_per_user=2 if (tiny or multitask) else 4,  # examples per user and task
       eval_users=16 if tiny else (200 if multitask else 300),  # 0: all
+      probe_examples=32 if tiny else 2000,  # training cuts of the user probes
       candidate_chunk=64 if tiny else 256))  # item titles scored per call
   # Adapters on the LLM's projections (userllm/adapters.py); trained alone by
   # userllm.strategy="adapters", or with the rest by "full".

@@ -174,7 +174,9 @@ def test_workflow_end_to_end_and_resume(tmp_path):
   for key in ("test/model/next_title/recall@1", "test/model/next_title/recall@10",
               "test/model/favourite_genre/accuracy", "test/prior/all/average",
               "valid/model/all/average", "llm_input_tokens",
-              "valid/encoder/next_item/recall@10", "cross_attention_attn_gate_tanh"):
+              "valid/encoder/next_item/recall@10", "cross_attention_attn_gate_tanh",
+              "test/probe_encoder/favourite_genre/accuracy",
+              "test/probe_user_tokens/favourite_genre/accuracy"):
     assert key in straight
   assert 0 <= straight["test/model/next_title/recall@1"] <= straight[
       "test/model/next_title/recall@10"] <= 1

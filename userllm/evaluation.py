@@ -227,3 +227,51 @@ def gate_values(llm_params: dict) -> dict[str, float]:
   return {f"cross_attention_{gate}_tanh": float(np.mean(
       [np.tanh(np.asarray(b[gate])) for b in blocks]))
           for gate in ("attn_gate", "mlp_gate")}
+
+
+def user_information_probe(model: ul.UserLLM, params, builder: prompts.PromptBuilder,
+                           train: prompts.Examples, held_out: prompts.Examples,
+                           split: str, task: str = "favourite_genre",
+                           batch_size: int = 64) -> dict[str, float]:
+  """Linear probes for `task` (logistic regression, fit on `train`, scored on
+  `held_out`) from what each stage of the user path hands to the next: the
+  encoder's state at the last event, and the mean of the user tokens the LLM
+  reads (after Perceiver and projector). A drop between the two says the
+  Perceiver / projector lose the user; a high user-token probe with a low task
+  score says the LLM does not read them. Keys
+  `<split>/probe_encoder|probe_user_tokens/<task>/accuracy`."""
+  from sklearn.linear_model import LogisticRegression
+
+  @jax.jit
+  def features(params, events):
+    def encoder_last(module, events):
+      states = module.encoder.encode(events["items"], ratings=events["ratings"],
+                                     genres=events["genres"])
+      lengths = jax.numpy.maximum((events["items"] != 0).sum(1), 1)
+      return jax.numpy.take_along_axis(states, (lengths - 1)[:, None, None], 1)[:, 0]
+    last = model.apply({"params": params}, events, method=encoder_last)
+    tokens, mask = model.apply({"params": params}, events, method=model.user_tokens)
+    pooled = (tokens * mask[..., None]).sum(1) / jax.numpy.maximum(
+        mask.sum(1, keepdims=True), 1)
+    return last, pooled
+
+  def collect(examples):
+    parts, labels = [], []
+    for rows, real in evaluation.padded_rows(len(examples), batch_size):
+      out = features(params, builder.events(examples, rows))
+      parts.append([np.asarray(x)[:real] for x in out])
+      labels += [builder.label(examples.users[r], examples.cuts[r], task)
+                 for r in rows[:real]]
+    return [np.concatenate(p) for p in zip(*parts)], np.asarray(labels)
+
+  (train_enc, train_tok), train_y = collect(train)
+  (test_enc, test_tok), test_y = collect(held_out)
+  out = {}
+  for name, x_train, x_test in (("probe_encoder", train_enc, test_enc),
+                                ("probe_user_tokens", train_tok, test_tok)):
+    scale = x_train.std(0) + 1e-6  # standardised: one regularisation fits both
+    center = x_train.mean(0)
+    probe = LogisticRegression(max_iter=2000).fit((x_train - center) / scale, train_y)
+    out[f"{split}/{name}/{task}/accuracy"] = float(
+        probe.score((x_test - center) / scale, test_y))
+  return out

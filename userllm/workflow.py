@@ -241,6 +241,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
   results.update(test.evaluate(None, scorer="prior", fixed_scores=prior))
   results.update(cost_figures(config, model, state, mask, builder, test))
   results.update(evaluation.gate_values(jax.device_get(state.params["llm"])))
+  if model.config.uses_user:  # where the user is lost, if it is
+    probe_train = prompts.training_examples(split.train, 1, config.seed + 2,
+                                            ("favourite_genre",))
+    probe_train = prompts.Examples(*(a[:u.probe_examples] for a in (
+        probe_train.users, probe_train.cuts, probe_train.tasks)))
+    results.update(evaluation.user_information_probe(
+        model, state.params, builder, probe_train, test.examples, "test"))
   results.update({"eval_users": float(len(test.examples)),
                   "steps": float(state.step), "wall_seconds": time.time() - began})
   return results
