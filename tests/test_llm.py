@@ -395,3 +395,26 @@ def test_decoder_matches_the_gemma_library(family):
   ours, _ = jax.jit(llm.DecoderLM(cfg).apply)({"params": ours_params}, tokens,
                                               jnp.ones((1, 10), bool))
   assert np.abs(np.asarray(ours) - np.asarray(theirs)[..., :256]).max() < 1e-4
+
+
+def test_gemma_checkpoint_restores_sharded_onto_the_mesh(tmp_path):
+  """With a mesh, every array is restored split over the 8 devices and
+  converted there (the 7B+ path: no host holds the model), equal to the host
+  load; merging it into a model keeps it on device."""
+  cfg = llm.LLMConfig(**{**CFG.__dict__, "vocab_size": 256, "num_kv_heads": 4,
+                         **FAMILIES["gemma3"][0]})
+  tokens, mask = _tokens()
+  _, params = _init(cfg, tokens, mask)
+  params = jax.device_get(_randomise(params))
+  path = gemma_loader.save_checkpoint(params, str(tmp_path / "ckpt"), fuse_qkv=True)
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "model": 4}))
+  host_cfg, on_host = gemma_loader.load_checkpoint(path)
+  mesh_cfg, on_mesh = gemma_loader.load_checkpoint(path, mesh=mesh)
+  assert mesh_cfg == host_cfg
+  table = on_mesh["embedder"]["input_embedding"]  # [256, 32]: split 8 ways
+  assert isinstance(table, jax.Array) and len(table.sharding.device_set) == 8
+  assert table.addressable_shards[0].data.shape == (32, 32)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(on_mesh), on_host)
+  merged = gemma_loader.merge_pretrained(jax.tree.map(jnp.zeros_like, params),
+                                         on_mesh)
+  assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(merged))

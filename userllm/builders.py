@@ -96,12 +96,14 @@ def llm_config(config, vocab_size: int, method: str,
     raise ConfigError(f"config.llm.family: {e}") from None
   fields["cross_attention_every"] = (fields["cross_attention_every"]
                                      if method == "cross_attention" else 0)
+  fields["cross_attention_gate_init"] = config.userllm.gate_init
   try:
     cfg = llm_lib.LLMConfig(vocab_size=vocab_size, **fields).validate()
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.llm: {e}") from None
   if base is not None:
     cfg = dataclasses.replace(base, cross_attention_every=cfg.cross_attention_every,
+                              cross_attention_gate_init=cfg.cross_attention_gate_init,
                               dtype=cfg.dtype)
   if not with_adapters:
     return cfg
@@ -156,10 +158,11 @@ def init_state(model: ul.UserLLM, strategy: str, train, seed: int, mesh,
 
 
 def load_into(state, shardings, subtree: str, pretrained: dict):
-  """state with params[subtree]'s matching leaves replaced by `pretrained`."""
+  """state with params[subtree]'s matching leaves replaced by `pretrained`
+  (host or device arrays; device ones are resharded on device)."""
   params = dict(state.params)
-  params[subtree] = gemma_loader.merge_pretrained(
-      jax.device_get(params[subtree]), pretrained, subtree)
+  params[subtree] = gemma_loader.merge_pretrained(params[subtree], pretrained,
+                                                  subtree)
   params = jax.device_put(params, shardings.params)
   return state.replace(params=params)
 

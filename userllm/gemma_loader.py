@@ -34,8 +34,11 @@ from __future__ import annotations
 
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
 
 from userllm import llm
 
@@ -83,7 +86,9 @@ def _get(tree: dict, path: str):
     node = node[part]
   if isinstance(node, dict):
     node = node.get("w")
-  return None if node is None else np.asarray(node)
+  if node is None or isinstance(node, jax.Array):  # restored sharded: stays so
+    return node
+  return np.asarray(node)
 
 
 def convert(gemma_params: dict, vocab_size: int | None = None,
@@ -124,7 +129,8 @@ def convert(gemma_params: dict, vocab_size: int | None = None,
   if embedding.shape[0] > rows:
     raise ValueError(f"Gemma checkpoint has {embedding.shape[0]} embedding rows, "
                      f"more than vocab_size={config.vocab_size} pads to ({rows})")
-  params["embedder"]["input_embedding"] = np.pad(
+  pad = jnp.pad if isinstance(embedding, jax.Array) else np.pad
+  params["embedder"]["input_embedding"] = pad(
       embedding, [(0, rows - embedding.shape[0]), (0, 0)])
   return config, params
 
@@ -203,13 +209,40 @@ def _convert_layer(layer: dict, path: str, family: str) -> dict:
 
 
 def load_checkpoint(path: str, vocab_size: int | None = None,
-                    drop_vision: bool = False) -> tuple[llm.LLMConfig, dict]:
-  """Restores a Gemma checkpoint directory -> (LLMConfig, params)."""
+                    drop_vision: bool = False, mesh=None
+                    ) -> tuple[llm.LLMConfig, dict]:
+  """Restores a Gemma checkpoint directory -> (LLMConfig, params).
+
+  With a `mesh`, every array is restored straight onto the mesh's devices,
+  split over all of them (`restore_sharding`), and converted there: no host
+  ever holds the whole model, which is what a 7B+ checkpoint needs.
+  `builders.load_into` then moves it to the model's own shardings on device.
+  Without one, the arrays come back to the host as numpy.
+  """
   path = os.path.abspath(path)
   if not os.path.isdir(path):
     raise FileNotFoundError(f"Gemma checkpoint directory {path!r} does not exist")
-  restored = ocp.StandardCheckpointer().restore(path)
+  checkpointer = ocp.StandardCheckpointer()
+  if mesh is None:
+    restored = checkpointer.restore(path)
+  else:
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype,
+                                       sharding=restore_sharding(m.shape, mesh)),
+        checkpointer.metadata(path).item_metadata)
+    restored = checkpointer.restore(path, target)
   return convert(restored, vocab_size, drop_vision)
+
+
+def restore_sharding(shape: tuple[int, ...], mesh) -> NamedSharding:
+  """How an array of `shape` is restored: its largest dimension that the
+  mesh's device count divides, split over every device; replicated if none."""
+  devices = mesh.devices.size
+  candidates = [d for d in range(len(shape)) if shape[d] % devices == 0]
+  spec = [None] * len(shape)
+  if devices > 1 and candidates:
+    spec[max(candidates, key=lambda d: shape[d])] = tuple(mesh.axis_names)
+  return NamedSharding(mesh, PartitionSpec(*spec))
 
 
 def to_gemma_layout(params: dict, fuse_qkv: bool = False) -> dict:
@@ -260,14 +293,16 @@ def merge_pretrained(params: dict, pretrained: dict, where: str = "llm") -> dict
 
   Parameters the checkpoint lacks (cross-attention blocks, LoRA, the user
   encoder) keep their fresh initialisation. A shape mismatch is an error naming
-  the parameter.
+  the parameter. Device arrays stay on device (either side may hold them).
   """
   def replace(node, new, path):
     if not isinstance(new, dict):
       if np.shape(node) != np.shape(new):
         raise ValueError(f"{path}: checkpoint shape {np.shape(new)} != model "
                          f"shape {np.shape(node)}")
-      return np.asarray(new, dtype=np.asarray(node).dtype)
+      if isinstance(new, jax.Array):  # on device: cast there, no host copy
+        return new.astype(node.dtype)
+      return np.asarray(new, dtype=node.dtype)
     missing = set(new) - set(node)
     if missing:
       raise ValueError(f"{path}: the model has no {sorted(missing)}")

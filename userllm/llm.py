@@ -26,7 +26,8 @@ One forward function serves training, scoring and decoding:
   (User-LLM's soft-prompt integration); p = 0 is the plain LM.
 - `user_tokens` [batch, u, embed]: what the gated cross-attention blocks (one
   after every `cross_attention_every` layers) attend to. Their tanh gates start at
-  zero, so a fresh block leaves the LM's outputs unchanged.
+  `cross_attention_gate_init`, by default zero: a fresh block then leaves the LM's
+  outputs unchanged.
 - `task_ids` [batch]: the example's task, for adapters whose routers read it
   (`userllm/adapters.py`: LoRA, MoLoRA, MoDE on chosen projections).
 - `cache`: from `init_cache`; the chunk is written at the cache's end and attends
@@ -38,6 +39,7 @@ One forward function serves training, scoring and decoding:
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +72,7 @@ class LLMConfig:
   rope_global_wavelength: int = 0  # RoPE base of global layers; 0 = rope_max_wavelength
   rope_global_scale: float = 1.0  # global layers' positions are divided by it
   cross_attention_every: int = 0  # k > 0: a gated cross-attention block after every k layers
+  cross_attention_gate_init: float = 0.0  # tanh of its gates at init (0: a no-op block)
   adapter: adapters.AdapterConfig = adapters.AdapterConfig()  # LoRA / MoLoRA / MoDE
   dtype: str = "float32"  # activations; "bfloat16" on TPU
 
@@ -86,6 +89,9 @@ class LLMConfig:
     if self.global_every < 1 or self.sliding_window < 0:
       raise ValueError(f"llm.global_every={self.global_every} must be >= 1 and "
                        f"llm.sliding_window={self.sliding_window} >= 0")
+    if not 0.0 <= self.cross_attention_gate_init < 1.0:
+      raise ValueError("llm.cross_attention_gate_init="
+                       f"{self.cross_attention_gate_init} must be in [0, 1)")
     if self.rope_global_scale < 1.0:
       raise ValueError(f"llm.rope_global_scale={self.rope_global_scale} must be >= 1")
     self.adapter.validate()
@@ -304,7 +310,8 @@ class Block(nn.Module):
 
 class GatedCrossAttention(nn.Module):
   """Flamingo-style: x + tanh(g_attn) * CrossAttn(x, user) then
-  x + tanh(g_mlp) * MLP(x); both gates start at 0 (the block is then a no-op)."""
+  x + tanh(g_mlp) * MLP(x); both gates start at tanh = cross_attention_gate_init
+  (0 by default: the block is then a no-op)."""
   config: LLMConfig
 
   @nn.compact
@@ -318,8 +325,9 @@ class GatedCrossAttention(nn.Module):
                  (None, "heads", "embed", "kv")).astype(dtype)
     wo = _param(self, "attn_vec_einsum", (cfg.num_heads, cfg.head_dim, cfg.embed_dim),
                 ("heads", "kv", "embed")).astype(dtype)
-    attn_gate = _param(self, "attn_gate", (), (), nn.initializers.zeros)
-    mlp_gate = _param(self, "mlp_gate", (), (), nn.initializers.zeros)
+    gate = nn.initializers.constant(math.atanh(cfg.cross_attention_gate_init))
+    attn_gate = _param(self, "attn_gate", (), (), gate)
+    mlp_gate = _param(self, "mlp_gate", (), (), gate)
     user = user_tokens.astype(dtype)
     q = jnp.einsum("btd,ndh->btnh", RMSNorm(name="pre_attention_norm")(x), wq)
     k, v = jnp.einsum("bud,cndh->cbunh", user, wkv)
