@@ -230,11 +230,14 @@ def gate_values(llm_params: dict) -> dict[str, float]:
 
 
 def user_information_probe(model: ul.UserLLM, params, builder: prompts.PromptBuilder,
-                           train: prompts.Examples, held_out: prompts.Examples,
-                           split: str, task: str = "favourite_genre",
+                           train: prompts.Examples,
+                           held_out_builder: prompts.PromptBuilder,
+                           held_out: prompts.Examples, split: str,
+                           task: str = "favourite_genre",
                            batch_size: int = 64) -> dict[str, float]:
-  """Linear probes for `task` (logistic regression, fit on `train`, scored on
-  `held_out`) from what each stage of the user path hands to the next: the
+  """Linear probes for `task` (logistic regression, fit on `train` through
+  `builder`, scored on `held_out` through `held_out_builder`, the builder over
+  the timelines its cuts index) from what each stage of the user path hands to the next: the
   encoder's state at the last event, and the mean of the user tokens the LLM
   reads (after Perceiver and projector). A drop between the two says the
   Perceiver / projector lose the user; a high user-token probe with a low task
@@ -255,7 +258,7 @@ def user_information_probe(model: ul.UserLLM, params, builder: prompts.PromptBui
         mask.sum(1, keepdims=True), 1)
     return last, pooled
 
-  def collect(examples):
+  def collect(builder, examples):
     parts, labels = [], []
     for rows, real in evaluation.padded_rows(len(examples), batch_size):
       out = features(params, builder.events(examples, rows))
@@ -264,8 +267,8 @@ def user_information_probe(model: ul.UserLLM, params, builder: prompts.PromptBui
                  for r in rows[:real]]
     return [np.concatenate(p) for p in zip(*parts)], np.asarray(labels)
 
-  (train_enc, train_tok), train_y = collect(train)
-  (test_enc, test_tok), test_y = collect(held_out)
+  (train_enc, train_tok), train_y = collect(builder, train)
+  (test_enc, test_tok), test_y = collect(held_out_builder, held_out)
   out = {}
   for name, x_train, x_test in (("probe_encoder", train_enc, test_enc),
                                 ("probe_user_tokens", train_tok, test_tok)):

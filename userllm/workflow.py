@@ -247,7 +247,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
     probe_train = prompts.Examples(*(a[:u.probe_examples] for a in (
         probe_train.users, probe_train.cuts, probe_train.tasks)))
     results.update(evaluation.user_information_probe(
-        model, state.params, builder, probe_train, test.examples, "test"))
+        model, state.params, builder, probe_train, test.builder, test.examples,
+        "test"))
   results.update({"eval_users": float(len(test.examples)),
                   "steps": float(state.step), "wall_seconds": time.time() - began})
   return results
