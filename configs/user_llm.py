@@ -71,6 +71,9 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       # tanh of the cross-attention gates at init: 0 (Flamingo's) makes a
       # fresh block a no-op, and its weights learn only as the gate opens
       gate_init=0.0,
+      # > 0: + this x the next item's cross-entropy from the mean user token
+      # (a linear head), so that stage 3 cannot make the user tokens constant
+      aux_item_weight=0.0,
       cuts_per_user=2 if (tiny or multitask) else 4,  # examples per user and task
       eval_users=16 if tiny else (200 if multitask else 300),  # 0: all
       probe_examples=32 if tiny else 2000,  # training cuts of the user probes

@@ -255,7 +255,13 @@ class PromptBuilder:
     return self.answers[task][self.label(user, cut, task)]
 
   def events(self, examples: Examples, rows: np.ndarray) -> dict[str, np.ndarray]:
-    return history_events(self.timelines, examples, rows, self.history_len)
+    """history_events, plus "next_item" [n]: the item at each cut (the event
+    the history leads to; read only by User-LLM's auxiliary loss)."""
+    out = history_events(self.timelines, examples, rows, self.history_len)
+    offsets = self.timelines.user_offsets[examples.users[rows]]
+    out["next_item"] = self.timelines.item_ids[offsets + examples.cuts[rows]].astype(
+        np.int32)
+    return out
 
   def batch(self, examples: Examples, rows: np.ndarray, with_answers: bool = True
             ) -> dict[str, np.ndarray]:

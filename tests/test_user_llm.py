@@ -308,3 +308,29 @@ def test_new_parts_learn_at_their_own_rate():
     ten = functools.reduce(lambda node, k: node[k.key], path, updates[10.0])
     fresh = ul.part_of(tuple(k.key for k in path)) in ul.NEW_PARTS
     np.testing.assert_allclose(ten, one * (10.0 if fresh else 1.0), rtol=1e-6)
+
+
+def test_auxiliary_next_item_loss_trains_the_user_path_only():
+  """aux_weight adds the next item's cross-entropy from the mean user token:
+  the loss grows by exactly weight x that term, and its gradient reaches the
+  user head, projector, Perceiver and encoder but not the LLM."""
+  import dataclasses
+  base = _tiny_user_llm("soft_prompt")
+  model = ul.UserLLM(dataclasses.replace(base.config, aux_items=30))
+  batch = _lm_batch()
+  batch["events"]["next_item"] = np.arange(1, 5, dtype=np.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch["events"],
+                                    batch["tokens"], batch["token_mask"])["params"])
+  assert ul.part_of(("user_head", "kernel")) == "projector"
+  mask = ul.trainable_mask(params, "full")
+  key = jax.random.PRNGKey(1)
+  plain, _ = ul.lm_loss(model, mask, params, batch, key, False)
+  with_aux, metrics = ul.lm_loss(model, mask, params, batch, key, False, aux_weight=0.5)
+  np.testing.assert_allclose(with_aux, plain + 0.5 * metrics["aux_item_loss"],
+                             rtol=1e-6)
+  aux_only = jax.grad(lambda p: ul.lm_loss(model, mask, p, batch, key, False,
+                                           aux_weight=1.0)[0]
+                      - ul.lm_loss(model, mask, p, batch, key, False)[0])(params)
+  norms = {top: float(optax.global_norm(aux_only[top])) for top in aux_only}
+  assert norms["user_head"] > 0 and norms["projector"] > 0 and norms["encoder"] > 0
+  assert norms["llm"] < 1e-6

@@ -132,7 +132,8 @@ def build_model(config, timelines, vocab_size: int, method: str,
       encoder=encoder_config(config, timelines.num_items,
                              len(timelines.items.genre_names)),
       llm=cfg, integration=INTEGRATION[method], num_latents=u.num_latents,
-      perceiver_layers=u.perceiver_layers, perceiver_heads=u.perceiver_heads))
+      perceiver_layers=u.perceiver_layers, perceiver_heads=u.perceiver_heads,
+      aux_items=timelines.num_items + 1 if u.aux_item_weight else 0))
 
 
 def init_state(model: ul.UserLLM, strategy: str, train, seed: int, mesh,

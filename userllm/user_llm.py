@@ -51,6 +51,9 @@ class UserLLMConfig:
   num_latents: int = 16  # Perceiver queries; 0: every encoder state is a user token
   perceiver_layers: int = 1
   perceiver_heads: int = 2
+  # > 0: a linear head from the mean user token to this many item logits, for
+  # the auxiliary next-item loss that keeps the user tokens informative
+  aux_items: int = 0
 
   def validate(self) -> "UserLLMConfig":
     if self.integration not in INTEGRATIONS:
@@ -78,6 +81,9 @@ class UserLLM(nn.Module):
         self.perceiver = perceiver_lib.PerceiverResampler(
             cfg.num_latents, cfg.perceiver_layers, cfg.perceiver_heads)
       self.projector = perceiver_lib.Projector(cfg.llm.embed_dim)
+      if cfg.aux_items:
+        self.user_head = nn.Dense(cfg.aux_items, kernel_init=nn.with_logical_partitioning(
+            nn.initializers.normal(0.02), ("embed", "vocab")), name="user_head")
     self.llm = llm_lib.DecoderLM(cfg.llm)
 
   def user_tokens(self, events: dict, train: bool = False):
@@ -90,6 +96,13 @@ class UserLLM(nn.Module):
       states = self.perceiver(states, mask)
       mask = jnp.ones(states.shape[:2], bool)
     return self.projector(states), mask
+
+  def user_item_logits(self, events: dict, train: bool = False) -> jax.Array:
+    """[b, aux_items] next-item logits from the mean user token (aux loss)."""
+    tokens, mask = self.user_tokens(events, train)
+    pooled = (tokens * mask[..., None]).sum(1) / jnp.maximum(
+        mask.sum(1, keepdims=True), 1)
+    return self.user_head(pooled)
 
   def conditioning(self, events: dict | None, train: bool = False) -> dict:
     """The keyword arguments that carry the user into `DecoderLM.__call__`."""
@@ -105,6 +118,8 @@ class UserLLM(nn.Module):
     """-> logits [b, t, vocab] for the text tokens (soft-prompt slots dropped);
     task_ids [b] feed task-routed adapters."""
     conditioning = self.conditioning(events, train)
+    if self.config.uses_user and self.config.aux_items and self.is_initializing():
+      self.user_item_logits(events)  # creates the head's parameters
     logits, _ = self.llm(tokens, token_mask, task_ids=task_ids, **conditioning)
     return logits[:, logits.shape[1] - tokens.shape[1]:]
 
@@ -114,7 +129,7 @@ def part_of(path: tuple[str, ...]) -> str:
   top = path[0]
   if top == "encoder":
     return "encoder"
-  if top in ("perceiver", "projector"):
+  if top in ("perceiver", "projector", "user_head"):
     return "projector"
   if any(p.startswith("cross_attention_") for p in path):
     return "integration"
@@ -165,8 +180,10 @@ def freeze(params, mask):
 
 
 def lm_loss(model: UserLLM, mask, params, batch: dict, rng: jax.Array,
-            train: bool = True):
-  """Mean next-token cross-entropy over the target tokens.
+            train: bool = True, aux_weight: float = 0.0):
+  """Mean next-token cross-entropy over the target tokens, plus `aux_weight` x
+  the cross-entropy of the next item ("events"["next_item"]) from the mean user
+  token (`UserLLM.user_item_logits`; a model built with aux_items).
 
   batch: {"events" (absent for text integration), "tokens", "token_mask",
   "target_mask": [b, t], optionally "task_ids": [b]}; target_mask marks the
@@ -182,4 +199,13 @@ def lm_loss(model: UserLLM, mask, params, batch: dict, rng: jax.Array,
   loss = -jnp.sum(token_lp * target) / count
   accuracy = jnp.sum((logits[:, :-1].argmax(-1) == batch["tokens"][:, 1:])
                      * target) / count
-  return loss, {"token_accuracy": accuracy}
+  metrics = {"token_accuracy": accuracy}
+  if aux_weight:
+    item_logits = model.apply({"params": freeze(params, mask)}, batch["events"],
+                              train, method=model.user_item_logits,
+                              rngs={"dropout": rng})
+    aux = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(item_logits, -1),
+                                        batch["events"]["next_item"][:, None], -1))
+    metrics["aux_item_loss"] = aux
+    loss = loss + aux_weight * aux
+  return loss, metrics

@@ -222,8 +222,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
       for name, held_out in (("valid", split.valid), ("test", split.test)))
   if u.eval_base:  # before any training: the base LLM (fresh adapters are no-ops)
     results.update(test.evaluate(state.params, scorer="base"))
-  train_step = train_loop.make_train_step(
-      functools.partial(ul.lm_loss, model, mask), tx)
+  train_step = train_loop.make_train_step(functools.partial(
+      ul.lm_loss, model, mask,
+      aux_weight=u.aux_item_weight if model.config.uses_user else 0.0), tx)
   batches = task_batches(config, workdir, builder, timelines, examples, tasks)
   train_began = time.time()
   state = fit_stage(builders.stage_name(config, model), state, shardings,
