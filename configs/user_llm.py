@@ -74,6 +74,8 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       # > 0: + this x the next item's cross-entropy from the mean user token
       # (a linear head), so that stage 3 cannot make the user tokens constant
       aux_item_weight=0.0,
+      # a LayerNorm on the user tokens (unit scale, like the LLM's states)
+      normalise_user_tokens=False,
       cuts_per_user=2 if (tiny or multitask) else 4,  # examples per user and task
       eval_users=16 if tiny else (200 if multitask else 300),  # 0: all
       probe_examples=32 if tiny else 2000,  # training cuts of the user probes

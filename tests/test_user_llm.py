@@ -334,3 +334,19 @@ def test_auxiliary_next_item_loss_trains_the_user_path_only():
   norms = {top: float(optax.global_norm(aux_only[top])) for top in aux_only}
   assert norms["user_head"] > 0 and norms["projector"] > 0 and norms["encoder"] > 0
   assert norms["llm"] < 1e-6
+
+
+def test_normalised_user_tokens_reach_the_llm_at_unit_scale():
+  import dataclasses
+  base = _tiny_user_llm("cross_attention")
+  batch = _lm_batch()
+  for normalise in (False, True):
+    model = ul.UserLLM(dataclasses.replace(base.config,
+                                           normalise_user_tokens=normalise))
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), batch["events"],
+                                      batch["tokens"], batch["token_mask"])["params"])
+    tokens, _ = model.apply({"params": params}, batch["events"],
+                            method=model.user_tokens)
+    scale = float(jnp.sqrt(jnp.mean(jnp.square(tokens))))
+    # (LayerNorm's epsilon takes a little off tokens this small)
+    assert (0.9 < scale <= 1.0) if normalise else scale < 0.1

@@ -75,10 +75,16 @@ class PerceiverResampler(nn.Module):
 
 
 class Projector(nn.Module):
-  """[..., encoder width] -> [..., LLM width] by a two-layer GeLU MLP."""
+  """[..., encoder width] -> [..., LLM width] by a two-layer GeLU MLP, then (with
+  `normalise`) a LayerNorm, so every user token reaches the LLM at unit scale:
+  without it the fresh MLP's output is ~0.01 per coordinate, 20-100x below
+  the LLM's hidden states, and Adam's lr-sized steps take hundreds of steps to
+  make the user tokens matter (README, "Where the user signal is lost")."""
   out_dim: int
+  normalise: bool = False
 
   @nn.compact
   def __call__(self, x):
     h = nn.gelu(_dense(self.out_dim, ("embed", "mlp"), "hidden")(x))
-    return _dense(self.out_dim, ("mlp", "embed"), "out")(h)
+    out = _dense(self.out_dim, ("mlp", "embed"), "out")(h)
+    return _norm("out_norm")(out) if self.normalise else out

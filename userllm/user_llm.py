@@ -54,6 +54,7 @@ class UserLLMConfig:
   # > 0: a linear head from the mean user token to this many item logits, for
   # the auxiliary next-item loss that keeps the user tokens informative
   aux_items: int = 0
+  normalise_user_tokens: bool = False  # a LayerNorm at the projector's output
 
   def validate(self) -> "UserLLMConfig":
     if self.integration not in INTEGRATIONS:
@@ -80,7 +81,8 @@ class UserLLM(nn.Module):
       if cfg.num_latents:
         self.perceiver = perceiver_lib.PerceiverResampler(
             cfg.num_latents, cfg.perceiver_layers, cfg.perceiver_heads)
-      self.projector = perceiver_lib.Projector(cfg.llm.embed_dim)
+      self.projector = perceiver_lib.Projector(cfg.llm.embed_dim,
+                                               cfg.normalise_user_tokens)
       if cfg.aux_items:
         self.user_head = nn.Dense(cfg.aux_items, kernel_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("embed", "vocab")), name="user_head")
