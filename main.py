@@ -22,12 +22,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF's C++ start-up chatter
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# config.workflow -> the workflow module (imported by this file and benchmarks only)
-WORKFLOWS = {
-    "next_item": "userllm.next_item_workflow",
-    "user_llm": "userllm.workflow",
-    "federated": "federated.workflow",
-}
+from configs.common import WORKFLOWS  # config.workflow -> its module
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "

@@ -2,9 +2,10 @@
 
   python -m benchmarks.startup --out benchmarks/startup
 
-For every workflow of `main.WORKFLOWS`, a fresh interpreter imports `main`, the
-workflow module and the metric writer and initialises JAX's backend: everything
-`main.py` loads before it reads data. Wall time from the parent (interpreter
+For every workflow of `configs.common.WORKFLOWS`, a fresh interpreter imports
+what `main.py` imports at its top (absl, ml_collections' config flags), the
+workflow module and the metric writer, and initialises JAX's backend:
+everything `main.py` loads before it reads data. Wall time from the parent (interpreter
 start included), the median of `--repeats` runs, with and without an extra
 `import tensorflow`; the latter is what every run paid before the metric writer
 dropped `clu` (whose writers import TensorFlow), so the two columns are the
@@ -32,8 +33,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Fresh interpreters per cell.")
 # The child: what main.py imports before the workflow reads its data.
 _CHILD = """
 import importlib, sys
-import main
-importlib.import_module(main.WORKFLOWS[sys.argv[1]])
+from absl import app, flags
+from ml_collections import config_flags
+from configs.common import WORKFLOWS
+importlib.import_module(WORKFLOWS[sys.argv[1]])
 from infra import metric_writer
 import jax
 jax.devices()
@@ -62,11 +65,11 @@ def measure(repo: str, workflow: str, with_tensorflow: bool) -> dict:
 
 def main(argv) -> None:
   del argv
-  import main as main_module
+  from configs.common import WORKFLOWS
   from infra import results as results_lib
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rows = []
-  for workflow in main_module.WORKFLOWS:
+  for workflow in WORKFLOWS:
     cell = {"workflow": workflow}
     for label, with_tf in (("after", False), ("before", True)):
       runs = [measure(repo, workflow, with_tf) for _ in range(_REPEATS.value)]

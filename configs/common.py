@@ -91,6 +91,14 @@ def mesh() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(data=-1, model=1))
 
 
+# config.workflow -> the workflow module (imported by main.py and benchmarks only)
+WORKFLOWS = {
+    "next_item": "userllm.next_item_workflow",
+    "user_llm": "userllm.workflow",
+    "federated": "federated.workflow",
+}
+
+
 def experiment(workflow: str) -> ml_collections.ConfigDict:
   """The top-level fields every experiment has."""
   config = ml_collections.ConfigDict()
