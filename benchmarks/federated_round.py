@@ -181,14 +181,18 @@ def gemm_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
   import jax
   import jax.numpy as jnp
   a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
-  matmul(a).block_until_ready()
+  return 2 * n ** 3 / _best_seconds(jax.jit(lambda x: x @ x), a, repeats) / 1e9
+
+
+def _best_seconds(fn, x, repeats: int) -> float:
+  """The fastest of `repeats` timed calls of fn(x), after one warm-up call."""
+  fn(x).block_until_ready()
   best = float("inf")
   for _ in range(repeats):
     began = time.perf_counter()
-    matmul(a).block_until_ready()
+    fn(x).block_until_ready()
     best = min(best, time.perf_counter() - began)
-  return 2 * n ** 3 / best / 1e9
+  return best
 
 
 def _markdown(cells: list[dict], header: dict) -> str:
@@ -255,13 +259,7 @@ def stream_bandwidth_gbs(mib: int = 256, repeats: int = 10) -> float:
   import jax.numpy as jnp
   x = jnp.ones((mib * 2**20 // 4,), jnp.float32)
   axpy = jax.jit(lambda v: 2.0 * v + 1.0)
-  axpy(x).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    began = time.perf_counter()
-    axpy(x).block_until_ready()
-    best = min(best, time.perf_counter() - began)
-  return 2 * x.size * 4 / best / 1e9
+  return 2 * x.size * 4 / _best_seconds(axpy, x, repeats) / 1e9
 
 
 def _run_cell(repo: str, size: str, mode: str, n: int, params_out: str) -> dict:

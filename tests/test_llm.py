@@ -52,12 +52,15 @@ def test_no_attention_to_padding_or_future():
   np.testing.assert_allclose(logits[0, 3:], unpadded[0], atol=1e-5)
 
 
-def test_kv_cache_decoding_equals_full_recomputation():
+def _assert_chunked_decoding_equals_full(cfg):
+  """Decoding a prompt, one token and a chunk through the KV cache gives the
+  full forward's logits at every real position. Returns (model, params,
+  tokens, mask)."""
   tokens, mask = _tokens(t=10)
-  model, params = _init(CFG, tokens, mask)
+  model, params = _init(cfg, tokens, mask)
   params = _randomise(params)
   full, _ = jax.jit(model.apply)({"params": params}, tokens, mask)
-  cache = llm.init_cache(CFG, 2, 12)
+  cache = llm.init_cache(cfg, 2, 12)
   pieces = []
   for start, stop in ((0, 4), (4, 5), (5, 10)):  # a prompt, one token, a chunk
     out, cache = jax.jit(model.apply)({"params": params}, tokens[:, start:stop],
@@ -66,6 +69,11 @@ def test_kv_cache_decoding_equals_full_recomputation():
   np.testing.assert_allclose(np.where(mask[..., None], full, 0),
                              np.where(mask[..., None], jnp.concatenate(pieces, 1), 0),
                              atol=1e-5)
+  return model, params, tokens, mask
+
+
+def test_kv_cache_decoding_equals_full_recomputation():
+  model, params, tokens, mask = _assert_chunked_decoding_equals_full(CFG)
 
   # greedy generation == argmax of a full forward at every step: one causal
   # forward over prompt + generated tokens gives every step's logits at once
@@ -346,20 +354,8 @@ def test_gemma3_vision_tower_is_refused_or_dropped_by_name():
 def test_sliding_window_kv_cache_decoding_equals_full_recomputation():
   """Local layers in decoding read the cache's positions: chunked decoding with
   a 3-token window (a left-padded row included) equals one full forward."""
-  cfg = llm.LLMConfig(**{**CFG.__dict__, **FAMILIES["gemma3"][0]})
-  tokens, mask = _tokens(t=10)
-  model, params = _init(cfg, tokens, mask)
-  params = _randomise(params)
-  full, _ = jax.jit(model.apply)({"params": params}, tokens, mask)
-  cache = llm.init_cache(cfg, 2, 12)
-  pieces = []
-  for start, stop in ((0, 4), (4, 5), (5, 10)):
-    out, cache = jax.jit(model.apply)({"params": params}, tokens[:, start:stop],
-                                      mask[:, start:stop], cache=cache)
-    pieces.append(out)
-  np.testing.assert_allclose(np.where(mask[..., None], full, 0),
-                             np.where(mask[..., None], jnp.concatenate(pieces, 1), 0),
-                             atol=1e-5)
+  _assert_chunked_decoding_equals_full(
+      llm.LLMConfig(**{**CFG.__dict__, **FAMILIES["gemma3"][0]}))
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
