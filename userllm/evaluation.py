@@ -254,9 +254,7 @@ def user_information_probe(model: ul.UserLLM, params, builder: prompts.PromptBui
       return jax.numpy.take_along_axis(states, (lengths - 1)[:, None, None], 1)[:, 0]
     last = model.apply({"params": params}, events, method=encoder_last)
     tokens, mask = model.apply({"params": params}, events, method=model.user_tokens)
-    pooled = (tokens * mask[..., None]).sum(1) / jax.numpy.maximum(
-        mask.sum(1, keepdims=True), 1)
-    return last, pooled
+    return last, ul.mean_token(tokens, mask)
 
   def collect(builder, examples):
     parts, labels = [], []

@@ -99,31 +99,38 @@ class UserLLM(nn.Module):
       mask = jnp.ones(states.shape[:2], bool)
     return self.projector(states), mask
 
-  def user_item_logits(self, events: dict, train: bool = False) -> jax.Array:
-    """[b, aux_items] next-item logits from the mean user token (aux loss)."""
-    tokens, mask = self.user_tokens(events, train)
-    pooled = (tokens * mask[..., None]).sum(1) / jnp.maximum(
-        mask.sum(1, keepdims=True), 1)
-    return self.user_head(pooled)
-
   def conditioning(self, events: dict | None, train: bool = False) -> dict:
     """The keyword arguments that carry the user into `DecoderLM.__call__`."""
     if not self.config.uses_user:
       return {}
-    tokens, mask = self.user_tokens(events, train)
+    return self._conditioning(*self.user_tokens(events, train))
+
+  def _conditioning(self, user: jax.Array, mask: jax.Array) -> dict:
     if self.config.integration == "soft_prompt":
-      return {"prefix": tokens, "prefix_mask": mask}
-    return {"user_tokens": tokens, "user_mask": mask}
+      return {"prefix": user, "prefix_mask": mask}
+    return {"user_tokens": user, "user_mask": mask}
 
   def __call__(self, events: dict | None, tokens: jax.Array, token_mask: jax.Array,
-               train: bool = False, task_ids: jax.Array | None = None) -> jax.Array:
+               train: bool = False, task_ids: jax.Array | None = None,
+               with_user_items: bool = False):
     """-> logits [b, t, vocab] for the text tokens (soft-prompt slots dropped);
-    task_ids [b] feed task-routed adapters."""
-    conditioning = self.conditioning(events, train)
-    if self.config.uses_user and self.config.aux_items and self.is_initializing():
-      self.user_item_logits(events)  # creates the head's parameters
+    task_ids [b] feed task-routed adapters. With `with_user_items` (a model
+    built with aux_items) -> (logits, [b, aux_items] next-item logits from the
+    mean user token), from the same pass over the user path."""
+    conditioning, item_logits = {}, None
+    if self.config.uses_user:
+      user, mask = self.user_tokens(events, train)
+      conditioning = self._conditioning(user, mask)
+      if self.config.aux_items and (with_user_items or self.is_initializing()):
+        item_logits = self.user_head(mean_token(user, mask))
     logits, _ = self.llm(tokens, token_mask, task_ids=task_ids, **conditioning)
-    return logits[:, logits.shape[1] - tokens.shape[1]:]
+    logits = logits[:, logits.shape[1] - tokens.shape[1]:]
+    return (logits, item_logits) if with_user_items else logits
+
+
+def mean_token(tokens: jax.Array, mask: jax.Array) -> jax.Array:
+  """[b, n, d] tokens, [b, n] mask -> [b, d] mean of the real ones."""
+  return (tokens * mask[..., None]).sum(1) / jnp.maximum(mask.sum(1, keepdims=True), 1)
 
 
 def part_of(path: tuple[str, ...]) -> str:
@@ -185,15 +192,18 @@ def lm_loss(model: UserLLM, mask, params, batch: dict, rng: jax.Array,
             train: bool = True, aux_weight: float = 0.0):
   """Mean next-token cross-entropy over the target tokens, plus `aux_weight` x
   the cross-entropy of the next item ("events"["next_item"]) from the mean user
-  token (`UserLLM.user_item_logits`; a model built with aux_items).
+  token (`UserLLM(..., with_user_items=True)`; a model built with aux_items),
+  computed in the same forward pass.
 
   batch: {"events" (absent for text integration), "tokens", "token_mask",
   "target_mask": [b, t], optionally "task_ids": [b]}; target_mask marks the
   answer tokens (prompt excluded).
   """
-  logits = model.apply({"params": freeze(params, mask)}, batch.get("events"),
-                       batch["tokens"], batch["token_mask"], train,
-                       batch.get("task_ids"), rngs={"dropout": rng})
+  out = model.apply({"params": freeze(params, mask)}, batch.get("events"),
+                    batch["tokens"], batch["token_mask"], train,
+                    batch.get("task_ids"), with_user_items=bool(aux_weight),
+                    rngs={"dropout": rng})
+  logits, item_logits = out if aux_weight else (out, None)
   log_probs = jax.nn.log_softmax(logits[:, :-1], -1)
   token_lp = jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], -1)[..., 0]
   target = batch["target_mask"][:, 1:]
@@ -203,9 +213,6 @@ def lm_loss(model: UserLLM, mask, params, batch: dict, rng: jax.Array,
                      * target) / count
   metrics = {"token_accuracy": accuracy}
   if aux_weight:
-    item_logits = model.apply({"params": freeze(params, mask)}, batch["events"],
-                              train, method=model.user_item_logits,
-                              rngs={"dropout": rng})
     aux = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(item_logits, -1),
                                         batch["events"]["next_item"][:, None], -1))
     metrics["aux_item_loss"] = aux
