@@ -15,8 +15,12 @@ import numpy as np
 import sentencepiece as spm
 
 
-def train_vocabulary(texts: list[str], model_path: str, vocab_size: int) -> str:
-  """Trains a unigram SentencePiece model on `texts`, written atomically.
+def train_vocabulary(texts: list[str], model_path: str, vocab_size: int,
+                     model_type: str = "unigram") -> str:
+  """Trains a SentencePiece model ("unigram" or "bpe") on `texts`, written
+  atomically. On a small corpus (each title once) unigram stops at a few
+  hundred pieces and splits words; BPE reaches `vocab_size` and keeps words
+  whole (2.4x fewer tokens for a history of synthetic titles).
 
   Ids follow seqio's convention: pad=0, eos=1, unk=2, no bos.
   """
@@ -26,7 +30,7 @@ def train_vocabulary(texts: list[str], model_path: str, vocab_size: int) -> str:
     prefix = os.path.join(tmp, "spm")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=prefix,
-        vocab_size=vocab_size, model_type="unigram", character_coverage=1.0,
+        vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
         minloglevel=2)
     os.replace(prefix + ".model", model_path)

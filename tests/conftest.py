@@ -117,7 +117,8 @@ class ConfigReads:
 # from finishing a long file alone at the end (longest-first scheduling).
 _LONGEST_FIRST = ("test_user_llm.py", "test_multitask.py", "test_multihost.py",
                   "test_notebook.py", "test_federated_algorithms.py",
-                  "test_federated_data.py", "test_main.py", "test_adapters.py",
+                  "test_federated_data.py", "test_main.py", "test_summarize.py",
+                  "test_adapters.py",
                   "test_llm.py")
 
 

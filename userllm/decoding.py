@@ -88,16 +88,23 @@ def score_continuations(model: llm.DecoderLM, params, prompt: jax.Array,
   """Log-likelihood of every candidate after every prompt, sharing each prompt's
   KV cache across candidates (the prompt is run once, not once per candidate).
 
-  prompt, prompt_mask: [b, t] left-padded; candidates, candidate_mask: [c, T]
-  right-padded. Returns [b, c] float32: sum of log p(candidate tokens | prompt).
+  prompt, prompt_mask: [b, t] left-padded (a pad may also sit between real
+  tokens: positions count real tokens only); candidates, candidate_mask:
+  [c, T] right-padded, the same for every prompt, or [b, c, T], each prompt's
+  own (e.g. a multiple-choice question's options). Returns [b, c] float32:
+  sum of log p(candidate tokens | prompt).
   """
   conditioning = conditioning or {}
-  b, c = prompt.shape[0], candidates.shape[0]
-  last_logits, cache = prefill(model, params, prompt, prompt_mask,
-                               candidates.shape[1], conditioning)
+  b, c, length = prompt.shape[0], candidates.shape[-2], candidates.shape[-1]
+  last_logits, cache = prefill(model, params, prompt, prompt_mask, length,
+                               conditioning)
   cache = _repeat(cache, c)
-  tiled = jnp.tile(candidates, (b, 1))
-  tiled_mask = jnp.tile(candidate_mask, (b, 1))
+  if candidates.ndim == 3:  # per prompt: row i's candidates follow prompt i
+    tiled = candidates.reshape(b * c, length)
+    tiled_mask = candidate_mask.reshape(b * c, length)
+  else:
+    tiled = jnp.tile(candidates, (b, 1))
+    tiled_mask = jnp.tile(candidate_mask, (b, 1))
   logits, _ = model.apply({"params": params}, tiled, tiled_mask, cache=cache,
                           **_repeat(_per_step(conditioning), c))
   # token 0 is predicted by the prompt's last logit, token j by logit j - 1.

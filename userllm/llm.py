@@ -378,11 +378,13 @@ class DecoderLM(nn.Module):
                prefix: jax.Array | None = None, prefix_mask: jax.Array | None = None,
                user_tokens: jax.Array | None = None,
                user_mask: jax.Array | None = None, cache: dict | None = None,
-               task_ids: jax.Array | None = None):
+               task_ids: jax.Array | None = None, return_hidden: bool = False):
     """tokens, token_mask: [b, t]; prefix: [b, p, embed], prefix_mask [b, p];
     task_ids: [b] int, read by task-conditioned adapter routers.
 
-    Returns (logits [b, p + t, vocab_size] float32, the updated cache or None).
+    Returns (logits [b, p + t, vocab_size] float32, the updated cache or None);
+    with `return_hidden`, the final-normed states [b, p + t, embed] instead of
+    the logits (what a value head reads).
     """
     x = self.embed(tokens)
     mask = token_mask.astype(bool)
@@ -403,6 +405,8 @@ class DecoderLM(nn.Module):
         if user_mask is None:
           user_mask = jnp.ones(user_tokens.shape[:2], bool)
         x = self.cross[i](x, user_tokens, user_mask)
+    if return_hidden:
+      return self.final_norm(x), new_cache
     logits = self.embedder.decode(self.final_norm(x))
     logits = logits[..., :self.config.vocab_size].astype(jnp.float32)
     cap = self.config.final_logit_softcap

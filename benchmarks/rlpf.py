@@ -1,0 +1,212 @@
+"""RLPF: the quality table of finished runs, and the speed of rollouts and RL steps.
+
+  # the table (+ RL curves) of finished `rlpf` workdirs, one per data set
+  python -m benchmarks.rlpf --mode=table \\
+      --runs=synthetic=runs/rlpf_syn,movielens=runs/rlpf_ml --out benchmarks/rlpf_quality
+  # rollout throughput and RL step time at a config's shapes (fresh parameters)
+  python -m benchmarks.rlpf --mode=speed --out benchmarks/rlpf_speed
+
+`table` reads each workdir's results.json (written by
+`python main.py --config configs/rlpf.py ...`) and its RL stage's
+metrics.jsonl, and writes `<out>.json`, `<out>.md` and `<out>.png` (accuracy
+against context tokens per row; reward, accuracy, KL and summary length over
+RL steps). `speed` times, on this machine, the jitted sampling of a batch of
+summaries (generated tokens/s, eos ignored: every row runs `summary_len`
+steps) and one whole RL step (rollout, predictor scores, policy, reference and
+value passes, update) at the config's shapes, the median of `--repeats`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags
+from flax import linen as nn
+
+from benchmarks import report
+
+_MODE = flags.DEFINE_enum("mode", "table", ["table", "speed"], "What to measure.")
+_RUNS = flags.DEFINE_string("runs", "synthetic=runs/rlpf_syn",
+                            "name=workdir,... of finished rlpf runs (table).")
+_OUT = flags.DEFINE_string("out", "benchmarks/rlpf_quality", "Output path prefix.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (speed).")
+
+ROW_LABELS = {
+    "none": "no context", "full_history": "full history (N events)",
+    "last_k": "last-k events at RLPF's budget",
+    "random_k": "random-k events at RLPF's budget",
+    "first_k": "first-k events at RLPF's budget",
+    "initial_policy": "initial policy's summary",
+    "hierarchical": "time-hierarchical summarizer",
+    "hierarchical_verified": "hierarchical + verifier", "rlpf": "RLPF summary"}
+TASKS = (("next_title", "next title (RL task)"), ("favourite_genre", "favourite genre"),
+         ("rating", "rating"), ("future_genre", "future genre"),
+         ("quality", "UserSumBench quality"))
+
+
+def read_run(workdir: str) -> dict:
+  with open(os.path.join(workdir, "results.json")) as f:
+    results = json.load(f)
+  rows = {}
+  for key, value in results.items():
+    if key.startswith("test/") and key.count("/") == 2:
+      _, row, metric = key.split("/")
+      rows.setdefault(row, {})[metric] = value
+  curve = [r for r in report.read_metrics(os.path.join(workdir, "rlpf"))]
+  return {"rows": rows, "curve": curve, "test_users": results["test_users"],
+          "length_target": results["length_target"],
+          "config": {k: results["config"][k] for k in ("data", "rl", "summary")}}
+
+
+def markdown_table(name: str, run: dict) -> list[str]:
+  def cell(scores, key):
+    err = scores.get(f"{key}_stderr")
+    return f"{scores[key]:.3f}" + (f" ± {err:.3f}" if err is not None else "")
+  lines = [f"### {name} ({int(run['test_users'])} held-out test users, N = "
+           f"{run['config']['data']['history_len']})", "",
+           "| context | tokens | " + " | ".join(t for _, t in TASKS)
+           + " | density | hallucination |",
+           "|---" * (len(TASKS) + 4) + "|"]
+  for row, label in ROW_LABELS.items():
+    s = run["rows"].get(row)
+    if s is None:
+      continue
+    density = f"{s['density']:.2f}" if "density" in s else "-"
+    hall = f"{s['hallucination']:.3f}" if "hallucination" in s else "-"
+    lines.append(f"| {label} | {s['context_tokens']:.1f} | "
+                 + " | ".join(cell(s, t) for t, _ in TASKS)
+                 + f" | {density} | {hall} |")
+  rl = run["rows"].get("rlpf", {})
+  if "gain_over_initial" in rl:
+    lines += ["", f"RLPF - initial policy, next title, paired over the same users: "
+              f"{rl['gain_over_initial']:+.3f} ± {rl['gain_over_initial_stderr']:.3f}."]
+  return lines
+
+
+def table(out: str) -> None:
+  runs = {}
+  for item in _RUNS.value.split(","):
+    name, workdir = item.split("=")
+    runs[name] = read_run(workdir)
+  with open(out + ".json", "w") as f:
+    json.dump({"device": report.device(), "runs": runs}, f, indent=1)
+  lines = [f"RLPF and its baselines, scored by the same frozen predictor "
+           f"(`python -m benchmarks.rlpf --mode=table --runs={_RUNS.value} "
+           f"--out {out}`). ± is one standard error.", ""]
+  for name, run in runs.items():
+    lines += markdown_table(name, run) + [""]
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines))
+  fig, axes = report.figure(1 + len(runs), width=4.6)
+  for i, (name, run) in enumerate(runs.items()):
+    ax = axes[i]
+    for j, (row, label) in enumerate(ROW_LABELS.items()):
+      s = run["rows"].get(row)
+      if s is None:
+        continue
+      ax.errorbar(max(s["context_tokens"], 1.0), s["next_title"],
+                  yerr=s["next_title_stderr"], fmt="o", color=f"C{j}", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("context tokens (log)")
+    ax.set_ylabel("next-title accuracy (4 options)")
+    ax.set_title(name, fontsize=9)
+    if i == 0:
+      ax.legend(fontsize=6)
+  ax = axes[-1]
+  for i, (name, run) in enumerate(runs.items()):
+    train = [r for r in run["curve"] if r["split"] == "rlpf"]
+    steps = [r["step"] for r in train]
+    ax.plot(steps, [r["accuracy"] for r in train], color=f"C{i}", label=f"{name} accuracy")
+    ax.plot(steps, [r["kl"] for r in train], "--", color=f"C{i}", label=f"{name} KL")
+    ax.plot(steps, [r["summary_tokens"] / 40 for r in train], ":", color=f"C{i}",
+            label=f"{name} tokens / 40")
+  ax.set_xlabel("RL step")
+  ax.set_title("RL curves (training batches)", fontsize=9)
+  ax.legend(fontsize=6)
+  report.save(fig, out)
+  print("\n".join(lines))
+
+
+def speed(out: str) -> None:
+  from configs import rlpf as rlpf_config
+  from summarize import rlpf, workflow
+  from infra.train_state import TrainState
+  from userllm import decoding, llm
+  config = rlpf_config.get_config()
+  cfg = workflow.llm_config(config, config.data.vocab_size)
+  model = llm.DecoderLM(cfg)
+  rl = workflow.rl_config(config, length_target=10.0)
+  b, p, s = config.rl_train.batch_size, config.summary.prompt_len, rl.summary_len
+  prompt = jax.random.randint(jax.random.PRNGKey(0), (b, p), 3, cfg.vocab_size)
+  mask = jnp.ones((b, p), bool)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(1), prompt[:1], mask[:1])["params"])
+  value_model = rlpf.ValueModel(cfg)
+  head = value_model.init(jax.random.PRNGKey(2), prompt[:1], mask[:1])["params"]["head"]
+  state_params = {"policy": params, "reference": params, "predictor": params,
+                  "value": {"trunk": params, "head": head}}
+  tx = rlpf.rl_optimizer(optax.adam(1e-4), state_params)
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=state_params,
+                     opt_state=tx.init(state_params), rng=jax.random.PRNGKey(3))
+  step = jax.jit(rlpf.make_rl_step(model, value_model, model, tx, rl, [3, 4], [5, 6],
+                                   eos_id=-1))  # no eos: every row runs s tokens
+  options = jnp.ones((b, config.rl.num_options, 8), jnp.int32)
+  batch = {"prompt": prompt, "prompt_mask": mask, "options": options,
+           "option_mask": options > 0, "answer": jnp.zeros(b, jnp.int32)}
+
+  def timed(fn):
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(_REPEATS.value):
+      began = time.perf_counter()
+      jax.block_until_ready(fn())
+      times.append(time.perf_counter() - began)
+    return float(np.median(times))
+
+  rows = b * rl.group_size
+  many = jnp.repeat(prompt, rl.group_size, 0)
+  gen = timed(lambda: decoding.generate(
+      model, params, many, jnp.ones_like(many, bool), jax.random.PRNGKey(4),
+      max_new_tokens=s, temperature=1.0, eos_id=-1))
+  step_s = timed(lambda: step(state, batch)[1]["loss"])
+  result = {"device": report.device(), "batch": b, "group_size": rl.group_size,
+            "sequences": rows, "prompt_len": p, "summary_len": s,
+            "vocab": cfg.vocab_size, "embed_dim": cfg.embed_dim,
+            "num_layers": cfg.num_layers, "rollout_seconds": gen,
+            "generated_tokens_per_second": rows * s / gen,
+            "rl_step_seconds": step_s, "rollout_share_of_step": gen / step_s}
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  md = [f"RLPF speed at configs/rlpf.py's shapes (`python -m benchmarks.rlpf "
+        f"--mode=speed --out {out}`), {result['device']}: {rows} sequences "
+        f"({b} prompts x {rl.group_size}) of {p} prompt + {s} summary tokens, "
+        f"a {cfg.num_layers}-layer {cfg.embed_dim}-wide LM, vocabulary {cfg.vocab_size}.", "",
+        "| measure | value |", "|---|---|",
+        f"| rollout (sampling {s} tokens, KV cache, in jit) | {gen * 1e3:.0f} ms |",
+        f"| generated tokens/s | {result['generated_tokens_per_second']:.0f} |",
+        f"| one RL step (rollout + predictor + update) | {step_s * 1e3:.0f} ms |",
+        f"| rollout share of the step | {gen / step_s:.0%} |"]
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(md) + "\n")
+  fig, axes = report.figure(1)
+  axes[0].barh(["rollout", "rest of the RL step"], [gen, step_s - gen])
+  axes[0].set_xlabel("seconds")
+  axes[0].set_title(f"RL step {step_s:.2f} s; {result['generated_tokens_per_second']:.0f}"
+                    " generated tokens/s", fontsize=9)
+  report.save(fig, out)
+  print("\n".join(md))
+
+
+def main(argv):
+  del argv
+  os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
+  (table if _MODE.value == "table" else speed)(_OUT.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

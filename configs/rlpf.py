@@ -1,0 +1,81 @@
+"""RLPF on the embedded synthetic data: warm up a policy LM on programmatic
+summaries and a predictor LM on questions about users, then train the policy by
+RL from the frozen predictor's feedback, and score every context on held-out
+users (summarize/workflow.py).
+
+Scale: two 2-layer, 128-wide Gemma-style LMs trained from scratch (the value
+model is a third copy of the policy's trunk), histories of the latest N = 50
+events (title + rating), summaries of at most 40 tokens; tens of minutes on 2
+CPU cores. `configs/rlpf.py:tiny` is the seconds-long variant the tests run;
+configs/rlpf_movielens.py reads MovieLens-100K; configs/rlpf_gemma_tpu.py
+starts both LMs from Gemma checkpoints.
+"""
+
+import ml_collections
+
+from configs import common
+
+
+def stage(tiny: bool, batch_size: int, num_steps: int, learning_rate: float,
+          warmup_steps: int, eval_every: int = 0) -> ml_collections.ConfigDict:
+  if tiny:
+    batch_size, num_steps, warmup_steps, eval_every = 8, 4, 1, 2 if eval_every else 0
+  return common.train(
+      common.schedule(num_steps=num_steps, log_every=2 if tiny else 50,
+                      eval_every=eval_every, checkpoint_every=2 if tiny else 200,
+                      eval_batch_size=8 if tiny else 32),
+      common.optimizer(batch_size, learning_rate, warmup_steps))
+
+
+def build(tiny: bool, source: str = "synthetic", directory: str = ""
+          ) -> ml_collections.ConfigDict:
+  config = common.experiment("rlpf")
+  config.data = common.data(
+      tiny, source, directory,
+      vocab_size=400 if tiny else 2000,  # an upper bound on the trained pieces
+      history_len=8 if tiny else 50,  # N: events a history shows
+      future_len=2 if tiny else 5,  # held-out events after a test cut
+      min_history=4 if tiny else 10,  # events before any cut
+      valid_users=8 if tiny else 100, test_users=8 if tiny else 300,
+      cuts_per_user=2 if tiny else 8)
+  config.llm = ml_collections.ConfigDict(dict(
+      embed_dim=32 if tiny else 128, num_layers=2, num_heads=2 if tiny else 4,
+      num_kv_heads=1, head_dim=16 if tiny else 32, mlp_dim=64 if tiny else 512,
+      rope_max_wavelength=10_000, family="gemma1", dtype="float32",
+      # Gemma Flax checkpoint dirs to start the warm-ups from (+ its tokenizer)
+      policy_checkpoint="", predictor_checkpoint="", tokenizer=""))
+  config.summary = ml_collections.ConfigDict(dict(
+      max_len=16 if tiny else 32,  # tokens a summary may take (eos included)
+      prompt_len=96 if tiny else 288,  # tokens of a policy prompt / context
+      # programmatic summaries: the chance each part is written (texts.Style)
+      style=ml_collections.ConfigDict(dict(genres=0.6, rating=0.5, recent=0.4,
+                                           saw=0.5)),
+      merge_fraction=0.25,  # warm-up rows that merge chunk summaries
+      chunk_len=4 if tiny else 10))  # events per chunk (hierarchical summarizer)
+  # the predictor's training contexts (examples.CONTEXTS) and their weights
+  config.predictor = ml_collections.ConfigDict(dict(contexts=ml_collections.ConfigDict(
+      dict(summary=0.5, last_k=0.1, random_k=0.1, first_k=0.1, full=0.15,
+           none=0.05))))
+  config.rl = ml_collections.ConfigDict(dict(
+      num_options=4,  # the multiple-choice question: the next item + distractors
+      distractors="popularity_matched",  # | popularity | uniform
+      group_size=2,  # samples per prompt
+      temperature=1.0,
+      baseline="value",  # value (the paper's) | rloo | grpo | none
+      kl_coef=0.05,  # x exact KL(policy || initial policy) per summary
+      value_coef=0.5,
+      # r = correct + length_weight * min(length_cap, length_beta * (L - tokens))
+      length_weight=1.0, length_cap=0.3, length_beta=0.02,
+      truncated="keep",  # a summary without eos keeps its reward | "zero"
+      length_target_prompts=16 if tiny else 256))  # prompts that measure L
+  config.eval = ml_collections.ConfigDict(dict(
+      batch_size=8 if tiny else 50,
+      verifier_tries=2 if tiny else 3))  # the verifier's rewrites
+  config.policy_train = stage(tiny, 64, 600, 3e-3, 50)
+  config.predictor_train = stage(tiny, 64, 1000, 3e-3, 50)
+  config.rl_train = stage(tiny, 32, 300, 1e-4, 10, eval_every=100)
+  return config
+
+
+def get_config(arg: str = ""):
+  return build(common.is_tiny(arg))

@@ -1,0 +1,21 @@
+"""RLPF on MovieLens-100K (configs/rlpf.py's recipe on real histories).
+
+Run: python main.py --config configs/rlpf_movielens.py --workdir runs/rlpf_ml
+(reads ../shared/data/movielens-100k; set --config.data.dir elsewhere).
+Scale: 943 users (100 test, 50 valid, the rest train), N = 50 rated titles
+("Toy Story (1995) (4)"), longer prompts than the synthetic titles' (up to 512
+tokens), the same two small LMs; about an hour on 2 CPU cores.
+"""
+
+from configs import common, rlpf
+
+
+def get_config(arg: str = ""):
+  tiny = common.is_tiny(arg)
+  config = rlpf.build(tiny, source="movielens",
+                      directory="../shared/data/movielens-100k")
+  if not tiny:
+    config.data.valid_users, config.data.test_users = 50, 100
+    config.summary.prompt_len = 512
+    config.summary.max_len = 40
+  return config

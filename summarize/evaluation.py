@@ -1,0 +1,250 @@
+"""Scoring user contexts with the frozen predictor, UserSumBench's metrics, and
+the summarizers the table compares (policy summaries, the time-hierarchical
+summarizer and its self-critique verifier).
+
+Every row of the table is a context per held-out user (a summary, part of the
+history as text, or nothing) read by the same frozen predictor, which answers
+each probe by the likelihood of each of its options:
+- `next_title`: the next item's title among `num_options` (the RL task);
+- `favourite_genre`: the history's most frequent genre, among all genres;
+- `rating`: the user's rating (1..5) of the next item, named in the question;
+- `future_genre`: the most frequent genre of the next `future_len` items, asked
+  as "Favourite genre:" (the predictor never trained on future labels, and RL
+  never on any of these three);
+- UserSumBench `quality`: the mean multiple-choice accuracy over each of the
+  `future_len` future items; `density`: (quality - chance) per 100 context
+  tokens (not given for the empty context).
+Accuracies come with binomial standard errors; quality with the standard error
+of the per-user mean.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data import prompts
+from summarize import examples as ex
+from userllm import decoding, llm
+
+TASKS = ("next_title", "favourite_genre", "rating", "future_genre")
+
+
+@dataclasses.dataclass(frozen=True)
+class Probes:
+  """The held-out users' questions (fixed by seed, the same for every row).
+
+  future_options: [n, future_len, k] item ids, the true one at future_answer
+  [n, future_len]; column 0 is the next item (the `next_title` probe).
+  """
+  cuts: ex.Cuts
+  future_options: np.ndarray
+  future_answer: np.ndarray
+  genre: np.ndarray  # [n] favourite genre of the history
+  future_genre: np.ndarray  # [n] favourite genre of the future events
+  rating: np.ndarray  # [n] rating bucket 0..4 of the next item
+  next_item: np.ndarray  # [n]
+
+
+def make_probes(corpus: ex.Corpus, cuts: ex.Cuts, future_len: int,
+                num_options: int, distractors: str, seed: int) -> Probes:
+  rng = np.random.default_rng(seed)
+  n = len(cuts)
+  options = np.zeros((n, future_len, num_options), np.int32)
+  answer = np.zeros((n, future_len), np.int32)
+  genre, future_genre, rating, next_item = (np.zeros(n, np.int32) for _ in range(4))
+  for row, (user, cut) in enumerate(zip(cuts.users, cuts.cuts)):
+    future_items, future_ratings = corpus.future(int(user), int(cut), future_len)
+    for f, item in enumerate(future_items):
+      options[row, f] = corpus.options(int(item), num_options, distractors, rng)
+      answer[row, f] = int(np.nonzero(options[row, f] == item)[0][0])
+    genre[row] = corpus.facts(int(user), int(cut)).genres[0]
+    future_genre[row] = prompts.favourite_genre_index(corpus.items, future_items)
+    rating[row] = prompts.rating_bucket(future_ratings[0])
+    next_item[row] = future_items[0]
+  return Probes(cuts, options, answer, genre, future_genre, rating, next_item)
+
+
+class Predictor:
+  """The frozen predictor's option scores over fixed-shape batches (one
+  compiled function per shape)."""
+
+  def __init__(self, model: llm.DecoderLM, params, corpus: ex.Corpus,
+               batch_size: int):
+    self.params, self.corpus, self.batch_size = params, corpus, batch_size
+    self.prompt_len = ex.predictor_prompt_len(corpus)
+    self._score = jax.jit(functools.partial(decoding.score_continuations, model))
+
+  def choose(self, prompts_: list[list[int]], options: list[list[list[int]]]
+             ) -> np.ndarray:
+    """[n] index of the most likely option of each prompt (its own options)."""
+    picks = []
+    for start in range(0, len(prompts_), self.batch_size):
+      rows = list(range(start, min(start + self.batch_size, len(prompts_))))
+      rows += [rows[-1]] * (self.batch_size - len(rows))  # fixed shape
+      prompt, mask = self.corpus.pad_prompts([prompts_[r] for r in rows],
+                                             self.prompt_len)
+      flat = [ids for r in rows for ids in options[r]]
+      ids, option_mask = self.corpus.pad_answers(flat)
+      shape = (len(rows), len(options[rows[0]]), ids.shape[1])
+      scores = self._score(self.params, prompt, mask, ids.reshape(shape),
+                           option_mask.reshape(shape))
+      picks.append(np.asarray(scores).argmax(-1))
+    return np.concatenate(picks)[:len(prompts_)]
+
+
+def _accuracy(hits: np.ndarray) -> tuple[float, float]:
+  p = float(np.mean(hits))
+  return p, float(np.sqrt(p * (1 - p) / len(hits)))
+
+
+def score_contexts(predictor: Predictor, probes: Probes,
+                   contexts: list[list[int]], num_options: int) -> dict[str, float]:
+  """Every probe read from `contexts` (one id list per held-out user, cut to
+  the corpus's prompt_len): {task: accuracy, task_stderr, quality,
+  quality_stderr, context_tokens, density}."""
+  corpus = predictor.corpus
+  contexts = [c[-corpus.prompt_len:] for c in contexts]
+  n, future_len = probes.future_answer.shape
+  title = lambda item: corpus.answer_ids("next_title", int(item))  # noqa: E731
+  genres = [corpus.answer_ids("favourite_genre", g)
+            for g in range(len(corpus.items.genre_names))]
+  digits = [corpus.answer_ids("rating", r) for r in range(len(prompts.RATINGS))]
+  contexts = [corpus.bos + c for c in contexts]  # token counts exclude bos
+  next_prompts = [c + corpus.question("next_title") for c in contexts]
+  future_hits = np.stack([predictor.choose(
+      next_prompts, [[title(i) for i in probes.future_options[r, f]] for r in range(n)]
+  ) == probes.future_answer[:, f] for f in range(future_len)], 1)
+  genre_prompts = [c + corpus.question("favourite_genre") for c in contexts]
+  genre_pick = predictor.choose(genre_prompts, [genres] * n)
+  rating_prompts = [c + corpus.question("rating", int(i))
+                    for c, i in zip(contexts, probes.next_item)]
+  rating_pick = predictor.choose(rating_prompts, [digits] * n)
+  out = {}
+  for task, hits in (("next_title", future_hits[:, 0]),
+                     ("favourite_genre", genre_pick == probes.genre),
+                     ("rating", rating_pick == probes.rating),
+                     ("future_genre", genre_pick == probes.future_genre)):
+    out[task], out[f"{task}_stderr"] = _accuracy(hits)
+  per_user = future_hits.mean(1)
+  out["quality"] = float(per_user.mean())
+  out["quality_stderr"] = float(per_user.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
+  tokens = float(np.mean([len(c) - len(corpus.bos) for c in contexts]))
+  out["context_tokens"] = tokens
+  if tokens > 0:  # undefined for an empty context
+    out["density"] = 100.0 * (out["quality"] - 1.0 / num_options) / tokens
+  out["next_title_hits"] = future_hits[:, 0]  # for paired comparisons
+  return out
+
+
+class Summarizer:
+  """The policy's summaries of fixed-shape prompt batches: greedy
+  (temperature 0) or sampled."""
+
+  def __init__(self, model: llm.DecoderLM, params, corpus: ex.Corpus,
+               batch_size: int):
+    self.model, self.params, self.corpus = model, params, corpus
+    self.batch_size = batch_size
+
+  def write(self, prompt_rows: list[list[int]], temperature: float = 0.0,
+            seed: int = 0) -> np.ndarray:
+    """[n, summary_len] ids (0 after eos) of each prompt's summary."""
+    out, rng = [], jax.random.PRNGKey(seed)
+    for start in range(0, len(prompt_rows), self.batch_size):
+      rows = prompt_rows[start:start + self.batch_size]
+      rows = rows + [rows[-1]] * (self.batch_size - len(rows))
+      prompt, mask = self.corpus.pad_prompts(rows, self.corpus.prompt_len)
+      ids = decoding.generate(self.model, self.params, jnp.asarray(prompt),
+                              jnp.asarray(mask), jax.random.fold_in(rng, start),
+                              max_new_tokens=self.corpus.summary_len,
+                              temperature=temperature, eos_id=self.corpus.eos)
+      out.append(np.asarray(ids))
+    return np.concatenate(out)[:len(prompt_rows)]
+
+  def summaries(self, cuts: ex.Cuts) -> list[str]:
+    """Greedy summaries of each cut's history."""
+    prompts_ = [self.corpus.policy_prompt(int(u), int(c))
+                for u, c in zip(cuts.users, cuts.cuts)]
+    return self.corpus.decode_summaries(self.write(prompts_))
+
+
+def merge_prompts(summarizer: Summarizer, cuts: ex.Cuts, chunk_len: int
+                  ) -> list[list[int]]:
+  """The time-hierarchical summarizer's first level: the policy summarises
+  each `chunk_len`-event chunk of a history (oldest first); returns each
+  user's merge prompt "Summaries: s1 # s2 # ... Summary:"."""
+  corpus = summarizer.corpus
+  chunk_prompts, owners = [], []
+  for row, (user, cut) in enumerate(zip(cuts.users, cuts.cuts)):
+    item_ids, ratings = corpus.history(int(user), int(cut))
+    for start in range(0, len(item_ids), chunk_len):
+      chunk = slice(start, start + chunk_len)
+      chunk_prompts.append(corpus.chunk_prompt(item_ids[chunk], ratings[chunk]))
+      owners.append(row)
+  chunk_texts = corpus.decode_summaries(summarizer.write(chunk_prompts))
+  grouped = [[] for _ in range(len(cuts))]
+  for row, text in zip(owners, chunk_texts):
+    grouped[row].append(text)
+  return [corpus.merge_prompt(g) for g in grouped]
+
+
+def verified_summaries(summarizer: Summarizer, cuts: ex.Cuts,
+                       prompts_: list[list[int]], summaries: list[str],
+                       tries: int, seed: int) -> tuple[list[str], dict]:
+  """The self-critique verifier: each summary's claims are checked against
+  the raw history (texts.ClaimChecker); a summary with unsupported claims is
+  written again from its prompt (sampled, up to `tries` times, keeping the
+  draft with the fewest unsupported claims), and what is still unsupported
+  after that is cut out. Returns (summaries, {"verifier_rewritten": share of
+  summaries rewritten, "verifier_cut": share still cut after the retries})."""
+  corpus = summarizer.corpus
+  checker = corpus.checker
+  known = [corpus.facts(int(u), int(c)) for u, c in zip(cuts.users, cuts.cuts)]
+  best = list(summaries)
+  bad = [checker.unsupported(s, k)[0] for s, k in zip(best, known)]
+  rewritten = sum(b > 0 for b in bad)
+  for attempt in range(tries):
+    todo = [i for i, b in enumerate(bad) if b > 0]
+    if not todo:
+      break
+    drafts = corpus.decode_summaries(summarizer.write(
+        [prompts_[i] for i in todo], temperature=1.0, seed=seed + attempt + 1))
+    for i, draft in zip(todo, drafts):
+      count = checker.unsupported(draft, known[i])[0]
+      if count < bad[i]:
+        best[i], bad[i] = draft, count
+  final = [checker.keep_supported(s, k) if b else s
+           for s, k, b in zip(best, known, bad)]
+  n = max(len(final), 1)
+  return final, {"verifier_rewritten": rewritten / n,
+                 "verifier_cut": sum(b > 0 for b in bad) / n}
+
+
+def hallucination_rate(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
+                       ) -> float:
+  """Share of all the summaries' claims that their history does not support."""
+  bad = total = 0
+  for summary, user, cut in zip(summaries, cuts.users, cuts.cuts):
+    b, t = corpus.checker.unsupported(summary, corpus.facts(int(user), int(cut)))
+    bad, total = bad + b, total + t
+  return bad / max(total, 1)
+
+
+def budget_context(corpus: ex.Corpus, item_ids: np.ndarray, ratings: np.ndarray,
+                   kind: str, budget: int, rng: np.random.Generator) -> list[int]:
+  """The most events of a history (the latest, random or earliest: kind
+  last_k | random_k | first_k) whose text fits in `budget` tokens (at least
+  one event)."""
+  best = ex.history_context(corpus, item_ids, ratings, kind, 1, rng)
+  state = rng.bit_generator.state  # the same random draw for every k
+  for k in range(2, len(item_ids) + 1):
+    rng.bit_generator.state = state
+    ids = ex.history_context(corpus, item_ids, ratings, kind, k, rng)
+    if len(ids) > budget:
+      break
+    best = ids
+  return best

@@ -1,0 +1,343 @@
+"""Users, cuts and fixed-shape token batches for summarisation.
+
+A cut splits a user's timeline: the history is the latest `history_len` events
+before it, the future the `future_len` events from it on. Training users give
+random cuts; held-out users (valid and test, never trained on) are cut
+`future_len` events before their end, as in UserSumBench.
+
+Token layout (every piece tokenised on its own, so a summary's ids are the same
+whether it was written by the policy or programmatically):
+- policy prompt: [bos] + ids(history text) + ids("Summary:"), or for a merge
+  [bos] + ids("Summaries: s1 # s2 # ...") + ids("Summary:"); the answer is a
+  summary (bos only where the tokenizer has one: Gemma's);
+- predictor prompt: [bos] + context + ids(question), the context being ids("Summary:")
+  + summary ids, or ids(history text), or nothing; answers are titles, genre
+  names or rating digits (each + eos), scored among a closed set of options.
+Prompts are left-padded and answers right-padded (data/vocab.Tokenizer.pad).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from data import prompts
+from data import timelines as tl
+from data.vocab import Tokenizer
+from summarize import texts
+
+PREDICTOR_TASKS = ("next_title", "favourite_genre", "rating")
+DISTRACTORS = ("popularity_matched", "popularity", "uniform")
+POPULARITY_BINS = 10
+# the predictor's training contexts: a programmatic summary, or part of the
+# history as text (the latest / random / earliest k events, or all), or none
+CONTEXTS = ("summary", "last_k", "random_k", "first_k", "full", "none")
+
+
+@dataclasses.dataclass(frozen=True)
+class UserSplit:
+  train: np.ndarray  # user indices
+  valid: np.ndarray
+  test: np.ndarray
+
+
+def split_users(timelines: tl.UserTimelines, valid_users: int, test_users: int,
+                min_history: int, future_len: int, seed: int) -> UserSplit:
+  """Held-out users drawn from those with `min_history + future_len` events;
+  every other user trains."""
+  eligible = np.nonzero(timelines.lengths >= min_history + future_len)[0]
+  if len(eligible) < valid_users + test_users + 1:
+    raise ValueError(f"only {len(eligible)} users have {min_history + future_len}"
+                     f" events; {valid_users} valid + {test_users} test asked")
+  held = np.random.default_rng(seed).choice(eligible, valid_users + test_users,
+                                            replace=False)
+  train = np.setdiff1d(np.arange(timelines.num_users), held)
+  return UserSplit(train, np.sort(held[:valid_users]), np.sort(held[valid_users:]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Cuts:
+  users: np.ndarray  # [n] int
+  cuts: np.ndarray  # [n] int: index of the first event after the history
+
+  def __len__(self) -> int:
+    return len(self.users)
+
+
+def training_cuts(timelines: tl.UserTimelines, users: np.ndarray, per_user: int,
+                  min_history: int, seed: int) -> Cuts:
+  """Up to `per_user` random cuts per user with >= min_history events before
+  and one event at the cut."""
+  rng = np.random.default_rng(seed)
+  out_users, out_cuts = [], []
+  for user in users:
+    choices = np.arange(min_history, timelines.lengths[user])
+    if len(choices) == 0:
+      continue
+    picked = rng.choice(choices, min(per_user, len(choices)), replace=False)
+    out_users += [user] * len(picked)
+    out_cuts += sorted(picked.tolist())
+  return Cuts(np.asarray(out_users, np.int32), np.asarray(out_cuts, np.int32))
+
+
+def held_out_cuts(timelines: tl.UserTimelines, users: np.ndarray,
+                  future_len: int) -> Cuts:
+  return Cuts(users.astype(np.int32),
+              (timelines.lengths[users] - future_len).astype(np.int32))
+
+
+class Corpus:
+  """The tokenised text of one data set for summarisation.
+
+  Args:
+    timelines: the full timelines (cuts index them).
+    tokenizer: the SentencePiece vocabulary.
+    history_len: N, the most events a history holds.
+    summary_len: the most tokens a summary holds (eos included).
+    prompt_len: the most tokens a policy prompt or predictor context takes.
+    popularity: [num_items + 1] event counts of the training users (distractors).
+  """
+
+  def __init__(self, timelines: tl.UserTimelines, tokenizer: Tokenizer,
+               history_len: int, summary_len: int, prompt_len: int,
+               popularity: np.ndarray):
+    self.timelines, self.tokenizer = timelines, tokenizer
+    self.items = timelines.items
+    self.history_len, self.summary_len = history_len, summary_len
+    self.eos = tokenizer.eos_id
+    # Gemma's tokenizer has a bos that starts every prompt; ours has none
+    self.bos = [tokenizer.bos_id] if tokenizer.bos_id >= 0 else []
+    encode = tokenizer.encode
+    self.title_ids = encode([str(t) for t in self.items.titles])
+    self.genre_ids = encode(list(self.items.genre_names))
+    self.rating_ids = encode(list(prompts.RATINGS))
+    self.summary_head, = encode([texts.SUMMARY_HEAD])
+    self.question_ids = {t: ids for t, ids in zip(
+        texts.QUESTIONS, encode(list(texts.QUESTIONS.values())))}
+    self.prompt_len = prompt_len
+    self.answer_len = 1 + max(len(t) for t in self.title_ids + self.genre_ids)
+    self.popularity = popularity.astype(np.float64)
+    ranks = np.argsort(np.argsort(-self.popularity[1:], kind="stable"))
+    self.popularity_bin = np.concatenate(
+        [[-1], ranks * POPULARITY_BINS // max(len(ranks), 1)])
+    self.checker = texts.ClaimChecker(self.items)
+
+  # -- events
+  def history(self, user: int, cut: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids, ratings) of the latest history_len events before `cut`."""
+    start = self.timelines.user_offsets[user]
+    events = slice(start + max(cut - self.history_len, 0), start + cut)
+    return self.timelines.item_ids[events], self.timelines.ratings[events]
+
+  def future(self, user: int, cut: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids, ratings) of the `length` events from `cut` on."""
+    start = self.timelines.user_offsets[user] + cut
+    stop = min(start + length, self.timelines.user_offsets[user]
+               + self.timelines.lengths[user])
+    return self.timelines.item_ids[start:stop], self.timelines.ratings[start:stop]
+
+  def facts(self, user: int, cut: int) -> texts.Facts:
+    return texts.facts(self.items, *self.history(user, cut))
+
+  # -- text pieces
+  def encode(self, text: str) -> list[int]:
+    return self.tokenizer.encode([text])[0] if text else []
+
+  def history_ids(self, item_ids: np.ndarray, ratings: np.ndarray) -> list[int]:
+    return self.encode(texts.history_text(self.items, item_ids, ratings))
+
+  def policy_prompt(self, user: int, cut: int) -> list[int]:
+    return self.bos + self.history_ids(*self.history(user, cut)) + self.summary_head
+
+  def chunk_prompt(self, item_ids: np.ndarray, ratings: np.ndarray) -> list[int]:
+    """The policy prompt of part of a history."""
+    return self.bos + self.history_ids(item_ids, ratings) + self.summary_head
+
+  def merge_prompt(self, chunk_summaries: list[str]) -> list[int]:
+    joined = texts.CHUNK_SEP.join(s or "none" for s in chunk_summaries)
+    return self.bos + self.encode(f"{texts.MERGE_HEAD} {joined}") + self.summary_head
+
+  def summary_context(self, summary_ids: list[int]) -> list[int]:
+    return self.summary_head + list(summary_ids)
+
+  def question(self, task: str, item: int = 0) -> list[int]:
+    """The predictor's question; "rating" asks about `item`."""
+    if task == "rating":
+      return self.encode(f"{texts.QUESTIONS['rating']} {self.items.titles[item]}:")
+    return list(self.question_ids[task])
+
+  # -- answers and options
+  def options(self, true_item: int, count: int, kind: str,
+              rng: np.random.Generator) -> np.ndarray:
+    """[count] item ids: `true_item` and count - 1 distinct distractors from
+    the catalogue (kind in DISTRACTORS), in random order."""
+    num = len(self.items.titles)
+    pool = np.arange(1, num)
+    if kind == "popularity_matched":
+      same = pool[self.popularity_bin[pool] == self.popularity_bin[true_item]]
+      pool = same if len(same) >= count else pool
+    pool = pool[pool != true_item]
+    weights = None
+    if kind == "popularity":
+      weights = self.popularity[pool] + 1.0
+      weights = weights / weights.sum()
+    picked = rng.choice(pool, count - 1, replace=False, p=weights)
+    return rng.permutation(np.concatenate([[true_item], picked])).astype(np.int32)
+
+  def answer_ids(self, task: str, label: int) -> list[int]:
+    """A task's answer (+ eos): a title (label = item id), a genre name (label
+    = genre index) or a rating digit (label = bucket 0..4)."""
+    table = {"next_title": self.title_ids, "favourite_genre": self.genre_ids,
+             "future_genre": self.genre_ids, "rating": self.rating_ids}[task]
+    return table[label] + [self.eos]
+
+  def pad_answers(self, answers: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    return self.tokenizer.pad(answers, self.answer_len, left=False)
+
+  # -- summaries
+  def summary_ids(self, summary: str) -> list[int]:
+    """A summary's ids + eos, cut to summary_len (eos kept last)."""
+    return self.encode(summary)[:self.summary_len - 1] + [self.eos]
+
+  def decode_summaries(self, ids: np.ndarray) -> list[str]:
+    """[n, summary_len] generated ids (0 after eos) -> texts."""
+    return [self.tokenizer.decode(row) for row in np.asarray(ids)]
+
+  def chunk_summaries(self, user: int, cut: int, chunk_len: int, style_of,
+                      rng: np.random.Generator) -> list[str]:
+    """Programmatic summaries of the history's consecutive `chunk_len`-event
+    chunks (oldest first), each in the style `style_of(rng)` draws."""
+    item_ids, ratings = self.history(user, cut)
+    out = []
+    for start in range(0, len(item_ids), chunk_len):
+      chunk = texts.facts(self.items, item_ids[start:start + chunk_len],
+                          ratings[start:start + chunk_len])
+      out.append(texts.programmatic_summary(self.items, chunk, style_of(rng), rng))
+    return out
+
+  def pad_prompts(self, rows: list[list[int]], length: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    return self.tokenizer.pad(rows, length, left=True)
+
+
+def history_context(corpus: Corpus, item_ids: np.ndarray, ratings: np.ndarray,
+                    kind: str, k: int, rng: np.random.Generator) -> list[int]:
+  """A predictor context of part of a history as text: the latest, random or
+  earliest `k` events (time order kept), all of them, or none."""
+  n = len(item_ids)
+  k = min(k, n)
+  if kind == "none":
+    return []
+  if kind == "full":
+    chosen = np.arange(n)
+  elif kind == "last_k":
+    chosen = np.arange(n - k, n)
+  elif kind == "first_k":
+    chosen = np.arange(k)
+  elif kind == "random_k":
+    chosen = np.sort(rng.choice(n, k, replace=False))
+  else:
+    raise ValueError(f"context {kind!r} is not one of {CONTEXTS}")
+  return corpus.history_ids(item_ids[chosen], ratings[chosen])
+
+
+def task_label(corpus: Corpus, task: str, user: int, cut: int) -> tuple[int, int]:
+  """(label, item the question names) of a predictor task at a cut."""
+  (target,), (rating,) = corpus.future(user, cut, 1)
+  if task == "next_title":
+    return int(target), 0
+  if task == "favourite_genre":
+    return corpus.facts(user, cut).genres[0], 0
+  if task == "rating":
+    return prompts.rating_bucket(rating), int(target)
+  raise ValueError(f"task {task!r} is not one of {PREDICTOR_TASKS}")
+
+
+def lm_batch(corpus: Corpus, prompts_: list[list[int]], answers: list[list[int]],
+             prompt_len: int, answer_len: int) -> dict[str, np.ndarray]:
+  """{"tokens", "token_mask", "target_mask": [n, prompt_len + answer_len]}:
+  left-padded prompts, right-padded answers, the answers' tokens targeted."""
+  prompt, prompt_mask = corpus.pad_prompts(prompts_, prompt_len)
+  answer, answer_mask = corpus.tokenizer.pad(answers, answer_len, left=False)
+  return {"tokens": np.concatenate([prompt, answer], 1),
+          "token_mask": np.concatenate([prompt_mask, answer_mask], 1),
+          "target_mask": np.concatenate([np.zeros_like(prompt_mask), answer_mask], 1)}
+
+
+def policy_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray,
+                 rng: np.random.Generator, style_of, merge_fraction: float,
+                 chunk_len: int) -> dict[str, np.ndarray]:
+  """The policy's warm-up: history -> programmatic summary, or (a share
+  `merge_fraction` of rows) chunk summaries -> a summary of the whole history
+  (what the time-hierarchical summarizer's merge step asks)."""
+  prompt_rows, answers = [], []
+  for row in rows:
+    user, cut = int(cuts.users[row]), int(cuts.cuts[row])
+    if rng.random() < merge_fraction:
+      prompt_rows.append(corpus.merge_prompt(
+          corpus.chunk_summaries(user, cut, chunk_len, style_of, rng)))
+    else:
+      prompt_rows.append(corpus.policy_prompt(user, cut))
+    summary = texts.programmatic_summary(corpus.items, corpus.facts(user, cut),
+                                         style_of(rng), rng)
+    answers.append(corpus.summary_ids(summary))
+  return lm_batch(corpus, prompt_rows, answers, corpus.prompt_len,
+                  corpus.summary_len)
+
+
+def predictor_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray,
+                    rng: np.random.Generator, style_of,
+                    context_weights: dict) -> dict[str, np.ndarray]:
+  """The predictor's training: a context (CONTEXTS, drawn by
+  `context_weights`) + a question (PREDICTOR_TASKS at random) -> its answer."""
+  kinds = list(context_weights)
+  weights = np.asarray([context_weights[k] for k in kinds], np.float64)
+  prompt_rows, answers = [], []
+  for row in rows:
+    user, cut = int(cuts.users[row]), int(cuts.cuts[row])
+    kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
+    item_ids, ratings = corpus.history(user, cut)
+    if kind == "summary":
+      summary = texts.programmatic_summary(
+          corpus.items, texts.facts(corpus.items, item_ids, ratings), style_of(rng),
+          rng)
+      context = corpus.summary_context(corpus.summary_ids(summary)[:-1])
+    else:
+      context = history_context(corpus, item_ids, ratings, kind,
+                                int(rng.integers(1, len(item_ids) + 1)), rng)
+    task = PREDICTOR_TASKS[rng.integers(len(PREDICTOR_TASKS))]
+    label, item = task_label(corpus, task, user, cut)
+    prompt_rows.append(corpus.bos + context[-corpus.prompt_len:]
+                       + corpus.question(task, item))
+    answers.append(corpus.answer_ids(task, label))
+  return lm_batch(corpus, prompt_rows, answers, predictor_prompt_len(corpus),
+                  corpus.answer_len)
+
+
+def predictor_prompt_len(corpus: Corpus) -> int:
+  """A predictor prompt's width: the longest context + the longest question."""
+  longest_title = max(len(t) for t in corpus.title_ids)
+  return len(corpus.bos) + corpus.prompt_len + longest_title + max(
+      len(q) for q in corpus.question_ids.values()) + 2
+
+
+def rl_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray, rng: np.random.Generator,
+             num_options: int, distractors: str) -> dict[str, np.ndarray]:
+  """RL prompts and their multiple-choice question: "prompt", "prompt_mask"
+  [n, prompt_len]; "options", "option_mask" [n, num_options, answer_len] (the
+  next item's title among distractors); "answer" [n] the true option."""
+  prompt_rows, options, answers = [], [], []
+  for row in rows:
+    user, cut = int(cuts.users[row]), int(cuts.cuts[row])
+    prompt_rows.append(corpus.policy_prompt(user, cut))
+    (target,), _ = corpus.future(user, cut, 1)
+    choice = corpus.options(int(target), num_options, distractors, rng)
+    options += [corpus.answer_ids("next_title", int(i)) for i in choice]
+    answers.append(int(np.nonzero(choice == target)[0][0]))
+  prompt, prompt_mask = corpus.pad_prompts(prompt_rows, corpus.prompt_len)
+  option_ids, option_mask = corpus.pad_answers(options)
+  shape = (len(rows), num_options, corpus.answer_len)
+  return {"prompt": prompt, "prompt_mask": prompt_mask,
+          "options": option_ids.reshape(shape), "option_mask": option_mask.reshape(shape),
+          "answer": np.asarray(answers, np.int32)}

@@ -1,0 +1,239 @@
+"""RLPF: Reinforcement Learning from Prediction Feedback (arXiv 2409.04421).
+
+A policy LM writes a summary of a user's history; a frozen predictor LM reads
+only the summary and answers a multiple-choice question about the user's next
+activity (the true item's title among distractors, chosen by the likelihood of
+each option). The reward is
+
+    r = 1[predictor correct] + w * min(C, beta * (L - summary tokens))
+
+with L the mean length of the initial policy's summaries. The policy is trained
+by REINFORCE with a baseline and an exact KL penalty to the initial policy; no
+SFT on RL data and no reward model. One RL step (`make_rl_step`) is a pure
+function of (state, batch) jitted once: sampling inside jit (a lax.scan over
+tokens with a KV cache), the predictor's scores, rewards, advantages and the
+update.
+
+Baselines (`RLConfig.baseline`):
+- "value": the paper's learned value V(prompt) (`ValueModel`, a copy of the
+  policy's trunk with a scalar head, trained by squared error);
+- "rloo": the mean reward of the other `group_size` samples of the prompt;
+- "grpo": the group's mean, and the advantage divided by the group's std;
+- "none": plain REINFORCE.
+Traps avoided (TRL's): the KL is the exact KL(policy || reference) summed over
+the vocabulary at each summary position (never negative, unlike a sampled
+log-ratio); the policy gradient uses each summary's summed log-probability (a
+per-token mean would reward long summaries of negative advantage); summaries
+that hit the length limit without eos keep their reward (`truncated="keep"`),
+or get 0 with "zero", and their share is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+
+from userllm import decoding, llm
+
+BASELINES = ("value", "rloo", "grpo", "none")
+TRUNCATED = ("keep", "zero")
+FROZEN = ("reference", "predictor")  # state.params parts RL never changes
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  summary_len: int  # tokens a summary may take (eos included)
+  group_size: int = 1  # samples per prompt
+  temperature: float = 1.0
+  baseline: str = "value"
+  kl_coef: float = 0.05
+  value_coef: float = 0.5
+  length_weight: float = 1.0  # w
+  length_cap: float = 0.3  # C
+  length_beta: float = 0.02  # beta, per token
+  length_target: float = 0.0  # L: the initial policy's mean summary tokens
+  truncated: str = "keep"
+
+  def validate(self) -> "RLConfig":
+    if self.baseline not in BASELINES:
+      raise ValueError(f"rl.baseline={self.baseline!r} is not one of {BASELINES}")
+    if self.truncated not in TRUNCATED:
+      raise ValueError(f"rl.truncated={self.truncated!r} is not one of {TRUNCATED}")
+    if self.group_size < 1 or (self.baseline in ("rloo", "grpo")
+                               and self.group_size < 2):
+      raise ValueError(f"rl.group_size={self.group_size} must be >= 1 (>= 2 for "
+                       f"the {self.baseline!r} baseline)")
+    if self.temperature <= 0:
+      raise ValueError(f"rl.temperature={self.temperature} must be > 0")
+    return self
+
+
+class ValueModel(nn.Module):
+  """V(prompt): the decoder trunk's final state at the prompt's last token,
+  through a scalar head. `trunk` has a DecoderLM's parameters (started from
+  the policy's)."""
+  config: llm.LLMConfig
+
+  @nn.compact
+  def __call__(self, prompt: jax.Array, prompt_mask: jax.Array) -> jax.Array:
+    """prompt, prompt_mask: [b, t] left-padded -> [b] float32."""
+    hidden, _ = llm.DecoderLM(self.config, name="trunk")(prompt, prompt_mask,
+                                                         return_hidden=True)
+    head = nn.Dense(1, kernel_init=nn.initializers.zeros, name="head")
+    return head(hidden[:, -1].astype(jnp.float32))[:, 0]
+
+
+def lm_loss(model: llm.DecoderLM, params, batch: dict, rng: jax.Array):
+  """Mean cross-entropy of the target tokens (the warm-up stages' loss).
+
+  batch: "tokens", "token_mask", "target_mask" [b, t]."""
+  del rng
+  logits, _ = model.apply({"params": params}, batch["tokens"], batch["token_mask"])
+  log_probs = jax.nn.log_softmax(logits[:, :-1], -1)
+  token_lp = jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], -1)[..., 0]
+  target = batch["target_mask"][:, 1:]
+  count = jnp.maximum(target.sum(), 1)
+  accuracy = jnp.sum((logits[:, :-1].argmax(-1) == batch["tokens"][:, 1:]) * target)
+  return -jnp.sum(token_lp * target) / count, {"token_accuracy": accuracy / count}
+
+
+def summary_masks(summary: jax.Array, eos_id: int):
+  """summary [n, s] sampled ids -> (tokens up to and with the first eos [n, s],
+  the summary's own tokens (eos excluded) [n, s], finished [n])."""
+  is_eos = summary == eos_id
+  finished = is_eos.any(1)
+  first = jnp.where(finished, jnp.argmax(is_eos, 1), summary.shape[1])
+  written = jnp.arange(summary.shape[1])[None, :] <= first[:, None]
+  return written, written & ~is_eos, finished
+
+
+def predictor_prompt(summary: jax.Array, body: jax.Array, head_ids: jax.Array,
+                     question_ids: jax.Array):
+  """ids("Summary:") + the summary's tokens + ids(question), with the unused
+  summary slots masked out (positions count real tokens only).
+
+  summary, body: [n, s]; head_ids [h], question_ids [q] -> ([n, h + s + q] ids,
+  mask)."""
+  n = summary.shape[0]
+  head = jnp.broadcast_to(head_ids, (n, head_ids.shape[0]))
+  question = jnp.broadcast_to(question_ids, (n, question_ids.shape[0]))
+  ids = jnp.concatenate([head, jnp.where(body, summary, 0), question], 1)
+  mask = jnp.concatenate([jnp.ones_like(head, bool), body,
+                          jnp.ones_like(question, bool)], 1)
+  return ids, mask
+
+
+def rewards(correct: jax.Array, length: jax.Array, finished: jax.Array,
+            cfg: RLConfig) -> jax.Array:
+  """r = correct + w * min(C, beta * (L - length)); [n] each."""
+  length_term = cfg.length_weight * jnp.minimum(
+      cfg.length_cap, cfg.length_beta * (cfg.length_target - length))
+  reward = correct + length_term
+  if cfg.truncated == "zero":
+    reward = jnp.where(finished, reward, 0.0)
+  return reward
+
+
+def advantages(reward: jax.Array, value: jax.Array, cfg: RLConfig) -> jax.Array:
+  """[n] advantages; rows are prompt-major groups of `group_size` samples."""
+  if cfg.baseline == "value":
+    return reward - value
+  if cfg.baseline == "none":
+    return reward
+  grouped = reward.reshape(-1, cfg.group_size)
+  if cfg.baseline == "rloo":
+    others = (grouped.sum(1, keepdims=True) - grouped) / (cfg.group_size - 1)
+    return (grouped - others).reshape(-1)
+  centred = grouped - grouped.mean(1, keepdims=True)
+  return (centred / (grouped.std(1, keepdims=True) + 1e-6)).reshape(-1)
+
+
+def rl_optimizer(tx: optax.GradientTransformation, params: dict
+                 ) -> optax.GradientTransformation:
+  """`tx` on the policy (and value model), nothing for the frozen parts."""
+  labels = {part: ("frozen" if part in FROZEN else "train") for part in params}
+  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
+                 predictor: llm.DecoderLM, tx: optax.GradientTransformation,
+                 cfg: RLConfig, head_ids, question_ids, eos_id: int):
+  """step(state, batch) -> (state, metrics) for `train_loop.fit`.
+
+  state.params: {"policy", "reference" (the initial policy), "predictor",
+  and "value" with the value baseline}. batch (rl_batch in
+  summarize/examples.py): "prompt", "prompt_mask" [b, p]; "options",
+  "option_mask" [b, k, T]; "answer" [b].
+  """
+  cfg.validate()
+  head_ids, question_ids = jnp.asarray(head_ids), jnp.asarray(question_ids)
+  g, s = cfg.group_size, cfg.summary_len
+
+  def rollout(params, batch, rng):
+    """Samples g summaries per prompt and scores them; no gradient."""
+    prompt = jnp.repeat(batch["prompt"], g, 0)
+    prompt_mask = jnp.repeat(batch["prompt_mask"], g, 0)
+    summary = decoding.generate(policy, params["policy"], prompt, prompt_mask, rng,
+                                max_new_tokens=s, temperature=cfg.temperature,
+                                eos_id=eos_id)
+    written, body, finished = summary_masks(summary, eos_id)
+    ids, mask = predictor_prompt(summary, body, head_ids, question_ids)
+    scores = decoding.score_continuations(
+        predictor, params["predictor"], ids, mask,
+        jnp.repeat(batch["options"], g, 0), jnp.repeat(batch["option_mask"], g, 0))
+    correct = (scores.argmax(-1) == jnp.repeat(batch["answer"], g)).astype(jnp.float32)
+    length = body.sum(1).astype(jnp.float32)
+    reward = rewards(correct, length, finished, cfg)
+    return jax.tree.map(jax.lax.stop_gradient, dict(
+        prompt=prompt, prompt_mask=prompt_mask, summary=summary, written=written,
+        finished=finished, correct=correct, length=length, reward=reward))
+
+  def loss_fn(trainable, frozen, roll):
+    p = roll["prompt"].shape[1]
+    tokens = jnp.concatenate([roll["prompt"], roll["summary"]], 1)
+    token_mask = jnp.concatenate([roll["prompt_mask"], roll["written"]], 1)
+    # logits at p - 1 .. p + s - 2 predict the summary's tokens
+    logits, _ = policy.apply({"params": trainable["policy"]}, tokens, token_mask)
+    ref_logits, _ = policy.apply({"params": frozen["reference"]}, tokens, token_mask)
+    log_probs = jax.nn.log_softmax(logits[:, p - 1:p + s - 1], -1)
+    ref_log_probs = jax.nn.log_softmax(ref_logits[:, p - 1:p + s - 1], -1)
+    target = roll["written"].astype(jnp.float32)
+    token_lp = jnp.take_along_axis(log_probs, roll["summary"][..., None], -1)[..., 0]
+    sequence_lp = jnp.sum(token_lp * target, 1)
+    token_kl = jnp.sum(jnp.exp(log_probs) * (log_probs - ref_log_probs), -1)
+    sequence_kl = jnp.sum(token_kl * target, 1)
+    if value_model is not None:
+      value = value_model.apply({"params": trainable["value"]}, roll["prompt"],
+                                roll["prompt_mask"])
+      value_loss = jnp.mean(jnp.square(value - roll["reward"]))
+    else:
+      value, value_loss = jnp.zeros_like(roll["reward"]), jnp.zeros(())
+    advantage = jax.lax.stop_gradient(advantages(roll["reward"], value, cfg))
+    pg_loss = -jnp.mean(advantage * sequence_lp)
+    kl = jnp.mean(sequence_kl)
+    loss = pg_loss + cfg.kl_coef * kl + cfg.value_coef * value_loss
+    return loss, {"pg_loss": pg_loss, "kl": kl, "value_loss": value_loss,
+                  "advantage_std": jnp.std(advantage)}
+
+  def step(state, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    frozen = {k: v for k, v in state.params.items() if k in FROZEN}
+    trainable = {k: v for k, v in state.params.items() if k not in FROZEN}
+    roll = rollout(state.params, batch, rng)
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, frozen, roll)
+    grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen)}
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics.update(
+        loss=loss, grad_norm=optax.tree.norm(grads), reward=roll["reward"].mean(),
+        accuracy=roll["correct"].mean(), summary_tokens=roll["length"].mean(),
+        truncated=1.0 - roll["finished"].mean())
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), metrics
+
+  return step

@@ -1,0 +1,348 @@
+"""Workflow `rlpf`: user summaries trained by prediction feedback (RLPF, arXiv
+2409.04421), scored with UserSumBench's metrics (arXiv 2408.16966) beside the
+baselines, as named stages (each a `train_loop.fit` run in its own
+sub-directory of the workdir, resumable on its own):
+
+1. `policy`: the initial policy. A from-scratch LM has no zero-shot summaries,
+   so it is warmed up on programmatic summaries (summarize/texts.py) of the
+   training users' histories, in random styles, and on merging chunk
+   summaries (for the time-hierarchical summarizer). With
+   `config.llm.policy_checkpoint` (a Gemma checkpoint) the warm-up starts there.
+2. `predictor`: the frozen predictor, trained here to answer the questions
+   (next title, favourite genre, rating) from programmatic summaries, from
+   parts of the history as text, or from nothing. It never sees a policy's
+   summary, and never trains again after this stage.
+3. `rlpf`: RL of the policy against the predictor (summarize/rlpf.py), the
+   reward's length target L measured from the initial policy first.
+4. evaluation on held-out test users (summarize/evaluation.py): one row per
+   context (none, the full history, last/random/first-k events at the RLPF
+   summaries' token budget, the initial policy's summaries, the
+   time-hierarchical summarizer with and without its verifier, RLPF), every
+   probe scored by the same frozen predictor; hallucination rates of the
+   summaries; written as results and `<workdir>/table.md`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from data import sources
+from data.sequences import EpochBatcher
+from data.vocab import Tokenizer, train_vocabulary
+from infra import mesh as mesh_lib, optim, train_loop
+from infra.errors import ConfigError
+from summarize import evaluation, examples as ex, rlpf, texts
+from userllm import gemma_loader, llm
+
+ROWS = ("none", "full_history", "last_k", "random_k", "first_k", "initial_policy",
+        "hierarchical", "hierarchical_verified", "rlpf")
+SUMMARY_ROWS = ("initial_policy", "hierarchical", "hierarchical_verified", "rlpf")
+# config values each stage depends on (stored with its checkpoints); None: all
+STAGE_FIELDS = {
+    "policy_train": ("seed", "data", "llm", "summary", "policy_train"),
+    "predictor_train": ("seed", "data", "llm", "summary", "predictor",
+                        "predictor_train"),
+    "rl_train": None}
+
+
+def stage_identity(config, field: str) -> dict:
+  names = STAGE_FIELDS[field]
+  if names is None:
+    return config.to_dict()
+  return {n: config[n].to_dict() if hasattr(config[n], "to_dict") else config[n]
+          for n in names}
+
+
+def check(config) -> None:
+  """One-line errors for values that would fail hours in."""
+  for field in ("policy_train", "predictor_train", "rl_train"):
+    train_loop.check_schedule(config[field], f"config.{field}")
+  try:
+    rl_config(config, 0.0)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}") from None
+  if config.rl.distractors not in ex.DISTRACTORS:
+    raise ConfigError(f"config.rl.distractors={config.rl.distractors!r} is not one "
+                      f"of {ex.DISTRACTORS}")
+  if config.rl.num_options < 2:
+    raise ConfigError(f"config.rl.num_options={config.rl.num_options} must be >= 2")
+  unknown = set(config.predictor.contexts) - set(ex.CONTEXTS)
+  if unknown:
+    raise ConfigError(f"config.predictor.contexts: {sorted(unknown)} not in "
+                      f"{ex.CONTEXTS}")
+
+
+def rl_config(config, length_target: float) -> rlpf.RLConfig:
+  r = config.rl
+  return rlpf.RLConfig(
+      summary_len=config.summary.max_len, group_size=r.group_size,
+      temperature=r.temperature, baseline=r.baseline, kl_coef=r.kl_coef,
+      value_coef=r.value_coef, length_weight=r.length_weight,
+      length_cap=r.length_cap, length_beta=r.length_beta,
+      length_target=length_target, truncated=r.truncated).validate()
+
+
+def llm_config(config, vocab_size: int) -> llm.LLMConfig:
+  fields = {k: v for k, v in config.llm.items()
+            if k not in ("family", "policy_checkpoint", "predictor_checkpoint",
+                         "tokenizer")}
+  try:
+    fields.update(llm.gemma_family(config.llm.family, fields["embed_dim"],
+                                   fields["num_heads"], fields["head_dim"]))
+    return llm.LLMConfig(vocab_size=vocab_size, **fields).validate()
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.llm: {e}") from None
+
+
+def tokenizer_for(config, workdir: str, timelines) -> Tokenizer:
+  """`config.llm.tokenizer` (Gemma's), or a BPE one trained on the data's
+  text and kept at <workdir>/spm.model (whole words: shorter histories)."""
+  if config.llm.tokenizer:
+    return Tokenizer(config.llm.tokenizer)
+  path = os.path.join(workdir, "spm.model")
+  if not os.path.exists(path):
+    train_vocabulary(texts.vocabulary_corpus(timelines.items), path,
+                     config.data.vocab_size, model_type="bpe")
+  return Tokenizer(path)
+
+
+def epoch_batches(make_batch, cuts: ex.Cuts, batch_size: int, seed: int):
+  """step -> make_batch(rows, rng) of that step (a pure function of the step)."""
+  rows = EpochBatcher(np.arange(len(cuts)), batch_size, seed)
+  return lambda step: make_batch(rows(step), np.random.default_rng([seed, step]))
+
+
+def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
+            mesh, workdir: str):
+  """A warm-up stage: next-token training of a DecoderLM on `batches`, from
+  scratch or from a Gemma `checkpoint`. Returns (model, host parameters)."""
+  train = config[field]
+  if checkpoint:
+    base, pretrained = gemma_loader.load_checkpoint(checkpoint, mesh=mesh)
+    model_cfg = dataclasses.replace(base, dtype=model_cfg.dtype)
+  model = llm.DecoderLM(model_cfg)
+  tx = optim.make_optimizer(train)
+  sample = batches(0)
+  init = lambda rng: model.init(rng, sample["tokens"][:1],  # noqa: E731
+                                sample["token_mask"][:1])["params"]
+  state, shardings = train_loop.create_state(init, tx, jax.random.PRNGKey(config.seed),
+                                             mesh)
+  if checkpoint:
+    params = gemma_loader.merge_pretrained(state.params, pretrained, name)
+    state = state.replace(params=jax.device_put(params, shardings.params))
+  mesh_lib.check_batch_divides(train.batch_size, mesh, f"config.{field}.batch_size")
+  state = train_loop.fit(
+      state=state, state_shardings=shardings,
+      train_step=train_loop.make_train_step(functools.partial(rlpf.lm_loss, model), tx),
+      batch_fn=batches, mesh=mesh, workdir=f"{workdir}/{name}", schedule=train,
+      name=name, schedule_field=f"config.{field}",
+      identity=stage_identity(config, field))
+  return model, jax.device_get(state.params)
+
+
+def length_target(summarizer: evaluation.Summarizer, corpus: ex.Corpus,
+                  cuts: ex.Cuts, count: int, temperature: float, seed: int) -> float:
+  """L: the initial policy's mean summary tokens (eos excluded), sampled at the
+  RL temperature on `count` training cuts."""
+  rows = np.random.default_rng(seed).choice(len(cuts), min(count, len(cuts)),
+                                            replace=False)
+  prompts_ = [corpus.policy_prompt(int(cuts.users[r]), int(cuts.cuts[r]))
+              for r in rows]
+  ids = summarizer.write(prompts_, temperature=temperature, seed=seed)
+  _, body, _ = rlpf.summary_masks(ids, corpus.eos)
+  return float(np.asarray(body).sum(1).mean())
+
+
+def reinforce(config, policy, policy_params, predictor, predictor_params,
+              corpus: ex.Corpus, cuts: ex.Cuts, target: float, valid_fn, mesh,
+              workdir: str):
+  """Stage 3: the policy after RL (host parameters)."""
+  train = config.rl_train
+  cfg = rl_config(config, target)
+  value_model = rlpf.ValueModel(policy.config) if cfg.baseline == "value" else None
+  params = {"policy": policy_params, "reference": policy_params,
+            "predictor": predictor_params}
+  if value_model is not None:
+    sample = corpus.pad_prompts([corpus.policy_prompt(int(cuts.users[0]),
+                                                      int(cuts.cuts[0]))],
+                                corpus.prompt_len)
+    head = value_model.init(jax.random.PRNGKey(0), *sample)["params"]["head"]
+    params["value"] = {"trunk": policy_params, "head": head}
+  tx = rlpf.rl_optimizer(optim.make_optimizer(train), params)
+  state, shardings = train_loop.create_state(lambda rng: params, tx,
+                                             jax.random.PRNGKey(config.seed + 3), mesh)
+  step = rlpf.make_rl_step(policy, value_model, predictor, tx, cfg,
+                           corpus.bos + corpus.summary_head,
+                           corpus.question("next_title"),
+                           corpus.eos)
+  r = config.rl
+  batches = epoch_batches(functools.partial(
+      ex.rl_batch, corpus, cuts, num_options=r.num_options,
+      distractors=r.distractors), cuts, train.batch_size, config.seed + 3)
+  mesh_lib.check_batch_divides(train.batch_size, mesh, "config.rl_train.batch_size")
+  state = train_loop.fit(
+      state=state, state_shardings=shardings, train_step=step, batch_fn=batches,
+      mesh=mesh, workdir=f"{workdir}/rlpf", schedule=train,
+      eval_fn=lambda s: valid_fn(s.params["policy"]), name="rlpf",
+      schedule_field="config.rl_train", identity=stage_identity(config, "rl_train"))
+  return jax.device_get(state.params["policy"])
+
+
+def run(config, workdir: str, mesh) -> dict[str, float]:
+  check(config)
+  began = time.time()
+  d, s = config.data, config.summary
+  timelines = sources.load_timelines(config.data)
+  try:
+    users = ex.split_users(timelines, d.valid_users, d.test_users, d.min_history,
+                           d.future_len, config.seed)
+  except ValueError as e:
+    raise ConfigError(f"config.data: {e}") from None
+  tokenizer = tokenizer_for(config, workdir, timelines)
+  train_events = np.isin(timelines.event_users, users.train)
+  popularity = np.bincount(timelines.item_ids[train_events],
+                           minlength=timelines.num_items + 1)
+  corpus = ex.Corpus(timelines, tokenizer, d.history_len, s.max_len, s.prompt_len,
+                     popularity)
+  cuts = ex.training_cuts(timelines, users.train, d.cuts_per_user, d.min_history,
+                          config.seed)
+  print(f"[rlpf] vocabulary {tokenizer.vocab_size} pieces; {len(users.train)} "
+        f"training users ({len(cuts)} cuts), {len(users.valid)} valid and "
+        f"{len(users.test)} test users", flush=True)
+  style_of = functools.partial(texts.sample_style, probabilities=dict(s.style))
+  model_cfg = llm_config(config, tokenizer.vocab_size)
+
+  # 1-2. the initial policy and the frozen predictor
+  policy, policy_params = warm_up(
+      "policy", config, "policy_train", config.llm.policy_checkpoint, model_cfg,
+      epoch_batches(functools.partial(
+          ex.policy_batch, corpus, cuts, style_of=style_of,
+          merge_fraction=s.merge_fraction, chunk_len=s.chunk_len),
+          cuts, config.policy_train.batch_size, config.seed), mesh, workdir)
+  predictor, predictor_params = warm_up(
+      "predictor", config, "predictor_train", config.llm.predictor_checkpoint,
+      model_cfg, epoch_batches(functools.partial(
+          ex.predictor_batch, corpus, cuts, style_of=style_of,
+          context_weights=dict(config.predictor.contexts)),
+          cuts, config.predictor_train.batch_size, config.seed + 1), mesh, workdir)
+  e = config.eval
+  scorer = evaluation.Predictor(predictor, predictor_params, corpus, e.batch_size)
+  valid_cuts = ex.held_out_cuts(timelines, users.valid, d.future_len)
+  valid_probes = evaluation.make_probes(corpus, valid_cuts, 1, config.rl.num_options,
+                                        config.rl.distractors, config.seed + 5)
+
+  def valid_fn(policy_params):
+    """Next-title accuracy of the greedy summaries of the valid users."""
+    writer = evaluation.Summarizer(policy, policy_params, corpus, e.batch_size)
+    contexts = [corpus.summary_context(corpus.summary_ids(t)[:-1])
+                for t in writer.summaries(valid_cuts)]
+    scores = evaluation.score_contexts(scorer, valid_probes, contexts,
+                                       config.rl.num_options)
+    return {"next_title": scores["next_title"],
+            "summary_tokens": scores["context_tokens"] - len(corpus.summary_head)}
+
+  # 3. RL
+  initial = evaluation.Summarizer(policy, policy_params, corpus, e.batch_size)
+  target = length_target(initial, corpus, cuts, config.rl.length_target_prompts,
+                         config.rl.temperature, config.seed + 4)
+  print(f"[rlpf] length target L = {target:.2f} tokens (initial policy, sampled)",
+        flush=True)
+  rl_began = time.time()
+  rl_params = reinforce(config, policy, policy_params, predictor, predictor_params,
+                        corpus, cuts, target, valid_fn, mesh, workdir)
+  results = {"rl_seconds": time.time() - rl_began, "length_target": target}
+
+  # 4. the table
+  test_cuts = ex.held_out_cuts(timelines, users.test, d.future_len)
+  probes = evaluation.make_probes(corpus, test_cuts, d.future_len,
+                                  config.rl.num_options, config.rl.distractors,
+                                  config.seed + 6)
+  rows = table_rows(config, corpus, policy, policy_params, rl_params, test_cuts)
+  table = {}
+  for name in ROWS:
+    contexts, extra = rows[name]
+    scores = evaluation.score_contexts(scorer, probes, contexts, config.rl.num_options)
+    hits = scores.pop("next_title_hits")
+    if name == "initial_policy":
+      initial_hits = hits
+    if name == "rlpf":
+      diff = hits.astype(float) - initial_hits
+      scores["gain_over_initial"] = float(diff.mean())
+      scores["gain_over_initial_stderr"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+    table[name] = {**scores, **extra}
+    print(f"[eval] {name:22s} " + " ".join(
+        f"{k}={v:.3f}" for k, v in table[name].items() if not k.endswith("stderr")),
+        flush=True)
+  write_table(workdir, table, len(test_cuts))
+  for name, scores in table.items():
+    results.update({f"test/{name}/{k}": float(v) for k, v in scores.items()})
+  results.update({"test_users": float(len(test_cuts)),
+                  "wall_seconds": time.time() - began})
+  return results
+
+
+def table_rows(config, corpus: ex.Corpus, policy, initial_params, rl_params,
+               cuts: ex.Cuts) -> dict[str, tuple[list[list[int]], dict]]:
+  """{row: (context ids per test user, extra figures)} for ROWS."""
+  e = config.eval
+  initial = evaluation.Summarizer(policy, initial_params, corpus, e.batch_size)
+  trained = evaluation.Summarizer(policy, rl_params, corpus, e.batch_size)
+  merge = evaluation.merge_prompts(initial, cuts, config.summary.chunk_len)
+  summaries = {"initial_policy": initial.summaries(cuts),
+               "rlpf": trained.summaries(cuts),
+               "hierarchical": corpus.decode_summaries(initial.write(merge))}
+  summaries["hierarchical_verified"], verifier = evaluation.verified_summaries(
+      initial, cuts, merge, summaries["hierarchical"], e.verifier_tries,
+      config.seed + 7)
+  rows = {}
+  for name, written in summaries.items():
+    extra = {"hallucination": evaluation.hallucination_rate(corpus, cuts, written)}
+    if name == "hierarchical_verified":
+      extra.update(verifier)
+    rows[name] = ([corpus.summary_context(corpus.summary_ids(t)[:-1])
+                   for t in written], extra)
+  budget = int(round(np.mean([len(c) for c in rows["rlpf"][0]])))
+  rng = np.random.default_rng(config.seed + 8)
+  histories = [corpus.history(int(u), int(c)) for u, c in zip(cuts.users, cuts.cuts)]
+  rows["none"] = ([[] for _ in histories], {})
+  rows["full_history"] = ([corpus.history_ids(*h) for h in histories], {})
+  for kind in ("last_k", "random_k", "first_k"):
+    rows[kind] = ([evaluation.budget_context(corpus, *h, kind, budget, rng)
+                   for h in histories], {"budget": float(budget)})
+  examples = {name: summaries[name][:3] for name in summaries}
+  print("[eval] example summaries: " + json.dumps(examples, indent=1), flush=True)
+  return rows
+
+
+def write_table(workdir: str, table: dict, users: int) -> str:
+  """<workdir>/table.md: the rows with their standard errors."""
+  def cell(scores, key):
+    err = scores.get(f"{key}_stderr")
+    return f"{scores[key]:.3f}" + (f" ± {err:.3f}" if err is not None else "")
+  lines = [f"Held-out test users: {users}. Every probe is answered by the same "
+           "frozen predictor; ± is one standard error.", "",
+           "| context | tokens | next title (RL task) | favourite genre | rating | "
+           "future genre | UserSumBench quality | density | hallucination |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  for name, s in table.items():
+    hall = f"{s['hallucination']:.3f}" if "hallucination" in s else "-"
+    density = f"{s['density']:.2f}" if "density" in s else "-"
+    lines.append(f"| {name} | {s['context_tokens']:.1f} | {cell(s, 'next_title')} | "
+                 f"{cell(s, 'favourite_genre')} | {cell(s, 'rating')} | "
+                 f"{cell(s, 'future_genre')} | {cell(s, 'quality')} | "
+                 f"{density} | {hall} |")
+  if "gain_over_initial" in table.get("rlpf", {}):
+    s = table["rlpf"]
+    lines += ["", f"RLPF - initial policy on next title (paired): "
+              f"{s['gain_over_initial']:+.3f} ± {s['gain_over_initial_stderr']:.3f}"]
+  path = os.path.join(workdir, "table.md")
+  with open(path, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  return path

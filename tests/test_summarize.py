@@ -1,0 +1,170 @@
+"""summarize/: summary claims and the checker, the RL pieces (rewards,
+advantages, masks, the predictor's prompt with holes, exact KL), an RL step
+that learns, and the `rlpf` workflow end to end (stopped, resumed, its table)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import linen as nn
+
+import main
+from conftest import ConfigReads
+from configs import rlpf as rlpf_config
+from data import sources
+from summarize import rlpf, texts
+from userllm import decoding, llm
+
+
+@pytest.fixture(scope="module")
+def timelines():
+  return sources.load_timelines(rlpf_config.get_config("tiny").data, quiet=True)
+
+
+def test_programmatic_summaries_are_supported_and_parse_back(timelines):
+  items, checker = timelines.items, texts.ClaimChecker(timelines.items)
+  rng = np.random.default_rng(0)
+  for user in range(20):
+    known = texts.facts(items, timelines.user_items(user)[:6],
+                        timelines.ratings[timelines.user_offsets[user]:][:6])
+    style = texts.Style(genres=2, rating=True, recent=1, saw=1)
+    summary = texts.programmatic_summary(items, known, style, rng)
+    found = texts.claims(summary)
+    genres = min(2, len(known.genres))
+    assert [c.kind for c in found] == ["genre"] * genres + ["level", "title", "title"]
+    assert checker.unsupported(summary, known) == (0, genres + 3)
+    assert found[genres + 1].text == str(items.titles[known.items[-1]])  # newest first
+
+
+def test_unsupported_claims_are_counted_and_cut(timelines):
+  items, checker = timelines.items, texts.ClaimChecker(timelines.items)
+  history = timelines.user_items(0)[:6]
+  known = texts.facts(items, history, np.full(6, 5.0))  # level "high"
+  absent = next(i for i in range(1, len(items.titles)) if i not in history)
+  present = str(items.titles[history[2]])
+  top, other = items.genre_names[known.genres[0]], "Nonsense"
+  summary = (f"likes {top}, {other} | rates low | recent {present}; "
+             f"{items.titles[absent]} | garbled words")
+  assert checker.unsupported(summary, known) == (4, 6)
+  assert checker.keep_supported(summary, known) == f"likes {top} | recent {present}"
+
+
+def test_rewards_and_baselines():
+  cfg = rlpf.RLConfig(summary_len=8, group_size=2, baseline="rloo",
+                      length_weight=1.0, length_cap=0.3, length_beta=0.1,
+                      length_target=10.0)
+  correct = jnp.array([1.0, 0.0, 1.0, 1.0])
+  length = jnp.array([4.0, 12.0, 10.0, 9.0])
+  finished = jnp.array([True, False, True, True])
+  reward = rlpf.rewards(correct, length, finished, cfg)
+  np.testing.assert_allclose(reward, [1.3, -0.2, 1.0, 1.1], atol=1e-6)  # capped at C
+  zeroed = rlpf.rewards(correct, length, finished,
+                        rlpf.RLConfig(**{**cfg.__dict__, "truncated": "zero"}))
+  assert float(zeroed[1]) == 0.0
+  np.testing.assert_allclose(rlpf.advantages(reward, None, cfg),
+                             [1.5, -1.5, -0.1, 0.1], atol=1e-6)
+  grpo = rlpf.advantages(reward, None, rlpf.RLConfig(**{**cfg.__dict__,
+                                                        "baseline": "grpo"}))
+  np.testing.assert_allclose(grpo, [1, -1, -1, 1], atol=1e-4)
+  with pytest.raises(ValueError, match="rl.group_size"):
+    rlpf.RLConfig(summary_len=8, group_size=1, baseline="rloo").validate()
+
+
+def _tiny_lm(vocab=40):
+  cfg = llm.LLMConfig(vocab_size=vocab, embed_dim=32, num_layers=1, num_heads=2,
+                      num_kv_heads=1, head_dim=16, mlp_dim=64)
+  model = llm.DecoderLM(cfg)
+  tokens = jnp.ones((1, 4), jnp.int32)
+  params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens,
+                                    tokens > 0)["params"])
+  return model, params
+
+
+def test_summary_masks_and_the_predictor_prompt_with_holes():
+  summary = jnp.array([[7, 8, 1, 0, 0], [5, 6, 9, 4, 3]])  # eos = 1; row 1 truncated
+  written, body, finished = rlpf.summary_masks(summary, 1)
+  assert written.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+  assert body.sum(1).tolist() == [2, 5] and finished.tolist() == [True, False]
+  ids, mask = rlpf.predictor_prompt(summary, body, jnp.array([11, 12]),
+                                    jnp.array([13]))
+  assert ids.shape == (2, 8) and mask[0].tolist() == [1, 1, 1, 1, 0, 0, 0, 1]
+  # pads between real tokens do not move positions: same scores as compact
+  model, params = _tiny_lm()
+  options = jnp.array([[[20, 21, 1], [22, 1, 0]]] * 2)
+  holed = decoding.score_continuations(model, params, ids, mask, options, options > 0)
+  compact = jnp.array([[0, 0, 0, 11, 12, 7, 8, 13]])
+  expected = decoding.score_continuations(model, params, compact, compact > 0,
+                                          options[:1], options[:1] > 0)
+  np.testing.assert_allclose(holed[0], expected[0], rtol=1e-5, atol=1e-5)
+
+
+def test_rl_step_learns_to_write_short_summaries():
+  """With only the length reward, REINFORCE moves mass onto eos: the sampled
+  summaries get shorter, the KL to the initial policy grows from 0."""
+  model, params = _tiny_lm()
+  params = jax.tree.map(lambda x: x * 5.0, params)  # a peaked initial policy
+  cfg = rlpf.RLConfig(summary_len=6, group_size=4, baseline="rloo",
+                      length_weight=1.0, length_cap=1.0, length_beta=0.2,
+                      length_target=6.0, kl_coef=0.0)
+  state_params = {"policy": params, "reference": params, "predictor": params}
+  tx = rlpf.rl_optimizer(optax.adam(3e-2), state_params)
+  from infra.train_state import TrainState
+  state = TrainState(step=jnp.zeros((), jnp.int32), params=state_params,
+                     opt_state=tx.init(state_params), rng=jax.random.PRNGKey(1))
+  step = jax.jit(rlpf.make_rl_step(model, None, model, tx, cfg, [3], [4], eos_id=1))
+  prompt = jnp.tile(jnp.arange(5, 13)[None], (8, 1))
+  batch = {"prompt": prompt, "prompt_mask": prompt > 0,
+           "options": jnp.tile(jnp.array([[[20, 1], [21, 1]]]), (8, 1, 1)),
+           "option_mask": jnp.ones((8, 2, 2), bool), "answer": jnp.zeros(8, jnp.int32)}
+  lengths, kls = [], []
+  for _ in range(25):
+    state, metrics = step(state, batch)
+    lengths.append(float(metrics["summary_tokens"]))
+    kls.append(float(metrics["kl"]))
+  assert kls[0] == pytest.approx(0.0, abs=1e-6)
+  assert np.mean(lengths[-5:]) < np.mean(lengths[:5]) - 1.0, lengths
+  assert min(kls) >= -1e-6 and kls[-1] > 0.1  # exact KL: never below 0
+  assert jnp.all(state.params["reference"]["embedder"]["input_embedding"]
+                 == params["embedder"]["input_embedding"])  # frozen parts stay
+
+
+def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys):
+  config = rlpf_config.get_config("tiny")
+  config.rl_train.stop_after_steps = 2
+  from infra.errors import Preempted
+  with pytest.raises(Preempted):
+    main.run_experiment(config, str(tmp_path))
+  capsys.readouterr()
+  config.rl_train.stop_after_steps = 0
+  with ConfigReads() as reads:
+    results = main.run_experiment(config, str(tmp_path))
+  assert reads.unread(config) == []  # every field of the config is used
+  out = capsys.readouterr().out
+  assert "[rlpf] resumed from" in out and "at step 2" in out
+  # the finished warm-ups are restored, not trained again
+  assert "policy/checkpoints at step 4" in out and "[policy] step" not in out
+  for row in ("none", "full_history", "last_k", "initial_policy", "hierarchical",
+              "hierarchical_verified", "rlpf"):
+    assert 0.0 <= results[f"test/{row}/next_title"] <= 1.0
+    assert np.isfinite(results[f"test/{row}/quality_stderr"])
+  assert results["test/hierarchical_verified/hallucination"] == 0.0
+  assert results["test/full_history/context_tokens"] > results[
+      "test/last_k/context_tokens"]
+  assert "| rlpf |" in (tmp_path / "table.md").read_text()
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["config"]["workflow"] == "rlpf"
+
+
+def test_rlpf_config_errors_name_the_field(tmp_path):
+  from infra.errors import ConfigError
+  config = rlpf_config.get_config("tiny")
+  config.rl.baseline = "ppo"
+  with pytest.raises(ConfigError, match="config.rl.baseline='ppo'"):
+    main.run_experiment(config, str(tmp_path))
+  config = rlpf_config.get_config("tiny")
+  config.predictor.contexts.unknown = 1.0
+  with pytest.raises(ConfigError, match="config.predictor.contexts"):
+    main.run_experiment(config, str(tmp_path))
