@@ -2,7 +2,7 @@
 
 Run: python main.py --config configs/rlpf_movielens.py --workdir runs/rlpf_ml
 (reads ../shared/data/movielens-100k; set --config.data.dir elsewhere).
-Scale: 943 users (100 test, 50 valid, the rest train), N = 50 rated titles
+Scale: 943 users (150 test, 50 valid, the rest train), N = 50 rated titles
 ("Toy Story (1995) (4)"), longer prompts than the synthetic titles' (up to 512
 tokens), the same two small LMs; about an hour on 2 CPU cores.
 """
@@ -15,7 +15,11 @@ def get_config(arg: str = ""):
   config = rlpf.build(tiny, source="movielens",
                       directory="../shared/data/movielens-100k")
   if not tiny:
-    config.data.valid_users, config.data.test_users = 50, 100
+    config.data.valid_users, config.data.test_users = 50, 150
     config.summary.prompt_len = 512
     config.summary.max_len = 40
+    # 743 training users x 8 cuts; prompts ~1.6x the synthetic ones
+    config.policy_train.num_steps = 400
+    config.predictor_train.num_steps = 500
+    config.rl_train.num_steps = 300
   return config
