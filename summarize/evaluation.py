@@ -79,10 +79,10 @@ class Predictor:
     self.prompt_len = ex.predictor_prompt_len(corpus)
     self._score = jax.jit(functools.partial(decoding.score_continuations, model))
 
-  def choose(self, prompts_: list[list[int]], options: list[list[list[int]]]
+  def scores(self, prompts_: list[list[int]], options: list[list[list[int]]]
              ) -> np.ndarray:
-    """[n] index of the most likely option of each prompt (its own options)."""
-    picks = []
+    """[n, c] log-likelihood of each prompt's own c options."""
+    out = []
     for start in range(0, len(prompts_), self.batch_size):
       rows = list(range(start, min(start + self.batch_size, len(prompts_))))
       rows += [rows[-1]] * (self.batch_size - len(rows))  # fixed shape
@@ -93,8 +93,8 @@ class Predictor:
       shape = (len(rows), len(options[rows[0]]), ids.shape[1])
       scores = self._score(self.params, prompt, mask, ids.reshape(shape),
                            option_mask.reshape(shape))
-      picks.append(np.asarray(scores).argmax(-1))
-    return np.concatenate(picks)[:len(prompts_)]
+      out.append(np.asarray(scores))
+    return np.concatenate(out)[:len(prompts_)]
 
 
 def _accuracy(hits: np.ndarray) -> tuple[float, float]:
@@ -116,14 +116,16 @@ def score_contexts(predictor: Predictor, probes: Probes,
   digits = [corpus.answer_ids("rating", r) for r in range(len(prompts.RATINGS))]
   contexts = [corpus.bos + c for c in contexts]  # token counts exclude bos
   next_prompts = [c + corpus.question("next_title") for c in contexts]
-  future_hits = np.stack([predictor.choose(
-      next_prompts, [[title(i) for i in probes.future_options[r, f]] for r in range(n)]
-  ) == probes.future_answer[:, f] for f in range(future_len)], 1)
+  # every future item's options after one prefill of the prompt
+  future_scores = predictor.scores(next_prompts, [
+      [title(i) for i in probes.future_options[r].reshape(-1)] for r in range(n)])
+  future_hits = (future_scores.reshape(probes.future_options.shape).argmax(-1)
+                 == probes.future_answer)
   genre_prompts = [c + corpus.question("favourite_genre") for c in contexts]
-  genre_pick = predictor.choose(genre_prompts, [genres] * n)
+  genre_pick = predictor.scores(genre_prompts, [genres] * n).argmax(-1)
   rating_prompts = [c + corpus.question("rating", int(i))
                     for c, i in zip(contexts, probes.next_item)]
-  rating_pick = predictor.choose(rating_prompts, [digits] * n)
+  rating_pick = predictor.scores(rating_prompts, [digits] * n).argmax(-1)
   out = {}
   for task, hits in (("next_title", future_hits[:, 0]),
                      ("favourite_genre", genre_pick == probes.genre),
