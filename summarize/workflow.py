@@ -125,7 +125,9 @@ def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
   scratch or from a Gemma `checkpoint`. Returns (model, host parameters)."""
   train = config[field]
   if checkpoint:
-    base, pretrained = gemma_loader.load_checkpoint(checkpoint, mesh=mesh)
+    # logits over the tokenizer's pieces only (Gemma's table has 128 spare rows)
+    base, pretrained = gemma_loader.load_checkpoint(
+        checkpoint, vocab_size=model_cfg.vocab_size, mesh=mesh)
     model_cfg = dataclasses.replace(base, dtype=model_cfg.dtype)
   model = llm.DecoderLM(model_cfg)
   tx = optim.make_optimizer(train)

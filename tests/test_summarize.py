@@ -131,16 +131,28 @@ def test_rl_step_learns_to_write_short_summaries():
                  == params["embedder"]["input_embedding"])  # frozen parts stay
 
 
-def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys):
+def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
+                                                          timelines):
+  """The tiny run, its policy started from a Gemma checkpoint in the released
+  layout (another shape than the predictor's) with a given tokenizer."""
+  from data.vocab import Tokenizer, train_vocabulary
+  from userllm import gemma_loader
   config = rlpf_config.get_config("tiny")
+  vocab = Tokenizer(train_vocabulary(texts.vocabulary_corpus(timelines.items),
+                                     str(tmp_path / "spm.model"), 300, "bpe"))
+  _, params = _tiny_lm(vocab.vocab_size)
+  config.llm.policy_checkpoint = gemma_loader.save_checkpoint(
+      params, str(tmp_path / "gemma"))
+  config.llm.tokenizer = vocab.path
+  workdir = tmp_path / "run"
   config.rl_train.stop_after_steps = 2
   from infra.errors import Preempted
   with pytest.raises(Preempted):
-    main.run_experiment(config, str(tmp_path))
+    main.run_experiment(config, str(workdir))
   capsys.readouterr()
   config.rl_train.stop_after_steps = 0
   with ConfigReads() as reads:
-    results = main.run_experiment(config, str(tmp_path))
+    results = main.run_experiment(config, str(workdir))
   assert reads.unread(config) == []  # every field of the config is used
   out = capsys.readouterr().out
   assert "[rlpf] resumed from" in out and "at step 2" in out
@@ -153,8 +165,8 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys):
   assert results["test/hierarchical_verified/hallucination"] == 0.0
   assert results["test/full_history/context_tokens"] > results[
       "test/last_k/context_tokens"]
-  assert "| rlpf |" in (tmp_path / "table.md").read_text()
-  saved = json.load(open(tmp_path / "results.json"))
+  assert "| rlpf |" in (workdir / "table.md").read_text()
+  saved = json.load(open(workdir / "results.json"))
   assert saved["config"]["workflow"] == "rlpf"
 
 
@@ -163,8 +175,8 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   config = rlpf_config.get_config("tiny")
   config.rl.baseline = "ppo"
   with pytest.raises(ConfigError, match="config.rl.baseline='ppo'"):
-    main.run_experiment(config, str(tmp_path))
+    main.run_experiment(config, str(workdir))
   config = rlpf_config.get_config("tiny")
   config.predictor.contexts.unknown = 1.0
   with pytest.raises(ConfigError, match="config.predictor.contexts"):
-    main.run_experiment(config, str(tmp_path))
+    main.run_experiment(config, str(workdir))
