@@ -175,8 +175,8 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   config = rlpf_config.get_config("tiny")
   config.rl.baseline = "ppo"
   with pytest.raises(ConfigError, match="config.rl.baseline='ppo'"):
-    main.run_experiment(config, str(workdir))
+    main.run_experiment(config, str(tmp_path))
   config = rlpf_config.get_config("tiny")
   config.predictor.contexts.unknown = 1.0
   with pytest.raises(ConfigError, match="config.predictor.contexts"):
-    main.run_experiment(config, str(workdir))
+    main.run_experiment(config, str(tmp_path))
