@@ -55,7 +55,11 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
   # the predictor's training contexts (examples.CONTEXTS) and their weights
   config.predictor = ml_collections.ConfigDict(dict(contexts=ml_collections.ConfigDict(
       dict(summary=0.5, last_k=0.1, random_k=0.1, first_k=0.1, full=0.15,
-           none=0.05))))
+           none=0.05)),
+      # x the cross-entropy of choosing the true answer among the options by
+      # likelihood (+ its token loss): a next-token loss alone leaves the
+      # titles' own likelihoods to decide among 4 options (chance accuracy)
+      choice_weight=1.0))
   config.rl = ml_collections.ConfigDict(dict(
       num_options=4,  # the multiple-choice question: the next item + distractors
       distractors="popularity_matched",  # | popularity | uniform

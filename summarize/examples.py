@@ -287,13 +287,18 @@ def policy_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray,
 
 
 def predictor_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray,
-                    rng: np.random.Generator, style_of,
-                    context_weights: dict) -> dict[str, np.ndarray]:
-  """The predictor's training: a context (CONTEXTS, drawn by
-  `context_weights`) + a question (PREDICTOR_TASKS at random) -> its answer."""
+                    rng: np.random.Generator, style_of, context_weights: dict,
+                    num_options: int, distractors: str) -> dict[str, np.ndarray]:
+  """The predictor's training rows: a context (CONTEXTS, drawn by
+  `context_weights`) + a question (PREDICTOR_TASKS at random) and
+  `num_options` answers of that task, the true one among distractors (other
+  titles drawn as `distractors`, other genres, other ratings). The same
+  arrays as `rl_batch`: "prompt", "prompt_mask", "options", "option_mask",
+  "answer"."""
   kinds = list(context_weights)
   weights = np.asarray([context_weights[k] for k in kinds], np.float64)
-  prompt_rows, answers = [], []
+  num_genres = len(corpus.items.genre_names)
+  prompt_rows, options, answers = [], [], []
   for row in rows:
     user, cut = int(cuts.users[row]), int(cuts.cuts[row])
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
@@ -310,9 +315,22 @@ def predictor_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray,
     label, item = task_label(corpus, task, user, cut)
     prompt_rows.append(corpus.bos + context[-corpus.prompt_len:]
                        + corpus.question(task, item))
-    answers.append(corpus.answer_ids(task, label))
-  return lm_batch(corpus, prompt_rows, answers, predictor_prompt_len(corpus),
-                  corpus.answer_len)
+    if task == "next_title":
+      choice = corpus.options(label, num_options, distractors, rng)
+    else:  # other genres / ratings, as many as there are
+      pool = num_genres if task == "favourite_genre" else len(prompts.RATINGS)
+      others = rng.permutation(np.setdiff1d(np.arange(pool), [label]))
+      choice = rng.permutation(np.concatenate(
+          [[label], others[:num_options - 1]]))
+      choice = np.resize(choice, num_options)  # fewer labels than options: repeat
+    options += [corpus.answer_ids(task, int(c)) for c in choice]
+    answers.append(int(np.nonzero(choice == label)[0][0]))
+  prompt, prompt_mask = corpus.pad_prompts(prompt_rows, predictor_prompt_len(corpus))
+  option_ids, option_mask = corpus.pad_answers(options)
+  shape = (len(rows), num_options, corpus.answer_len)
+  return {"prompt": prompt, "prompt_mask": prompt_mask,
+          "options": option_ids.reshape(shape), "option_mask": option_mask.reshape(shape),
+          "answer": np.asarray(answers, np.int32)}
 
 
 def predictor_prompt_len(corpus: Corpus) -> int:

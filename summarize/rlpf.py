@@ -101,6 +101,30 @@ def lm_loss(model: llm.DecoderLM, params, batch: dict, rng: jax.Array):
   return -jnp.sum(token_lp * target) / count, {"token_accuracy": accuracy / count}
 
 
+def predictor_loss(model: llm.DecoderLM, params, batch: dict, rng: jax.Array,
+                   choice_weight: float = 1.0):
+  """The predictor's loss: the true answer's mean token cross-entropy plus
+  `choice_weight` x the cross-entropy of choosing it among the row's options
+  by likelihood (how it is asked at test), from one pass: the prompt is run
+  once into a KV cache, then every option after it.
+
+  batch (predictor_batch in summarize/examples.py): "prompt", "prompt_mask"
+  [b, p]; "options", "option_mask" [b, k, T]; "answer" [b]."""
+  del rng
+  scores = decoding.score_continuations(model, params, batch["prompt"],
+                                        batch["prompt_mask"], batch["options"],
+                                        batch["option_mask"])  # [b, k]
+  true_score = jnp.take_along_axis(scores, batch["answer"][:, None], 1)[:, 0]
+  true_tokens = jnp.take_along_axis(batch["option_mask"].sum(-1),
+                                    batch["answer"][:, None], 1)[:, 0]
+  token_loss = -jnp.sum(true_score) / jnp.maximum(jnp.sum(true_tokens), 1)
+  choice_loss = -jnp.mean(jax.nn.log_softmax(scores, -1)[
+      jnp.arange(scores.shape[0]), batch["answer"]])
+  accuracy = jnp.mean(scores.argmax(-1) == batch["answer"])
+  return token_loss + choice_weight * choice_loss, {
+      "token_loss": token_loss, "choice_loss": choice_loss, "choice_accuracy": accuracy}
+
+
 def summary_masks(summary: jax.Array, eos_id: int):
   """summary [n, s] sampled ids -> (tokens up to and with the first eos [n, s],
   the summary's own tokens (eos excluded) [n, s], finished [n])."""

@@ -10,7 +10,8 @@ sub-directory of the workdir, resumable on its own):
    `config.llm.policy_checkpoint` (a Gemma checkpoint) the warm-up starts there.
 2. `predictor`: the frozen predictor, trained here to answer the questions
    (next title, favourite genre, rating) from programmatic summaries, from
-   parts of the history as text, or from nothing. It never sees a policy's
+   parts of the history as text, or from nothing, as it is asked at test: the
+   true answer among options, chosen by likelihood (`rlpf.predictor_loss`). It never sees a policy's
    summary, and never trains again after this stage.
 3. `rlpf`: RL of the policy against the predictor (summarize/rlpf.py), the
    reward's length target L measured from the initial policy first.
@@ -48,7 +49,7 @@ SUMMARY_ROWS = ("initial_policy", "hierarchical", "hierarchical_verified", "rlpf
 STAGE_FIELDS = {
     "policy_train": ("seed", "data", "llm", "summary", "policy_train"),
     "predictor_train": ("seed", "data", "llm", "summary", "predictor",
-                        "predictor_train"),
+                        "predictor_train", "rl.num_options", "rl.distractors"),
     "rl_train": None}
 
 
@@ -56,8 +57,13 @@ def stage_identity(config, field: str) -> dict:
   names = STAGE_FIELDS[field]
   if names is None:
     return config.to_dict()
-  return {n: config[n].to_dict() if hasattr(config[n], "to_dict") else config[n]
-          for n in names}
+  out = {}
+  for name in names:
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
+  return out
 
 
 def check(config) -> None:
@@ -120,9 +126,10 @@ def epoch_batches(make_batch, cuts: ex.Cuts, batch_size: int, seed: int):
 
 
 def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
-            mesh, workdir: str):
-  """A warm-up stage: next-token training of a DecoderLM on `batches`, from
-  scratch or from a Gemma `checkpoint`. Returns (model, host parameters)."""
+            loss_fn, mesh, workdir: str):
+  """A warm-up stage: `loss_fn(model, params, batch, rng)` training of a
+  DecoderLM on `batches`, from scratch or from a Gemma `checkpoint`. Returns
+  (model, host parameters)."""
   train = config[field]
   if checkpoint:
     # logits over the tokenizer's pieces only (Gemma's table has 128 spare rows)
@@ -132,8 +139,8 @@ def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
   model = llm.DecoderLM(model_cfg)
   tx = optim.make_optimizer(train)
   sample = batches(0)
-  init = lambda rng: model.init(rng, sample["tokens"][:1],  # noqa: E731
-                                sample["token_mask"][:1])["params"]
+  tokens = sample["tokens" if "tokens" in sample else "prompt"][:1]
+  init = lambda rng: model.init(rng, tokens, tokens > 0)["params"]  # noqa: E731
   state, shardings = train_loop.create_state(init, tx, jax.random.PRNGKey(config.seed),
                                              mesh)
   if checkpoint:
@@ -142,7 +149,7 @@ def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
   mesh_lib.check_batch_divides(train.batch_size, mesh, f"config.{field}.batch_size")
   state = train_loop.fit(
       state=state, state_shardings=shardings,
-      train_step=train_loop.make_train_step(functools.partial(rlpf.lm_loss, model), tx),
+      train_step=train_loop.make_train_step(functools.partial(loss_fn, model), tx),
       batch_fn=batches, mesh=mesh, workdir=f"{workdir}/{name}", schedule=train,
       name=name, schedule_field=f"config.{field}",
       identity=stage_identity(config, field))
@@ -227,13 +234,17 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
       epoch_batches(functools.partial(
           ex.policy_batch, corpus, cuts, style_of=style_of,
           merge_fraction=s.merge_fraction, chunk_len=s.chunk_len),
-          cuts, config.policy_train.batch_size, config.seed), mesh, workdir)
+          cuts, config.policy_train.batch_size, config.seed), rlpf.lm_loss,
+      mesh, workdir)
   predictor, predictor_params = warm_up(
       "predictor", config, "predictor_train", config.llm.predictor_checkpoint,
       model_cfg, epoch_batches(functools.partial(
           ex.predictor_batch, corpus, cuts, style_of=style_of,
-          context_weights=dict(config.predictor.contexts)),
-          cuts, config.predictor_train.batch_size, config.seed + 1), mesh, workdir)
+          context_weights=dict(config.predictor.contexts),
+          num_options=config.rl.num_options, distractors=config.rl.distractors),
+          cuts, config.predictor_train.batch_size, config.seed + 1),
+      functools.partial(rlpf.predictor_loss,
+                        choice_weight=config.predictor.choice_weight), mesh, workdir)
   e = config.eval
   scorer = evaluation.Predictor(predictor, predictor_params, corpus, e.batch_size)
   valid_cuts = ex.held_out_cuts(timelines, users.valid, d.future_len)
