@@ -59,7 +59,10 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       # x the cross-entropy of choosing the true answer among the options by
       # likelihood (+ its token loss): a next-token loss alone leaves the
       # titles' own likelihoods to decide among 4 options (chance accuracy)
-      choice_weight=1.0))
+      choice_weight=1.0,
+      # choose by calibrated scores: an option's log-likelihood after the
+      # context minus after the bare question (RL reward and evaluation)
+      calibrate=True))
   config.rl = ml_collections.ConfigDict(dict(
       num_options=4,  # the multiple-choice question: the next item + distractors
       distractors="popularity_matched",  # | popularity | uniform

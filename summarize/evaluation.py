@@ -4,7 +4,8 @@ summarizer and its self-critique verifier).
 
 Every row of the table is a context per held-out user (a summary, part of the
 history as text, or nothing) read by the same frozen predictor, which answers
-each probe by the likelihood of each of its options:
+each probe by the likelihood of each of its options (calibrated: minus the
+option's likelihood after the bare question, `Predictor.decide`):
 - `next_title`: the next item's title among `num_options` (the RL task);
 - `favourite_genre`: the history's most frequent genre, among all genres;
 - `rating`: the user's rating (1..5) of the next item, named in the question;
@@ -74,10 +75,26 @@ class Predictor:
   compiled function per shape)."""
 
   def __init__(self, model: llm.DecoderLM, params, corpus: ex.Corpus,
-               batch_size: int):
+               batch_size: int, calibrate: bool = False):
     self.params, self.corpus, self.batch_size = params, corpus, batch_size
+    self.calibrate = calibrate
     self.prompt_len = ex.predictor_prompt_len(corpus)
     self._score = jax.jit(functools.partial(decoding.score_continuations, model))
+    self._baselines = {}
+
+  def decide(self, prompts_: list[list[int]], questions: list[list[int]],
+             options: list[list[list[int]]], key) -> np.ndarray:
+    """[n, c] the scores the predictor chooses by: each option's
+    log-likelihood after its prompt, minus (calibrated) its log-likelihood
+    after the bare question (`questions`: [bos] + question ids), which
+    removes the options' own prior (e.g. short titles); the bare-question
+    scores are computed once per `key`."""
+    scores = self.scores(prompts_, options)
+    if not self.calibrate:
+      return scores
+    if key not in self._baselines:
+      self._baselines[key] = self.scores(questions, options)
+    return scores - self._baselines[key]
 
   def scores(self, prompts_: list[list[int]], options: list[list[list[int]]]
              ) -> np.ndarray:
@@ -116,16 +133,24 @@ def score_contexts(predictor: Predictor, probes: Probes,
   digits = [corpus.answer_ids("rating", r) for r in range(len(prompts.RATINGS))]
   contexts = [corpus.bos + c for c in contexts]  # token counts exclude bos
   next_prompts = [c + corpus.question("next_title") for c in contexts]
+  bare = lambda q: corpus.bos + q  # noqa: E731  (the calibration's prompt)
   # every future item's options after one prefill of the prompt
-  future_scores = predictor.scores(next_prompts, [
-      [title(i) for i in probes.future_options[r].reshape(-1)] for r in range(n)])
+  future_scores = predictor.decide(
+      next_prompts, [bare(corpus.question("next_title"))] * n,
+      [[title(i) for i in probes.future_options[r].reshape(-1)] for r in range(n)],
+      (id(probes), "future"))
   future_hits = (future_scores.reshape(probes.future_options.shape).argmax(-1)
                  == probes.future_answer)
   genre_prompts = [c + corpus.question("favourite_genre") for c in contexts]
-  genre_pick = predictor.scores(genre_prompts, [genres] * n).argmax(-1)
+  genre_pick = predictor.decide(
+      genre_prompts, [bare(corpus.question("favourite_genre"))] * n, [genres] * n,
+      (id(probes), "genre")).argmax(-1)
   rating_prompts = [c + corpus.question("rating", int(i))
                     for c, i in zip(contexts, probes.next_item)]
-  rating_pick = predictor.scores(rating_prompts, [digits] * n).argmax(-1)
+  rating_pick = predictor.decide(
+      rating_prompts, [bare(corpus.question("rating", int(i)))
+                       for i in probes.next_item], [digits] * n,
+      (id(probes), "rating")).argmax(-1)
   out = {}
   for task, hits in (("next_title", future_hits[:, 0]),
                      ("favourite_genre", genre_pick == probes.genre),

@@ -185,8 +185,13 @@ def rl_optimizer(tx: optax.GradientTransformation, params: dict
 
 def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
                  predictor: llm.DecoderLM, tx: optax.GradientTransformation,
-                 cfg: RLConfig, head_ids, question_ids, eos_id: int):
+                 cfg: RLConfig, head_ids, question_ids, eos_id: int,
+                 bare_question_ids=None):
   """step(state, batch) -> (state, metrics) for `train_loop.fit`.
+
+  With `bare_question_ids` ([bos] + the question) the predictor chooses by
+  calibrated scores: each option's log-likelihood after the summary minus
+  that after the bare question (evaluation.Predictor.decide).
 
   state.params: {"policy", "reference" (the initial policy), "predictor",
   and "value" with the value baseline}. batch (rl_batch in
@@ -209,6 +214,13 @@ def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
     scores = decoding.score_continuations(
         predictor, params["predictor"], ids, mask,
         jnp.repeat(batch["options"], g, 0), jnp.repeat(batch["option_mask"], g, 0))
+    if bare_question_ids is not None:  # the options' own prior, removed
+      bare = jnp.broadcast_to(jnp.asarray(bare_question_ids),
+                              (batch["prompt"].shape[0], len(bare_question_ids)))
+      prior = decoding.score_continuations(
+          predictor, params["predictor"], bare, jnp.ones_like(bare, bool),
+          batch["options"], batch["option_mask"])
+      scores = scores - jnp.repeat(prior, g, 0)
     correct = (scores.argmax(-1) == jnp.repeat(batch["answer"], g)).astype(jnp.float32)
     length = body.sum(1).astype(jnp.float32)
     reward = rewards(correct, length, finished, cfg)

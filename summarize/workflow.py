@@ -48,8 +48,9 @@ SUMMARY_ROWS = ("initial_policy", "hierarchical", "hierarchical_verified", "rlpf
 # config values each stage depends on (stored with its checkpoints); None: all
 STAGE_FIELDS = {
     "policy_train": ("seed", "data", "llm", "summary", "policy_train"),
-    "predictor_train": ("seed", "data", "llm", "summary", "predictor",
-                        "predictor_train", "rl.num_options", "rl.distractors"),
+    "predictor_train": ("seed", "data", "llm", "summary", "predictor.contexts",
+                        "predictor.choice_weight", "predictor_train",
+                        "rl.num_options", "rl.distractors"),
     "rl_train": None}
 
 
@@ -189,8 +190,9 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
                                              jax.random.PRNGKey(config.seed + 3), mesh)
   step = rlpf.make_rl_step(policy, value_model, predictor, tx, cfg,
                            corpus.bos + corpus.summary_head,
-                           corpus.question("next_title"),
-                           corpus.eos)
+                           corpus.question("next_title"), corpus.eos,
+                           bare_question_ids=(corpus.bos + corpus.question("next_title")
+                                              if config.predictor.calibrate else None))
   r = config.rl
   batches = epoch_batches(functools.partial(
       ex.rl_batch, corpus, cuts, num_options=r.num_options,
@@ -246,7 +248,8 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
       functools.partial(rlpf.predictor_loss,
                         choice_weight=config.predictor.choice_weight), mesh, workdir)
   e = config.eval
-  scorer = evaluation.Predictor(predictor, predictor_params, corpus, e.batch_size)
+  scorer = evaluation.Predictor(predictor, predictor_params, corpus, e.batch_size,
+                                config.predictor.calibrate)
   valid_cuts = ex.held_out_cuts(timelines, users.valid, d.future_len)
   valid_probes = evaluation.make_probes(corpus, valid_cuts, 1, config.rl.num_options,
                                         config.rl.distractors, config.seed + 5)
