@@ -18,8 +18,10 @@ def get_config(arg: str = ""):
     config.data.valid_users, config.data.test_users = 50, 150
     config.summary.prompt_len = 512
     config.summary.max_len = 40
-    # 743 training users x 8 cuts; prompts ~1.6x the synthetic ones
+    # 743 training users x 8 cuts; prompts ~1.6x the synthetic ones, so
+    # shorter stages fit a CPU session (a GPU takes the full schedule)
     config.policy_train.num_steps = 400
-    config.predictor_train.num_steps = 500
-    config.rl_train.num_steps = 300
+    config.predictor_train.num_steps = 250
+    config.rl_train.num_steps = 150
+    config.rl_train.eval_every = 50
   return config
