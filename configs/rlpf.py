@@ -60,7 +60,7 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       # likelihood (+ its token loss): a next-token loss alone leaves the
       # titles' own likelihoods to decide among 4 options (chance accuracy)
       choice_weight=1.0,
-      # choose by calibrated scores: an option's log-likelihood after the
+      # choose titles by calibrated scores: a title's log-likelihood after the
       # context minus after the bare question (RL reward and evaluation)
       calibrate=True))
   config.rl = ml_collections.ConfigDict(dict(

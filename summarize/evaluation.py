@@ -4,8 +4,9 @@ summarizer and its self-critique verifier).
 
 Every row of the table is a context per held-out user (a summary, part of the
 history as text, or nothing) read by the same frozen predictor, which answers
-each probe by the likelihood of each of its options (calibrated: minus the
-option's likelihood after the bare question, `Predictor.decide`):
+each probe by the likelihood of each of its options (for titles calibrated:
+minus the title's likelihood after the bare question, `Predictor.decide`, so
+that a title's own length and wording do not decide):
 - `next_title`: the next item's title among `num_options` (the RL task);
 - `favourite_genre`: the history's most frequent genre, among all genres;
 - `rating`: the user's rating (1..5) of the next item, named in the question;
@@ -142,15 +143,12 @@ def score_contexts(predictor: Predictor, probes: Probes,
   future_hits = (future_scores.reshape(probes.future_options.shape).argmax(-1)
                  == probes.future_answer)
   genre_prompts = [c + corpus.question("favourite_genre") for c in contexts]
-  genre_pick = predictor.decide(
-      genre_prompts, [bare(corpus.question("favourite_genre"))] * n, [genres] * n,
-      (id(probes), "genre")).argmax(-1)
+  # genre and rating answers are few and short: their prior is the base rate
+  # (most ratings are 3-4), so they are chosen by plain likelihood
+  genre_pick = predictor.scores(genre_prompts, [genres] * n).argmax(-1)
   rating_prompts = [c + corpus.question("rating", int(i))
                     for c, i in zip(contexts, probes.next_item)]
-  rating_pick = predictor.decide(
-      rating_prompts, [bare(corpus.question("rating", int(i)))
-                       for i in probes.next_item], [digits] * n,
-      (id(probes), "rating")).argmax(-1)
+  rating_pick = predictor.scores(rating_prompts, [digits] * n).argmax(-1)
   out = {}
   for task, hits in (("next_title", future_hits[:, 0]),
                      ("favourite_genre", genre_pick == probes.genre),
