@@ -126,8 +126,11 @@ def table(out: str) -> None:
     ax.plot(steps, [r["kl"] for r in train], "--", color=f"C{i}", label=f"{name} KL")
     ax.plot(steps, [r["summary_tokens"] / 40 for r in train], ":", color=f"C{i}",
             label=f"{name} tokens / 40")
+    valid = [r for r in run["curve"] if r["split"] == "valid"]
+    ax.plot([r["step"] for r in valid], [r["next_title"] for r in valid], "s",
+            color=f"C{i}", label=f"{name} valid accuracy (greedy)")
   ax.set_xlabel("RL step")
-  ax.set_title("RL curves (training batches)", fontsize=9)
+  ax.set_title("RL curves (sampled training batches; valid users)", fontsize=9)
   ax.legend(fontsize=6)
   report.save(fig, out)
   print("\n".join(lines))
