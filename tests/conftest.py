@@ -69,10 +69,9 @@ def tiny_tokenizer(tiny_timelines, tmp_path_factory):
 def run_workflow(config, workdir):
   """A workflow's run as main.py does it (mesh from the config, results.json)."""
   import importlib
+  from configs.common import WORKFLOWS
   from infra import mesh as mesh_lib, results
-  modules = {"next_item": "userllm.next_item_workflow",
-             "user_llm": "userllm.workflow", "federated": "federated.workflow"}
-  workflow = importlib.import_module(modules[config.workflow])
+  workflow = importlib.import_module(WORKFLOWS[config.workflow])
   os.makedirs(workdir, exist_ok=True)
   return results.write_results(
       str(workdir), workflow.run(config, str(workdir),

@@ -11,8 +11,7 @@ import optax
 import pytest
 from flax import linen as nn
 
-import main
-from conftest import ConfigReads
+from conftest import ConfigReads, run_workflow
 from configs import rlpf as rlpf_config
 from data import sources
 from summarize import rlpf, texts
@@ -148,11 +147,11 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   config.rl_train.stop_after_steps = 2
   from infra.errors import Preempted
   with pytest.raises(Preempted):
-    main.run_experiment(config, str(workdir))
+    run_workflow(config, workdir)
   capsys.readouterr()
   config.rl_train.stop_after_steps = 0
   with ConfigReads() as reads:
-    results = main.run_experiment(config, str(workdir))
+    results = run_workflow(config, workdir)
   assert reads.unread(config) == []  # every field of the config is used
   out = capsys.readouterr().out
   assert "[rlpf] resumed from" in out and "at step 2" in out
@@ -175,8 +174,8 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   config = rlpf_config.get_config("tiny")
   config.rl.baseline = "ppo"
   with pytest.raises(ConfigError, match="config.rl.baseline='ppo'"):
-    main.run_experiment(config, str(tmp_path))
+    run_workflow(config, tmp_path)
   config = rlpf_config.get_config("tiny")
   config.predictor.contexts.unknown = 1.0
   with pytest.raises(ConfigError, match="config.predictor.contexts"):
-    main.run_experiment(config, str(tmp_path))
+    run_workflow(config, tmp_path)
