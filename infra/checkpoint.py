@@ -34,6 +34,20 @@ RESUMABLE_CHANGES = frozenset({
 IDENTITY_FILE = "identity.json"
 
 
+def config_identity(config, names: tuple[str, ...] | None) -> dict:
+  """{dotted field: value} of the config values a stage depends on (what
+  `Checkpointer.check_identity` stores); `names` None: the whole config."""
+  if names is None:
+    return config.to_dict()
+  out = {}
+  for name in names:
+    value = config
+    for part in name.split("."):
+      value = value[part]
+    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
+  return out
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, save_every: int, keep: int):

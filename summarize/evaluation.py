@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from data import prompts
+from infra.errors import DivergedError
 from summarize import examples as ex
 from userllm import decoding, llm
 
@@ -112,7 +113,11 @@ class Predictor:
       scores = self._score(self.params, prompt, mask, ids.reshape(shape),
                            option_mask.reshape(shape))
       out.append(np.asarray(scores))
-    return np.concatenate(out)[:len(prompts_)]
+    scores = np.concatenate(out)[:len(prompts_)]
+    if not np.all(np.isfinite(scores)):  # never a metric from a broken model
+      raise DivergedError(f"the predictor's option scores are not finite "
+                          f"({int(np.sum(~np.isfinite(scores)))} of {scores.size})")
+    return scores
 
 
 def _accuracy(hits: np.ndarray) -> tuple[float, float]:

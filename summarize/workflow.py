@@ -37,7 +37,7 @@ import numpy as np
 from data import sources
 from data.sequences import EpochBatcher
 from data.vocab import Tokenizer, train_vocabulary
-from infra import mesh as mesh_lib, optim, train_loop
+from infra import checkpoint, mesh as mesh_lib, optim, train_loop
 from infra.errors import ConfigError
 from summarize import evaluation, examples as ex, rlpf, texts
 from userllm import gemma_loader, llm
@@ -55,16 +55,8 @@ STAGE_FIELDS = {
 
 
 def stage_identity(config, field: str) -> dict:
-  names = STAGE_FIELDS[field]
-  if names is None:
-    return config.to_dict()
-  out = {}
-  for name in names:
-    value = config
-    for part in name.split("."):
-      value = value[part]
-    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
-  return out
+  """{dotted field: value} of the config values stage `field` depends on."""
+  return checkpoint.config_identity(config, STAGE_FIELDS[field])
 
 
 def check(config) -> None:

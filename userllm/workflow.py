@@ -32,7 +32,7 @@ import numpy as np
 
 from data import prompts, sources, splits
 from data.sequences import EpochBatcher
-from infra import mesh as mesh_lib, optim, train_loop
+from infra import checkpoint, mesh as mesh_lib, optim, train_loop
 from infra.errors import ConfigError
 from userllm import adapters, builders, evaluation, gemma_loader
 from userllm import sequence_model as sm, user_llm as ul
@@ -75,16 +75,7 @@ STAGE_FIELDS = {
 
 def stage_identity(config, field: str) -> dict:
   """{dotted field: value} of the config values stage `field` depends on."""
-  names = STAGE_FIELDS[field]
-  if names is None:
-    return config.to_dict()
-  out = {}
-  for name in names:
-    value = config
-    for part in name.split("."):
-      value = value[part]
-    out[name] = value.to_dict() if hasattr(value, "to_dict") else value
-  return out
+  return checkpoint.config_identity(config, STAGE_FIELDS[field])
 
 
 def fit_stage(name: str, state, shardings, train_step, batches, config,
