@@ -16,11 +16,33 @@ sys.path.insert(0, REPO)
 ML100K_DIR = os.path.join(REPO, "..", "shared", "data", "movielens-100k")
 
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
-# No persistent compilation cache: with one (per session, even one per
-# worker) a worker aborted inside a cached next-item step in test_train.py
-# ("Fatal Python error: Aborted", no XLA message) in three CI-like runs.
+# A compilation cache for this session only, shared by the xdist workers and
+# the main.py processes they start (through the environment): workflows that
+# rebuild the same computation (a resumed run, the notebook's tiny runs, a
+# second method over the same stages) load it instead of compiling it again.
+# Nothing carries over between sessions: the controller removes it. (The
+# "Fatal Python error: Aborted" once blamed on this cache was XLA:CPU's
+# collective deadlock: train_loop.cpu_collectives_can_deadlock.)
+_OWNER = os.getppid() if os.environ.get("PYTEST_XDIST_WORKER") else os.getpid()
+_CACHE_DIR = os.path.join(tempfile.gettempdir(), f"userllm-jax-cache-{_OWNER}")
+os.makedirs(_CACHE_DIR, exist_ok=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def pytest_sessionfinish(session):
+  if not hasattr(session.config, "workerinput"):  # the controller, last out
+    shutil.rmtree(_CACHE_DIR, ignore_errors=True)
 
 
 @pytest.fixture
@@ -46,16 +68,25 @@ def tiny_tokenizer(tiny_timelines, tmp_path_factory):
   return Tokenizer(train_vocabulary(prompts.corpus(tiny_timelines), str(path), 300))
 
 
-def run_workflow(config, workdir):
-  """A workflow's run as main.py does it (mesh from the config, results.json)."""
+def run_workflow(config, workdir, num_devices=1):
+  """A workflow's run as main.py does it (mesh from the config, results.json),
+  on the first `num_devices` of the 8 fake devices.
+
+  One device by default: these tests are about what a workflow computes, and
+  XLA:CPU's in-process collectives over 8 fake devices on 2 cores now and then
+  abort a long run ("Fatal Python error: Aborted" inside a train step, about 1
+  run in 6 of test_model_beats_popularity_on_synthetic with the other core
+  busy). Sharding is tested where it is the point (the sharded == single-device
+  tests, and tests/test_main.py's main.py runs on all 8 devices)."""
   import importlib
+  import jax
   from configs.common import WORKFLOWS
   from infra import mesh as mesh_lib, results
   workflow = importlib.import_module(WORKFLOWS[config.workflow])
   os.makedirs(workdir, exist_ok=True)
+  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:num_devices])
   return results.write_results(
-      str(workdir), workflow.run(config, str(workdir),
-                                 mesh_lib.make_mesh(config.mesh)), config)
+      str(workdir), workflow.run(config, str(workdir), mesh), config)
 
 
 class ConfigReads:
