@@ -21,9 +21,11 @@ For every method x history length H:
   encoder is pretrained per H. Next-title Recall@1/5/10 by log-likelihood
   ranking of every title, favourite-genre accuracy.
 
-The text prompt is given the whole history (its context is sized to H), so
-its cost grows with H; the benchmark's synthetic users have long timelines
-(at least max(H) events) so that every H is real history, not padding.
+`text_prompt` is given the whole history (its context is sized to H), so its
+cost grows with H; `text_prompt@256` is the text prompt at a deployment's
+context budget of 256 tokens: the newest events that fit (about 52 titles
+here), whatever H is. The benchmark's synthetic users have long timelines (at
+least max(H) events) so that every H is real history, not padding.
 """
 
 from __future__ import annotations
@@ -47,7 +49,18 @@ from infra import mesh as mesh_lib, optim, results as results_lib, train_loop
 from infra.train_state import TrainState
 from userllm import builders, llm as llm_lib, user_llm as ul, workflow
 
-METHODS = ("cross_attention", "soft_prompt", "text_prompt")
+METHODS = ("cross_attention", "soft_prompt", "text_prompt", "text_prompt@256")
+
+
+def parse_method(name: str) -> tuple[str, int]:
+  """'text_prompt@256' -> ('text_prompt', 256); a bare method -> (method, 0):
+  no context budget (the text prompt then holds the whole history)."""
+  method, _, budget = name.partition("@")
+  if method not in builders.METHODS or (budget and (method != "text_prompt"
+                                              or not budget.isdigit())):
+    raise ValueError(f"--methods: unknown method {name!r} (one of {builders.METHODS}; "
+                     f"text_prompt@<tokens> for a context budget)")
+  return method, int(budget or 0)
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/user_llm.py",
                                           "The User-LLM experiment config.")
 _OUT = flags.DEFINE_string("out", None, "Path prefix of the .json and .md outputs.")
@@ -84,11 +97,13 @@ def long_histories(config, max_history: int):
 
 
 def efficiency(config, timelines, method: str, history: int, timed_steps: int,
-               workdir: str, step_batch: int) -> dict:
-  """Tokens, FLOPs and step time of `method` at `history` events."""
+               workdir: str, step_batch: int, budget: int = 0) -> dict:
+  """Tokens, FLOPs and step time of `method` at `history` events (a text
+  prompt cut to `budget` tokens when > 0)."""
   config.userllm.method, config.userllm.history_len = method, history
   tokenizer = builders.tokenizer_for(config, workdir, timelines)
-  builder = prompts.PromptBuilder(timelines, tokenizer, method, history, 10**6)
+  builder = prompts.PromptBuilder(timelines, tokenizer, method, history,
+                                  budget or 10**6)
   model = builders.build_model(config, timelines, tokenizer.vocab_size, method)
   batch_size = step_batch
   long_users = np.nonzero(timelines.lengths > history)[0]
@@ -144,12 +159,13 @@ QUALITY_KEYS = ("test/model/next_title/recall@1", "test/model/next_title/recall@
 
 
 def quality(config, method: str, history: int, workdir: str,
-            tokens_per_event: float, mesh) -> dict:
+            tokens_per_event: float, mesh, budget: int = 0) -> dict:
   """The whole workflow for `method` at `history` events (shared workdir)."""
   config.userllm.method, config.userllm.history_len = method, history
-  # context for the whole history: 1.25x its mean length in tokens (the rare
-  # longer prompt loses its oldest titles)
-  config.userllm.text_prompt_len = int(history * tokens_per_event * 1.25) + 16
+  # no budget: context for the whole history, 1.25x its mean length in tokens
+  # (the rare longer prompt loses its oldest titles)
+  config.userllm.text_prompt_len = budget or (
+      int(history * tokens_per_event * 1.25) + 16)
   results = workflow.run(config, workdir, mesh)
   return {k: results[k] for k in QUALITY_KEYS}
 
@@ -241,14 +257,15 @@ def main(argv):
   os.makedirs(workdir, exist_ok=True)
   tokens_per_event = text_tokens_per_event(config, train_timelines, workdir)
   for history in histories:
-    for method in _METHODS.value:
-      print(f"[benchmark] {method} H={history}", flush=True)
-      row = {"method": method, "history": history,
+    for name in _METHODS.value:
+      method, budget = parse_method(name)
+      print(f"[benchmark] {name} H={history}", flush=True)
+      row = {"method": name, "history": history,
              **efficiency(config, train_timelines, method, history,
-                          _TIMED_STEPS.value, workdir, _STEP_BATCH.value)}
+                          _TIMED_STEPS.value, workdir, _STEP_BATCH.value, budget)}
       if not _EFFICIENCY_ONLY.value:
         row.update(quality(config, method, history, workdir, tokens_per_event,
-                           mesh))
+                           mesh, budget))
       rows.append(row)
       write(_OUT.value, rows, meta)
       print(json.dumps(row), flush=True)

@@ -73,9 +73,12 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       gate_init=0.0,
       # > 0: + this x the next item's cross-entropy from the mean user token
       # (a linear head), so that stage 3 cannot make the user tokens constant
-      aux_item_weight=0.0,
-      # a LayerNorm on the user tokens (unit scale, like the LLM's states)
-      normalise_user_tokens=False,
+      # (README: "Where the user signal is lost"; 0.1 with the LayerNorm below
+      # took favourite-genre accuracy from 0.15 to 0.78 at H = 50)
+      aux_item_weight=0.1,
+      # a LayerNorm on the user tokens (unit scale, like the LLM's states);
+      # without it the fresh projector's tokens are 20-100x too small to read
+      normalise_user_tokens=True,
       cuts_per_user=2 if (tiny or multitask) else 4,  # examples per user and task
       eval_users=16 if tiny else (200 if multitask else 300),  # 0: all
       probe_examples=32 if tiny else 2000,  # training cuts of the user probes

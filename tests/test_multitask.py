@@ -120,10 +120,10 @@ def test_multitask_adapters_train_through_the_workflow(tmp_path):
   # equal budgets: LoRA's rank is picked to match MoLoRA's (= MoDE's) count
   assert abs(lora["adapter_parameters"] - mode["adapter_parameters"]) <= (
       0.1 * mode["adapter_parameters"])
-  assert (tmp_path / "text_prompt_h8_mode_r2_e2").is_dir()
-  assert (tmp_path / "text_prompt_h8_lora_r5").is_dir()
+  assert (tmp_path / "text_prompt_h8_ctx48_mode_r2_e2").is_dir()
+  assert (tmp_path / "text_prompt_h8_ctx48_lora_r5").is_dir()
   seqio_losses = [json.loads(line)["loss"] for line in (
-      tmp_path / "text_prompt_h8_lora_r5" / "metrics.jsonl").read_text().splitlines()]
+      tmp_path / "text_prompt_h8_ctx48_lora_r5" / "metrics.jsonl").read_text().splitlines()]
   assert len(seqio_losses) == 2 and all(np.isfinite(seqio_losses))
   assert list((tmp_path / "tfds").iterdir())  # the data went through tfds
   lm_lines = [json.loads(line) for line in

@@ -170,9 +170,11 @@ def load_into(state, shardings, subtree: str, pretrained: dict):
 
 
 def stage_name(config, model: ul.UserLLM) -> str:
-  """`<method>_h<H>`, plus the adapter (`_mode_r4_e4`) when there is one."""
+  """`<method>_h<H>`, the text prompt's context (`_ctx256`), and the adapter
+  (`_mode_r4_e4`) when there is one."""
   u, adapter = config.userllm, model.config.llm.adapter
   name = f"{u.method}_h{u.history_len}"
+  name += f"_ctx{u.text_prompt_len}" if u.method == "text_prompt" else ""
   if adapter.enabled:
     name += f"_{adapter.kind}_r{adapter.rank}"
     name += f"_e{adapter.num_experts}" if adapter.kind != "lora" else ""
