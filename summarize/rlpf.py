@@ -93,12 +93,9 @@ def lm_loss(model: llm.DecoderLM, params, batch: dict, rng: jax.Array):
   batch: "tokens", "token_mask", "target_mask" [b, t]."""
   del rng
   logits, _ = model.apply({"params": params}, batch["tokens"], batch["token_mask"])
-  log_probs = jax.nn.log_softmax(logits[:, :-1], -1)
-  token_lp = jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], -1)[..., 0]
-  target = batch["target_mask"][:, 1:]
-  count = jnp.maximum(target.sum(), 1)
-  accuracy = jnp.sum((logits[:, :-1].argmax(-1) == batch["tokens"][:, 1:]) * target)
-  return -jnp.sum(token_lp * target) / count, {"token_accuracy": accuracy / count}
+  loss, accuracy = decoding.target_token_loss(logits, batch["tokens"],
+                                              batch["target_mask"])
+  return loss, {"token_accuracy": accuracy}
 
 
 def predictor_loss(model: llm.DecoderLM, params, batch: dict, rng: jax.Array,

@@ -125,3 +125,14 @@ def token_log_likelihood(logits: jax.Array, tokens: jax.Array,
   log_probs = jax.nn.log_softmax(logits[:, :-1], -1)
   token_lp = jnp.take_along_axis(log_probs, tokens[:, 1:, None], -1)[..., 0]
   return jnp.sum(token_lp * target_mask[:, 1:], 1)
+
+
+def target_token_loss(logits: jax.Array, tokens: jax.Array,
+                      target_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(mean cross-entropy, accuracy) per target token, the same scoring as
+  `token_log_likelihood` (logits [b, t, vocab] of `tokens` [b, t];
+  target_mask [b, t])."""
+  count = jnp.maximum(target_mask[:, 1:].sum(), 1)
+  loss = -jnp.sum(token_log_likelihood(logits, tokens, target_mask)) / count
+  hits = (logits[:, :-1].argmax(-1) == tokens[:, 1:]) * target_mask[:, 1:]
+  return loss, jnp.sum(hits) / count

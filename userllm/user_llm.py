@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from userllm import adapters, llm as llm_lib
+from userllm import adapters, decoding, llm as llm_lib
 from userllm import perceiver as perceiver_lib
 from userllm import sequence_model as sm
 
@@ -204,13 +204,8 @@ def lm_loss(model: UserLLM, mask, params, batch: dict, rng: jax.Array,
                     batch.get("task_ids"), with_user_items=bool(aux_weight),
                     rngs={"dropout": rng})
   logits, item_logits = out if aux_weight else (out, None)
-  log_probs = jax.nn.log_softmax(logits[:, :-1], -1)
-  token_lp = jnp.take_along_axis(log_probs, batch["tokens"][:, 1:, None], -1)[..., 0]
-  target = batch["target_mask"][:, 1:]
-  count = jnp.maximum(target.sum(), 1)
-  loss = -jnp.sum(token_lp * target) / count
-  accuracy = jnp.sum((logits[:, :-1].argmax(-1) == batch["tokens"][:, 1:])
-                     * target) / count
+  loss, accuracy = decoding.target_token_loss(logits, batch["tokens"],
+                                              batch["target_mask"])
   metrics = {"token_accuracy": accuracy}
   if aux_weight:
     aux = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(item_logits, -1),
