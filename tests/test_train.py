@@ -97,3 +97,13 @@ def test_model_beats_popularity_on_synthetic(tiny_config, tmp_path):
   model, popular = (results["test/model/next_item/recall@10"],
                     results["test/popularity/next_item/recall@10"])
   assert model > 2 * popular and model > popular + 0.1, results
+
+
+def test_steps_wait_for_each_other_only_on_multi_device_cpu_meshes(tiny_config):
+  """XLA:CPU's collectives can deadlock with several steps in flight over
+  several devices (train_loop.cpu_collectives_can_deadlock); one device, or an
+  accelerator, keeps steps queued."""
+  eight = mesh_lib.make_mesh(tiny_config.mesh)
+  one = mesh_lib.make_mesh(tiny_config.mesh, jax.devices()[:1])
+  assert train_loop.cpu_collectives_can_deadlock(eight)
+  assert not train_loop.cpu_collectives_can_deadlock(one)
