@@ -182,7 +182,11 @@ def write(out: str, rows: list[dict], meta: dict) -> None:
   header = ["method", "history", "R@1", "R@5", "R@10", "genre acc",
             "LLM input tokens", "LLM GFLOPs (XLA)", "LLM GFLOPs (analytic)",
             "encoder+Perceiver GFLOPs", "total GFLOPs", "step (ms)"]
-  fmt = lambda r, k: f"{r[k]:.3f}" if k in r else "-"  # noqa: E731
+  def fmt(r, k):  # a test accuracy ± its binomial standard error
+    if k not in r:
+      return "-"
+    se = np.sqrt(r[k] * (1 - r[k]) / r["eval_users"])
+    return f"{r[k]:.3f} ± {se:.3f}"
   cells = []
   for r in rows:
     total = r["llm_flops_xla"] + r["user_flops_xla"]
@@ -193,19 +197,24 @@ def write(out: str, rows: list[dict], meta: dict) -> None:
                     f"{1e3 * r['step_seconds']:.1f}"])
   by = {(r["method"], r["history"]): r for r in rows}
   ratios = []
+  total = lambda x: x["llm_flops_xla"] + x["user_flops_xla"]  # noqa: E731
   for (method, history), r in sorted(by.items()):
-    text = by.get(("text_prompt", history))
-    if method != "text_prompt" and text:
-      total = lambda x: x["llm_flops_xla"] + x["user_flops_xla"]  # noqa: E731
-      ratios.append(f"- H={history}: text prompt / {method} = "
-                    f"{text['llm_flops_xla'] / r['llm_flops_xla']:.1f}x LLM FLOPs, "
-                    f"{total(text) / total(r):.1f}x total FLOPs")
+    if method.startswith("text_prompt"):
+      continue
+    for (text_method, text_history), text in sorted(by.items()):
+      if text_method.startswith("text_prompt") and text_history == history:
+        ratios.append(f"- H={history}: {text_method} / {method} = "
+                      f"{text['llm_flops_xla'] / r['llm_flops_xla']:.1f}x LLM "
+                      f"FLOPs, {total(text) / total(r):.1f}x total FLOPs")
   lines = ([f"User-LLM benchmark, {meta['data']} data, on {meta['device']} "
             f"(jax {meta['jax']}). Command: `{meta['command']}`.", "",
             "FLOPs are per example, one forward pass; step time is one training "
             f"step (forward, backward, Adam) at batch "
             f"{rows[0]['batch_size'] if rows else '-'}.", ""]
-           + results_lib.markdown_table(header, cells) + [""] + ratios)
+           + results_lib.markdown_table(header, cells) + [""] + ratios
+           + sorted({f"- H={r['history']}: popularity (the prior) next-title "
+                     f"R@10 {r[QUALITY_KEYS[4]]:.3f} on the same test users"
+                     for r in rows if QUALITY_KEYS[4] in r}))
   results_lib.write_report(out, {"meta": meta, "rows": rows}, lines)
   plot(out, rows)
 

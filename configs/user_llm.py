@@ -64,6 +64,8 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       text_prompt_len=48 if tiny else 256,  # LLM context for text prompts
       lm_history=3 if tiny else 10,  # titles per prompt when pretraining the LM
       answer_len=0,  # 0: the longest title / genre + eos
+      # Perceiver queries: the user tokens; 0: no Perceiver, every encoder
+      # state is a user token (h of them)
       num_latents=4 if tiny else 16, perceiver_layers=1, perceiver_heads=2,
       # learning rate x this for the parts made fresh in stage 3 (Perceiver,
       # projector, cross-attention blocks and gates; user_llm.NEW_PARTS)

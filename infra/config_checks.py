@@ -17,14 +17,14 @@ AT_LEAST_ONE = frozenset({
     "log_every", "checkpoint_every", "keep_checkpoints", "max_len",
     "history_len", "lm_history", "text_prompt_len", "embed_dim",
     "embedding_dim", "mlp_dim", "head_dim", "num_heads", "num_kv_heads",
-    "num_layers", "num_latents", "perceiver_heads", "perceiver_layers",
+    "num_layers", "perceiver_heads", "perceiver_layers",
     "num_experts", "clients_per_round", "local_epochs", "candidate_chunk",
     "cuts_per_user", "vocab_size", "rope_max_wavelength",
     "cross_attention_every", "num_users", "num_items", "num_genres",
     "min_events", "max_events"})
 AT_LEAST_ZERO = frozenset({
     "seed", "eval_every", "stop_after_steps", "warmup_steps", "eval_users",
-    "answer_len", "max_examples_per_client", "num_clients", "top_k",
+    "answer_len", "num_latents", "max_examples_per_client", "num_clients", "top_k",
     "num_related", "rank", "learning_rate", "client_learning_rate",
     "server_learning_rate", "weight_decay", "grad_clip", "prox_mu",
     "mean_extra_events", "taste_strength", "popularity_exponent"})

@@ -218,16 +218,24 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
       aux_weight=u.aux_item_weight if model.config.uses_user else 0.0), tx)
   batches = task_batches(config, workdir, builder, timelines, examples, tasks)
   train_began = time.time()
+  last_valid = {}  # {step: metrics} of fit's latest valid evaluation
+
+  def evaluate_valid(s):
+    last_valid.clear()
+    last_valid[int(s.step)] = valid.evaluate(s.params)
+    return last_valid[int(s.step)]
+
   state = fit_stage(builders.stage_name(config, model), state, shardings,
                     train_step, batches, config, "train", mesh, workdir,
-                    eval_fn=lambda s: valid.evaluate(s.params))
+                    eval_fn=evaluate_valid)
   results["train_seconds"] = time.time() - train_began
   results["train_step_seconds"] = train_loop.step_seconds(
       train_step, state, mesh_lib.put_batch(batches(0), mesh))
 
   # 4. evaluation
-  for evaluator in ((valid,) if u.eval_valid else ()) + (test,):
-    results.update(evaluator.evaluate(state.params))
+  if u.eval_valid:  # fit scored the final model already when eval_every > 0
+    results.update(last_valid.get(int(state.step)) or valid.evaluate(state.params))
+  results.update(test.evaluate(state.params))
   prior = evaluation.prior_scores(builder, examples, tasks, split.train.item_ids,
                                   config.seed)
   results.update(test.evaluate(None, scorer="prior", fixed_scores=prior))
