@@ -23,8 +23,7 @@ For every method x history length H:
 
 `text_prompt` is given the whole history (its context is sized to H), so its
 cost grows with H; `text_prompt@256` is the text prompt at a deployment's
-context budget of 256 tokens: the newest events that fit (about 52 titles
-here), whatever H is. The benchmark's synthetic users have long timelines (at
+context budget of 256 tokens: the newest events that fit, whatever H is. The benchmark's synthetic users have long timelines (at
 least max(H) events) so that every H is real history, not padding.
 """
 
