@@ -126,17 +126,16 @@ def _accuracy(hits: np.ndarray) -> tuple[float, float]:
 
 
 def score_contexts(predictor: Predictor, probes: Probes,
-                   contexts: list[list[int]], num_options: int) -> dict[str, float]:
+                   contexts: list[list[int]], num_options: int,
+                   next_title_only: bool = False) -> dict[str, float]:
   """Every probe read from `contexts` (one id list per held-out user, cut to
   the corpus's prompt_len): {task: accuracy, task_stderr, quality,
-  quality_stderr, context_tokens, density}."""
+  quality_stderr, context_tokens, density}; `next_title_only` skips the
+  genre and rating probes (e.g. for a validation curve)."""
   corpus = predictor.corpus
   contexts = [c[-corpus.prompt_len:] for c in contexts]
   n, future_len = probes.future_answer.shape
   title = lambda item: corpus.answer_ids("next_title", int(item))  # noqa: E731
-  genres = [corpus.answer_ids("favourite_genre", g)
-            for g in range(len(corpus.items.genre_names))]
-  digits = [corpus.answer_ids("rating", r) for r in range(len(prompts.RATINGS))]
   contexts = [corpus.bos + c for c in contexts]  # token counts exclude bos
   next_prompts = [c + corpus.question("next_title") for c in contexts]
   bare = lambda q: corpus.bos + q  # noqa: E731  (the calibration's prompt)
@@ -147,19 +146,10 @@ def score_contexts(predictor: Predictor, probes: Probes,
       (id(probes), "future"))
   future_hits = (future_scores.reshape(probes.future_options.shape).argmax(-1)
                  == probes.future_answer)
-  genre_prompts = [c + corpus.question("favourite_genre") for c in contexts]
-  # genre and rating answers are few and short: their prior is the base rate
-  # (most ratings are 3-4), so they are chosen by plain likelihood
-  genre_pick = predictor.scores(genre_prompts, [genres] * n).argmax(-1)
-  rating_prompts = [c + corpus.question("rating", int(i))
-                    for c, i in zip(contexts, probes.next_item)]
-  rating_pick = predictor.scores(rating_prompts, [digits] * n).argmax(-1)
   out = {}
-  for task, hits in (("next_title", future_hits[:, 0]),
-                     ("favourite_genre", genre_pick == probes.genre),
-                     ("rating", rating_pick == probes.rating),
-                     ("future_genre", genre_pick == probes.future_genre)):
-    out[task], out[f"{task}_stderr"] = _accuracy(hits)
+  out["next_title"], out["next_title_stderr"] = _accuracy(future_hits[:, 0])
+  if not next_title_only:
+    out.update(_side_tasks(predictor, probes, contexts))
   per_user = future_hits.mean(1)
   out["quality"] = float(per_user.mean())
   out["quality_stderr"] = float(per_user.std(ddof=1) / np.sqrt(n)) if n > 1 else 0.0
@@ -168,6 +158,30 @@ def score_contexts(predictor: Predictor, probes: Probes,
   if tokens > 0:  # undefined for an empty context
     out["density"] = 100.0 * (out["quality"] - 1.0 / num_options) / tokens
   out["next_title_hits"] = future_hits[:, 0]  # for paired comparisons
+  return out
+
+
+def _side_tasks(predictor: Predictor, probes: Probes,
+                contexts: list[list[int]]) -> dict[str, float]:
+  """Favourite genre, next rating and future genre (never trained on) read
+  from `contexts` ([bos] + context ids per user): {task: accuracy,
+  task_stderr}. Genre and rating answers are few and short: their prior is
+  the base rate (most ratings are 3-4), so they are chosen by plain
+  likelihood."""
+  corpus, n = predictor.corpus, len(contexts)
+  genres = [corpus.answer_ids("favourite_genre", g)
+            for g in range(len(corpus.items.genre_names))]
+  digits = [corpus.answer_ids("rating", r) for r in range(len(prompts.RATINGS))]
+  genre_prompts = [c + corpus.question("favourite_genre") for c in contexts]
+  genre_pick = predictor.scores(genre_prompts, [genres] * n).argmax(-1)
+  rating_prompts = [c + corpus.question("rating", int(i))
+                    for c, i in zip(contexts, probes.next_item)]
+  rating_pick = predictor.scores(rating_prompts, [digits] * n).argmax(-1)
+  out = {}
+  for task, hits in (("favourite_genre", genre_pick == probes.genre),
+                     ("rating", rating_pick == probes.rating),
+                     ("future_genre", genre_pick == probes.future_genre)):
+    out[task], out[f"{task}_stderr"] = _accuracy(hits)
   return out
 
 

@@ -252,7 +252,7 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
     contexts = [corpus.summary_context(corpus.summary_ids(t)[:-1])
                 for t in writer.summaries(valid_cuts)]
     scores = evaluation.score_contexts(scorer, valid_probes, contexts,
-                                       config.rl.num_options)
+                                       config.rl.num_options, next_title_only=True)
     return {"next_title": scores["next_title"],
             "summary_tokens": scores["context_tokens"] - len(corpus.summary_head)}
 
