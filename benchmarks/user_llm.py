@@ -23,8 +23,9 @@ For every method x history length H:
 
 `text_prompt` is given the whole history (its context is sized to H), so its
 cost grows with H; `text_prompt@256` is the text prompt at a deployment's
-context budget of 256 tokens: the newest events that fit, whatever H is. The benchmark's synthetic users have long timelines (at
-least max(H) events) so that every H is real history, not padding.
+context budget of 256 tokens: the newest events that fit, whatever H is.
+The benchmark's synthetic users have long timelines (at least max(H) events)
+so that every H is real history, not padding.
 """
 
 from __future__ import annotations
@@ -60,6 +61,8 @@ def parse_method(name: str) -> tuple[str, int]:
     raise ValueError(f"--methods: unknown method {name!r} (one of {builders.METHODS}; "
                      f"text_prompt@<tokens> for a context budget)")
   return method, int(budget or 0)
+
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/user_llm.py",
                                           "The User-LLM experiment config.")
 _OUT = flags.DEFINE_string("out", None, "Path prefix of the .json and .md outputs.")

@@ -73,13 +73,11 @@ def run_workflow(config, workdir, num_devices=1):
   on the first `num_devices` of the 8 fake devices.
 
   One device by default: these tests are about what a workflow computes, and
-  XLA:CPU's in-process collectives over 8 fake devices on 2 cores now and then
-  abort a long run ("Fatal Python error: Aborted" inside a train step, about 1
-  run in 6 of test_model_beats_popularity_on_synthetic with the other core
-  busy). Sharding is tested where it is the point (the sharded == single-device
-  tests, and tests/test_main.py's main.py runs on all 8 devices)."""
+  on 2 cores 8 fake devices only add collectives and per-step waits
+  (train_loop.cpu_collectives_can_deadlock). Sharding is tested where it is
+  the point (the sharded == single-device tests, and tests/test_main.py's
+  main.py runs on all 8 devices)."""
   import importlib
-  import jax
   from configs.common import WORKFLOWS
   from infra import mesh as mesh_lib, results
   workflow = importlib.import_module(WORKFLOWS[config.workflow])
