@@ -5,6 +5,9 @@
       --runs=synthetic=runs/rlpf_syn,movielens=runs/rlpf_ml --out benchmarks/rlpf_quality
   # rollout throughput and RL step time at a config's shapes (fresh parameters)
   python -m benchmarks.rlpf --mode=speed --out benchmarks/rlpf_speed
+  # how much the histories hold: non-LLM readers of the table's question
+  python -m benchmarks.rlpf --mode=ceiling \
+      --runs=synthetic=runs/rlpf_syn,movielens=runs/rlpf_ml --out benchmarks/rlpf_ceiling
 
 `table` reads each workdir's results.json (written by
 `python main.py --config configs/rlpf.py ...`) and its RL stage's
@@ -14,6 +17,11 @@ RL steps). `speed` times, on this machine, the jitted sampling of a batch of
 summaries (generated tokens/s, eos ignored: every row runs `summary_len`
 steps) and one whole RL step (rollout, predictor scores, policy, reference and
 value passes, update) at the config's shapes, the median of `--repeats`.
+`ceiling` answers each run's next-title question (its test users, cuts and
+options, rebuilt from its config) without an LLM, from the same N-event
+history: by the user's genre taste, and by item co-occurrence counted over the
+training users' timelines; beside the run's own predictor rows, it says how
+much of what the history holds the predictor reads.
 """
 
 from __future__ import annotations
@@ -31,7 +39,8 @@ from flax import linen as nn
 
 from benchmarks import report
 
-_MODE = flags.DEFINE_enum("mode", "table", ["table", "speed"], "What to measure.")
+_MODE = flags.DEFINE_enum("mode", "table", ["table", "speed", "ceiling"],
+                         "What to measure.")
 _RUNS = flags.DEFINE_string("runs", "synthetic=runs/rlpf_syn",
                             "name=workdir,... of finished rlpf runs (table).")
 _OUT = flags.DEFINE_string("out", "benchmarks/rlpf_quality", "Output path prefix.")
@@ -205,10 +214,91 @@ def speed(out: str) -> None:
   print("\n".join(md))
 
 
+def reference_hits(timelines, users, corpus, cuts, probes, seed: int
+                   ) -> dict[str, np.ndarray]:
+  """{reader: [n, future_len] bool} whether each non-LLM reader picks the true
+  option of each future probe from the cut's history (ties broken at random).
+
+  genre_taste: an option's genres weighted by their share of the history's
+  events; co_occurrence: how many of the history's items share a training
+  user's timeline with the option, per training event of the option."""
+  genres = timelines.items.genres.astype(np.float64)  # [items + 1, genres]
+  co = np.zeros((len(genres), len(genres)))
+  for user in users.train:
+    seen = np.unique(timelines.user_items(int(user)))
+    co[np.ix_(seen, seen)] += 1.0
+  np.fill_diagonal(co, 0.0)
+  rng = np.random.default_rng(seed)
+  options = probes.future_options  # [n, f, k]
+  hits = {"genre_taste": [], "co_occurrence": []}
+  for row, (user, cut) in enumerate(zip(cuts.users, cuts.cuts)):
+    history, _ = corpus.history(int(user), int(cut))
+    taste = genres[history].mean(0)
+    opts = options[row]
+    scores = {"genre_taste": genres[opts] @ taste / np.maximum(genres[opts].sum(-1), 1),
+              "co_occurrence": co[np.unique(history)][:, opts].sum(0)
+                               / (corpus.popularity[opts] + 1.0)}
+    for name, score in scores.items():
+      noise = rng.random(score.shape) * 1e-9 * (1 + np.abs(score).max())
+      hits[name].append((score + noise).argmax(-1) == probes.future_answer[row])
+  return {name: np.array(h) for name, h in hits.items()}
+
+
+def ceiling(out: str) -> None:
+  import ml_collections
+  from summarize import workflow
+  result, lines = {"device": report.device(), "runs": {}}, [
+      "The table's next-title question answered without an LLM, from the same "
+      f"history (`python -m benchmarks.rlpf --mode=ceiling --runs={_RUNS.value} "
+      f"--out {out}`); ± is one standard error.", "",
+      "| data | reader | next title | all future probes (quality) |", "|---|---|---|---|"]
+  for item in _RUNS.value.split(","):
+    name, workdir = item.split("=")
+    with open(os.path.join(workdir, "results.json")) as f:
+      saved = json.load(f)
+    config = ml_collections.ConfigDict(saved["config"])
+    timelines, users, corpus = workflow.setup(config, workdir, quiet=True)
+    cuts, probes = workflow.held_out(config, timelines, users.test, corpus, "test")
+    readers = {"chance": np.full(probes.future_answer.shape, 1.0 / config.rl.num_options)}
+    readers.update(reference_hits(timelines, users, corpus, cuts, probes, config.seed))
+    rows = {}
+    for reader, hits in readers.items():
+      first, per_user = hits[:, 0].astype(float), hits.mean(1)
+      rows[reader] = {"next_title": first.mean(),
+                      "next_title_stderr": first.std(ddof=1) / np.sqrt(len(first)),
+                      "quality": per_user.mean(),
+                      "quality_stderr": per_user.std(ddof=1) / np.sqrt(len(per_user))}
+    for row in ("none", "full_history", "initial_policy", "rlpf"):
+      rows[f"predictor: {ROW_LABELS[row]}"] = {
+          k: saved[f"test/{row}/{k}"] for k in ("next_title", "next_title_stderr",
+                                                "quality", "quality_stderr")}
+    result["runs"][name] = rows
+    for reader, r in rows.items():
+      lines.append(f"| {name} | {reader} | {r['next_title']:.3f} ± "
+                   f"{r['next_title_stderr']:.3f} | {r['quality']:.3f} ± "
+                   f"{r['quality_stderr']:.3f} |")
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  fig, axes = report.figure(len(result["runs"]), width=4.6)
+  for ax, (name, rows) in zip(axes, result["runs"].items()):
+    labels = list(rows)
+    ax.barh(labels, [rows[k]["next_title"] for k in labels],
+            xerr=[rows[k]["next_title_stderr"] for k in labels],
+            color=["C7" if k == "chance" else "C0" if ":" not in k else "C1"
+                   for k in labels])
+    ax.set_xlabel("next-title accuracy (4 options)")
+    ax.set_title(f"{name}: non-LLM readers (blue) vs the predictor (orange)", fontsize=8)
+    ax.tick_params(labelsize=6)
+  report.save(fig, out)
+  print("\n".join(lines))
+
+
 def main(argv):
   del argv
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  (table if _MODE.value == "table" else speed)(_OUT.value)
+  {"table": table, "speed": speed, "ceiling": ceiling}[_MODE.value](_OUT.value)
 
 
 if __name__ == "__main__":

@@ -82,7 +82,9 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       batch_size=8 if tiny else 50,
       verifier_tries=2 if tiny else 3))  # the verifier's rewrites
   config.policy_train = stage(tiny, 64, 600, 3e-3, 50)
-  config.predictor_train = stage(tiny, 64, 600, 3e-3, 50)
+  # eval: the valid users' next title read from no context, the whole history
+  # and a programmatic summary (does the predictor read contexts yet?)
+  config.predictor_train = stage(tiny, 64, 600, 3e-3, 50, eval_every=200)
   # 16 prompts x group_size 2 = 32 sampled summaries a step
   config.rl_train = stage(tiny, 16, 400, 1e-4, 10, eval_every=100)
   return config

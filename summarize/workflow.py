@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from data import sources
+from data import timelines as tl
 from data.sequences import EpochBatcher
 from data.vocab import Tokenizer, train_vocabulary
 from infra import checkpoint, mesh as mesh_lib, optim, train_loop
@@ -119,10 +120,11 @@ def epoch_batches(make_batch, cuts: ex.Cuts, batch_size: int, seed: int):
 
 
 def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
-            loss_fn, mesh, workdir: str):
+            loss_fn, mesh, workdir: str, valid_fn=None):
   """A warm-up stage: `loss_fn(model, params, batch, rng)` training of a
-  DecoderLM on `batches`, from scratch or from a Gemma `checkpoint`. Returns
-  (model, host parameters)."""
+  DecoderLM on `batches`, from scratch or from a Gemma `checkpoint`, with
+  `valid_fn(model, params) -> {key: value}` every eval_every steps when given.
+  Returns (model, host parameters)."""
   train = config[field]
   if checkpoint:
     # logits over the tokenizer's pieces only (Gemma's table has 128 spare rows)
@@ -145,8 +147,32 @@ def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
       train_step=train_loop.make_train_step(functools.partial(loss_fn, model), tx),
       batch_fn=batches, mesh=mesh, workdir=f"{workdir}/{name}", schedule=train,
       name=name, schedule_field=f"config.{field}",
+      eval_fn=valid_fn and (lambda s: valid_fn(model, s.params)),
       identity=stage_identity(config, field))
   return model, jax.device_get(state.params)
+
+
+def predictor_valid_fn(config, corpus: ex.Corpus, cuts: ex.Cuts, probes):
+  """(model, params) -> the valid users' next-title accuracy read from no
+  context, from the whole history and from a programmatic summary ("likes" two
+  genres + "recent" two titles): whether the predictor has learnt to read a
+  context yet, over its warm-up (the most any summary can buy through it)."""
+  histories = [corpus.history(int(u), int(c)) for u, c in zip(cuts.users, cuts.cuts)]
+  style, rng = texts.Style(genres=2, rating=False, recent=2, saw=0), np.random.default_rng(0)
+  summaries = [texts.programmatic_summary(corpus.items, texts.facts(corpus.items, *h),
+                                          style, rng) for h in histories]
+  contexts = {"none": [[] for _ in histories],
+              "full_history": [corpus.history_ids(*h) for h in histories],
+              "summary": [corpus.summary_context(corpus.summary_ids(t)[:-1])
+                          for t in summaries]}
+
+  def valid(model, params):
+    scorer = evaluation.Predictor(model, params, corpus, config.eval.batch_size,
+                                  config.predictor.calibrate)
+    return {f"next_title_from_{name}": evaluation.score_contexts(
+        scorer, probes, context, config.rl.num_options,
+        next_title_only=True)["next_title"] for name, context in contexts.items()}
+  return valid
 
 
 def length_target(summarizer: evaluation.Summarizer, corpus: ex.Corpus,
@@ -198,11 +224,11 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
   return jax.device_get(state.params["policy"])
 
 
-def run(config, workdir: str, mesh) -> dict[str, float]:
-  check(config)
-  began = time.time()
-  d, s = config.data, config.summary
-  timelines = sources.load_timelines(config.data)
+def setup(config, workdir: str, quiet: bool = False
+          ) -> tuple[tl.UserTimelines, ex.UserSplit, ex.Corpus]:
+  """The run's timelines, users and corpus (popularity from training users)."""
+  d = config.data
+  timelines = sources.load_timelines(config.data, quiet=quiet)
   try:
     users = ex.split_users(timelines, d.valid_users, d.test_users, d.min_history,
                            d.future_len, config.seed)
@@ -212,15 +238,35 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
   train_events = np.isin(timelines.event_users, users.train)
   popularity = np.bincount(timelines.item_ids[train_events],
                            minlength=timelines.num_items + 1)
-  corpus = ex.Corpus(timelines, tokenizer, d.history_len, s.max_len, s.prompt_len,
-                     popularity)
+  return timelines, users, ex.Corpus(timelines, tokenizer, d.history_len,
+                                     config.summary.max_len,
+                                     config.summary.prompt_len, popularity)
+
+
+def held_out(config, timelines: tl.UserTimelines, users: np.ndarray,
+             corpus: ex.Corpus, split: str) -> tuple[ex.Cuts, evaluation.Probes]:
+  """The held-out cuts of `users` and their probes, fixed by the seed: the
+  valid split asks the next title only (the validation curves), the test split
+  every probe over future_len events (the table)."""
+  cuts = ex.held_out_cuts(timelines, users, config.data.future_len)
+  future_len, seed = ((1, config.seed + 5) if split == "valid"
+                      else (config.data.future_len, config.seed + 6))
+  return cuts, evaluation.make_probes(corpus, cuts, future_len, config.rl.num_options,
+                                      config.rl.distractors, seed)
+
+
+def run(config, workdir: str, mesh) -> dict[str, float]:
+  check(config)
+  began = time.time()
+  d, s = config.data, config.summary
+  timelines, users, corpus = setup(config, workdir)
   cuts = ex.training_cuts(timelines, users.train, d.cuts_per_user, d.min_history,
                           config.seed)
-  print(f"[rlpf] vocabulary {tokenizer.vocab_size} pieces; {len(users.train)} "
+  print(f"[rlpf] vocabulary {corpus.tokenizer.vocab_size} pieces; {len(users.train)} "
         f"training users ({len(cuts)} cuts), {len(users.valid)} valid and "
         f"{len(users.test)} test users", flush=True)
   style_of = functools.partial(texts.sample_style, probabilities=dict(s.style))
-  model_cfg = llm_config(config, tokenizer.vocab_size)
+  model_cfg = llm_config(config, corpus.tokenizer.vocab_size)
 
   # 1-2. the initial policy and the frozen predictor
   policy, policy_params = warm_up(
@@ -230,6 +276,7 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
           merge_fraction=s.merge_fraction, chunk_len=s.chunk_len),
           cuts, config.policy_train.batch_size, config.seed), rlpf.lm_loss,
       mesh, workdir)
+  valid_cuts, valid_probes = held_out(config, timelines, users.valid, corpus, "valid")
   predictor, predictor_params = warm_up(
       "predictor", config, "predictor_train", config.llm.predictor_checkpoint,
       model_cfg, epoch_batches(functools.partial(
@@ -238,13 +285,11 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
           num_options=config.rl.num_options, distractors=config.rl.distractors),
           cuts, config.predictor_train.batch_size, config.seed + 1),
       functools.partial(rlpf.predictor_loss,
-                        choice_weight=config.predictor.choice_weight), mesh, workdir)
+                        choice_weight=config.predictor.choice_weight), mesh, workdir,
+      predictor_valid_fn(config, corpus, valid_cuts, valid_probes))
   e = config.eval
   scorer = evaluation.Predictor(predictor, predictor_params, corpus, e.batch_size,
                                 config.predictor.calibrate)
-  valid_cuts = ex.held_out_cuts(timelines, users.valid, d.future_len)
-  valid_probes = evaluation.make_probes(corpus, valid_cuts, 1, config.rl.num_options,
-                                        config.rl.distractors, config.seed + 5)
 
   def valid_fn(policy_params):
     """Next-title accuracy of the greedy summaries of the valid users."""
@@ -268,10 +313,7 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
   results = {"rl_seconds": time.time() - rl_began, "length_target": target}
 
   # 4. the table
-  test_cuts = ex.held_out_cuts(timelines, users.test, d.future_len)
-  probes = evaluation.make_probes(corpus, test_cuts, d.future_len,
-                                  config.rl.num_options, config.rl.distractors,
-                                  config.seed + 6)
+  test_cuts, probes = held_out(config, timelines, users.test, corpus, "test")
   rows = table_rows(config, corpus, policy, policy_params, rl_params, test_cuts)
   table = {}
   for name in ROWS:

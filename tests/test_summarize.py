@@ -148,7 +148,8 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   from infra.errors import Preempted
   with pytest.raises(Preempted):
     run_workflow(config, workdir)
-  capsys.readouterr()
+  # the predictor's warm-up reports whether it reads contexts yet
+  assert "[predictor] step 4 valid next_title_from_none=" in capsys.readouterr().out
   config.rl_train.stop_after_steps = 0
   with ConfigReads() as reads:
     results = run_workflow(config, workdir)
