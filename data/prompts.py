@@ -11,7 +11,10 @@ is scored by ranking its candidates by likelihood):
   (any of its genres counts as correct);
 - `summary`: a user-summary-style answer "<g1>, <g2>; <level>": the history's
   two most frequent genres and its mean-rating level (low < 3.3 <= mid < 3.7 <=
-  high).
+  high);
+- `last_title`: the title of the history's latest event, a recall task: the
+  text prompt can copy it, and a User-LLM trained on it learns to turn user
+  tokens into titles (the step `next_title` needs; README, User-LLM).
 Methods differ only in the prompt and in what else the model gets:
 - "text_prompt": "Watched: t1; t2; ...; tH. Next title:" with the history's
   titles (and "(rating)" after each with `show_ratings`), left-truncated to
@@ -34,9 +37,13 @@ from data import splits
 from data import timelines as tl
 from data.vocab import Tokenizer, train_vocabulary
 
-TASKS = ("next_title", "favourite_genre", "rating", "title_genre", "summary")
+# task ids are indices here: append, never reorder
+TASKS = ("next_title", "favourite_genre", "rating", "title_genre", "summary",
+         "last_title")
+TITLE_TASKS = ("next_title", "last_title")  # answers: every item's title
 PROMPTS = {"next_title": "Next title:", "favourite_genre": "Favourite genre:",
-           "rating": "Rating of", "title_genre": "Genre of", "summary": "Summary:"}
+           "rating": "Rating of", "title_genre": "Genre of", "summary": "Summary:",
+           "last_title": "Last title:"}
 ITEM_TASKS = ("rating", "title_genre")  # the prompt names the item at the cut
 HISTORY_HEAD, HISTORY_SEP, HISTORY_TAIL, ITEM_TAIL = "Watched:", ";", ".", ":"
 RATINGS = ("1", "2", "3", "4", "5")
@@ -185,6 +192,7 @@ class PromptBuilder:
         "title_genre": [g + eos for g in genre_ids],
         "rating": [ids + eos for ids in encode(list(RATINGS))],
         "summary": [ids + eos for ids in encode(self.summary_texts())]}
+    self.answers["last_title"] = self.answers["next_title"]
     self.prompt_len = min(prompt_len, self.longest_prompt(tasks))
     self.answer_len = answer_len or self.longest_answer(tasks)
 
@@ -216,6 +224,8 @@ class PromptBuilder:
     items = self.timelines.items
     if task == "next_title":
       return self.target_item(user, cut)
+    if task == "last_title":
+      return int(self.history(user, cut)[-1])
     if task == "favourite_genre":
       return favourite_genre_index(items, self.history(user, cut))
     if task == "title_genre":
@@ -290,8 +300,8 @@ class PromptBuilder:
 
   def candidates(self, task: str) -> tuple[np.ndarray, np.ndarray]:
     """Every answer of a task as [k, answer_len] ids + mask (right-padded),
-    row i = answer i (`label`); for next_title row i is item i (row 0, the
-    padding item, is empty)."""
+    row i = answer i (`label`); for the TITLE_TASKS row i is item i (row 0,
+    the padding item, is empty)."""
     return self.tokenizer.pad(self.answers[task], self.answer_len, left=False)
 
   def longest_prompt(self, tasks=TASKS) -> int:

@@ -238,6 +238,34 @@ def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
       assert text.replace(" .", ".").endswith(f"{last_seen}. {ending}")
 
 
+def test_last_title_asks_for_the_latest_shown_title_among_all_titles(
+    tiny_timelines, tiny_tokenizer):
+  """The recall task: its answer is the history's latest title, and it is
+  ranked among every title (the seen ones too), unlike next_title."""
+  from userllm import evaluation
+  timelines, tok = tiny_timelines, tiny_tokenizer
+  builder = prompts.PromptBuilder(timelines, tok, "cross_attention", 5, 30, 12)
+  user, cut = 3, 7
+  ex = prompts.Examples(np.array([user]), np.array([cut]),
+                        np.array([prompts.TASKS.index("last_title")]))
+  batch = builder.batch(ex, np.arange(1))
+  assert tok.decode(batch["prompt"][0][batch["prompt_mask"][0]]) == "Last title:"
+  latest = timelines.user_items(user)[cut - 1]
+  answer = batch["tokens"][0][batch["target_mask"][0]]
+  assert tok.decode(answer) == timelines.items.titles[latest]
+  evaluator = evaluation.TaskEvaluator(None, builder, ex, ["last_title"], "test",
+                                       1, 8, mesh=None)
+  earlier, following = timelines.user_items(user)[[cut - 2, cut]]
+  assert len({earlier, latest, following}) == 3
+  scores = np.zeros((1, timelines.num_items + 1), np.float32)
+  scores[0, [earlier, latest, following]] = 3.0, 2.0, 1.0
+  # a seen title above the latest one counts against last_title ...
+  assert evaluator.task_metrics("last_title", scores)["recall@1"] == 0.0
+  assert evaluator.task_metrics("last_title", scores)["recall@5"] == 1.0
+  # ... while next_title never ranks seen titles: the next one is first
+  assert evaluator.task_metrics("next_title", scores)["recall@1"] == 1.0
+
+
 def test_candidates_scored_in_length_groups_equal_full_width_scores(
     tiny_config, tiny_timelines, tiny_tokenizer):
   """TaskEvaluator.scores trims each group of candidates to its own width; the

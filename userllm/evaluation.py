@@ -28,7 +28,8 @@ from infra import evaluation, mesh as mesh_lib, ranking, results
 from userllm import decoding, llm as llm_lib, user_llm as ul
 
 HEADLINE = {"next_title": "recall@10", "favourite_genre": "accuracy",
-            "rating": "accuracy", "title_genre": "accuracy", "summary": "accuracy"}
+            "rating": "accuracy", "title_genre": "accuracy", "summary": "accuracy",
+            "last_title": "recall@10"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,19 +108,21 @@ class TaskEvaluator:
       out.append(scores[:real])
     return np.concatenate(out)
 
-  def targets(self) -> np.ndarray:
-    """[n] the item at each held-out cut."""
+  def targets(self, task: str = "next_title") -> np.ndarray:
+    """[n] the item at each held-out cut (last_title: the one before it)."""
     ex, tl = self.examples, self.timelines
-    return tl.item_ids[tl.user_offsets[ex.users] + ex.cuts]
+    return tl.item_ids[tl.user_offsets[ex.users] + ex.cuts
+                       - (task == "last_title")]
 
-  def next_title_metrics(self, scores: np.ndarray) -> dict[str, float]:
-    """Ranking metrics of title scores [n or 1, num_items + 1]."""
+  def title_metrics(self, task: str, scores: np.ndarray) -> dict[str, float]:
+    """Ranking metrics of title scores [n or 1, num_items + 1]: among unseen
+    items for next_title, among all items for last_title (a seen one)."""
     ex, tl = self.examples, self.timelines
-    excluded = sequences.excluded_items(
-        [tl.user_items(u)[:c] for u, c in zip(ex.users, ex.cuts)], len(ex),
-        tl.num_items + 1)
+    seen = ([tl.user_items(u)[:c] for u, c in zip(ex.users, ex.cuts)]
+            if task == "next_title" else [])
+    excluded = sequences.excluded_items(seen, len(ex), tl.num_items + 1)
     ranks = np.asarray(ranking.target_ranks(
-        np.broadcast_to(scores, excluded.shape), self.targets(), excluded))
+        np.broadcast_to(scores, excluded.shape), self.targets(task), excluded))
     return ranking.metrics_from_ranks(ranks)
 
   def labels(self, task: str) -> np.ndarray:
@@ -130,8 +133,8 @@ class TaskEvaluator:
 
   def task_metrics(self, task: str, scores: np.ndarray) -> dict[str, float]:
     """`task`'s metrics of scores [n or 1, answers]."""
-    if task == "next_title":
-      return self.next_title_metrics(scores)
+    if task in prompts.TITLE_TASKS:
+      return self.title_metrics(task, scores)
     predicted = predicted_answers(np.broadcast_to(
         scores, (len(self.examples), scores.shape[1])))
     labels = self.labels(task)
@@ -170,11 +173,11 @@ class TaskEvaluator:
 def prior_scores(builder: prompts.PromptBuilder, examples: prompts.Examples,
                  tasks, train_item_ids, seed: int) -> dict:
   """Baseline scores that ignore the user: each task's answers ranked by how
-  often they are right in training (for next_title: item popularity).
+  often they are right in training (for titles: item popularity).
   {task: [1, answers]}."""
   out = {}
   for task in tasks:
-    if task == "next_title":
+    if task in prompts.TITLE_TASKS:
       out[task] = ranking.popularity_scores(
           train_item_ids, builder.timelines.num_items + 1, seed)[None]
       continue
