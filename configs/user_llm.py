@@ -81,6 +81,9 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       # a LayerNorm on the user tokens (unit scale, like the LLM's states);
       # without it the fresh projector's tokens are 20-100x too small to read
       normalise_user_tokens=True,
+      # + each event's title as the LLM's mean title-token embedding on its
+      # encoder state (UserLLMConfig.item_text)
+      item_text=False,
       cuts_per_user=2 if (tiny or multitask) else 4,  # examples per user and task
       eval_users=16 if tiny else (200 if multitask else 300),  # 0: all
       probe_examples=32 if tiny else 2000,  # training cuts of the user probes

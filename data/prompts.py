@@ -175,6 +175,8 @@ class PromptBuilder:
     self.show_ratings = show_ratings
     encode = lambda texts: tokenizer.encode(texts)  # noqa: E731
     self.title_ids = encode([str(t) for t in timelines.items.titles])
+    self.title_table, _ = tokenizer.pad(self.title_ids, max(map(len, self.title_ids)),
+                                        left=False)  # [items + 1, longest title]
     self.genre_names = list(timelines.items.genre_names)
     self.sep_ids, = encode([HISTORY_SEP])
     self.head_ids, = encode([HISTORY_HEAD])
@@ -265,9 +267,12 @@ class PromptBuilder:
     return self.answers[task][self.label(user, cut, task)]
 
   def events(self, examples: Examples, rows: np.ndarray) -> dict[str, np.ndarray]:
-    """history_events, plus "next_item" [n]: the item at each cut (the event
-    the history leads to; read only by User-LLM's auxiliary loss)."""
+    """history_events, plus "titles" [n, history_len, longest title] each
+    event's title ids (0-padded; read by User-LLM with item_text) and
+    "next_item" [n]: the item at each cut (the event the history leads to; read
+    only by User-LLM's auxiliary loss)."""
     out = history_events(self.timelines, examples, rows, self.history_len)
+    out["titles"] = self.title_table[out["items"]]
     offsets = self.timelines.user_offsets[examples.users[rows]]
     out["next_item"] = self.timelines.item_ids[offsets + examples.cuts[rows]].astype(
         np.int32)

@@ -109,8 +109,8 @@ def test_multitask_adapters_train_through_the_workflow(tmp_path):
     config.userllm.update(eval_base=False, eval_valid=False, input_pipeline="seqio")
   mode, lora = results["mode"], results["lora"]
   assert not any(k.startswith("valid/") or "/base/" in k for k in lora)  # test only
-  for task in prompts.TASKS:
-    metric = "recall@10" if task == "next_title" else "accuracy"
+  for task in config.userllm.tasks:
+    metric = "recall@10" if task in prompts.TITLE_TASKS else "accuracy"
     for prefix in ("test/model", "valid/model", "test/base", "test/prior"):
       assert 0 <= mode[f"{prefix}/{task}/{metric}"] <= 1
   assert 0 <= mode["test/model/rating/mae"] <= 4

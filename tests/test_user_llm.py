@@ -378,3 +378,33 @@ def test_normalised_user_tokens_reach_the_llm_at_unit_scale():
     scale = float(jnp.sqrt(jnp.mean(jnp.square(tokens))))
     # (LayerNorm's epsilon takes a little off tokens this small)
     assert (0.9 < scale <= 1.0) if normalise else scale < 0.1
+
+
+def test_item_text_puts_each_events_title_into_the_user_tokens():
+  """With item_text the user tokens change with the events' titles (the mean
+  of the LLM's embeddings of their tokens, padding ignored); without it the
+  titles are not read."""
+  import dataclasses
+  base = _tiny_user_llm("cross_attention")
+  events = _events()
+  rng = np.random.default_rng(2)
+  titles = rng.integers(3, 40, (*events["items"].shape, 3)).astype(np.int32)
+  titles[..., 2] = 0  # every title is 2 tokens and a pad
+  other = titles.copy()
+  other[1, 2, 0] += 1  # one token of one real event's title
+  for item_text in (False, True):
+    model = ul.UserLLM(dataclasses.replace(base.config, item_text=item_text))
+    params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), {**events, "titles": titles},
+                                      jnp.ones((2, 3), jnp.int32),
+                                      jnp.ones((2, 3), bool))["params"])
+    tokens = {name: model.apply({"params": params}, {**events, "titles": t},
+                                method=model.user_tokens)[0]
+              for name, t in (("same", titles), ("other", other))}
+    changed = np.abs(np.asarray(tokens["same"] - tokens["other"])).max(-1).max(-1)
+    assert changed[0] == 0.0  # row 0 is untouched
+    assert (changed[1] > 1e-6) == item_text
+  table = params["llm"]["embedder"]["input_embedding"]
+  mean = model.apply({"params": params}, jnp.asarray(titles), method=model.title_text)
+  np.testing.assert_allclose(
+      mean[1, 2], (table[titles[1, 2, 0]] + table[titles[1, 2, 1]]) / 2 * np.sqrt(16),
+      rtol=1e-5)

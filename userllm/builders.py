@@ -134,7 +134,7 @@ def build_model(config, timelines, vocab_size: int, method: str,
       llm=cfg, integration=INTEGRATION[method], num_latents=u.num_latents,
       perceiver_layers=u.perceiver_layers, perceiver_heads=u.perceiver_heads,
       aux_items=timelines.num_items + 1 if u.aux_item_weight else 0,
-      normalise_user_tokens=u.normalise_user_tokens))
+      normalise_user_tokens=u.normalise_user_tokens, item_text=u.item_text))
 
 
 def init_state(model: ul.UserLLM, strategy: str, train, seed: int, mesh,

@@ -55,6 +55,11 @@ class UserLLMConfig:
   # the auxiliary next-item loss that keeps the user tokens informative
   aux_items: int = 0
   normalise_user_tokens: bool = False  # a LayerNorm at the projector's output
+  # add to each event's encoder state its title as the LLM reads it (the mean
+  # of the LLM's embeddings of the title's tokens, normalised and projected):
+  # the user tokens then say which items were seen in the LLM's own token
+  # space, instead of by item ids the LLM would have to learn to spell
+  item_text: bool = False
 
   def validate(self) -> "UserLLMConfig":
     if self.integration not in INTEGRATIONS:
@@ -83,21 +88,39 @@ class UserLLM(nn.Module):
             cfg.num_latents, cfg.perceiver_layers, cfg.perceiver_heads)
       self.projector = perceiver_lib.Projector(cfg.llm.embed_dim,
                                                cfg.normalise_user_tokens)
+      if cfg.item_text:
+        self.title_norm = nn.LayerNorm(name="title_norm")
+        self.title_projection = nn.Dense(
+            cfg.encoder.embed_dim, name="title_projection",
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.lecun_normal(), ("embed", "mlp")))
       if cfg.aux_items:
         self.user_head = nn.Dense(cfg.aux_items, kernel_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("embed", "vocab")), name="user_head")
     self.llm = llm_lib.DecoderLM(cfg.llm)
 
   def user_tokens(self, events: dict, train: bool = False):
-    """events: {"items", "ratings": [b, h] int, "genres": [b, h, g]} ->
-    (tokens [b, n, llm width], mask [b, n] bool); n = num_latents or h."""
+    """events: {"items", "ratings": [b, h] int, "genres": [b, h, g], and with
+    item_text "titles": [b, h, t] title token ids (0 = padding)} -> (tokens
+    [b, n, llm width], mask [b, n] bool); n = num_latents or h."""
     states = self.encoder.encode(events["items"], train, ratings=events["ratings"],
                                  genres=events["genres"])
+    if self.config.item_text:
+      states = states + self.title_projection(self.title_norm(
+          self.title_text(events["titles"])))
     mask = events["items"] != sm.PAD_ITEM
     if self.config.num_latents:
       states = self.perceiver(states, mask)
       mask = jnp.ones(states.shape[:2], bool)
     return self.projector(states), mask
+
+  def title_text(self, titles: jax.Array) -> jax.Array:
+    """titles [b, h, t] token ids -> [b, h, llm width]: the mean of the LLM's
+    input embeddings of each title's tokens (zeros for a padding event)."""
+    real = (titles != 0)[..., None]
+    embedded = self.llm.embed(titles.reshape(titles.shape[0], -1)).reshape(
+        *titles.shape, -1)
+    return (embedded * real).sum(-2) / jnp.maximum(real.sum(-2), 1)
 
   def conditioning(self, events: dict | None, train: bool = False) -> dict:
     """The keyword arguments that carry the user into `DecoderLM.__call__`."""
@@ -138,7 +161,7 @@ def part_of(path: tuple[str, ...]) -> str:
   top = path[0]
   if top == "encoder":
     return "encoder"
-  if top in ("perceiver", "projector", "user_head"):
+  if top in ("perceiver", "projector", "user_head", "title_norm", "title_projection"):
     return "projector"
   if any(p.startswith("cross_attention_") for p in path):
     return "integration"
