@@ -63,8 +63,8 @@ def task_batches(config, workdir: str, builder: prompts.PromptBuilder, timelines
 # the config values that define each stage's training (stored with its
 # checkpoints: a resume under other values is an error); None: all of them
 STAGE_FIELDS = {
-    # (+ the prompt and answer lengths the LM trains at, which the config's
-    # text_prompt_len and answer_len only bound: language_model adds them)
+    # (+ the prompt and answer lengths the LM trains at, set by lm_history,
+    # the tasks and answer_len: language_model adds them)
     "lm_train": ("seed", "data", "llm", "lm_train", "userllm.lm_history",
                  "userllm.lm_tasks", "userllm.tasks", "userllm.text_ratings",
                  "userllm.cuts_per_user"),
@@ -105,8 +105,10 @@ def language_model(config, split, tokenizer, tasks, mesh, workdir: str):
     return base, llm_params
   u = config.userllm
   lm_tasks = builders.tasks_of(config, "lm_tasks")
+  # lm_history titles whole (the longest such prompt): the LM does not depend
+  # on stage 3's text budget, so every method of a benchmark shares it
   builder = prompts.PromptBuilder(split.train, tokenizer, "text_prompt",
-                                  u.lm_history, u.text_prompt_len, u.answer_len,
+                                  u.lm_history, 10**9, u.answer_len,
                                   u.text_ratings, tasks + lm_tasks)
   model = builders.build_model(config, split.train, tokenizer.vocab_size,
                                "text_prompt", with_adapters=False)
