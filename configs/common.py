@@ -128,10 +128,11 @@ def federated(tiny: bool, **overrides) -> ml_collections.ConfigDict:
       participating_fraction=0.8,
       heldout_fraction=0.2,
       max_examples_per_client=0,  # 0 = no cap on windows per client
-      # Clients trained this many at a time (lax.map over vmapped chunks, so
-      # a chunk's activations stay in cache on CPU); 0 = the whole cohort in
-      # one vmap; -1 = auto (8 on a one-device CPU, else 0; see
-      # federated/workflow.resolve_client_chunk). The round's result is the same.
+      # Clients trained this many at a time per data shard (lax.map over
+      # vmapped chunks, so a chunk's activations stay in cache on CPU); 0 = the
+      # whole cohort in one vmap; -1 = auto (on CPU 8 shared over the data
+      # shards, else 0; see federated/workflow.resolve_client_chunk). The
+      # round's result is the same.
       client_chunk=-1,
       # Local training.
       local_epochs=1,

@@ -496,17 +496,22 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
 
 
 def make_round(example_loss: ExampleLoss, client: ClientSpec,
-               server: ServerSpec, client_chunk: int = 0):
+               server: ServerSpec, client_chunk: int = 0, client_shards: int = 1):
   """The vmapped round: `round(state, cohort) -> (state, metrics)`, pure, to jit.
 
   `client_chunk` > 0 trains the cohort `client_chunk` clients at a time
   (`lax.map` with a batch size: vmapped within a chunk, a loop across
   chunks), so one chunk's activations stay in cache on CPU; 0 vmaps the whole
-  cohort at once. The result is the same either way.
+  cohort at once. With `client_shards` > 1 (the mesh's data axis, over which
+  the cohort is split in contiguous blocks) a chunk takes `client_chunk`
+  clients from every shard, so every device trains its own clients at every
+  step. The result is the same either way.
   """
   check_mixing(server)
   if client_chunk < 0:
     raise ConfigError(f"config.federated.client_chunk={client_chunk} must be >= 0")
+  if client_shards < 1:
+    raise ConfigError(f"client_shards={client_shards} must be >= 1")
   client_update = make_client_update(example_loss, client,
                                      federated_gradient=_two_way(server))
 
@@ -516,14 +521,37 @@ def make_round(example_loss: ExampleLoss, client: ClientSpec,
                   cohort["num_examples"], client_rngs(state, cohort["client_ids"]))
     train = lambda xs: client_update(state.params, *xs, server_grad)  # noqa: E731
     if client_chunk:
-      deltas, client_states, client_metrics = jax.lax.map(
-          train, per_client, batch_size=client_chunk)
+      deltas, client_states, client_metrics = chunked_clients(
+          train, per_client, client_chunk, client_shards)
     else:
       deltas, client_states, client_metrics = jax.vmap(train)(per_client)
     return finish_round(state, deltas, client_states, client_metrics, cohort,
                         server)
 
   return federated_round
+
+
+def chunked_clients(train, per_client, chunk: int, shards: int = 1):
+  """`train` mapped over the cohort's leading axis [n] in steps of `chunk`
+  clients per shard (vmapped within a step, a loop across steps).
+
+  The cohort is split over `shards` devices in contiguous blocks of n / shards
+  clients, so the map runs over [n / shards, shards]: step i takes clients
+  i*chunk..(i+1)*chunk-1 of every block, and every device trains its own
+  clients at every step (consecutive clients would sit on one device while
+  the others wait). Outputs come back in cohort order.
+  """
+  if shards == 1:
+    return jax.lax.map(train, per_client, batch_size=chunk)
+  n = jax.tree.leaves(per_client)[0].shape[0]
+  if n % shards:
+    raise ConfigError(f"{n} clients per round do not split over the mesh's "
+                      f"{shards} data shards")
+  by_shard = lambda x: jnp.swapaxes(x.reshape((shards, -1) + x.shape[1:]), 0, 1)  # noqa: E731
+  in_order = lambda x: jnp.swapaxes(x, 0, 1).reshape((n,) + x.shape[2:])  # noqa: E731
+  outputs = jax.lax.map(jax.vmap(train), jax.tree.map(by_shard, per_client),
+                        batch_size=chunk)
+  return jax.tree.map(in_order, outputs)
 
 
 def check_mixing(server: ServerSpec) -> None:

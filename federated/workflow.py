@@ -122,21 +122,26 @@ def check_server_data(fed, dataset: clients.ClientDataset, mesh) -> None:
 # Clients per chunk on a one-device CPU: the fastest of 8 and 32 for both model
 # sizes of benchmarks/federated_round.md at 64+ clients (1.6-1.8x the loop for
 # the 46k model, where the whole-cohort vmap is slower than the loop).
+# clients in flight per round step on a CPU host, all its devices together:
+# measured best for the 46k-parameter model (benchmarks/federated_round.md)
 CPU_CLIENT_CHUNK = 8
 
 
 def resolve_client_chunk(requested: int, mesh) -> int:
-  """`config.federated.client_chunk`, with -1 (auto) resolved for this machine:
-  CPU_CLIENT_CHUNK on a one-device CPU mesh; else 0, the whole cohort in one
-  vmap (an accelerator has the memory and parallelism for it, and a chunked
-  lax.map would serialise clients that the mesh shards across devices)."""
+  """`config.federated.client_chunk` (clients per data shard per step), with
+  -1 (auto) resolved for this machine: on CPU, CPU_CLIENT_CHUNK shared out
+  over the mesh's data shards (a host split into one device per core, e.g.
+  JAX_NUM_CPU_DEVICES=$(nproc), trains a chunk on every core at once); on
+  accelerators 0, the whole cohort in one vmap (they have the memory and
+  parallelism for it)."""
   if requested < -1:
     raise ConfigError(f"config.federated.client_chunk={requested} must be -1 "
                       "(auto), 0 (whole cohort) or a chunk size")
   if requested >= 0:
     return requested
-  one_cpu = mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu"
-  return CPU_CLIENT_CHUNK if one_cpu else 0
+  if mesh.devices.flat[0].platform != "cpu":
+    return 0
+  return max(1, CPU_CLIENT_CHUNK // mesh.shape["data"])
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
@@ -146,7 +151,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
   round_fn = algorithms.make_round(f.task.example_loss, f.client_spec,
                                    f.server_spec,
                                    client_chunk=resolve_client_chunk(
-                                       config.federated.client_chunk, mesh))
+                                       config.federated.client_chunk, mesh),
+                                   client_shards=mesh.shape["data"])
   sampler = cohorts(config, f)
   periodic = evaluation.ParticipationGapEvaluator(  # participating clients' means
       f.task, f.timelines, f.split, config.train.eval_batch_size, mesh,

@@ -52,12 +52,14 @@ def assert_trees_close(a, b, atol=1e-6):
                a, b)
 
 
-def assert_rounds_agree(round_a, round_b, state, rounds: int = 3):
-  """Runs two round functions from `state` over the same cohorts (sizes 3, 0,
-  5, 2 padded to 5); states and metrics agree after every round."""
+def assert_rounds_agree(round_a, round_b, state, rounds: int = 3,
+                        sizes=(3, 0, 5, 2)):
+  """Runs two round functions from `state` over the same cohorts (clients
+  with `sizes` examples, padded to 5); states and metrics agree after every
+  round."""
   a = b = state
   for r in range(rounds):
-    cohort = make_cohort([3, 0, 5, 2], max_examples=5, seed=r)
+    cohort = make_cohort(list(sizes), max_examples=5, seed=r)
     a, metrics_a = round_a(a, cohort)
     b, metrics_b = round_b(b, cohort)
     assert_trees_close(a.params, b.params)
@@ -374,17 +376,46 @@ def test_chunked_round_equals_the_vmapped_round(chunk):
     algorithms.make_round(linear_losses, client, server, client_chunk=-1)
 
 
-def test_client_chunk_auto_chunks_on_one_cpu_and_vmaps_across_devices():
-  """-1 picks the measured CPU chunk on one CPU device and the whole-cohort vmap
-  on a mesh of several; explicit values pass through; below -1 is refused."""
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_chunks_across_data_shards_equal_the_single_device_round(chunk):
+  """With 8 clients split over 4 data shards, every lax.map step takes
+  `chunk` clients from each shard (3: fewer than a shard holds); the sharded,
+  chunked round equals the whole cohort vmapped on one device, per-client
+  states included (they come back in cohort order)."""
+  import ml_collections
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  client = _counting_client(algorithms.ClientSpec(optax.sgd(0.1), batch_size=2,
+                                                  local_epochs=2))
+  server = algorithms.ServerSpec(optax.adam(0.05), dropout_rate=0.3)
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+  replicated = NamedSharding(mesh, P())
+  sharded = jax.jit(algorithms.make_round(linear_losses, client, server,
+                                          client_chunk=chunk, client_shards=4),
+                    in_shardings=(replicated, mesh_lib.batch_sharding(mesh)),
+                    out_shardings=(replicated, None))
+  assert_rounds_agree(
+      jax.jit(algorithms.make_round(linear_losses, client, server)), sharded,
+      make_state(server, client=client), rounds=2, sizes=(3, 0, 5, 2, 1, 4, 5, 2))
+  with pytest.raises(ValueError, match="do not split over the mesh's 3"):
+    jax.eval_shape(algorithms.make_round(linear_losses, client, server,
+                                         client_chunk=1, client_shards=3),
+                   make_state(server, client=client), make_cohort([1, 2, 3, 4]))
+
+
+def test_client_chunk_auto_shares_the_cpu_chunk_over_the_data_shards():
+  """-1 picks the measured CPU chunk on one CPU device and shares it over a
+  mesh's data shards (at least 1 each); explicit values pass through; below
+  -1 is refused."""
   import ml_collections
   from federated import workflow
   from infra.errors import ConfigError
   one = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 1, "model": 1}),
                            jax.devices()[:1])
+  four = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
   eight = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "model": 1}))
   assert workflow.resolve_client_chunk(-1, one) == workflow.CPU_CLIENT_CHUNK
-  assert workflow.resolve_client_chunk(-1, eight) == 0
+  assert workflow.resolve_client_chunk(-1, four) == workflow.CPU_CLIENT_CHUNK // 4
+  assert workflow.resolve_client_chunk(-1, eight) == 1
   assert workflow.resolve_client_chunk(0, one) == 0
   assert workflow.resolve_client_chunk(32, eight) == 32
   with pytest.raises(ConfigError, match="client_chunk=-2"):
