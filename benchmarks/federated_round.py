@@ -205,6 +205,50 @@ def client_cost(size: str) -> dict:
           "analytic_flops": steps * 3 * forward}
 
 
+def shared_step_ceiling(size: str, windows=(32, 128, 512), repeats: int = 50) -> dict:
+  """The model's own training step with ONE set of parameters over a large
+  batch (the round's examples pooled), on one device: what the round's
+  FLOPs cost at their most efficient batching, as if its clients shared
+  weights. Best over `windows` batch sizes:
+  {"clients_per_second": client-equivalents (a client's local steps x its
+  batch per window), "gflops_per_second" (XLA's FLOPs of the step)}."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  state, _, example_loss, _, _, _ = setup(size, 1)
+  spec = SIZES[size]
+  steps = -(-spec["examples"] // spec["batch"])
+  best = {"clients_per_second": 0.0}
+  for n in windows:
+    batch = jnp.asarray(np.random.default_rng(n).integers(
+        1, spec["num_items"] + 1, (n, spec["max_len"] + 1)), jnp.int32)
+    step = jax.jit(lambda p, b: jax.tree.map(
+        lambda w, g: w - 0.1 * g, p, jax.grad(lambda q: jnp.mean(
+            example_loss(q, b, jax.random.PRNGKey(0))))(p)))
+    flops = float(_xla_cost(step.lower(state.params, batch).compile())["flops"])
+    seconds = _best_seconds(lambda p: step(p, batch)["item_embed"]["embedding"],
+                            state.params, repeats)
+    clients = n / spec["batch"] / steps / seconds
+    if clients > best["clients_per_second"]:
+      best = {"clients_per_second": clients, "windows": n,
+              "gflops_per_second": flops / seconds / 1e9}
+  return best
+
+
+def matmul_shape_gflops(size: str, chunk: int = 8, repeats: int = 200) -> float:
+  """GFLOP/s of the round's largest matmul at its own shape: a chunk of
+  clients' item logits, [chunk, batch x length, width] x [chunk, width, items]
+  (small, batched: XLA runs it on one core, below the square GEMM's peak)."""
+  import jax
+  import jax.numpy as jnp
+  spec = SIZES[size]
+  m, k, n = spec["batch"] * spec["max_len"], spec["model"]["embed_dim"], spec["num_items"]
+  a = jax.random.normal(jax.random.PRNGKey(0), (chunk, m, k), jnp.float32)
+  b = jax.random.normal(jax.random.PRNGKey(1), (chunk, k, n), jnp.float32)
+  matmul = jax.jit(lambda x: jnp.einsum("cmk,ckn->cmn", x, b))
+  return 2 * chunk * m * k * n / _best_seconds(matmul, a, repeats) / 1e9
+
+
 def gemm_peak_gflops(n: int = 1024, repeats: int = 20) -> float:
   """float32 GFLOP/s of a jitted n x n matmul on this machine (the best of
   `repeats` timed calls after a warm-up)."""
@@ -250,6 +294,7 @@ def _markdown(cells: list[dict], header: dict) -> str:
     cost, roof = header["client_cost"][size], header["roofline_gflops"][size]
     ratios = ["looped"] + (["flower"] if flower else [])
     ours_names = ", ".join(OURS)
+    shared = header["shared_step"][size]["clients_per_second"]
     lines += [
         f"**{size}** model: next-item transformer, {params:,} parameters (width "
         f"{model['embed_dim']}, {model['num_layers']} layer, {spec['num_items']} "
@@ -260,14 +305,23 @@ def _markdown(cells: list[dict], header: dict) -> str:
         f"{cost['analytic_flops'] / 1e6:.2f} M (analytic matmuls); "
         f"{cost['xla_flops'] / cost['xla_bytes']:.2f} FLOP / byte; roofline "
         f"{roof['cache_stream_gbs']:.0f} GFLOP/s from cache, "
-        f"{roof['stream_gbs']:.0f} from DRAM.", "",
+        f"{roof['stream_gbs']:.0f} from DRAM. Its largest matmul at the "
+        f"round's own shape (a chunk of 8 clients' item logits) runs at "
+        f"{header['matmul_shape_gflops'][size]:.0f} GFLOP/s; its training step "
+        f"with one set of parameters over a pooled batch of "
+        f"{header['shared_step'][size]['windows']} windows on one device (what "
+        f"the round would cost if its clients shared weights) at "
+        f"{header['shared_step'][size]['clients_per_second']:.0f} clients/s "
+        f"({header['shared_step'][size]['gflops_per_second']:.0f} GFLOP/s); the "
+        f"last column is the round's share of that.", "",
         "| clients / round | " + " | ".join(f"{m} clients/s" for m in modes)
         + "".join(f" | {ours_names} / {r}" for r in ratios)
         + f" | {ours_names} GFLOP/s | % of peak | % of cache roofline | "
         "% of DRAM roofline | peak RSS MiB ("
         + ", ".join(modes) + ") | vmapped / chunk8 XLA temp (MiB) |"
-        + (" max abs(Flower - vmapped) params |" if flower else ""),
-        "|---" * (len(modes) + len(ratios) + 7 + flower) + "|"]
+        + (" max abs(Flower - vmapped) params |" if flower else "")
+        + f" {ours_names} % of the shared-parameter step |",
+        "|---" * (len(modes) + len(ratios) + 8 + flower) + "|"]
     for n in header["cohorts"]:
       row = {m: by_key[(size, m, n)] for m in modes}
       ours = [row[m] for m in OURS]
@@ -284,7 +338,8 @@ def _markdown(cells: list[dict], header: dict) -> str:
           + " | " + " / ".join(f"{row[m]['peak_rss_mib']:.0f}" for m in modes)
           + f" | {row['vmapped']['xla_temp_mib']:.1f} / "
           f"{row['chunk8']['xla_temp_mib']:.1f} |"
-          + (f" {row['flower']['max_param_diff_vs_vmapped']:.1e} |" if flower else ""))
+          + (f" {row['flower']['max_param_diff_vs_vmapped']:.1e} |" if flower else "")
+          + " " + both(lambda c: f"{100 * c['clients_per_second'] / shared:.0f}%") + " |")
     lines.append("")
   return "\n".join(lines)
 
@@ -365,6 +420,8 @@ def main(argv) -> None:
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
             "command": command, "modes": list(modes), "cohorts": cohorts}
   header["client_cost"] = {size: client_cost(size) for size in SIZES}
+  header["shared_step"] = {size: shared_step_ceiling(size) for size in SIZES}
+  header["matmul_shape_gflops"] = {size: matmul_shape_gflops(size) for size in SIZES}
   for cell in cells:
     cost = header["client_cost"][cell["size"]]
     cell["gflops_per_second"] = (cell["clients"] * cost["xla_flops"]
