@@ -119,11 +119,9 @@ def check_server_data(fed, dataset: clients.ClientDataset, mesh) -> None:
                                "config.federated.datacenter.server_batch_size")
 
 
-# Clients per chunk on a one-device CPU: the fastest of 8 and 32 for both model
-# sizes of benchmarks/federated_round.md at 64+ clients (1.6-1.8x the loop for
-# the 46k model, where the whole-cohort vmap is slower than the loop).
-# clients in flight per round step on a CPU host, all its devices together:
-# measured best for the 46k-parameter model (benchmarks/federated_round.md)
+# Clients in flight per round step on a CPU host, all its devices together:
+# on one device 8 beats 32 for both model sizes of benchmarks/federated_round.md
+# (and ties 4 for the 46k model); on two, 1 to 4 per device tie.
 CPU_CLIENT_CHUNK = 8
 
 
