@@ -119,19 +119,17 @@ def measure_cell(size: str, mode: str, num_clients: int, rounds: int,
     round_fn, state, cohort = _per_core_round(example_loss, client, server, state,
                                               cohort)
     compiled = round_fn.lower(state, cohort).compile()
-    xla_temp = compiled.memory_analysis().temp_size_in_bytes
   elif mode != "looped":
     chunk = int(mode[len("chunk"):]) if mode.startswith("chunk") else 0
     round_fn = jax.jit(algorithms.make_round(example_loss, client, server,
                                              client_chunk=min(chunk, num_clients)))
     compiled = round_fn.lower(state, cohort).compile()
-    xla_temp = compiled.memory_analysis().temp_size_in_bytes
   else:
     round_fn = algorithms.make_looped_round(example_loss, client, server)
     one = jax.jit(algorithms.make_client_update(example_loss, client))
     compiled = one.lower(state.params, (), cohort["examples"][0],
                          cohort["num_examples"][0], state.rng).compile()
-    xla_temp = compiled.memory_analysis().temp_size_in_bytes
+  xla_temp = compiled.memory_analysis().temp_size_in_bytes
   began = time.perf_counter()
   state, metrics = round_fn(state, cohort)
   jax.block_until_ready((state, metrics))
