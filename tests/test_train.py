@@ -4,6 +4,7 @@ import functools
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -107,3 +108,34 @@ def test_steps_wait_for_each_other_only_on_multi_device_cpu_meshes(tiny_config):
   one = mesh_lib.make_mesh(tiny_config.mesh, jax.devices()[:1])
   assert train_loop.cpu_collectives_can_deadlock(eight)
   assert not train_loop.cpu_collectives_can_deadlock(one)
+
+
+def test_training_logits_give_the_evaluation_softmax_and_its_gradients():
+  """The losses' padded, additively masked logits (`training_logits`) are the
+  same softmax as `item_logits` (vocab slice, padding at -inf): equal losses
+  and gradients, finite where a target is the padding item."""
+  cfg = sm.SequenceModelConfig(vocab_size=201, max_len=6, embed_dim=16,
+                               num_layers=1, num_heads=2, mlp_dim=32, dropout=0.0)
+  model = sm.ItemSequenceTransformer(cfg)
+  windows = np.random.default_rng(0).integers(1, 201, (5, 7)).astype(np.int32)
+  windows[0, 4:] = sm.PAD_ITEM  # padded targets: masked out, must stay finite
+  params = model.init(jax.random.PRNGKey(0), windows[:, :-1])["params"]
+
+  def reference_loss(p):  # the evaluation logits, by log-softmax
+    logits = model.apply({"params": p}, windows[:, :-1])
+    log_probs = jax.nn.log_softmax(logits, -1)
+    targets = windows[:, 1:]
+    picked = jnp.take_along_axis(log_probs, targets[..., None], -1)[..., 0]
+    is_target = targets != sm.PAD_ITEM
+    return -jnp.where(is_target, picked, 0).sum(1) / is_target.sum(1)
+
+  loss = lambda p: sm.next_item_example_losses(  # noqa: E731
+      model, p, windows, jax.random.PRNGKey(1), train=False)
+  assert model.apply({"params": params}, np.zeros((1, 16), np.float32),
+                     method=model.training_logits).shape == (1, 256)
+  np.testing.assert_allclose(loss(params), reference_loss(params), rtol=1e-6)
+  grads, reference_grads = (jax.grad(lambda p: f(p).mean())(params)
+                            for f in (loss, reference_loss))
+  assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               grads, reference_grads)

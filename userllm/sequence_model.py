@@ -206,6 +206,19 @@ class ItemSequenceTransformer(nn.Module):
     logits = self.item_embed.attend(states)[..., :self.config.vocab_size]
     return logits.at[..., PAD_ITEM].set(-jnp.inf)
 
+  def training_logits(self, states: jax.Array) -> jax.Array:
+    """states: [..., embed] -> [..., padded vocab] scores for the losses: the
+    same softmax as `item_logits`, with the padding item and the table's
+    padding rows pushed to a large finite negative by one additive mask (exp()
+    of them is 0, and a padded target's masked-out loss stays finite). No
+    slice or rewrite of the [..., vocab] tensor: on CPU those passes and their
+    gradients cost about 15% of a small model's federated round."""
+    logits = self.item_embed.attend(states)
+    ids = jnp.arange(logits.shape[-1])
+    not_an_item = (ids == PAD_ITEM) | (ids >= self.config.vocab_size)
+    return logits + jnp.where(not_an_item, jnp.finfo(logits.dtype).min / 2,
+                              0).astype(logits.dtype)
+
   def feature_logits(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
     """states: [..., embed] -> (genre logits [..., genres], rating logits [..., 5])."""
     return self.genre_head(states), self.rating_head(states)
@@ -215,10 +228,11 @@ class ItemSequenceTransformer(nn.Module):
     return self.item_logits(self.encode(items, train))
 
   def next_event_logits(self, items, ratings, genres, train: bool = False):
-    """Fused events [batch, len] -> logits of the next event's item [..., vocab],
-    genres [..., num_genres] and rating [..., 5] (also initialises every head)."""
+    """Fused events [batch, len] -> logits of the next event's item [..., padded
+    vocab] (`training_logits`), genres [..., num_genres] and rating [..., 5]
+    (also initialises every head)."""
     states = self.encode(items, train, ratings=ratings, genres=genres)
-    return (self.item_logits(states), *self.feature_logits(states))
+    return (self.training_logits(states), *self.feature_logits(states))
 
 
 def _layer_norm(name=None):
@@ -236,10 +250,8 @@ def _token_losses(model: ItemSequenceTransformer, params, windows: jax.Array,
   is_target False.
   """
   inputs, targets = windows[:, :-1], windows[:, 1:]
-  logits = model.apply({"params": params}, inputs, train=train,
-                       rngs={"dropout": rng})
-  logits = jnp.where(jnp.arange(logits.shape[-1]) == PAD_ITEM,
-                     jnp.finfo(logits.dtype).min, logits)  # finite for the CE
+  logits = model.apply({"params": params}, inputs, rngs={"dropout": rng},
+                       method=lambda m, x: m.training_logits(m.encode(x, train)))
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   return losses, logits.argmax(-1) == targets, targets != PAD_ITEM
 
@@ -283,7 +295,6 @@ def next_event_loss(model: ItemSequenceTransformer, params, events: dict,
   item_logits, genre_logits, rating_logits = model.apply(
       {"params": params}, inputs["items"], inputs["ratings"], inputs["genres"],
       train, method=model.next_event_logits, rngs={"dropout": rng})
-  item_logits = jnp.maximum(item_logits, jnp.finfo(item_logits.dtype).min)
   is_target = targets["items"] != PAD_ITEM
   count = jnp.maximum(is_target.sum(), 1)
   mean = lambda x: jnp.sum(x * is_target) / count  # noqa: E731
