@@ -44,12 +44,14 @@ def test_no_attention_to_padding_or_future():
   logits, _ = jax.jit(model.apply)({"params": params}, tokens, mask)
   changed = tokens.at[0, :3].set(5).at[:, 6:].set(7)  # padding and the future
   changed_logits, _ = jax.jit(model.apply)({"params": params}, changed, mask)
-  np.testing.assert_allclose(logits[0, 3:6], changed_logits[0, 3:6], atol=1e-5)
-  np.testing.assert_allclose(logits[1, :6], changed_logits[1, :6], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 3:6], changed_logits[0, 3:6],
+                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(logits[1, :6], changed_logits[1, :6],
+                             rtol=1e-5, atol=1e-5)
   assert np.abs(logits[:, 6:] - changed_logits[:, 6:]).max() > 1e-3
   # a left-padded row reads exactly like the same tokens unpadded
   unpadded, _ = jax.jit(model.apply)({"params": params}, tokens[:1, 3:], mask[:1, 3:])
-  np.testing.assert_allclose(logits[0, 3:], unpadded[0], atol=1e-5)
+  np.testing.assert_allclose(logits[0, 3:], unpadded[0], rtol=1e-5, atol=1e-5)
 
 
 def _assert_chunked_decoding_equals_full(cfg):
@@ -68,7 +70,7 @@ def _assert_chunked_decoding_equals_full(cfg):
     pieces.append(out)
   np.testing.assert_allclose(np.where(mask[..., None], full, 0),
                              np.where(mask[..., None], jnp.concatenate(pieces, 1), 0),
-                             atol=1e-5)
+                             rtol=1e-5, atol=1e-5)
   return model, params, tokens, mask
 
 
@@ -130,7 +132,7 @@ def test_cross_attention_with_zero_gates_leaves_the_llm_unchanged():
   cross = {**cross, **plain}  # same LLM weights; cross blocks fresh (gates 0)
   expected, _ = jax.jit(plain_model.apply)({"params": plain}, tokens, mask)
   got, _ = jax.jit(cross_model.apply)({"params": cross}, tokens, mask, user_tokens=user)
-  np.testing.assert_allclose(got, expected, atol=1e-5)
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
   # opening a gate makes the user matter
   opened = jax.tree.map(lambda x: x, cross)
   opened["cross_attention_0"] = {**cross["cross_attention_0"], "attn_gate": 1.0}

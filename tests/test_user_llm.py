@@ -352,13 +352,13 @@ def test_auxiliary_next_item_loss_trains_the_user_path_only():
   assert ul.part_of(("user_head", "kernel")) == "projector"
   mask = ul.trainable_mask(params, "full")
   key = jax.random.PRNGKey(1)
-  plain, _ = ul.lm_loss(model, mask, params, batch, key, False)
-  with_aux, metrics = ul.lm_loss(model, mask, params, batch, key, False, aux_weight=0.5)
+  loss = jax.jit(lambda p, weight: ul.lm_loss(model, mask, p, batch, key, False,
+                                              aux_weight=weight), static_argnums=1)
+  plain, _ = loss(params, 0.0)
+  with_aux, metrics = loss(params, 0.5)
   np.testing.assert_allclose(with_aux, plain + 0.5 * metrics["aux_item_loss"],
                              rtol=1e-6)
-  aux_only = jax.grad(lambda p: ul.lm_loss(model, mask, p, batch, key, False,
-                                           aux_weight=1.0)[0]
-                      - ul.lm_loss(model, mask, p, batch, key, False)[0])(params)
+  aux_only = jax.jit(jax.grad(lambda p: loss(p, 1.0)[0] - loss(p, 0.0)[0]))(params)
   norms = {top: float(optax.tree.norm(aux_only[top])) for top in aux_only}
   assert norms["user_head"] > 0 and norms["projector"] > 0 and norms["encoder"] > 0
   assert norms["llm"] < 1e-6
