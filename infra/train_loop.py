@@ -204,7 +204,12 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
   step_fn = jax.jit(guard_step(train_step, schedule.nonfinite == "skip"),
                     in_shardings=(state_shardings, data_sharding),
                     out_shardings=(state_shardings, None), donate_argnums=0)
-  one_in_flight = cpu_collectives_can_deadlock(mesh)
+  # Steps queued on the device ahead of the host: one on multi-device CPU
+  # meshes (cpu_collectives_can_deadlock), two elsewhere, so the host prepares
+  # the next batch while a step runs but never queues more. Unbounded, the host
+  # ran up to log_every steps ahead, and a SIGTERM (a TPU VM's preemption
+  # notice gives about 30 s) waited for all of them before the save.
+  max_in_flight = 1 if cpu_collectives_can_deadlock(mesh) else 2
   progress = _Progress(name, unit, start, num_steps)
   stop_after = schedule.stop_after_steps
   stop = min(num_steps, stop_after) if stop_after > 0 else num_steps
@@ -215,9 +220,9 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
       for step in range(start, stop):
         batch = mesh_lib.put_batch(batch_fn(step), mesh)
         state, metrics = step_fn(state, batch)
-        if one_in_flight:
-          jax.block_until_ready((state, metrics))
         pending.append(metrics)
+        if len(pending) >= max_in_flight:
+          jax.block_until_ready(pending[-max_in_flight])
         done = step + 1
         log_due = done % log_every == 0 or done == stop
         preempted = sigterm.raised or ckpt.manager.reached_preemption(done)

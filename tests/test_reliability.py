@@ -167,6 +167,36 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(tmp_path):
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler removed
 
 
+def test_the_host_runs_at_most_one_step_ahead_so_sigterm_is_prompt(tmp_path):
+  """fit never queues more than two steps on the device: when batch_fn is
+  asked for a batch, at most two steps' outputs are still being computed.
+  (Unbounded, the host queued every step up to the next log when steps were
+  slow, and a SIGTERM then waited for all of them before its save.)"""
+  mesh = mesh_lib.make_mesh(MESH_CONFIG, jax.devices()[:1])  # no per-step sync
+  queued = []
+
+  def slow_loss(p, b, rng):  # a step the device takes longer over than the host
+    work = jax.lax.fori_loop(0, 30, lambda i, y: jnp.tanh(y @ y),
+                             jnp.full((192, 192), 0.01) + p["w"][0])
+    return jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2) + 0.0 * work[0, 0], {}
+
+  def batch_fn(step):
+    # the scalar outputs (step counter, metrics) of steps not finished yet
+    queued.append(sum(a.shape == () and not a.is_ready() for a in jax.live_arrays()))
+    return _batches()(step)
+
+  tx = optax.sgd(0.05)
+  state, shardings = train_loop.create_state(
+      lambda rng: {"w": jnp.zeros(4)}, tx, jax.random.PRNGKey(0), mesh)
+  train_loop.fit(state=state, state_shardings=shardings,
+                 train_step=train_loop.make_train_step(slow_loss, tx),
+                 batch_fn=batch_fn, mesh=mesh, workdir=str(tmp_path),
+                 schedule=_schedule(16, log_every=16, checkpoint_every=16))
+  one_step = queued[1]  # step 0 still running when step 1's batch is asked for
+  assert one_step > 0, "the test's step must be slower than the host"
+  assert max(queued) <= 2 * one_step, queued  # unbounded: it grew every step
+
+
 def test_resume_under_a_changed_config_is_an_error(tmp_path):
   identity = {"seed": 0, "train": {"learning_rate": 0.05, "num_steps": 4}}
   with pytest.raises(Preempted):
