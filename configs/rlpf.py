@@ -77,6 +77,9 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       # length with accuracy: README, RLPF)
       length_weight=1.0, length_cap=0.3, length_beta=0.005,
       truncated="keep",  # a summary without eos keeps its reward | "zero"
+      # the prediction term: "correct" 1[predictor right] (the paper's) |
+      # "probability" its softmax probability of the right option (README, RLPF)
+      reward="correct",
       length_target_prompts=16 if tiny else 256))  # prompts that measure L
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=8 if tiny else 50,

@@ -7,7 +7,9 @@ each option). The reward is
 
     r = 1[predictor correct] + w * min(C, beta * (L - summary tokens))
 
-with L the mean length of the initial policy's summaries. The policy is trained
+with L the mean length of the initial policy's summaries (`RLConfig.reward`
+= "probability" puts the predictor's probability of the right option in
+place of 1[correct]). The policy is trained
 by REINFORCE with a baseline and an exact KL penalty to the initial policy; no
 SFT on RL data and no reward model. One RL step (`make_rl_step`) is a pure
 function of (state, batch) jitted once: sampling inside jit (a lax.scan over
@@ -31,6 +33,7 @@ or get 0 with "zero", and their share is logged.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +44,10 @@ from userllm import decoding, llm
 
 BASELINES = ("value", "rloo", "grpo", "none")
 TRUNCATED = ("keep", "zero")
+# what the predictor's answer is worth: "correct" 1[right option] (the paper's);
+# "probability" its softmax probability of the right option (same mean
+# ordering, far less noise between two summaries of one prompt)
+REWARDS = ("correct", "probability")
 FROZEN = ("reference", "predictor")  # state.params parts RL never changes
 
 
@@ -57,10 +64,14 @@ class RLConfig:
   length_beta: float = 0.02  # beta, per token
   length_target: float = 0.0  # L: the initial policy's mean summary tokens
   truncated: str = "keep"
+  reward: str = "correct"
+
 
   def validate(self) -> "RLConfig":
     if self.baseline not in BASELINES:
       raise ValueError(f"rl.baseline={self.baseline!r} is not one of {BASELINES}")
+    if self.reward not in REWARDS:
+      raise ValueError(f"rl.reward={self.reward!r} is not one of {REWARDS}")
     if self.truncated not in TRUNCATED:
       raise ValueError(f"rl.truncated={self.truncated!r} is not one of {TRUNCATED}")
     if self.group_size < 1 or (self.baseline in ("rloo", "grpo")
@@ -148,12 +159,25 @@ def predictor_prompt(summary: jax.Array, body: jax.Array, head_ids: jax.Array,
   return ids, mask
 
 
-def rewards(correct: jax.Array, length: jax.Array, finished: jax.Array,
+def prediction_reward(scores: jax.Array, answer: jax.Array, cfg: RLConfig
+                      ) -> tuple[jax.Array, jax.Array]:
+  """scores [n, k] (the predictor's, per option), answer [n] -> (the reward's
+  prediction term [n], 1[predictor right] [n]), per `cfg.reward`."""
+  correct = (scores.argmax(-1) == answer).astype(jnp.float32)
+  if cfg.reward == "correct":
+    return correct, correct
+  probability = jnp.take_along_axis(jax.nn.softmax(scores.astype(jnp.float32), -1),
+                                    answer[:, None], 1)[:, 0]
+  return probability, correct
+
+
+def rewards(prediction: jax.Array, length: jax.Array, finished: jax.Array,
             cfg: RLConfig) -> jax.Array:
-  """r = correct + w * min(C, beta * (L - length)); [n] each."""
+  """r = prediction + w * min(C, beta * (L - length)); [n] each. `prediction`
+  is 1[predictor correct] in the paper (`prediction_reward`)."""
   length_term = cfg.length_weight * jnp.minimum(
       cfg.length_cap, cfg.length_beta * (cfg.length_target - length))
-  reward = correct + length_term
+  reward = prediction + length_term
   if cfg.truncated == "zero":
     reward = jnp.where(finished, reward, 0.0)
   return reward
@@ -178,6 +202,43 @@ def rl_optimizer(tx: optax.GradientTransformation, params: dict
   """`tx` on the policy (and value model), nothing for the frozen parts."""
   labels = {part: ("frozen" if part in FROZEN else "train") for part in params}
   return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def rl_loss(policy: llm.DecoderLM, value_model: ValueModel | None, cfg: RLConfig,
+            trainable: dict, frozen: dict, roll: dict):
+  """The RL loss of one rollout: -mean(advantage x the summary's summed
+  log-probability) + kl_coef x the exact KL to the reference + value_coef x
+  the value's squared error. Returns (loss, metrics).
+
+  trainable: {"policy", and "value" with the value baseline}; frozen:
+  {"reference", ...}; roll (make_rl_step's rollout): "prompt", "prompt_mask"
+  [n, p]; "summary", "written" [n, s]; "reward" [n].
+  """
+  p, s = roll["prompt"].shape[1], roll["summary"].shape[1]
+  tokens = jnp.concatenate([roll["prompt"], roll["summary"]], 1)
+  token_mask = jnp.concatenate([roll["prompt_mask"], roll["written"]], 1)
+  # logits at p - 1 .. p + s - 2 predict the summary's tokens
+  logits, _ = policy.apply({"params": trainable["policy"]}, tokens, token_mask)
+  ref_logits, _ = policy.apply({"params": frozen["reference"]}, tokens, token_mask)
+  log_probs = jax.nn.log_softmax(logits[:, p - 1:p + s - 1], -1)
+  ref_log_probs = jax.nn.log_softmax(ref_logits[:, p - 1:p + s - 1], -1)
+  target = roll["written"].astype(jnp.float32)
+  token_lp = jnp.take_along_axis(log_probs, roll["summary"][..., None], -1)[..., 0]
+  sequence_lp = jnp.sum(token_lp * target, 1)
+  token_kl = jnp.sum(jnp.exp(log_probs) * (log_probs - ref_log_probs), -1)
+  sequence_kl = jnp.sum(token_kl * target, 1)
+  if value_model is not None:
+    value = value_model.apply({"params": trainable["value"]}, roll["prompt"],
+                              roll["prompt_mask"])
+    value_loss = jnp.mean(jnp.square(value - roll["reward"]))
+  else:
+    value, value_loss = jnp.zeros_like(roll["reward"]), jnp.zeros(())
+  advantage = jax.lax.stop_gradient(advantages(roll["reward"], value, cfg))
+  pg_loss = -jnp.mean(advantage * sequence_lp)
+  kl = jnp.mean(sequence_kl)
+  loss = pg_loss + cfg.kl_coef * kl + cfg.value_coef * value_loss
+  return loss, {"pg_loss": pg_loss, "kl": kl, "value_loss": value_loss,
+                "advantage_std": jnp.std(advantage)}
 
 
 def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
@@ -218,39 +279,16 @@ def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
           predictor, params["predictor"], bare, jnp.ones_like(bare, bool),
           batch["options"], batch["option_mask"])
       scores = scores - jnp.repeat(prior, g, 0)
-    correct = (scores.argmax(-1) == jnp.repeat(batch["answer"], g)).astype(jnp.float32)
+    prediction, correct = prediction_reward(scores, jnp.repeat(batch["answer"], g),
+                                            cfg)
     length = body.sum(1).astype(jnp.float32)
-    reward = rewards(correct, length, finished, cfg)
+    reward = rewards(prediction, length, finished, cfg)
     return jax.tree.map(jax.lax.stop_gradient, dict(
         prompt=prompt, prompt_mask=prompt_mask, summary=summary, written=written,
-        finished=finished, correct=correct, length=length, reward=reward))
+        finished=finished, correct=correct, prediction=prediction, length=length,
+        reward=reward))
 
-  def loss_fn(trainable, frozen, roll):
-    p = roll["prompt"].shape[1]
-    tokens = jnp.concatenate([roll["prompt"], roll["summary"]], 1)
-    token_mask = jnp.concatenate([roll["prompt_mask"], roll["written"]], 1)
-    # logits at p - 1 .. p + s - 2 predict the summary's tokens
-    logits, _ = policy.apply({"params": trainable["policy"]}, tokens, token_mask)
-    ref_logits, _ = policy.apply({"params": frozen["reference"]}, tokens, token_mask)
-    log_probs = jax.nn.log_softmax(logits[:, p - 1:p + s - 1], -1)
-    ref_log_probs = jax.nn.log_softmax(ref_logits[:, p - 1:p + s - 1], -1)
-    target = roll["written"].astype(jnp.float32)
-    token_lp = jnp.take_along_axis(log_probs, roll["summary"][..., None], -1)[..., 0]
-    sequence_lp = jnp.sum(token_lp * target, 1)
-    token_kl = jnp.sum(jnp.exp(log_probs) * (log_probs - ref_log_probs), -1)
-    sequence_kl = jnp.sum(token_kl * target, 1)
-    if value_model is not None:
-      value = value_model.apply({"params": trainable["value"]}, roll["prompt"],
-                                roll["prompt_mask"])
-      value_loss = jnp.mean(jnp.square(value - roll["reward"]))
-    else:
-      value, value_loss = jnp.zeros_like(roll["reward"]), jnp.zeros(())
-    advantage = jax.lax.stop_gradient(advantages(roll["reward"], value, cfg))
-    pg_loss = -jnp.mean(advantage * sequence_lp)
-    kl = jnp.mean(sequence_kl)
-    loss = pg_loss + cfg.kl_coef * kl + cfg.value_coef * value_loss
-    return loss, {"pg_loss": pg_loss, "kl": kl, "value_loss": value_loss,
-                  "advantage_std": jnp.std(advantage)}
+  loss_fn = functools.partial(rl_loss, policy, value_model, cfg)
 
   def step(state, batch):
     rng = jax.random.fold_in(state.rng, state.step)
@@ -264,7 +302,8 @@ def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
     params = optax.apply_updates(state.params, updates)
     metrics.update(
         loss=loss, grad_norm=optax.tree.norm(grads), reward=roll["reward"].mean(),
-        accuracy=roll["correct"].mean(), summary_tokens=roll["length"].mean(),
+        accuracy=roll["correct"].mean(), prediction=roll["prediction"].mean(),
+        summary_tokens=roll["length"].mean(),
         truncated=1.0 - roll["finished"].mean())
     return state.replace(step=state.step + 1, params=params,
                          opt_state=opt_state), metrics

@@ -86,7 +86,8 @@ def rl_config(config, length_target: float) -> rlpf.RLConfig:
       temperature=r.temperature, baseline=r.baseline, kl_coef=r.kl_coef,
       value_coef=r.value_coef, length_weight=r.length_weight,
       length_cap=r.length_cap, length_beta=r.length_beta,
-      length_target=length_target, truncated=r.truncated).validate()
+      length_target=length_target, truncated=r.truncated,
+      reward=r.reward).validate()
 
 
 def llm_config(config, vocab_size: int) -> llm.LLMConfig:

@@ -88,7 +88,7 @@ def test_kv_cache_decoding_equals_full_recomputation():
   np.testing.assert_array_equal(generated[:, :5], logits[:, t - 1:t + 4].argmax(-1))
 
 
-def test_sampling_stops_at_eos_and_depends_on_the_key():
+def test_sampling_stops_at_eos_and_is_reproducible_by_key():
   tokens, mask = _tokens()
   model, params = _init(CFG, tokens, mask)
   params = _randomise(params)
@@ -97,6 +97,9 @@ def test_sampling_stops_at_eos_and_depends_on_the_key():
   b = decoding.generate(model, params, tokens, mask, jax.random.PRNGKey(1),
                         max_new_tokens=12, temperature=1.0, eos_id=4)
   assert not np.array_equal(a, b)
+  again = decoding.generate(model, params, tokens, mask, jax.random.PRNGKey(0),
+                            max_new_tokens=12, temperature=1.0, eos_id=4)
+  np.testing.assert_array_equal(a, again)  # reproducible by seed
   for row in np.asarray(a):
     if 4 in row.tolist():
       assert (row[row.tolist().index(4) + 1:] == 0).all()

@@ -2,6 +2,7 @@
 advantages, masks, the predictor's prompt with holes, exact KL), an RL step
 that learns, and the `rlpf` workflow end to end (stopped, resumed, its table)."""
 
+import dataclasses
 import json
 
 import jax
@@ -70,6 +71,92 @@ def test_rewards_and_baselines():
   np.testing.assert_allclose(grpo, [1, -1, -1, 1], atol=1e-4)
   with pytest.raises(ValueError, match="rl.group_size"):
     rlpf.RLConfig(summary_len=8, group_size=1, baseline="rloo").validate()
+
+
+def test_the_prediction_term_is_correctness_or_the_answers_probability():
+  scores = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 3.0]])  # the predictor's, per option
+  answer = jnp.array([0, 1])
+  cfg = rlpf.RLConfig(summary_len=8)
+  prediction, correct = rlpf.prediction_reward(scores, answer, cfg)
+  assert correct.tolist() == [1.0, 0.0] and prediction.tolist() == [1.0, 0.0]
+  soft, correct = rlpf.prediction_reward(
+      scores, answer, rlpf.RLConfig(summary_len=8, reward="probability"))
+  expected = [np.exp(2) / (np.exp(2) + 2), np.exp(1) / (1 + np.exp(1) + np.exp(3))]
+  np.testing.assert_allclose(soft, expected, rtol=1e-6)
+  assert correct.tolist() == [1.0, 0.0]
+  with pytest.raises(ValueError, match="rl.reward='log'"):
+    rlpf.RLConfig(summary_len=8, reward="log").validate()
+
+
+def test_reinforce_gradient_equals_one_computed_by_hand():
+  """The policy-gradient loss's gradient is -mean_i(r_i grad log pi(y_i | x_i)),
+  log pi summed over the summary's tokens up to and with its eos only; here
+  log pi is computed another way (the KV-cache continuation scorer)."""
+  model, params = _tiny_lm()
+  params = jax.tree.map(lambda x: x * 3.0, params)
+  prompt = jnp.array([[0, 5, 6, 7], [8, 9, 10, 11], [0, 0, 12, 13]])
+  summary = jnp.array([[14, 1, 0, 0], [15, 16, 17, 18], [19, 20, 1, 0]])  # eos = 1
+  written, _, _ = rlpf.summary_masks(summary, 1)
+  reward = jnp.array([0.7, -0.2, 1.3])
+  roll = {"prompt": prompt, "prompt_mask": prompt > 0, "summary": summary,
+          "written": written, "reward": reward}
+  cfg = rlpf.RLConfig(summary_len=4, baseline="none", kl_coef=0.0)
+  grad = jax.grad(lambda p: rlpf.rl_loss(model, None, cfg, {"policy": p},
+                                         {"reference": params}, roll)[0])(params)
+
+  def by_hand(p):
+    log_pi = decoding.score_continuations(model, p, prompt, prompt > 0,
+                                          summary[:, None], written[:, None])[:, 0]
+    return -jnp.mean(reward * log_pi)
+  expected = jax.grad(by_hand)(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grad, expected)
+  # and the KL to an unchanged policy is 0, with no gradient
+  loss, metrics = rlpf.rl_loss(model, None, dataclasses.replace(cfg, kl_coef=1.0),
+                               {"policy": params}, {"reference": params}, roll)
+  assert abs(float(metrics["kl"])) < 1e-6
+
+
+def test_a_value_baseline_reduces_gradient_variance_on_a_bandit():
+  """A 4-armed bandit, pi = softmax(theta): per-sample REINFORCE gradients
+  A (onehot(a) - pi) with A = r (no baseline) or r - V, V fitted by the value
+  loss. Both are unbiased; the baseline cuts their variance (rewards sit near
+  1, as 1[correct] + the length term do)."""
+  theta = jnp.array([0.5, -0.3, 0.1, 0.0])
+  pi = jax.nn.softmax(theta)
+  mean_reward = jnp.array([1.2, 0.9, 1.0, 1.1])
+  keys = jax.random.split(jax.random.PRNGKey(0), 3)
+  n = 20_000
+  arms = jax.random.categorical(keys[0], theta, shape=(n,))
+  reward = mean_reward[arms] + 0.1 * jax.random.normal(keys[1], (n,))
+  # V by gradient descent on the value loss (a scalar: one prompt)
+  value = 0.0
+  for _ in range(200):
+    value -= 0.1 * jax.grad(lambda v: jnp.mean(jnp.square(v - reward)))(value)
+  score = jax.nn.one_hot(arms, 4) - pi  # grad_theta log pi(a)
+  none = rlpf.advantages(reward, None, rlpf.RLConfig(summary_len=1, baseline="none"))
+  with_value = rlpf.advantages(reward, jnp.full((n,), value),
+                               rlpf.RLConfig(summary_len=1, baseline="value"))
+  grads_none, grads_value = none[:, None] * score, with_value[:, None] * score
+  exact = pi * (mean_reward - jnp.sum(pi * mean_reward))  # the true gradient
+  for grads in (grads_none, grads_value):
+    stderr = grads.std(0) / np.sqrt(n)
+    assert np.all(np.abs(grads.mean(0) - exact) < 4 * stderr + 1e-4)
+  assert grads_value.var(0).sum() < 0.1 * grads_none.var(0).sum()
+
+
+def test_multiple_choice_options_hold_the_answer_once(tmp_path):
+  from summarize import workflow
+  config = rlpf_config.get_config("tiny")
+  _, _, corpus = workflow.setup(config, str(tmp_path), quiet=True)
+  rng = np.random.default_rng(0)
+  num_items = len(corpus.items.titles)
+  for kind in ("popularity_matched", "popularity", "uniform"):
+    for true_item in rng.integers(1, num_items, 50):
+      options = corpus.options(int(true_item), 4, kind, rng)
+      assert len(options) == 4 and len(set(options.tolist())) == 4
+      assert (options == true_item).sum() == 1
+      assert options.min() >= 1 and options.max() < num_items  # no padding item
 
 
 def _tiny_lm(vocab=40):
@@ -179,4 +266,8 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   config = rlpf_config.get_config("tiny")
   config.predictor.contexts.unknown = 1.0
   with pytest.raises(ConfigError, match="config.predictor.contexts"):
+    run_workflow(config, tmp_path)
+  config = rlpf_config.get_config("tiny")
+  config.rl.reward = "log"
+  with pytest.raises(ConfigError, match="config.rl.reward='log'"):
     run_workflow(config, tmp_path)
