@@ -4,6 +4,7 @@ that learns, and the `rlpf` workflow end to end (stopped, resumed, its table).""
 
 import dataclasses
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -255,6 +256,18 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   assert "| rlpf |" in (workdir / "table.md").read_text()
   saved = json.load(open(workdir / "results.json"))
   assert saved["config"]["workflow"] == "rlpf"
+  # the same warm-ups and an RL stage never stopped: the same table
+  straight = tmp_path / "straight"
+  for stage in ("policy", "predictor"):
+    shutil.copytree(workdir / stage, straight / stage)
+  unstopped = run_workflow(config, straight)
+  test_figures = lambda r: {k: v for k, v in r.items() if k.startswith("test/")}  # noqa: E731
+  assert test_figures(unstopped) == test_figures(results)
+
+  def last_rl_step(run):  # the loss, KL, gradient norm... of RL's step 4
+    rows = [json.loads(line) for line in open(run / "rlpf" / "metrics.jsonl")]
+    return [r for r in rows if r["split"] == "rlpf" and r["step"] == 4][-1]
+  assert last_rl_step(straight) == last_rl_step(workdir)
 
 
 def test_rlpf_config_errors_name_the_field(tmp_path):
