@@ -91,6 +91,14 @@ def markdown_table(name: str, run: dict) -> list[str]:
     lines.append(f"| {label} | {s['context_tokens']:.1f} | "
                  + " | ".join(cell(s, t) for t, _ in TASKS)
                  + f" | {density} | {hall} |")
+  written = [(label, run["rows"][row]) for row, label in ROW_LABELS.items()
+             if "writes_recent" in run["rows"].get(row, {})]
+  if written:  # what each summarizer chooses to say
+    lines += ["", "| summary | writes likes | writes rates | writes recent | writes saw |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {label} | " + " | ".join(f"{s[f'writes_{h}']:.2f}" for h in
+                                         ("likes", "rates", "recent", "saw")) + " |"
+              for label, s in written]
   rl = run["rows"].get("rlpf", {})
   if "gain_over_initial" in rl:
     lines += ["", f"RLPF - initial policy, next title, paired over the same users: "

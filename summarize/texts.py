@@ -135,6 +135,15 @@ def claims(summary: str) -> list[Claim]:
   return out
 
 
+def part_shares(summaries: list[str]) -> dict[str, float]:
+  """{head: share of the summaries that write that part} for the four heads
+  (likes, rates, recent, saw): what a summarizer chooses to say."""
+  heads = [{part.strip().partition(" ")[0] for part in s.split(PART_SEP.strip())}
+           for s in summaries]
+  return {head: float(np.mean([head in h for h in heads])) if heads else 0.0
+          for head in (GENRES_HEAD, RATING_HEAD, RECENT_HEAD, SAW_HEAD)}
+
+
 class ClaimChecker:
   """Checks claims against a history's Facts by name lookup."""
 

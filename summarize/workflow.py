@@ -354,7 +354,9 @@ def table_rows(config, corpus: ex.Corpus, policy, initial_params, rl_params,
       config.seed + 7)
   rows = {}
   for name, written in summaries.items():
-    extra = {"hallucination": evaluation.hallucination_rate(corpus, cuts, written)}
+    extra = {"hallucination": evaluation.hallucination_rate(corpus, cuts, written),
+             **{f"writes_{head}": share
+                for head, share in texts.part_shares(written).items()}}
     if name == "hierarchical_verified":
       extra.update(verifier)
     rows[name] = ([corpus.summary_context(corpus.summary_ids(t)[:-1])

@@ -38,6 +38,8 @@ def test_programmatic_summaries_are_supported_and_parse_back(timelines):
     assert [c.kind for c in found] == ["genre"] * genres + ["level", "title", "title"]
     assert checker.unsupported(summary, known) == (0, genres + 3)
     assert found[genres + 1].text == str(items.titles[known.items[-1]])  # newest first
+  shares = texts.part_shares(["likes Drama | recent A", "rates high", "recent B; C"])
+  assert shares == {"likes": 1 / 3, "rates": 1 / 3, "recent": 2 / 3, "saw": 0.0}
 
 
 def test_unsupported_claims_are_counted_and_cut(timelines):
@@ -251,6 +253,7 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
     assert 0.0 <= results[f"test/{row}/next_title"] <= 1.0
     assert np.isfinite(results[f"test/{row}/quality_stderr"])
   assert results["test/hierarchical_verified/hallucination"] == 0.0
+  assert 0.0 <= results["test/rlpf/writes_recent"] <= 1.0
   assert results["test/full_history/context_tokens"] > results[
       "test/last_k/context_tokens"]
   assert "| rlpf |" in (workdir / "table.md").read_text()
