@@ -48,7 +48,8 @@ ROWS = ("none", "full_history", "last_k", "random_k", "first_k", "initial_policy
 SUMMARY_ROWS = ("initial_policy", "hierarchical", "hierarchical_verified", "rlpf")
 # config values each stage depends on (stored with its checkpoints); None: all
 STAGE_FIELDS = {
-    "policy_train": ("seed", "data", "llm", "summary", "policy_train"),
+    "policy_train": ("seed", "data", "llm", "summary", "policy_style",
+                     "policy_train"),
     "predictor_train": ("seed", "data", "llm", "summary", "predictor.contexts",
                         "predictor.choice_weight", "predictor_train",
                         "rl.num_options", "rl.distractors"),
@@ -267,13 +268,15 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
         f"training users ({len(cuts)} cuts), {len(users.valid)} valid and "
         f"{len(users.test)} test users", flush=True)
   style_of = functools.partial(texts.sample_style, probabilities=dict(s.style))
+  policy_style_of = functools.partial(texts.sample_style,
+                                      probabilities=dict(config.policy_style))
   model_cfg = llm_config(config, corpus.tokenizer.vocab_size)
 
   # 1-2. the initial policy and the frozen predictor
   policy, policy_params = warm_up(
       "policy", config, "policy_train", config.llm.policy_checkpoint, model_cfg,
       epoch_batches(functools.partial(
-          ex.policy_batch, corpus, cuts, style_of=style_of,
+          ex.policy_batch, corpus, cuts, style_of=policy_style_of,
           merge_fraction=s.merge_fraction, chunk_len=s.chunk_len),
           cuts, config.policy_train.batch_size, config.seed), rlpf.lm_loss,
       mesh, workdir)
