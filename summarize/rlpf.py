@@ -66,7 +66,6 @@ class RLConfig:
   truncated: str = "keep"
   reward: str = "correct"
 
-
   def validate(self) -> "RLConfig":
     if self.baseline not in BASELINES:
       raise ValueError(f"rl.baseline={self.baseline!r} is not one of {BASELINES}")
