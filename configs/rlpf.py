@@ -55,8 +55,8 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       chunk_len=4 if tiny else 10))  # events per chunk (hierarchical summarizer)
   # the initial policy's warm-up summaries, in the same terms: what its
   # greedy summaries say before RL. At recent=0.4 they write the latest titles
-  # 98% of the time, at the predictor's ceiling already; recent=0.2 gives a
-  # generic summarizer, the paper's zero-shot start (README, RLPF)
+  # 98% of the time, at the predictor's ceiling already; at recent=0.2 never
+  # (a generic start, as the paper's zero-shot one; README, RLPF)
   config.policy_style = ml_collections.ConfigDict(dict(genres=0.6, rating=0.5,
                                                        recent=0.4, saw=0.5))
   # the predictor's training contexts (examples.CONTEXTS) and their weights
