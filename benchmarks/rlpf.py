@@ -8,6 +8,9 @@
   # how much the histories hold: non-LLM readers of the table's question
   python -m benchmarks.rlpf --mode=ceiling \
       --runs=synthetic=runs/rlpf_syn,movielens=runs/rlpf_ml --out benchmarks/rlpf_ceiling
+  # what RL's samples write and what each part earns in the reward
+  python -m benchmarks.rlpf --mode=rollouts --runs=synthetic=runs/rlpf_syn \
+      --out benchmarks/rlpf_rollouts
 
 `table` reads each workdir's results.json (written by
 `python main.py --config configs/rlpf.py ...`) and its RL stage's
@@ -21,7 +24,12 @@ value passes, update) at the config's shapes, the median of `--repeats`.
 options, rebuilt from its config) without an LLM, from the same N-event
 history: by the user's genre taste, and by item co-occurrence counted over the
 training users' timelines; beside the run's own predictor rows, it says how
-much of what the history holds the predictor reads.
+much of what the history holds the predictor reads. `rollouts` is where RL's
+signal is: it samples `--samples` summaries per training prompt (as an RL step
+does, at the RL temperature) from each run's initial and RL policies, reads
+them with the run's predictor, and says for each part (likes, rates, recent,
+saw) how often it is written and what writing it is worth in the run's reward,
+within a prompt (the difference REINFORCE's gradient follows).
 """
 
 from __future__ import annotations
@@ -39,12 +47,16 @@ from flax import linen as nn
 
 from benchmarks import report
 
-_MODE = flags.DEFINE_enum("mode", "table", ["table", "speed", "ceiling"],
+_MODE = flags.DEFINE_enum("mode", "table", ["table", "speed", "ceiling", "rollouts"],
                          "What to measure.")
 _RUNS = flags.DEFINE_string("runs", "synthetic=runs/rlpf_syn",
                             "name=workdir,... of finished rlpf runs (table).")
 _OUT = flags.DEFINE_string("out", "benchmarks/rlpf_quality", "Output path prefix.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repeats (speed).")
+_PROMPTS = flags.DEFINE_integer("prompts", 512, "Training prompts (rollouts).")
+_SAMPLES = flags.DEFINE_integer("samples", 8, "Summaries sampled per prompt (rollouts).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature "
+                                  "(rollouts; 0: each run's config.rl.temperature).")
 
 ROW_LABELS = {
     "none": "no context", "full_history": "full history (N events)",
@@ -303,10 +315,154 @@ def ceiling(out: str) -> None:
   print("\n".join(lines))
 
 
+def part_effects(written: np.ndarray, values: np.ndarray, group: int
+                 ) -> tuple[float, float, int]:
+  """The within-prompt worth of writing a part: over prompts whose `group`
+  samples include both summaries with it and without it, the mean of
+  (mean value with - mean value without), its standard error, and how many
+  such prompts. written [n] bool, values [n]; rows prompt-major."""
+  w, v = written.reshape(-1, group), values.reshape(-1, group)
+  mixed = w.any(1) & ~w.all(1)
+  if mixed.sum() < 2:
+    return float("nan"), float("nan"), int(mixed.sum())
+  with_, without = w[mixed], ~w[mixed]
+  gaps = ((v[mixed] * with_).sum(1) / with_.sum(1)
+          - (v[mixed] * without).sum(1) / without.sum(1))
+  return float(gaps.mean()), float(gaps.std(ddof=1) / np.sqrt(len(gaps))), len(gaps)
+
+
+def sample_rollouts(t, config, params: dict, prompts: int, samples: int, seed: int
+                    ) -> dict[str, np.ndarray]:
+  """RL-step rollouts of `params` (a policy) on `prompts` training cuts, each
+  `samples` times: {"correct", "probability", "length", "finished",
+  "unsupported_all" and "unsupported_<part>" (the share of its claims the
+  history does not support; nan: none written), and one bool per part}
+  [prompts x samples]."""
+  import dataclasses
+  from summarize import examples as ex, rlpf, texts, workflow
+  cfg = dataclasses.replace(workflow.rl_config(config, t.length_target),
+                            group_size=samples, reward="probability",
+                            temperature=_TEMPERATURE.value or config.rl.temperature)
+  roll = jax.jit(rlpf.make_rollout(t.policy, t.predictor, cfg,
+                                   **workflow.rl_prompt_ids(config, t.corpus)))
+  rng = np.random.default_rng(seed)
+  rows = rng.choice(len(t.cuts), prompts, replace=False)
+  checker, chunk, out = texts.ClaimChecker(t.corpus.items), 16, []
+  for start in range(0, prompts, chunk):
+    batch = ex.rl_batch(t.corpus, t.cuts, rows[start:start + chunk], rng,
+                        config.rl.num_options, config.rl.distractors)
+    r = jax.device_get(roll({"policy": params, "predictor": t.predictor_params},
+                            batch, jax.random.PRNGKey(seed * 1000 + start)))
+    summaries = t.corpus.decode_summaries(r["summary"])
+    users = np.repeat(rows[start:start + chunk], samples)
+    known = [t.corpus.facts(int(t.cuts.users[row]), int(t.cuts.cuts[row]))
+             for row in users]
+    # {head or "all": [n] share of its claims the history does not support}
+    unsupported = {"all": [checker.unsupported(x, k) for x, k in zip(summaries, known)]}
+    parts = [{p.strip().partition(" ")[0]: p for p in x.split(texts.PART_SEP.strip())}
+             for x in summaries]
+    for head in texts.PART_HEADS:
+      unsupported[head] = [checker.unsupported(p.get(head, ""), k)
+                           for p, k in zip(parts, known)]
+    out.append({"correct": r["correct"], "probability": r["prediction"],
+                "length": r["length"], "finished": r["finished"],
+                **{f"unsupported_{head}": np.array([u / n if n else np.nan
+                                                    for u, n in counts])
+                   for head, counts in unsupported.items()},
+                **{head: np.array([head in p for p in parts])
+                   for head in texts.PART_HEADS}})
+  return {k: np.concatenate([o[k] for o in out]) for k in out[0]}
+
+
+def rollouts(out: str) -> None:
+  import ml_collections
+  from infra import mesh as mesh_lib
+  from summarize import rlpf, texts, workflow
+  result = {"device": report.device(), "prompts": _PROMPTS.value,
+            "samples": _SAMPLES.value, "runs": {}}
+  lines = [f"What RL's samples write, and what writing each part is worth "
+           f"(`python -m benchmarks.rlpf --mode=rollouts --runs={_RUNS.value} "
+           f"--prompts={_PROMPTS.value} --samples={_SAMPLES.value} "
+           f"--temperature={_TEMPERATURE.value} --out {out}`): "
+           f"{_SAMPLES.value} summaries sampled per training prompt at "
+           f"{'the RL temperature' if not _TEMPERATURE.value else _TEMPERATURE.value}, "
+           f"{_PROMPTS.value} prompts, read by the run's frozen "
+           "predictor. *Worth* is within a prompt: the mean over prompts whose "
+           "samples both write and omit the part of (mean with - mean without), "
+           "± one standard error, over n such prompts; the reward is the run's "
+           "(its prediction term and length term).", "",
+           "| run | policy | part | written | its claims unsupported | reward worth | "
+           "correct worth | probability worth | tokens worth | n |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for item in _RUNS.value.split(","):
+    name, workdir = item.split("=")
+    with open(os.path.join(workdir, "results.json")) as f:
+      config = ml_collections.ConfigDict(json.load(f)["config"])
+    t = workflow.train(config, workdir, mesh_lib.make_mesh(config.mesh))
+    cfg = workflow.rl_config(config, t.length_target)
+    result["runs"][name] = {}
+    for policy, params in (("initial", t.initial_params), ("rlpf", t.rl_params)):
+      r = sample_rollouts(t, config, params, _PROMPTS.value, _SAMPLES.value,
+                          config.seed + 11)
+      prediction = r["correct"] if cfg.reward == "correct" else r["probability"]
+      r["reward"] = np.asarray(rlpf.rewards(prediction, r["length"], r["finished"], cfg))
+      summary = {k: float(np.nanmean(r[k])) for k in (
+          "reward", "correct", "probability", "length", "unsupported_all")}
+      summary["parts"] = {}
+      for head in texts.PART_HEADS:
+        part = {"written": float(r[head].mean()),
+                "unsupported": float(np.nanmean(r[f"unsupported_{head}"]))}
+        for value in ("reward", "correct", "probability", "length"):
+          mean, err, n = part_effects(r[head], r[value], _SAMPLES.value)
+          part[f"{value}_worth"], part[f"{value}_worth_stderr"], part["n"] = mean, err, n
+        summary["parts"][head] = part
+        lines.append(
+            f"| {name} | {policy} | {head} | {part['written']:.2f} | "
+            f"{part['unsupported']:.2f} | " + " | ".join(
+                f"{part[f'{v}_worth']:+.3f} ± {part[f'{v}_worth_stderr']:.3f}"
+                for v in ("reward", "correct", "probability")) +
+            f" | {part['length_worth']:+.1f} | {part['n']} |")
+      result["runs"][name][policy] = summary
+      print(f"[rollouts] {name} {policy}: reward {summary['reward']:.3f}, correct "
+            f"{summary['correct']:.3f}, tokens {summary['length']:.1f}, unsupported "
+            f"{summary['unsupported_all']:.3f}", flush=True)
+  lines += ["", "| run | policy | reward | correct | probability | tokens | "
+            "unsupported claims |", "|---|---|---|---|---|---|---|"]
+  for name, policies in result["runs"].items():
+    for policy, s in policies.items():
+      lines.append(f"| {name} | {policy} | {s['reward']:.3f} | {s['correct']:.3f} | "
+                   f"{s['probability']:.3f} | {s['length']:.1f} | "
+                   f"{s['unsupported_all']:.3f} |")
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
+  fig, axes = report.figure(2 * len(result["runs"]), width=4.2)
+  heads = list(texts.PART_HEADS)
+  for i, (name, policies) in enumerate(result["runs"].items()):
+    share_ax, worth_ax = axes[2 * i], axes[2 * i + 1]
+    for j, (policy, s) in enumerate(policies.items()):
+      x = np.arange(len(heads)) + 0.4 * j
+      share_ax.bar(x, [s["parts"][h]["written"] for h in heads], 0.4, label=policy)
+      worth_ax.bar(x, [s["parts"][h]["reward_worth"] for h in heads], 0.4,
+                   yerr=[s["parts"][h]["reward_worth_stderr"] for h in heads],
+                   label=policy)
+    for ax, label in ((share_ax, "share of samples writing it"),
+                      (worth_ax, "reward worth (within prompt)")):
+      ax.set_xticks(np.arange(len(heads)) + 0.2, heads)
+      ax.set_ylabel(label)
+      ax.set_title(name, fontsize=8)
+      ax.legend(fontsize=7)
+    worth_ax.axhline(0, color="k", lw=0.5)
+  report.save(fig, out)
+  print("\n".join(lines))
+
+
 def main(argv):
   del argv
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
-  {"table": table, "speed": speed, "ceiling": ceiling}[_MODE.value](_OUT.value)
+  {"table": table, "speed": speed, "ceiling": ceiling,
+   "rollouts": rollouts}[_MODE.value](_OUT.value)
 
 
 if __name__ == "__main__":

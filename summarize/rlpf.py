@@ -22,7 +22,9 @@ Baselines (`RLConfig.baseline`):
 - "rloo": the mean reward of the other `group_size` samples of the prompt;
 - "grpo": the group's mean, and the advantage divided by the group's std;
 - "none": plain REINFORCE.
-Traps avoided (TRL's): the KL is the exact KL(policy || reference) summed over
+Traps avoided (TRL's): log-probs are those of the sampling distribution,
+softmax(logits / temperature) (scoring samples drawn at T = 0.5 with T = 1
+log-probs is off-policy); the KL is the exact KL(policy || reference) summed over
 the vocabulary at each summary position (never negative, unlike a sampled
 log-ratio); the policy gradient uses each summary's summed log-probability (a
 per-token mean would reward long summaries of negative advantage); summaries
@@ -207,7 +209,9 @@ def rl_loss(policy: llm.DecoderLM, value_model: ValueModel | None, cfg: RLConfig
             trainable: dict, frozen: dict, roll: dict):
   """The RL loss of one rollout: -mean(advantage x the summary's summed
   log-probability) + kl_coef x the exact KL to the reference + value_coef x
-  the value's squared error. Returns (loss, metrics).
+  the value's squared error. Returns (loss, metrics). Log-probabilities and
+  the KL are those of the policy the summaries were sampled from,
+  softmax(logits / cfg.temperature), for policy and reference alike.
 
   trainable: {"policy", and "value" with the value baseline}; frozen:
   {"reference", ...}; roll (make_rl_step's rollout): "prompt", "prompt_mask"
@@ -219,8 +223,11 @@ def rl_loss(policy: llm.DecoderLM, value_model: ValueModel | None, cfg: RLConfig
   # logits at p - 1 .. p + s - 2 predict the summary's tokens
   logits, _ = policy.apply({"params": trainable["policy"]}, tokens, token_mask)
   ref_logits, _ = policy.apply({"params": frozen["reference"]}, tokens, token_mask)
-  log_probs = jax.nn.log_softmax(logits[:, p - 1:p + s - 1], -1)
-  ref_log_probs = jax.nn.log_softmax(ref_logits[:, p - 1:p + s - 1], -1)
+  # the sampled policy is softmax(logits / temperature): its log-probs and its
+  # KL, so that the gradient is on-policy at any temperature
+  log_probs = jax.nn.log_softmax(logits[:, p - 1:p + s - 1] / cfg.temperature, -1)
+  ref_log_probs = jax.nn.log_softmax(ref_logits[:, p - 1:p + s - 1] / cfg.temperature,
+                                     -1)
   target = roll["written"].astype(jnp.float32)
   token_lp = jnp.take_along_axis(log_probs, roll["summary"][..., None], -1)[..., 0]
   sequence_lp = jnp.sum(token_lp * target, 1)
@@ -240,27 +247,26 @@ def rl_loss(policy: llm.DecoderLM, value_model: ValueModel | None, cfg: RLConfig
                 "advantage_std": jnp.std(advantage)}
 
 
-def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
-                 predictor: llm.DecoderLM, tx: optax.GradientTransformation,
-                 cfg: RLConfig, head_ids, question_ids, eos_id: int,
-                 bare_question_ids=None):
-  """step(state, batch) -> (state, metrics) for `train_loop.fit`.
+def make_rollout(policy: llm.DecoderLM, predictor: llm.DecoderLM, cfg: RLConfig,
+                 head_ids, question_ids, eos_id: int, bare_question_ids=None):
+  """rollout(params, batch, rng) -> the RL step's samples and their rewards
+  (no gradient): `cfg.group_size` summaries per prompt at `cfg.temperature`,
+  read by the predictor, which chooses among the options.
 
   With `bare_question_ids` ([bos] + the question) the predictor chooses by
   calibrated scores: each option's log-likelihood after the summary minus
   that after the bare question (evaluation.Predictor.decide).
 
-  state.params: {"policy", "reference" (the initial policy), "predictor",
-  and "value" with the value baseline}. batch (rl_batch in
-  summarize/examples.py): "prompt", "prompt_mask" [b, p]; "options",
-  "option_mask" [b, k, T]; "answer" [b].
+  params: {"policy", "predictor"}; batch (rl_batch in summarize/examples.py):
+  "prompt", "prompt_mask" [b, p]; "options", "option_mask" [b, k, T];
+  "answer" [b]. Rows of the result are prompt-major groups, n = b x g:
+  "prompt", "prompt_mask" [n, p]; "summary", "written" [n, s]; "finished",
+  "correct", "prediction", "length", "reward" [n].
   """
-  cfg.validate()
   head_ids, question_ids = jnp.asarray(head_ids), jnp.asarray(question_ids)
   g, s = cfg.group_size, cfg.summary_len
 
   def rollout(params, batch, rng):
-    """Samples g summaries per prompt and scores them; no gradient."""
     prompt = jnp.repeat(batch["prompt"], g, 0)
     prompt_mask = jnp.repeat(batch["prompt_mask"], g, 0)
     summary = decoding.generate(policy, params["policy"], prompt, prompt_mask, rng,
@@ -286,6 +292,23 @@ def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
         prompt=prompt, prompt_mask=prompt_mask, summary=summary, written=written,
         finished=finished, correct=correct, prediction=prediction, length=length,
         reward=reward))
+
+  return rollout
+
+
+def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
+                 predictor: llm.DecoderLM, tx: optax.GradientTransformation,
+                 cfg: RLConfig, head_ids, question_ids, eos_id: int,
+                 bare_question_ids=None):
+  """step(state, batch) -> (state, metrics) for `train_loop.fit`: a rollout
+  (`make_rollout`, whose arguments these are), then `rl_loss`'s update.
+
+  state.params: {"policy", "reference" (the initial policy), "predictor",
+  and "value" with the value baseline}; batch as make_rollout's.
+  """
+  cfg.validate()
+  rollout = make_rollout(policy, predictor, cfg, head_ids, question_ids, eos_id,
+                         bare_question_ids)
 
   loss_fn = functools.partial(rl_loss, policy, value_model, cfg)
 

@@ -135,13 +135,21 @@ def claims(summary: str) -> list[Claim]:
   return out
 
 
+PART_HEADS = (GENRES_HEAD, RATING_HEAD, RECENT_HEAD, SAW_HEAD)
+
+
+def parts_written(summary: str) -> set[str]:
+  """The head words of the parts a summary writes (any word before a part's
+  first space; PART_HEADS are the known ones)."""
+  return {part.strip().partition(" ")[0] for part in summary.split(PART_SEP.strip())}
+
+
 def part_shares(summaries: list[str]) -> dict[str, float]:
   """{head: share of the summaries that write that part} for the four heads
   (likes, rates, recent, saw): what a summarizer chooses to say."""
-  heads = [{part.strip().partition(" ")[0] for part in s.split(PART_SEP.strip())}
-           for s in summaries]
+  heads = [parts_written(s) for s in summaries]
   return {head: float(np.mean([head in h for h in heads])) if heads else 0.0
-          for head in (GENRES_HEAD, RATING_HEAD, RECENT_HEAD, SAW_HEAD)}
+          for head in PART_HEADS}
 
 
 class ClaimChecker:

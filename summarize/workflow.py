@@ -190,6 +190,15 @@ def length_target(summarizer: evaluation.Summarizer, corpus: ex.Corpus,
   return float(np.asarray(body).sum(1).mean())
 
 
+def rl_prompt_ids(config, corpus: ex.Corpus) -> dict:
+  """The token ids of rlpf.make_rollout's predictor prompts (and eos)."""
+  question = corpus.question("next_title")
+  return dict(head_ids=corpus.bos + corpus.summary_head, question_ids=question,
+              eos_id=corpus.eos, bare_question_ids=(corpus.bos + question
+                                                    if config.predictor.calibrate
+                                                    else None))
+
+
 def reinforce(config, policy, policy_params, predictor, predictor_params,
               corpus: ex.Corpus, cuts: ex.Cuts, target: float, valid_fn, mesh,
               workdir: str):
@@ -209,10 +218,7 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
   state, shardings = train_loop.create_state(lambda rng: params, tx,
                                              jax.random.PRNGKey(config.seed + 3), mesh)
   step = rlpf.make_rl_step(policy, value_model, predictor, tx, cfg,
-                           corpus.bos + corpus.summary_head,
-                           corpus.question("next_title"), corpus.eos,
-                           bare_question_ids=(corpus.bos + corpus.question("next_title")
-                                              if config.predictor.calibrate else None))
+                           **rl_prompt_ids(config, corpus))
   r = config.rl
   batches = epoch_batches(functools.partial(
       ex.rl_batch, corpus, cuts, num_options=r.num_options,
@@ -257,9 +263,27 @@ def held_out(config, timelines: tl.UserTimelines, users: np.ndarray,
                                       config.rl.distractors, seed)
 
 
-def run(config, workdir: str, mesh) -> dict[str, float]:
+@dataclasses.dataclass
+class Trained:
+  """The stages 1-3 of a run (host parameters), and what the table needs."""
+  timelines: tl.UserTimelines
+  users: ex.UserSplit
+  corpus: ex.Corpus
+  cuts: ex.Cuts  # the training cuts (warm-ups and RL prompts)
+  policy: llm.DecoderLM
+  initial_params: dict  # the initial policy (after its warm-up)
+  predictor: llm.DecoderLM
+  predictor_params: dict
+  scorer: evaluation.Predictor
+  length_target: float  # L
+  rl_params: dict  # the policy after RL
+  rl_seconds: float
+
+
+def train(config, workdir: str, mesh) -> Trained:
+  """Stages 1-3, each resumed from (or returned by) its checkpoints in
+  `workdir`: on a finished run this only restores."""
   check(config)
-  began = time.time()
   d, s = config.data, config.summary
   timelines, users, corpus = setup(config, workdir)
   cuts = ex.training_cuts(timelines, users.train, d.cuts_per_user, d.min_history,
@@ -314,7 +338,16 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
   rl_began = time.time()
   rl_params = reinforce(config, policy, policy_params, predictor, predictor_params,
                         corpus, cuts, target, valid_fn, mesh, workdir)
-  results = {"rl_seconds": time.time() - rl_began, "length_target": target}
+  return Trained(timelines, users, corpus, cuts, policy, policy_params, predictor,
+                 predictor_params, scorer, target, rl_params, time.time() - rl_began)
+
+
+def run(config, workdir: str, mesh) -> dict[str, float]:
+  began = time.time()
+  t = train(config, workdir, mesh)
+  timelines, users, corpus, scorer = t.timelines, t.users, t.corpus, t.scorer
+  policy, policy_params, rl_params = t.policy, t.initial_params, t.rl_params
+  results = {"rl_seconds": t.rl_seconds, "length_target": t.length_target}
 
   # 4. the table
   test_cuts, probes = held_out(config, timelines, users.test, corpus, "test")

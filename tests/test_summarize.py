@@ -94,7 +94,8 @@ def test_the_prediction_term_is_correctness_or_the_answers_probability():
 def test_reinforce_gradient_equals_one_computed_by_hand():
   """The policy-gradient loss's gradient is -mean_i(r_i grad log pi(y_i | x_i)),
   log pi summed over the summary's tokens up to and with its eos only; here
-  log pi is computed another way (the KV-cache continuation scorer)."""
+  log pi is computed another way (the KV-cache continuation scorer), and at
+  temperature 0.5 from the tempered logits."""
   model, params = _tiny_lm()
   params = jax.tree.map(lambda x: x * 3.0, params)
   prompt = jnp.array([[0, 5, 6, 7], [8, 9, 10, 11], [0, 0, 12, 13]])
@@ -112,6 +113,21 @@ def test_reinforce_gradient_equals_one_computed_by_hand():
                                           summary[:, None], written[:, None])[:, 0]
     return -jnp.mean(reward * log_pi)
   expected = jax.grad(by_hand)(params)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+               grad, expected)
+  # sampled at temperature 0.5, the log-probs are softmax(logits / 0.5)'s
+  hot = dataclasses.replace(cfg, temperature=0.5)
+  grad = jax.grad(lambda p: rlpf.rl_loss(model, None, hot, {"policy": p},
+                                         {"reference": params}, roll)[0])(params)
+
+  def tempered_by_hand(p):
+    tokens = jnp.concatenate([prompt, summary], 1)
+    logits, _ = model.apply({"params": p}, tokens,
+                            jnp.concatenate([prompt > 0, written], 1))
+    log_probs = jax.nn.log_softmax(logits[:, 3:7] / 0.5, -1)
+    token_lp = jnp.take_along_axis(log_probs, summary[..., None], -1)[..., 0]
+    return -jnp.mean(reward * jnp.sum(token_lp * written, 1))
+  expected = jax.grad(tempered_by_hand)(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grad, expected)
   # and the KL to an unchanged policy is 0
