@@ -15,8 +15,8 @@
 `table` reads each workdir's results.json (written by
 `python main.py --config configs/rlpf.py ...`) and its RL stage's
 metrics.jsonl, and writes `<out>.json`, `<out>.md` and `<out>.png` (accuracy
-against context tokens per row; reward, accuracy, KL and summary length over
-RL steps). `speed` times, on this machine, the jitted sampling of a batch of
+against context tokens per row; the RL task's accuracy and the KL over RL
+steps). `speed` times, on this machine, the jitted sampling of a batch of
 summaries (generated tokens/s, eos ignored: every row runs `summary_len`
 steps) and one whole RL step (rollout, predictor scores, policy, reference and
 value passes, update) at the config's shapes, the median of `--repeats`.
@@ -132,7 +132,7 @@ def table(out: str) -> None:
     lines += markdown_table(name, run) + [""]
   with open(out + ".md", "w") as f:
     f.write("\n".join(lines))
-  fig, axes = report.figure(1 + len(runs), width=4.6)
+  fig, axes = report.figure(2 + len(runs), width=4.6)
   for i, (name, run) in enumerate(runs.items()):
     ax = axes[i]
     for j, (row, label) in enumerate(ROW_LABELS.items()):
@@ -147,20 +147,22 @@ def table(out: str) -> None:
     ax.set_title(name, fontsize=9)
     if i == 0:
       ax.legend(fontsize=6)
-  ax = axes[-1]
+  accuracy_ax, kl_ax = axes[-2], axes[-1]
   for i, (name, run) in enumerate(runs.items()):
     train = [r for r in run["curve"] if r["split"] == "rlpf"]
     steps = [r["step"] for r in train]
-    ax.plot(steps, [r["accuracy"] for r in train], color=f"C{i}", label=f"{name} accuracy")
-    ax.plot(steps, [r["kl"] for r in train], "--", color=f"C{i}", label=f"{name} KL")
-    ax.plot(steps, [r["summary_tokens"] / 40 for r in train], ":", color=f"C{i}",
-            label=f"{name} tokens / 40")
+    accuracy_ax.plot(steps, [r["accuracy"] for r in train], color=f"C{i}", label=name)
     valid = [r for r in run["curve"] if r["split"] == "valid"]
-    ax.plot([r["step"] for r in valid], [r["next_title"] for r in valid], "s",
-            color=f"C{i}", label=f"{name} valid accuracy (greedy)")
-  ax.set_xlabel("RL step")
-  ax.set_title("RL curves (sampled training batches; valid users)", fontsize=9)
-  ax.legend(fontsize=6)
+    accuracy_ax.plot([r["step"] for r in valid], [r["next_title"] for r in valid], "s--",
+                     color=f"C{i}", lw=0.8)
+    kl_ax.plot(steps, [r["kl"] for r in train], color=f"C{i}", label=name)
+  accuracy_ax.set_title("RL task accuracy: sampled training batches (lines), "
+                        "valid users' greedy summaries (squares)", fontsize=7)
+  kl_ax.set_title("KL(policy || initial policy) per summary", fontsize=8)
+  kl_ax.set_yscale("log")
+  for ax in (accuracy_ax, kl_ax):
+    ax.set_xlabel("RL step")
+    ax.legend(fontsize=6)
   report.save(fig, out)
   print("\n".join(lines))
 

@@ -300,3 +300,16 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   config.rl.reward = "log"
   with pytest.raises(ConfigError, match="config.rl.reward='log'"):
     run_workflow(config, tmp_path)
+
+
+def test_a_parts_worth_is_compared_within_prompts_that_both_write_and_omit_it():
+  """benchmarks.rlpf's diagnostic: a prompt whose samples all write (or all
+  omit) the part says nothing about its worth, and is left out."""
+  from benchmarks import rlpf as rlpf_benchmark
+  written = np.array([1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0], bool)
+  values = np.array([1, 0, 0, 1, 5, 5, 5, 5, 0, 1, 1, 0], float)
+  mean, stderr, n = rlpf_benchmark.part_effects(written, values, group=4)
+  # prompt 0: 1 - 0; prompt 1: left out; prompt 2: 0 - 2/3
+  assert n == 2
+  np.testing.assert_allclose(mean, (1 - 2 / 3) / 2)
+  np.testing.assert_allclose(stderr, np.std([1, -2 / 3], ddof=1) / np.sqrt(2))
