@@ -317,22 +317,6 @@ def ceiling(out: str) -> None:
   print("\n".join(lines))
 
 
-def part_effects(written: np.ndarray, values: np.ndarray, group: int
-                 ) -> tuple[float, float, int]:
-  """The within-prompt worth of writing a part: over prompts whose `group`
-  samples include both summaries with it and without it, the mean of
-  (mean value with - mean value without), its standard error, and how many
-  such prompts. written [n] bool, values [n]; rows prompt-major."""
-  w, v = written.reshape(-1, group), values.reshape(-1, group)
-  mixed = w.any(1) & ~w.all(1)
-  if mixed.sum() < 2:
-    return float("nan"), float("nan"), int(mixed.sum())
-  with_, without = w[mixed], ~w[mixed]
-  gaps = ((v[mixed] * with_).sum(1) / with_.sum(1)
-          - (v[mixed] * without).sum(1) / without.sum(1))
-  return float(gaps.mean()), float(gaps.std(ddof=1) / np.sqrt(len(gaps))), len(gaps)
-
-
 def sample_rollouts(t, config, params: dict, prompts: int, samples: int, seed: int
                     ) -> dict[str, np.ndarray]:
   """RL-step rollouts of `params` (a policy) on `prompts` training cuts, each
@@ -379,7 +363,7 @@ def sample_rollouts(t, config, params: dict, prompts: int, samples: int, seed: i
 def rollouts(out: str) -> None:
   import ml_collections
   from infra import mesh as mesh_lib
-  from summarize import rlpf, texts, workflow
+  from summarize import evaluation, rlpf, texts, workflow
   result = {"device": report.device(), "prompts": _PROMPTS.value,
             "samples": _SAMPLES.value, "runs": {}}
   lines = [f"What RL's samples write, and what writing each part is worth "
@@ -415,7 +399,8 @@ def rollouts(out: str) -> None:
         part = {"written": float(r[head].mean()),
                 "unsupported": float(np.nanmean(r[f"unsupported_{head}"]))}
         for value in ("reward", "correct", "probability", "length"):
-          mean, err, n = part_effects(r[head], r[value], _SAMPLES.value)
+          mean, err, n = evaluation.within_prompt_effect(r[head], r[value],
+                                                         _SAMPLES.value)
           part[f"{value}_worth"], part[f"{value}_worth_stderr"], part["n"] = mean, err, n
         summary["parts"][head] = part
         lines.append(

@@ -292,3 +292,19 @@ def budget_context(corpus: ex.Corpus, item_ids: np.ndarray, ratings: np.ndarray,
       break
     best = ids
   return best
+
+
+def within_prompt_effect(written: np.ndarray, values: np.ndarray, group: int
+                         ) -> tuple[float, float, int]:
+  """The within-prompt worth of writing a part: over prompts whose `group`
+  samples include both summaries with it and without it, the mean of
+  (mean value with - mean value without), its standard error, and how many
+  such prompts. written [n] bool, values [n]; rows prompt-major."""
+  w, v = written.reshape(-1, group), values.reshape(-1, group)
+  mixed = w.any(1) & ~w.all(1)
+  if mixed.sum() < 2:
+    return float("nan"), float("nan"), int(mixed.sum())
+  with_, without = w[mixed], ~w[mixed]
+  gaps = ((v[mixed] * with_).sum(1) / with_.sum(1)
+          - (v[mixed] * without).sum(1) / without.sum(1))
+  return float(gaps.mean()), float(gaps.std(ddof=1) / np.sqrt(len(gaps))), len(gaps)

@@ -16,7 +16,7 @@ from flax import linen as nn
 from conftest import ConfigReads, run_workflow
 from configs import rlpf as rlpf_config
 from data import sources
-from summarize import rlpf, texts
+from summarize import evaluation, rlpf, texts
 from userllm import decoding, llm
 
 
@@ -303,12 +303,12 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
 
 
 def test_a_parts_worth_is_compared_within_prompts_that_both_write_and_omit_it():
-  """benchmarks.rlpf's diagnostic: a prompt whose samples all write (or all
-  omit) the part says nothing about its worth, and is left out."""
-  from benchmarks import rlpf as rlpf_benchmark
+  """The diagnostic of `benchmarks.rlpf --mode=rollouts`: a prompt whose
+  samples all write (or all omit) the part says nothing about its worth, and
+  is left out."""
   written = np.array([1, 0, 0, 1, 1, 1, 1, 1, 1, 0, 0, 0], bool)
   values = np.array([1, 0, 0, 1, 5, 5, 5, 5, 0, 1, 1, 0], float)
-  mean, stderr, n = rlpf_benchmark.part_effects(written, values, group=4)
+  mean, stderr, n = evaluation.within_prompt_effect(written, values, group=4)
   # prompt 0: 1 - 0; prompt 1: left out; prompt 2: 0 - 2/3
   assert n == 2
   np.testing.assert_allclose(mean, (1 - 2 / 3) / 2)
