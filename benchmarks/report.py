@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 
@@ -23,6 +24,14 @@ def figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
   """(fig, axes list) of one row of `ncols` panels."""
   fig, axes = plt.subplots(1, ncols, figsize=(width * ncols, height), squeeze=False)
   return fig, list(axes[0])
+
+
+def write_results(out: str, result: dict, lines: list[str]) -> None:
+  """Writes `<out>.json` (the result) and `<out>.md` (the lines)."""
+  with open(out + ".json", "w") as f:
+    json.dump(result, f, indent=1)
+  with open(out + ".md", "w") as f:
+    f.write("\n".join(lines) + "\n")
 
 
 def save(fig, out: str) -> str:

@@ -123,15 +123,12 @@ def table(out: str) -> None:
   for item in _RUNS.value.split(","):
     name, workdir = item.split("=")
     runs[name] = read_run(workdir)
-  with open(out + ".json", "w") as f:
-    json.dump({"device": report.device(), "runs": runs}, f, indent=1)
   lines = [f"RLPF and its baselines, scored by the same frozen predictor "
            f"(`python -m benchmarks.rlpf --mode=table --runs={_RUNS.value} "
            f"--out {out}`). ± is one standard error.", ""]
   for name, run in runs.items():
     lines += markdown_table(name, run) + [""]
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(lines))
+  report.write_results(out, {"device": report.device(), "runs": runs}, lines)
   fig, axes = report.figure(2 + len(runs), width=4.6)
   for i, (name, run) in enumerate(runs.items()):
     ax = axes[i]
@@ -214,8 +211,6 @@ def speed(out: str) -> None:
             "num_layers": cfg.num_layers, "rollout_seconds": gen,
             "generated_tokens_per_second": rows * s / gen,
             "rl_step_seconds": step_s, "rollout_share_of_step": gen / step_s}
-  with open(out + ".json", "w") as f:
-    json.dump(result, f, indent=1)
   md = [f"RLPF speed at configs/rlpf.py's shapes (`python -m benchmarks.rlpf "
         f"--mode=speed --out {out}`), {result['device']}: {rows} sequences "
         f"({b} prompts x {rl.group_size}) of {p} prompt + {s} summary tokens, "
@@ -225,8 +220,7 @@ def speed(out: str) -> None:
         f"| generated tokens/s | {result['generated_tokens_per_second']:.0f} |",
         f"| one RL step (rollout + predictor + update) | {step_s * 1e3:.0f} ms |",
         f"| rollout share of the step | {gen / step_s:.0%} |"]
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(md) + "\n")
+  report.write_results(out, result, md)
   fig, axes = report.figure(1)
   axes[0].barh(["rollout", "rest of the RL step"], [gen, step_s - gen])
   axes[0].set_xlabel("seconds")
@@ -299,10 +293,7 @@ def ceiling(out: str) -> None:
       lines.append(f"| {name} | {reader} | {r['next_title']:.3f} ± "
                    f"{r['next_title_stderr']:.3f} | {r['quality']:.3f} ± "
                    f"{r['quality_stderr']:.3f} |")
-  with open(out + ".json", "w") as f:
-    json.dump(result, f, indent=1)
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
+  report.write_results(out, result, lines)
   fig, axes = report.figure(len(result["runs"]), width=4.6)
   for ax, (name, rows) in zip(axes, result["runs"].items()):
     labels = list(rows)
@@ -420,10 +411,7 @@ def rollouts(out: str) -> None:
       lines.append(f"| {name} | {policy} | {s['reward']:.3f} | {s['correct']:.3f} | "
                    f"{s['probability']:.3f} | {s['length']:.1f} | "
                    f"{s['unsupported_all']:.3f} |")
-  with open(out + ".json", "w") as f:
-    json.dump(result, f, indent=1)
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
+  report.write_results(out, result, lines)
   fig, axes = report.figure(2 * len(result["runs"]), width=4.2)
   heads = list(texts.PART_HEADS)
   for i, (name, policies) in enumerate(result["runs"].items()):
