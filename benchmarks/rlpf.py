@@ -34,6 +34,7 @@ within a prompt (the difference REINFORCE's gradient follows).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -315,7 +316,6 @@ def sample_rollouts(t, config, params: dict, prompts: int, samples: int, seed: i
   "unsupported_all" and "unsupported_<part>" (the share of its claims the
   history does not support; nan: none written), and one bool per part}
   [prompts x samples]."""
-  import dataclasses
   from summarize import examples as ex, rlpf, texts, workflow
   cfg = dataclasses.replace(workflow.rl_config(config, t.length_target),
                             group_size=samples, reward="probability",
@@ -336,8 +336,7 @@ def sample_rollouts(t, config, params: dict, prompts: int, samples: int, seed: i
              for row in users]
     # {head or "all": [n] share of its claims the history does not support}
     unsupported = {"all": [checker.unsupported(x, k) for x, k in zip(summaries, known)]}
-    parts = [{p.strip().partition(" ")[0]: p for p in x.split(texts.PART_SEP.strip())}
-             for x in summaries]
+    parts = [texts.parts_by_head(x) for x in summaries]
     for head in texts.PART_HEADS:
       unsupported[head] = [checker.unsupported(p.get(head, ""), k)
                            for p, k in zip(parts, known)]
@@ -383,8 +382,13 @@ def rollouts(out: str) -> None:
                           config.seed + 11)
       prediction = r["correct"] if cfg.reward == "correct" else r["probability"]
       r["reward"] = np.asarray(rlpf.rewards(prediction, r["length"], r["finished"], cfg))
-      summary = {k: float(np.nanmean(r[k])) for k in (
-          "reward", "correct", "probability", "length", "unsupported_all")}
+      if not np.all(np.isfinite(r["probability"])):
+        raise SystemExit(f"{name} ({workdir}), {policy} policy: the predictor's "
+                         "scores are not finite; no figures are reported")
+      summary = {k: float(r[k].mean()) for k in ("reward", "correct", "probability",
+                                                 "length")}
+      # nan: a summary without claims (unsupported share undefined)
+      summary["unsupported_all"] = float(np.nanmean(r["unsupported_all"]))
       summary["parts"] = {}
       for head in texts.PART_HEADS:
         part = {"written": float(r[head].mean()),

@@ -138,10 +138,16 @@ def claims(summary: str) -> list[Claim]:
 PART_HEADS = (GENRES_HEAD, RATING_HEAD, RECENT_HEAD, SAW_HEAD)
 
 
+def parts_by_head(summary: str) -> dict[str, str]:
+  """{head word: that part's text} of the parts a summary writes (the head is
+  any word before a part's first space; PART_HEADS are the known ones)."""
+  return {part.strip().partition(" ")[0]: part
+          for part in summary.split(PART_SEP.strip())}
+
+
 def parts_written(summary: str) -> set[str]:
-  """The head words of the parts a summary writes (any word before a part's
-  first space; PART_HEADS are the known ones)."""
-  return {part.strip().partition(" ")[0] for part in summary.split(PART_SEP.strip())}
+  """The head words of the parts a summary writes."""
+  return set(parts_by_head(summary))
 
 
 def part_shares(summaries: list[str]) -> dict[str, float]:
