@@ -26,14 +26,6 @@ def figure(ncols: int = 1, width: float = 5.0, height: float = 3.6):
   return fig, list(axes[0])
 
 
-def write_results(out: str, result: dict, lines: list[str]) -> None:
-  """Writes `<out>.json` (the result) and `<out>.md` (the lines)."""
-  with open(out + ".json", "w") as f:
-    json.dump(result, f, indent=1)
-  with open(out + ".md", "w") as f:
-    f.write("\n".join(lines) + "\n")
-
-
 def save(fig, out: str) -> str:
   """Writes `<out>.png` (atomically) and closes the figure; returns its path."""
   path = out + ".png"
@@ -70,7 +62,6 @@ def centralised(epochs: int) -> dict:
 
 def read_metrics(workdir: str) -> list[dict]:
   """The rows of `<workdir>/metrics.jsonl` (unreadable lines skipped)."""
-  import json
   rows = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     for line in f:

@@ -47,6 +47,7 @@ from absl import app, flags
 from flax import linen as nn
 
 from benchmarks import report
+from infra import results as results_lib
 
 _MODE = flags.DEFINE_enum("mode", "table", ["table", "speed", "ceiling", "rollouts"],
                          "What to measure.")
@@ -129,7 +130,7 @@ def table(out: str) -> None:
            f"--out {out}`). ± is one standard error.", ""]
   for name, run in runs.items():
     lines += markdown_table(name, run) + [""]
-  report.write_results(out, {"device": report.device(), "runs": runs}, lines)
+  results_lib.write_report(out, {"device": report.device(), "runs": runs}, lines)
   fig, axes = report.figure(2 + len(runs), width=4.6)
   for i, (name, run) in enumerate(runs.items()):
     ax = axes[i]
@@ -221,7 +222,7 @@ def speed(out: str) -> None:
         f"| generated tokens/s | {result['generated_tokens_per_second']:.0f} |",
         f"| one RL step (rollout + predictor + update) | {step_s * 1e3:.0f} ms |",
         f"| rollout share of the step | {gen / step_s:.0%} |"]
-  report.write_results(out, result, md)
+  results_lib.write_report(out, result, md)
   fig, axes = report.figure(1)
   axes[0].barh(["rollout", "rest of the RL step"], [gen, step_s - gen])
   axes[0].set_xlabel("seconds")
@@ -294,7 +295,7 @@ def ceiling(out: str) -> None:
       lines.append(f"| {name} | {reader} | {r['next_title']:.3f} ± "
                    f"{r['next_title_stderr']:.3f} | {r['quality']:.3f} ± "
                    f"{r['quality_stderr']:.3f} |")
-  report.write_results(out, result, lines)
+  results_lib.write_report(out, result, lines)
   fig, axes = report.figure(len(result["runs"]), width=4.6)
   for ax, (name, rows) in zip(axes, result["runs"].items()):
     labels = list(rows)
@@ -415,7 +416,7 @@ def rollouts(out: str) -> None:
       lines.append(f"| {name} | {policy} | {s['reward']:.3f} | {s['correct']:.3f} | "
                    f"{s['probability']:.3f} | {s['length']:.1f} | "
                    f"{s['unsupported_all']:.3f} |")
-  report.write_results(out, result, lines)
+  results_lib.write_report(out, result, lines)
   fig, axes = report.figure(2 * len(result["runs"]), width=4.2)
   heads = list(texts.PART_HEADS)
   for i, (name, policies) in enumerate(result["runs"].items()):
