@@ -94,7 +94,9 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=8 if tiny else 50,
       verifier_tries=2 if tiny else 3))  # the verifier's rewrites
-  config.policy_train = stage(tiny, 64, 600, 3e-3, 50)
+  # eval: how faithfully the valid users' greedy and sampled summaries copy
+  # titles (workflow.policy_valid_fn)
+  config.policy_train = stage(tiny, 64, 600, 3e-3, 50, eval_every=200)
   # eval: the valid users' next title read from no context, the whole history
   # and a programmatic summary (does the predictor read contexts yet?)
   # 1,500 steps: at 600 the predictor read the whole history at 0.34 and at

@@ -31,7 +31,7 @@ import numpy as np
 
 from data import prompts
 from infra.errors import DivergedError
-from summarize import examples as ex
+from summarize import examples as ex, texts
 from userllm import decoding, llm
 
 TASKS = ("next_title", "favourite_genre", "rating", "future_genre")
@@ -276,6 +276,29 @@ def hallucination_rate(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
     b, t = corpus.checker.unsupported(summary, corpus.facts(int(user), int(cut)))
     bad, total = bad + b, total + t
   return bad / max(total, 1)
+
+
+def title_fidelity(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
+                   ) -> dict[str, float]:
+  """How faithfully summaries copy titles from their histories (one summary per
+  cut): {"titles_per_summary": title claims per summary, "titles_unsupported":
+  share of those titles not in the history, "latest_copied": share of the
+  summaries whose `recent` part starts with the history's latest title}."""
+  titles = unsupported = latest = 0
+  checker = corpus.checker
+  for summary, user, cut in zip(summaries, cuts.users, cuts.cuts):
+    known = corpus.facts(int(user), int(cut))
+    found = [c for c in texts.claims(summary) if c.kind == "title"]
+    titles += len(found)
+    unsupported += sum(not checker.supported(c, known) for c in found)
+    recent = texts.parts_by_head(summary).get(texts.RECENT_HEAD)
+    if recent:
+      first = texts.claims(recent)[0]
+      latest += checker.item_of_title.get(first.text) == known.items[-1]
+  n = max(len(summaries), 1)
+  return {"titles_per_summary": titles / n,
+          "titles_unsupported": unsupported / max(titles, 1),
+          "latest_copied": latest / n}
 
 
 def budget_context(corpus: ex.Corpus, item_ids: np.ndarray, ratings: np.ndarray,

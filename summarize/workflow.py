@@ -8,6 +8,7 @@ sub-directory of the workdir, resumable on its own):
    training users' histories, in random styles, and on merging chunk
    summaries (for the time-hierarchical summarizer). With
    `config.llm.policy_checkpoint` (a Gemma checkpoint) the warm-up starts there.
+   Its valid metrics: how faithfully its summaries copy titles.
 2. `predictor`: the frozen predictor, trained here to answer the questions
    (next title, favourite genre, rating) from programmatic summaries, from
    parts of the history as text, or from nothing, as it is asked at test: the
@@ -154,6 +155,25 @@ def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
   return model, jax.device_get(state.params)
 
 
+def policy_valid_fn(config, corpus: ex.Corpus, cuts: ex.Cuts):
+  """(model, params) -> how faithfully the valid users' summaries copy titles
+  from their histories, greedy and sampled at the RL temperature
+  (evaluation.title_fidelity): RL learns from the sampled ones, so a policy
+  whose sampled titles are wrong leaves RL no facts to choose between."""
+  def valid(model, params):
+    writer = evaluation.Summarizer(model, params, corpus, config.eval.batch_size)
+    prompts_ = [corpus.policy_prompt(int(u), int(c))
+                for u, c in zip(cuts.users, cuts.cuts)]
+    out = {}
+    for name, temperature in (("greedy", 0.0), ("sampled", config.rl.temperature)):
+      written = corpus.decode_summaries(writer.write(prompts_, temperature,
+                                                     seed=config.seed + 9))
+      out.update({f"{name}_{k}": v for k, v in
+                  evaluation.title_fidelity(corpus, cuts, written).items()})
+    return out
+  return valid
+
+
 def predictor_valid_fn(config, corpus: ex.Corpus, cuts: ex.Cuts, probes):
   """(model, params) -> the valid users' next-title accuracy read from no
   context, from the whole history and from a programmatic summary ("likes" two
@@ -297,14 +317,14 @@ def train(config, workdir: str, mesh) -> Trained:
   model_cfg = llm_config(config, corpus.tokenizer.vocab_size)
 
   # 1-2. the initial policy and the frozen predictor
+  valid_cuts, valid_probes = held_out(config, timelines, users.valid, corpus, "valid")
   policy, policy_params = warm_up(
       "policy", config, "policy_train", config.llm.policy_checkpoint, model_cfg,
       epoch_batches(functools.partial(
           ex.policy_batch, corpus, cuts, style_of=policy_style_of,
           merge_fraction=s.merge_fraction, chunk_len=s.chunk_len),
           cuts, config.policy_train.batch_size, config.seed), rlpf.lm_loss,
-      mesh, workdir)
-  valid_cuts, valid_probes = held_out(config, timelines, users.valid, corpus, "valid")
+      mesh, workdir, policy_valid_fn(config, corpus, valid_cuts))
   predictor, predictor_params = warm_up(
       "predictor", config, "predictor_train", config.llm.predictor_checkpoint,
       model_cfg, epoch_batches(functools.partial(

@@ -175,6 +175,25 @@ def test_multiple_choice_options_hold_the_answer_once(tmp_path):
       assert options.min() >= 1 and options.max() < num_items  # no padding item
 
 
+def test_title_fidelity_counts_titles_not_in_the_history(tmp_path):
+  from summarize import examples as ex, workflow
+  config = rlpf_config.get_config("tiny")
+  _, _, corpus = workflow.setup(config, str(tmp_path), quiet=True)
+  cuts = ex.Cuts(users=np.array([0, 1]), cuts=np.array([6, 6]))
+  known = [corpus.facts(int(u), int(c)) for u, c in zip(cuts.users, cuts.cuts)]
+  title = lambda i: str(corpus.items.titles[i])  # noqa: E731
+  absent = next(i for i in range(1, len(corpus.items.titles))
+                if i not in known[0].items + known[1].items)
+  summaries = [  # the latest title copied, then one not in the history
+      f"likes Drama | recent {title(known[0].items[-1])}; {title(absent)}",
+      # an older title first under recent, a supported title under saw
+      f"recent {title(known[1].items[0])} | saw {title(known[1].items[1])}"]
+  assert evaluation.title_fidelity(corpus, cuts, summaries) == {
+      "titles_per_summary": 2.0, "titles_unsupported": 0.25, "latest_copied": 0.5}
+  assert evaluation.title_fidelity(corpus, cuts, ["rates high", "likes Drama"]) == {
+      "titles_per_summary": 0.0, "titles_unsupported": 0.0, "latest_copied": 0.0}
+
+
 def _tiny_lm(vocab=40):
   cfg = llm.LLMConfig(vocab_size=vocab, embed_dim=32, num_layers=1, num_heads=2,
                       num_kv_heads=1, head_dim=16, mlp_dim=64)
@@ -252,7 +271,11 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   with pytest.raises(Preempted):
     run_workflow(config, workdir)
   # the predictor's warm-up reports whether it reads contexts yet
-  assert "[predictor] step 4 valid next_title_from_none=" in capsys.readouterr().out
+  out = capsys.readouterr().out
+  assert "[predictor] step 4 valid next_title_from_none=" in out
+  # and the policy's whether its sampled summaries copy titles
+  assert "[policy] step 4 valid greedy_titles_per_summary=" in out
+  assert "sampled_titles_unsupported=" in out
   config.rl_train.stop_after_steps = 0
   with ConfigReads() as reads:
     results = run_workflow(config, workdir)
