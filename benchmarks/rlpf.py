@@ -11,6 +11,9 @@
   # what RL's samples write and what each part earns in the reward
   python -m benchmarks.rlpf --mode=rollouts --runs=synthetic=runs/rlpf_syn \
       --out benchmarks/rlpf_rollouts
+  # how faithfully the initial policy copies titles over its warm-up
+  python -m benchmarks.rlpf --mode=fidelity --runs=synthetic=runs/rlpf_syn \
+      --out benchmarks/rlpf_fidelity
 
 `table` reads each workdir's results.json (written by
 `python main.py --config configs/rlpf.py ...`) and its RL stage's
@@ -29,7 +32,11 @@ signal is: it samples `--samples` summaries per training prompt (as an RL step
 does, at the RL temperature) from each run's initial and RL policies, reads
 them with the run's predictor, and says for each part (likes, rates, recent,
 saw) how often it is written and what writing it is worth in the run's reward,
-within a prompt (the difference REINFORCE's gradient follows).
+within a prompt (the difference REINFORCE's gradient follows). `fidelity`
+reads the `[policy]` warm-up's valid rows of each workdir (only its policy
+stage need be done): the share of the valid users' greedy and sampled titles
+not in their histories, and of summaries whose `recent` part starts with the
+latest title, over warm-up steps.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ from flax import linen as nn
 from benchmarks import report
 from infra import results as results_lib
 
-_MODE = flags.DEFINE_enum("mode", "table", ["table", "speed", "ceiling", "rollouts"],
+_MODE = flags.DEFINE_enum("mode", "table", ["table", "speed", "ceiling", "rollouts",
+                                           "fidelity"],
                          "What to measure.")
 _RUNS = flags.DEFINE_string("runs", "synthetic=runs/rlpf_syn",
                             "name=workdir,... of finished rlpf runs (table).")
@@ -438,11 +446,62 @@ def rollouts(out: str) -> None:
   print("\n".join(lines))
 
 
+FIDELITY = (("greedy_titles_unsupported", "greedy titles unsupported"),
+            ("sampled_titles_unsupported", "sampled titles unsupported"),
+            ("greedy_latest_copied", "greedy latest copied"),
+            ("sampled_latest_copied", "sampled latest copied"),
+            ("greedy_titles_per_summary", "greedy titles / summary"),
+            ("sampled_titles_per_summary", "sampled titles / summary"))
+
+
+def fidelity_curve(rows: list[dict]) -> list[dict]:
+  """The policy warm-up's valid rows (metrics.jsonl rows, split "valid"), by
+  step: {"step", and each FIDELITY key}; a row without them is not one."""
+  curve = [{"step": r["step"], **{k: r[k] for k, _ in FIDELITY}}
+           for r in rows if r.get("split") == "valid" and all(k in r for k, _ in FIDELITY)]
+  return sorted(curve, key=lambda r: r["step"])
+
+
+def fidelity(out: str) -> None:
+  runs = {}
+  for item in _RUNS.value.split(","):
+    name, workdir = item.split("=")
+    runs[name] = fidelity_curve(report.read_metrics(os.path.join(workdir, "policy")))
+    if not runs[name]:
+      raise SystemExit(f"{workdir}/policy/metrics.jsonl: no valid rows with title "
+                       "fidelity (a run from before it was reported?)")
+  lines = ["How faithfully the initial policy's summaries copy titles over its "
+           f"warm-up (`python -m benchmarks.rlpf --mode=fidelity --runs={_RUNS.value} "
+           f"--out {out}`): the run's valid users, greedy and sampled at the RL "
+           "temperature (summarize.evaluation.title_fidelity).", ""]
+  for name, curve in runs.items():
+    lines += [f"### {name}", ""] + results_lib.markdown_table(
+        ["step"] + [label for _, label in FIDELITY],
+        [[r["step"]] + [f"{r[k]:.3f}" for k, _ in FIDELITY] for r in curve]) + [""]
+  results_lib.write_report(out, {"device": report.device(), "runs": runs}, lines)
+  fig, (unsupported_ax, latest_ax) = report.figure(2, width=4.6)
+  for i, (name, curve) in enumerate(runs.items()):
+    steps = [r["step"] for r in curve]
+    for ax, key in ((unsupported_ax, "titles_unsupported"), (latest_ax, "latest_copied")):
+      ax.plot(steps, [r[f"greedy_{key}"] for r in curve], "o-", color=f"C{i}",
+              label=f"{name} greedy")
+      ax.plot(steps, [r[f"sampled_{key}"] for r in curve], "s--", color=f"C{i}",
+              label=f"{name} sampled")
+  unsupported_ax.set_ylabel("share of titles not in the history")
+  latest_ax.set_ylabel("share of summaries whose recent part starts with the latest title")
+  for ax in (unsupported_ax, latest_ax):
+    ax.set_xlabel("policy warm-up step")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=6)
+  report.save(fig, out)
+  print("\n".join(lines))
+
+
 def main(argv):
   del argv
   os.makedirs(os.path.dirname(_OUT.value) or ".", exist_ok=True)
   {"table": table, "speed": speed, "ceiling": ceiling,
-   "rollouts": rollouts}[_MODE.value](_OUT.value)
+   "rollouts": rollouts, "fidelity": fidelity}[_MODE.value](_OUT.value)
 
 
 if __name__ == "__main__":

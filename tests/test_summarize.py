@@ -276,6 +276,12 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   # and the policy's whether its sampled summaries copy titles
   assert "[policy] step 4 valid greedy_titles_per_summary=" in out
   assert "sampled_titles_unsupported=" in out
+  # which `benchmarks.rlpf --mode=fidelity` reads back, by step
+  from benchmarks import report
+  from benchmarks import rlpf as rlpf_benchmark
+  curve = rlpf_benchmark.fidelity_curve(report.read_metrics(str(workdir / "policy")))
+  assert [r["step"] for r in curve] == [2, 4]
+  assert all(0.0 <= r["sampled_titles_unsupported"] <= 1.0 for r in curve)
   config.rl_train.stop_after_steps = 0
   with ConfigReads() as reads:
     results = run_workflow(config, workdir)
