@@ -459,6 +459,10 @@ def fidelity_curve(rows: list[dict]) -> list[dict]:
   step: {"step", and each FIDELITY key}; a row without them is not one."""
   curve = [{"step": r["step"], **{k: r[k] for k, _ in FIDELITY}}
            for r in rows if r.get("split") == "valid" and all(k in r for k, _ in FIDELITY)]
+  for r in curve:  # no titles written: their unsupported share is undefined, not 0
+    for mode in ("greedy", "sampled"):
+      if r[f"{mode}_titles_per_summary"] == 0:
+        r[f"{mode}_titles_unsupported"] = None
   return sorted(curve, key=lambda r: r["step"])
 
 
@@ -477,18 +481,18 @@ def fidelity(out: str) -> None:
   for name, curve in runs.items():
     lines += [f"### {name}", ""] + results_lib.markdown_table(
         ["step"] + [label for _, label in FIDELITY],
-        [[r["step"]] + [f"{r[k]:.3f}" for k, _ in FIDELITY] for r in curve]) + [""]
+        [[r["step"]] + ["-" if r[k] is None else f"{r[k]:.3f}" for k, _ in FIDELITY]
+         for r in curve]) + [""]
   results_lib.write_report(out, {"device": report.device(), "runs": runs}, lines)
   fig, (unsupported_ax, latest_ax) = report.figure(2, width=4.6)
   for i, (name, curve) in enumerate(runs.items()):
-    steps = [r["step"] for r in curve]
     for ax, key in ((unsupported_ax, "titles_unsupported"), (latest_ax, "latest_copied")):
-      ax.plot(steps, [r[f"greedy_{key}"] for r in curve], "o-", color=f"C{i}",
-              label=f"{name} greedy")
-      ax.plot(steps, [r[f"sampled_{key}"] for r in curve], "s--", color=f"C{i}",
-              label=f"{name} sampled")
+      for mode, style in (("greedy", "o-"), ("sampled", "s--")):
+        points = [(r["step"], r[f"{mode}_{key}"]) for r in curve
+                  if r[f"{mode}_{key}"] is not None]
+        ax.plot(*zip(*points), style, color=f"C{i}", label=f"{name} {mode}")
   unsupported_ax.set_ylabel("share of titles not in the history")
-  latest_ax.set_ylabel("share of summaries whose recent part starts with the latest title")
+  latest_ax.set_ylabel("summaries whose recent part starts\nwith the latest title")
   for ax in (unsupported_ax, latest_ax):
     ax.set_xlabel("policy warm-up step")
     ax.set_ylim(0, 1)

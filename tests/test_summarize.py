@@ -281,7 +281,7 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   from benchmarks import rlpf as rlpf_benchmark
   curve = rlpf_benchmark.fidelity_curve(report.read_metrics(str(workdir / "policy")))
   assert [r["step"] for r in curve] == [2, 4]
-  assert all(0.0 <= r["sampled_titles_unsupported"] <= 1.0 for r in curve)
+  assert all(0.0 <= r["sampled_latest_copied"] <= 1.0 for r in curve)
   config.rl_train.stop_after_steps = 0
   with ConfigReads() as reads:
     results = run_workflow(config, workdir)
@@ -329,6 +329,24 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   config.rl.reward = "log"
   with pytest.raises(ConfigError, match="config.rl.reward='log'"):
     run_workflow(config, tmp_path)
+
+
+def test_the_fidelity_curve_leaves_the_unsupported_share_of_no_titles_undefined():
+  """`benchmarks.rlpf --mode=fidelity`: valid rows by step, training rows
+  ignored, and summaries that wrote no title have no unsupported share (not
+  0, which would read as perfect copying)."""
+  from benchmarks import rlpf as rlpf_benchmark
+  def row(step, greedy_titles):
+    return {"step": step, "split": "valid", "greedy_titles_per_summary": greedy_titles,
+            "greedy_titles_unsupported": 0.0 if greedy_titles == 0 else 0.4,
+            "greedy_latest_copied": 0.0, "sampled_titles_per_summary": 1.0,
+            "sampled_titles_unsupported": 0.7, "sampled_latest_copied": 0.1}
+  rows = [row(400, 0.0), {"step": 300, "split": "policy", "loss": 1.0}, row(200, 1.5)]
+  curve = rlpf_benchmark.fidelity_curve(rows)
+  assert [r["step"] for r in curve] == [200, 400]
+  assert curve[0]["greedy_titles_unsupported"] == 0.4
+  assert curve[1]["greedy_titles_unsupported"] is None
+  assert curve[1]["sampled_titles_unsupported"] == 0.7
 
 
 def test_a_parts_worth_is_compared_within_prompts_that_both_write_and_omit_it():
