@@ -456,10 +456,13 @@ FIDELITY = (("greedy_titles_unsupported", "greedy titles unsupported"),
 
 def fidelity_curve(rows: list[dict]) -> list[dict]:
   """The policy warm-up's valid rows (metrics.jsonl rows, split "valid"), by
-  step: {"step", and each FIDELITY key}; a row without them is not one."""
-  curve = [{"step": r["step"], **{k: r[k] for k, _ in FIDELITY}}
-           for r in rows if r.get("split") == "valid" and all(k in r for k, _ in FIDELITY)]
-  for r in curve:  # no titles written: their unsupported share is undefined, not 0
+  step: {"step", and each FIDELITY key}; a row without the titles per summary
+  is not one. No titles written: their unsupported share is undefined (None;
+  evaluation.title_fidelity leaves it out, and older runs logged 0)."""
+  per_summary = ("greedy_titles_per_summary", "sampled_titles_per_summary")
+  curve = [{"step": r["step"], **{k: r.get(k) for k, _ in FIDELITY}}
+           for r in rows if r.get("split") == "valid" and all(k in r for k in per_summary)]
+  for r in curve:
     for mode in ("greedy", "sampled"):
       if r[f"{mode}_titles_per_summary"] == 0:
         r[f"{mode}_titles_unsupported"] = None

@@ -282,8 +282,9 @@ def title_fidelity(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
                    ) -> dict[str, float]:
   """How faithfully summaries copy titles from their histories (one summary per
   cut): {"titles_per_summary": title claims per summary, "titles_unsupported":
-  share of those titles not in the history, "latest_copied": share of the
-  summaries whose `recent` part starts with the history's latest title}."""
+  share of those titles not in the history (left out when no title was
+  written: undefined, not 0), "latest_copied": share of the summaries whose
+  `recent` part starts with the history's latest title}."""
   titles = unsupported = latest = 0
   checker = corpus.checker
   for summary, user, cut in zip(summaries, cuts.users, cuts.cuts):
@@ -296,9 +297,10 @@ def title_fidelity(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
       first = texts.claims(recent)[0]
       latest += checker.item_of_title.get(first.text) == known.items[-1]
   n = max(len(summaries), 1)
-  return {"titles_per_summary": titles / n,
-          "titles_unsupported": unsupported / max(titles, 1),
-          "latest_copied": latest / n}
+  fidelity = {"titles_per_summary": titles / n, "latest_copied": latest / n}
+  if titles:
+    fidelity["titles_unsupported"] = unsupported / titles
+  return fidelity
 
 
 def budget_context(corpus: ex.Corpus, item_ids: np.ndarray, ratings: np.ndarray,

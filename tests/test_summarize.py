@@ -190,8 +190,9 @@ def test_title_fidelity_counts_titles_not_in_the_history(tmp_path):
       f"recent {title(known[1].items[0])} | saw {title(known[1].items[1])}"]
   assert evaluation.title_fidelity(corpus, cuts, summaries) == {
       "titles_per_summary": 2.0, "titles_unsupported": 0.25, "latest_copied": 0.5}
+  # no title written: the unsupported share is undefined, so left out (not 0)
   assert evaluation.title_fidelity(corpus, cuts, ["rates high", "likes Drama"]) == {
-      "titles_per_summary": 0.0, "titles_unsupported": 0.0, "latest_copied": 0.0}
+      "titles_per_summary": 0.0, "latest_copied": 0.0}
 
 
 def _tiny_lm(vocab=40):
@@ -275,7 +276,7 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   assert "[predictor] step 4 valid next_title_from_none=" in out
   # and the policy's whether its sampled summaries copy titles
   assert "[policy] step 4 valid greedy_titles_per_summary=" in out
-  assert "sampled_titles_unsupported=" in out
+  assert "sampled_titles_per_summary=" in out
   # which `benchmarks.rlpf --mode=fidelity` reads back, by step
   from benchmarks import report
   from benchmarks import rlpf as rlpf_benchmark
@@ -336,16 +337,20 @@ def test_the_fidelity_curve_leaves_the_unsupported_share_of_no_titles_undefined(
   ignored, and summaries that wrote no title have no unsupported share (not
   0, which would read as perfect copying)."""
   from benchmarks import rlpf as rlpf_benchmark
-  def row(step, greedy_titles):
-    return {"step": step, "split": "valid", "greedy_titles_per_summary": greedy_titles,
-            "greedy_titles_unsupported": 0.0 if greedy_titles == 0 else 0.4,
-            "greedy_latest_copied": 0.0, "sampled_titles_per_summary": 1.0,
-            "sampled_titles_unsupported": 0.7, "sampled_latest_copied": 0.1}
-  rows = [row(400, 0.0), {"step": 300, "split": "policy", "loss": 1.0}, row(200, 1.5)]
+  def row(step, greedy_titles, legacy=False):
+    greedy = {"greedy_titles_per_summary": greedy_titles, "greedy_latest_copied": 0.0}
+    if greedy_titles or legacy:  # runs before the source left it out logged 0
+      greedy["greedy_titles_unsupported"] = 0.4 if greedy_titles else 0.0
+    return {"step": step, "split": "valid", **greedy,
+            "sampled_titles_per_summary": 1.0, "sampled_titles_unsupported": 0.7,
+            "sampled_latest_copied": 0.1}
+  rows = [row(400, 0.0), {"step": 300, "split": "policy", "loss": 1.0}, row(200, 1.5),
+          row(600, 0.0, legacy=True)]
   curve = rlpf_benchmark.fidelity_curve(rows)
-  assert [r["step"] for r in curve] == [200, 400]
+  assert [r["step"] for r in curve] == [200, 400, 600]
   assert curve[0]["greedy_titles_unsupported"] == 0.4
   assert curve[1]["greedy_titles_unsupported"] is None
+  assert curve[2]["greedy_titles_unsupported"] is None
   assert curve[1]["sampled_titles_unsupported"] == 0.7
 
 
