@@ -446,34 +446,13 @@ def rollouts(out: str) -> None:
   print("\n".join(lines))
 
 
-FIDELITY = (("greedy_titles_unsupported", "greedy titles unsupported"),
-            ("sampled_titles_unsupported", "sampled titles unsupported"),
-            ("greedy_latest_copied", "greedy latest copied"),
-            ("sampled_latest_copied", "sampled latest copied"),
-            ("greedy_titles_per_summary", "greedy titles / summary"),
-            ("sampled_titles_per_summary", "sampled titles / summary"))
-
-
-def fidelity_curve(rows: list[dict]) -> list[dict]:
-  """The policy warm-up's valid rows (metrics.jsonl rows, split "valid"), by
-  step: {"step", and each FIDELITY key}; a row without the titles per summary
-  is not one. No titles written: their unsupported share is undefined (None;
-  evaluation.title_fidelity leaves it out, and older runs logged 0)."""
-  per_summary = ("greedy_titles_per_summary", "sampled_titles_per_summary")
-  curve = [{"step": r["step"], **{k: r.get(k) for k, _ in FIDELITY}}
-           for r in rows if r.get("split") == "valid" and all(k in r for k in per_summary)]
-  for r in curve:
-    for mode in ("greedy", "sampled"):
-      if r[f"{mode}_titles_per_summary"] == 0:
-        r[f"{mode}_titles_unsupported"] = None
-  return sorted(curve, key=lambda r: r["step"])
-
-
 def fidelity(out: str) -> None:
+  from summarize import evaluation
   runs = {}
   for item in _RUNS.value.split(","):
     name, workdir = item.split("=")
-    runs[name] = fidelity_curve(report.read_metrics(os.path.join(workdir, "policy")))
+    rows = report.read_metrics(os.path.join(workdir, "policy"))
+    runs[name] = evaluation.fidelity_curve(rows)
     if not runs[name]:
       raise SystemExit(f"{workdir}/policy/metrics.jsonl: no valid rows with title "
                        "fidelity (a run from before it was reported?)")
@@ -483,8 +462,8 @@ def fidelity(out: str) -> None:
            "temperature (summarize.evaluation.title_fidelity).", ""]
   for name, curve in runs.items():
     lines += [f"### {name}", ""] + results_lib.markdown_table(
-        ["step"] + [label for _, label in FIDELITY],
-        [[r["step"]] + ["-" if r[k] is None else f"{r[k]:.3f}" for k, _ in FIDELITY]
+        ["step"] + [label for _, label in evaluation.FIDELITY],
+        [[r["step"]] + ["-" if r[k] is None else f"{r[k]:.3f}" for k, _ in evaluation.FIDELITY]
          for r in curve]) + [""]
   results_lib.write_report(out, {"device": report.device(), "runs": runs}, lines)
   fig, (unsupported_ax, latest_ax) = report.figure(2, width=4.6)

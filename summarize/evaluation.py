@@ -303,6 +303,31 @@ def title_fidelity(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
   return fidelity
 
 
+# The title-fidelity figures of the policy warm-up's valid rows, with labels.
+FIDELITY = (("greedy_titles_unsupported", "greedy titles unsupported"),
+            ("sampled_titles_unsupported", "sampled titles unsupported"),
+            ("greedy_latest_copied", "greedy latest copied"),
+            ("sampled_latest_copied", "sampled latest copied"),
+            ("greedy_titles_per_summary", "greedy titles / summary"),
+            ("sampled_titles_per_summary", "sampled titles / summary"))
+
+
+def fidelity_curve(rows: list[dict]) -> list[dict]:
+  """The policy warm-up's valid rows (metrics.jsonl rows, split "valid"), by
+  step, as `benchmarks.rlpf --mode=fidelity` plots them: {"step", and each
+  FIDELITY key}; a row without the titles per summary is not one. No titles
+  written: their unsupported share is undefined (None; title_fidelity leaves
+  it out, and older runs logged 0)."""
+  per_summary = ("greedy_titles_per_summary", "sampled_titles_per_summary")
+  curve = [{"step": r["step"], **{k: r.get(k) for k, _ in FIDELITY}}
+           for r in rows if r.get("split") == "valid" and all(k in r for k in per_summary)]
+  for r in curve:
+    for mode in ("greedy", "sampled"):
+      if r[f"{mode}_titles_per_summary"] == 0:
+        r[f"{mode}_titles_unsupported"] = None
+  return sorted(curve, key=lambda r: r["step"])
+
+
 def budget_context(corpus: ex.Corpus, item_ids: np.ndarray, ratings: np.ndarray,
                    kind: str, budget: int, rng: np.random.Generator) -> list[int]:
   """The most events of a history (the latest, random or earliest: kind

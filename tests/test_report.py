@@ -34,3 +34,22 @@ def test_curves_draw_every_workdir_and_name_a_missing_metric(tmp_path):
   empty = _workdir(tmp_path / "c", [{"step": 1, "split": "train", "lr": 0.1}])
   with pytest.raises(SystemExit, match="no losses or evaluation metrics"):
     report.curves([empty], str(tmp_path / "none"))
+
+
+def test_the_tests_import_at_most_one_benchmark_that_defines_absl_flags():
+  """A benchmark defines its absl flags (--out, --config...) on import, and two
+  such benchmarks in one pytest worker raise DuplicateFlagError: whichever test
+  file a worker loads second fails (CI saw it with benchmarks.rlpf beside
+  benchmarks.adapters). Logic a test needs lives in the library instead."""
+  import pathlib
+  import re
+  root = pathlib.Path(report.__file__).parents[1]
+  defines_flags = {p.stem for p in (root / "benchmarks").glob("*.py")
+                   if re.search(r"^\w+ = (flags|config_flags)\.DEFINE", p.read_text(), re.M)}
+  imported = set()
+  for test_file in (root / "tests").glob("*.py"):
+    source = test_file.read_text()
+    imported |= set(re.findall(r"from benchmarks import (\w+)", source))
+    imported |= set(re.findall(r"import benchmarks\.(\w+)", source))
+  assert "report" not in defines_flags and "adapters" in defines_flags
+  assert len(imported & defines_flags) <= 1, sorted(imported & defines_flags)

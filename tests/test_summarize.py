@@ -279,8 +279,7 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   assert "sampled_titles_per_summary=" in out
   # which `benchmarks.rlpf --mode=fidelity` reads back, by step
   from benchmarks import report
-  from benchmarks import rlpf as rlpf_benchmark
-  curve = rlpf_benchmark.fidelity_curve(report.read_metrics(str(workdir / "policy")))
+  curve = evaluation.fidelity_curve(report.read_metrics(str(workdir / "policy")))
   assert [r["step"] for r in curve] == [2, 4]
   assert all(0.0 <= r["sampled_latest_copied"] <= 1.0 for r in curve)
   config.rl_train.stop_after_steps = 0
@@ -336,7 +335,6 @@ def test_the_fidelity_curve_leaves_the_unsupported_share_of_no_titles_undefined(
   """`benchmarks.rlpf --mode=fidelity`: valid rows by step, training rows
   ignored, and summaries that wrote no title have no unsupported share (not
   0, which would read as perfect copying)."""
-  from benchmarks import rlpf as rlpf_benchmark
   def row(step, greedy_titles, legacy=False):
     greedy = {"greedy_titles_per_summary": greedy_titles, "greedy_latest_copied": 0.0}
     if greedy_titles or legacy:  # runs before the source left it out logged 0
@@ -346,7 +344,7 @@ def test_the_fidelity_curve_leaves_the_unsupported_share_of_no_titles_undefined(
             "sampled_latest_copied": 0.1}
   rows = [row(400, 0.0), {"step": 300, "split": "policy", "loss": 1.0}, row(200, 1.5),
           row(600, 0.0, legacy=True)]
-  curve = rlpf_benchmark.fidelity_curve(rows)
+  curve = evaluation.fidelity_curve(rows)
   assert [r["step"] for r in curve] == [200, 400, 600]
   assert curve[0]["greedy_titles_unsupported"] == 0.4
   assert curve[1]["greedy_titles_unsupported"] is None
