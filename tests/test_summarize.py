@@ -3,6 +3,7 @@ advantages, masks, the predictor's prompt with holes, exact KL), an RL step
 that learns, and the `rlpf` workflow end to end (stopped, resumed, its table)."""
 
 import dataclasses
+import functools
 import json
 import shutil
 
@@ -105,20 +106,21 @@ def test_reinforce_gradient_equals_one_computed_by_hand():
   roll = {"prompt": prompt, "prompt_mask": prompt > 0, "summary": summary,
           "written": written, "reward": reward}
   cfg = rlpf.RLConfig(summary_len=4, baseline="none", kl_coef=0.0)
-  grad = jax.grad(lambda p: rlpf.rl_loss(model, None, cfg, {"policy": p},
-                                         {"reference": params}, roll)[0])(params)
+  # jitted: eager gradients of an LM dispatch op by op (seconds each)
+  grad = jax.jit(jax.grad(lambda p: rlpf.rl_loss(model, None, cfg, {"policy": p},
+                                                 {"reference": params}, roll)[0]))(params)
 
   def by_hand(p):
     log_pi = decoding.score_continuations(model, p, prompt, prompt > 0,
                                           summary[:, None], written[:, None])[:, 0]
     return -jnp.mean(reward * log_pi)
-  expected = jax.grad(by_hand)(params)
+  expected = jax.jit(jax.grad(by_hand))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grad, expected)
   # sampled at temperature 0.5, the log-probs are softmax(logits / 0.5)'s
   hot = dataclasses.replace(cfg, temperature=0.5)
-  grad = jax.grad(lambda p: rlpf.rl_loss(model, None, hot, {"policy": p},
-                                         {"reference": params}, roll)[0])(params)
+  grad = jax.jit(jax.grad(lambda p: rlpf.rl_loss(model, None, hot, {"policy": p},
+                                                 {"reference": params}, roll)[0]))(params)
 
   def tempered_by_hand(p):
     tokens = jnp.concatenate([prompt, summary], 1)
@@ -127,7 +129,7 @@ def test_reinforce_gradient_equals_one_computed_by_hand():
     log_probs = jax.nn.log_softmax(logits[:, 3:7] / 0.5, -1)
     token_lp = jnp.take_along_axis(log_probs, summary[..., None], -1)[..., 0]
     return -jnp.mean(reward * jnp.sum(token_lp * written, 1))
-  expected = jax.grad(tempered_by_hand)(params)
+  expected = jax.jit(jax.grad(tempered_by_hand))(params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
                grad, expected)
   # and the KL to an unchanged policy is 0
@@ -216,10 +218,10 @@ def test_summary_masks_and_the_predictor_prompt_with_holes():
   # pads between real tokens do not move positions: same scores as compact
   model, params = _tiny_lm()
   options = jnp.array([[[20, 21, 1], [22, 1, 0]]] * 2)
-  holed = decoding.score_continuations(model, params, ids, mask, options, options > 0)
+  score = jax.jit(functools.partial(decoding.score_continuations, model))
+  holed = score(params, ids, mask, options, options > 0)
   compact = jnp.array([[0, 0, 0, 11, 12, 7, 8, 13]])
-  expected = decoding.score_continuations(model, params, compact, compact > 0,
-                                          options[:1], options[:1] > 0)
+  expected = score(params, compact, compact > 0, options[:1], options[:1] > 0)
   np.testing.assert_allclose(holed[0], expected[0], rtol=1e-5, atol=1e-5)
 
 
