@@ -125,6 +125,10 @@ def markdown_table(name: str, run: dict) -> list[str]:
   if "gain_over_initial" in rl:
     lines += ["", f"RLPF - initial policy, next title, paired over the same users: "
               f"{rl['gain_over_initial']:+.3f} ± {rl['gain_over_initial_stderr']:.3f}."]
+    if "quality_gain_over_initial" in rl:  # runs before it was reported have none
+      lines[-1] += (f" On UserSumBench quality (the next {run['config']['data']['future_len']}"
+                    f" items), paired: {rl['quality_gain_over_initial']:+.3f} ± "
+                    f"{rl['quality_gain_over_initial_stderr']:.3f}.")
   return lines
 
 

@@ -157,8 +157,17 @@ def score_contexts(predictor: Predictor, probes: Probes,
   out["context_tokens"] = tokens
   if tokens > 0:  # undefined for an empty context
     out["density"] = 100.0 * (out["quality"] - 1.0 / num_options) / tokens
-  out["next_title_hits"] = future_hits[:, 0]  # for paired comparisons
+  # per user, for paired comparisons of two contexts (popped by the caller)
+  out["next_title_hits"] = future_hits[:, 0]
+  out["quality_per_user"] = per_user
   return out
+
+
+def paired_gain(new: np.ndarray, old: np.ndarray) -> tuple[float, float]:
+  """Mean and standard error of new - old over the same users ([n] each):
+  the user-to-user spread cancels, which two unpaired errors would keep."""
+  diff = np.asarray(new, float) - np.asarray(old, float)
+  return float(diff.mean()), float(diff.std(ddof=1) / np.sqrt(len(diff)))
 
 
 def _side_tasks(predictor: Predictor, probes: Probes,

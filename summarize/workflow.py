@@ -376,13 +376,15 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
   for name in ROWS:
     contexts, extra = rows[name]
     scores = evaluation.score_contexts(scorer, probes, contexts, config.rl.num_options)
-    hits = scores.pop("next_title_hits")
+    per_user = {"": scores.pop("next_title_hits"),  # next title, the RL task
+                "quality_": scores.pop("quality_per_user")}  # all future items
     if name == "initial_policy":
-      initial_hits = hits
-    if name == "rlpf":
-      diff = hits.astype(float) - initial_hits
-      scores["gain_over_initial"] = float(diff.mean())
-      scores["gain_over_initial_stderr"] = float(diff.std(ddof=1) / np.sqrt(len(diff)))
+      initial = per_user
+    if name == "rlpf":  # paired over the same test users
+      for metric, values in per_user.items():
+        gain, err = evaluation.paired_gain(values, initial[metric])
+        scores[f"{metric}gain_over_initial"] = gain
+        scores[f"{metric}gain_over_initial_stderr"] = err
     table[name] = {**scores, **extra}
     print(f"[eval] {name:22s} " + " ".join(
         f"{k}={v:.3f}" for k, v in table[name].items() if not k.endswith("stderr")),
@@ -450,7 +452,9 @@ def write_table(workdir: str, table: dict, users: int) -> str:
   if "gain_over_initial" in table.get("rlpf", {}):
     s = table["rlpf"]
     lines += ["", f"RLPF - initial policy on next title (paired): "
-              f"{s['gain_over_initial']:+.3f} ± {s['gain_over_initial_stderr']:.3f}"]
+              f"{s['gain_over_initial']:+.3f} ± {s['gain_over_initial_stderr']:.3f}; "
+              f"on UserSumBench quality (paired): {s['quality_gain_over_initial']:+.3f} "
+              f"± {s['quality_gain_over_initial_stderr']:.3f}"]
   path = os.path.join(workdir, "table.md")
   with open(path, "w") as f:
     f.write("\n".join(lines) + "\n")

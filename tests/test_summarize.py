@@ -297,6 +297,9 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
     assert 0.0 <= results[f"test/{row}/next_title"] <= 1.0
     assert np.isfinite(results[f"test/{row}/quality_stderr"])
   assert results["test/hierarchical_verified/hallucination"] == 0.0
+  for metric in ("", "quality_"):  # paired over the test users
+    assert -1.0 <= results[f"test/rlpf/{metric}gain_over_initial"] <= 1.0
+    assert np.isfinite(results[f"test/rlpf/{metric}gain_over_initial_stderr"])
   assert 0.0 <= results["test/rlpf/writes_recent"] <= 1.0
   assert results["test/full_history/context_tokens"] > results[
       "test/last_k/context_tokens"]
@@ -365,3 +368,14 @@ def test_a_parts_worth_is_compared_within_prompts_that_both_write_and_omit_it():
   assert n == 2
   np.testing.assert_allclose(mean, (1 - 2 / 3) / 2)
   np.testing.assert_allclose(stderr, np.std([1, -2 / 3], ddof=1) / np.sqrt(2))
+
+
+def test_a_paired_gain_cancels_the_spread_between_users():
+  """Two contexts read by the same users: the gain's standard error is that of
+  the per-user differences, not of either context's scores."""
+  old = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+  new = old + np.array([0.1, 0.0, 0.1, 0.0, 0.1, 0.0])
+  gain, stderr = evaluation.paired_gain(new, old)
+  np.testing.assert_allclose(gain, 0.05)
+  np.testing.assert_allclose(stderr, np.std([0.1, 0, 0.1, 0, 0.1, 0], ddof=1) / np.sqrt(6))
+  assert stderr < np.std(old, ddof=1) / np.sqrt(6) / 5
