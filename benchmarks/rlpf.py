@@ -380,9 +380,13 @@ def rollouts(out: str) -> None:
            "samples both write and omit the part of (mean with - mean without), "
            "± one standard error, over n such prompts; the reward is the run's "
            "(its prediction term and length term).", "",
+           "*At the KL optimum*: how often the policy maximising E[reward] - "
+           "kl_coef x KL(policy || this policy) would write the part, from its "
+           "share and reward worth (rlpf.kl_regularised_share); greedy summaries "
+           "write it only above 0.5.", "",
            "| run | policy | part | written | its claims unsupported | reward worth | "
-           "correct worth | probability worth | tokens worth | n |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "correct worth | probability worth | tokens worth | n | at the KL optimum |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
   for item in _RUNS.value.split(","):
     name, workdir = item.split("=")
     with open(os.path.join(workdir, "results.json")) as f:
@@ -410,13 +414,18 @@ def rollouts(out: str) -> None:
           mean, err, n = evaluation.within_prompt_effect(r[head], r[value],
                                                          _SAMPLES.value)
           part[f"{value}_worth"], part[f"{value}_worth_stderr"], part["n"] = mean, err, n
+        part["kl_optimum_share"] = (
+            rlpf.kl_regularised_share(part["written"], part["reward_worth"], cfg.kl_coef)
+            if 0 < part["written"] < 1 and np.isfinite(part["reward_worth"])
+            else float("nan"))
         summary["parts"][head] = part
         lines.append(
             f"| {name} | {policy} | {head} | {part['written']:.2f} | "
             f"{part['unsupported']:.2f} | " + " | ".join(
                 f"{part[f'{v}_worth']:+.3f} ± {part[f'{v}_worth_stderr']:.3f}"
                 for v in ("reward", "correct", "probability")) +
-            f" | {part['length_worth']:+.1f} | {part['n']} |")
+            f" | {part['length_worth']:+.1f} | {part['n']} | "
+            f"{part['kl_optimum_share']:.2f} (kl_coef {cfg.kl_coef:g}) |")
       result["runs"][name][policy] = summary
       print(f"[rollouts] {name} {policy}: reward {summary['reward']:.3f}, correct "
             f"{summary['correct']:.3f}, tokens {summary['length']:.1f}, unsupported "

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -196,6 +197,17 @@ def advantages(reward: jax.Array, value: jax.Array, cfg: RLConfig) -> jax.Array:
     return (grouped - others).reshape(-1)
   centred = grouped - grouped.mean(1, keepdims=True)
   return (centred / (grouped.std(1, keepdims=True) + 1e-6)).reshape(-1)
+
+
+def kl_regularised_share(share: float, worth: float, kl_coef: float) -> float:
+  """How often the policy that maximises E[reward] - kl_coef x KL(policy ||
+  initial) writes a part that the initial policy writes with probability
+  `share` and that is worth `worth` of reward (everything else equal):
+  pi*(y) is proportional to pi_0(y) exp(r(y) / kl_coef), so the odds of
+  writing it grow by exp(worth / kl_coef). Greedy summaries write the part
+  only once this passes 1/2: the KL weight, not only the reward, decides."""
+  odds = share / (1.0 - share) * math.exp(worth / kl_coef)
+  return odds / (1.0 + odds)
 
 
 def rl_optimizer(tx: optax.GradientTransformation, params: dict

@@ -379,3 +379,18 @@ def test_a_paired_gain_cancels_the_spread_between_users():
   np.testing.assert_allclose(gain, 0.05)
   np.testing.assert_allclose(stderr, np.std([0.1, 0, 0.1, 0, 0.1, 0], ddof=1) / np.sqrt(6))
   assert stderr < np.std(old, ddof=1) / np.sqrt(6) / 5
+
+
+def test_the_kl_regularised_optimum_tilts_a_parts_share_by_its_worth():
+  """pi* = argmax E[r] - beta KL(pi || pi_0) over a binary choice (write the
+  part or not), found numerically, against the closed form."""
+  share, worth, beta = 0.21, 0.03, 0.05
+  p = np.linspace(1e-4, 1 - 1e-4, 200_001)
+  kl = p * np.log(p / share) + (1 - p) * np.log((1 - p) / (1 - share))
+  best = p[np.argmax(p * worth - beta * kl)]
+  np.testing.assert_allclose(rlpf.kl_regularised_share(share, worth, beta), best,
+                             atol=1e-4)
+  assert rlpf.kl_regularised_share(share, 0.0, beta) == pytest.approx(share)
+  # a tenth of the KL weight: greedy summaries would write the part
+  assert rlpf.kl_regularised_share(share, worth, beta) < 0.5
+  assert rlpf.kl_regularised_share(share, worth, beta / 10) > 0.5
