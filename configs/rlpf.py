@@ -90,7 +90,10 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       # the prediction term: "correct" 1[predictor right] (the paper's) |
       # "probability" its softmax probability of the right option (README, RLPF)
       reward="correct",
-      length_target_prompts=16 if tiny else 256))  # prompts that measure L
+      length_target_prompts=16 if tiny else 256,  # prompts that measure L
+      # > 0: RL's samples and batch order drawn anew (config.seed also seeds
+      # the warm-ups), to repeat RL on the same warm-ups
+      seed=0))
   config.eval = ml_collections.ConfigDict(dict(
       batch_size=8 if tiny else 50,
       verifier_tries=2 if tiny else 3))  # the verifier's rewrites

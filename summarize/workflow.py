@@ -73,6 +73,8 @@ def check(config) -> None:
   if config.rl.distractors not in ex.DISTRACTORS:
     raise ConfigError(f"config.rl.distractors={config.rl.distractors!r} is not one "
                       f"of {ex.DISTRACTORS}")
+  if not isinstance(config.rl.seed, int) or config.rl.seed < 0:
+    raise ConfigError(f"config.rl.seed={config.rl.seed!r} must be an integer >= 0")
   if config.rl.num_options < 2:
     raise ConfigError(f"config.rl.num_options={config.rl.num_options} must be >= 2")
   unknown = set(config.predictor.contexts) - set(ex.CONTEXTS)
@@ -235,14 +237,16 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
     head = value_model.init(jax.random.PRNGKey(0), *sample)["params"]["head"]
     params["value"] = {"trunk": policy_params, "head": head}
   tx = rlpf.rl_optimizer(optim.make_optimizer(train), params)
+  # config.rl.seed repeats RL alone on the same warm-ups (0: the run's own)
+  rl_seed = config.seed + 3 + 7919 * config.rl.seed
   state, shardings = train_loop.create_state(lambda rng: params, tx,
-                                             jax.random.PRNGKey(config.seed + 3), mesh)
+                                             jax.random.PRNGKey(rl_seed), mesh)
   step = rlpf.make_rl_step(policy, value_model, predictor, tx, cfg,
                            **rl_prompt_ids(config, corpus))
   r = config.rl
   batches = epoch_batches(functools.partial(
       ex.rl_batch, corpus, cuts, num_options=r.num_options,
-      distractors=r.distractors), cuts, train.batch_size, config.seed + 3)
+      distractors=r.distractors), cuts, train.batch_size, rl_seed)
   mesh_lib.check_batch_divides(train.batch_size, mesh, "config.rl_train.batch_size")
   state = train_loop.fit(
       state=state, state_shardings=shardings, train_step=step, batch_fn=batches,

@@ -334,6 +334,10 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   config.rl.reward = "log"
   with pytest.raises(ConfigError, match="config.rl.reward='log'"):
     run_workflow(config, tmp_path)
+  config = rlpf_config.get_config("tiny")
+  config.rl.seed = -1
+  with pytest.raises(ConfigError, match="config.rl.seed=-1"):
+    run_workflow(config, tmp_path)
 
 
 def test_the_fidelity_curve_leaves_the_unsupported_share_of_no_titles_undefined():
