@@ -92,7 +92,7 @@ def read_run(workdir: str) -> dict:
   curve = [r for r in report.read_metrics(os.path.join(workdir, "rlpf"))]
   return {"rows": rows, "curve": curve, "test_users": results["test_users"],
           "length_target": results["length_target"],
-          "config": {k: results["config"][k] for k in ("data", "rl", "summary")}}
+          "config": {k: results["config"][k] for k in ("data", "rl", "summary", "rl_train")}}
 
 
 def markdown_table(name: str, run: dict) -> list[str]:
@@ -132,6 +132,49 @@ def markdown_table(name: str, run: dict) -> list[str]:
   return lines
 
 
+def rl_setting(run: dict) -> str:
+  """The RL stage's setting in words: what the comparison table's rows vary."""
+  rl, train = run["config"]["rl"], run["config"]["rl_train"]
+  baseline = rl["baseline"] + (f" x {rl['group_size']}" if rl["baseline"] in ("rloo", "grpo")
+                               else "")
+  return (f"{rl['reward']}, {baseline}, kl {rl['kl_coef']:g}, lr {train['learning_rate']:g}, "
+          f"beta {rl['length_beta']:g}")
+
+
+def comparison_table(runs: dict) -> list[str]:
+  """One line per run: its RL setting and what RL changed against the initial
+  policy, paired over the same test users; runs that differ only in rl.seed
+  get a line with the mean of their paired gains (± their spread / sqrt(seeds))."""
+  lines = ["| run | RL setting (reward, baseline, KL weight, lr, length beta) | seed "
+           "| RLPF tokens | next title | paired gain, next title | paired gain, quality "
+           "| hallucination initial -> RLPF | writes recent |",
+           "|---|---|---|---|---|---|---|---|---|"]
+  by_setting = {}
+  for name, run in runs.items():
+    rl, first = run["rows"].get("rlpf", {}), run["rows"].get("initial_policy", {})
+    if "quality_gain_over_initial" not in rl:
+      continue
+    setting, seed = rl_setting(run), run["config"]["rl"].get("seed", 0)
+    by_setting.setdefault(setting, {})[seed] = rl  # a seed run twice counts once
+    lines.append(
+        f"| {name} | {setting} | {seed} | {rl['context_tokens']:.1f} | "
+        f"{rl['next_title']:.3f} ± {rl['next_title_stderr']:.3f} | "
+        f"{rl['gain_over_initial']:+.3f} ± {rl['gain_over_initial_stderr']:.3f} | "
+        f"{rl['quality_gain_over_initial']:+.3f} ± {rl['quality_gain_over_initial_stderr']:.3f} | "
+        f"{first['hallucination']:.3f} -> {rl['hallucination']:.3f} | "
+        f"{first['writes_recent']:.2f} -> {rl['writes_recent']:.2f} |")
+  for setting, by_seed in by_setting.items():
+    seeds = list(by_seed.values())
+    if len(seeds) < 2:
+      continue
+    def mean(key):
+      values = np.array([s[key] for s in seeds])
+      return f"{values.mean():+.3f} ± {values.std(ddof=1) / np.sqrt(len(values)):.3f}"
+    lines.append(f"| mean over {len(seeds)} seeds | {setting} | - | - | - | "
+                 f"{mean('gain_over_initial')} | {mean('quality_gain_over_initial')} | - | - |")
+  return lines if len(lines) > 2 else []
+
+
 def table(out: str) -> None:
   runs = {}
   for item in _RUNS.value.split(","):
@@ -140,6 +183,9 @@ def table(out: str) -> None:
   lines = [f"RLPF and its baselines, scored by the same frozen predictor "
            f"(`python -m benchmarks.rlpf --mode=table --runs={_RUNS.value} "
            f"--out {out}`). ± is one standard error.", ""]
+  comparison = comparison_table(runs)
+  if len(runs) > 1 and comparison:
+    lines += ["### RL settings compared (the same test users)", ""] + comparison + [""]
   for name, run in runs.items():
     lines += markdown_table(name, run) + [""]
   results_lib.write_report(out, {"device": report.device(), "runs": runs}, lines)
