@@ -60,11 +60,11 @@ class RLConfig:
   group_size: int = 1  # samples per prompt
   temperature: float = 1.0
   baseline: str = "value"
-  kl_coef: float = 0.05
+  kl_coef: float = 0.005  # configs/rlpf.py's defaults, which the workflow passes
   value_coef: float = 0.5
   length_weight: float = 1.0  # w
   length_cap: float = 0.3  # C
-  length_beta: float = 0.02  # beta, per token
+  length_beta: float = 0.001  # beta, per token
   length_target: float = 0.0  # L: the initial policy's mean summary tokens
   truncated: str = "keep"
   reward: str = "correct"
