@@ -84,16 +84,17 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       temperature=1.0,
       baseline="value",  # value (the paper's) | rloo | grpo | none
       # x exact KL(policy || initial policy) per summary. The KL-regularised
-      # optimum writes a part pi0 * exp(worth / kl_coef) as often as the
-      # initial policy: `recent`, sampled 0.21 and worth +0.03, is written
-      # 0.33 of the time at 0.05 (greedy never) and 0.99 at 0.005 (greedy
-      # always; rlpf.kl_regularised_share, README, RLPF)
+      # optimum writes a part exp(worth / kl_coef) times as often (odds) as
+      # the initial policy: `recent`, sampled 0.21 and worth +0.08, is
+      # written 0.57 of the time at 0.05 (after RL greedy summaries never
+      # wrote it) and 1.00 at 0.005 (greedy always; rlpf.kl_regularised_share,
+      # benchmarks/rlpf_rollouts_kl.md, README, RLPF)
       kl_coef=0.005,
       value_coef=0.5,
       # r = correct + length_weight * min(length_cap, length_beta * (L - tokens))
-      # beta = 0.001 per token: a 5-token `recent` part costs 0.005, less than
-      # the +0.03 it buys (at 0.005 the length term took that gain back, and
-      # at 0.02 RL bought length with accuracy: README, RLPF)
+      # beta = 0.001 per token: a 5-token `recent` part costs 0.005 of the
+      # +0.08 it buys. At 0.005 one seed in three bought length with accuracy
+      # (2-token summaries), at 0.02 RL did (README, RLPF)
       length_weight=1.0, length_cap=0.3, length_beta=0.001,
       truncated="keep",  # a summary without eos keeps its reward | "zero"
       # the prediction term: "correct" 1[predictor right] (the paper's) |

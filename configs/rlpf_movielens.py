@@ -30,9 +30,8 @@ def get_config(arg: str = ""):
     config.rl_train.eval_every = 50
     # the RL setting the README's MovieLens table was made with (configs/rlpf.py
     # has since moved to a generic start, kl_coef 0.005, lr 3e-4 and
-    # length_beta 0.001, which show the effect on synthetic data; with this
-    # predictor reading histories at +0.03 over no context, neither moves RL:
-    # README, RLPF)
+    # length_beta 0.001, which show the effect on synthetic data and are not
+    # yet measured here: README, RLPF)
     config.policy_style.recent = 0.4
     config.rl.kl_coef, config.rl.length_beta = 0.05, 0.005
     config.rl_train.learning_rate = 1e-4

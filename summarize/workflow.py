@@ -73,8 +73,6 @@ def check(config) -> None:
   if config.rl.distractors not in ex.DISTRACTORS:
     raise ConfigError(f"config.rl.distractors={config.rl.distractors!r} is not one "
                       f"of {ex.DISTRACTORS}")
-  if not isinstance(config.rl.seed, int) or config.rl.seed < 0:
-    raise ConfigError(f"config.rl.seed={config.rl.seed!r} must be an integer >= 0")
   if config.rl.num_options < 2:
     raise ConfigError(f"config.rl.num_options={config.rl.num_options} must be >= 2")
   unknown = set(config.predictor.contexts) - set(ex.CONTEXTS)

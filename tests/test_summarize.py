@@ -17,6 +17,7 @@ from flax import linen as nn
 from conftest import ConfigReads, run_workflow
 from configs import rlpf as rlpf_config
 from data import sources
+from infra import config_checks
 from summarize import evaluation, rlpf, texts
 from userllm import decoding, llm
 
@@ -335,9 +336,9 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   with pytest.raises(ConfigError, match="config.rl.reward='log'"):
     run_workflow(config, tmp_path)
   config = rlpf_config.get_config("tiny")
-  config.rl.seed = -1
-  with pytest.raises(ConfigError, match="config.rl.seed=-1"):
-    run_workflow(config, tmp_path)
+  config.rl.seed = -1  # every `seed` field, by name (what main.py checks first)
+  with pytest.raises(ConfigError, match=r"config.rl.seed=-1 must be >= 0"):
+    config_checks.check_config(config)
 
 
 def test_the_fidelity_curve_leaves_the_unsupported_share_of_no_titles_undefined():
