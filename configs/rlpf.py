@@ -41,6 +41,10 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       min_history=4 if tiny else 10,  # events before any cut
       valid_users=8 if tiny else 100, test_users=8 if tiny else 300,
       cuts_per_user=2 if tiny else 8)
+  # every catalogue title one vocabulary piece (SentencePiece user-defined
+  # symbols): copying a title is then copying one token, and the predictor
+  # learns one embedding per title (README, RLPF on MovieLens)
+  config.data.title_pieces = False
   config.llm = ml_collections.ConfigDict(dict(
       embed_dim=32 if tiny else 128, num_layers=2, num_heads=2 if tiny else 4,
       num_kv_heads=1, head_dim=16 if tiny else 32, mlp_dim=64 if tiny else 512,

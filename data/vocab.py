@@ -14,23 +14,32 @@ import tempfile
 import numpy as np
 import sentencepiece as spm
 
+SPACE = "\u2581"  # SentencePiece's whitespace symbol
+
 
 def train_vocabulary(texts: list[str], model_path: str, vocab_size: int,
-                     model_type: str = "unigram") -> str:
+                     model_type: str = "unigram",
+                     whole: tuple[str, ...] = ()) -> str:
   """Trains a SentencePiece model ("unigram" or "bpe") on `texts`, written
   atomically. On a small corpus (each title once) unigram stops at a few
   hundred pieces and splits words; BPE reaches `vocab_size` and keeps words
   whole (2.4x fewer tokens for a history of synthetic titles).
 
+  `whole`: phrases (e.g. every catalogue title) each kept as one piece after a
+  space, on top of `vocab_size` (SentencePiece's user-defined symbols, which
+  match only with spaces written as its "▁").
+
   Ids follow seqio's convention: pad=0, eos=1, unk=2, no bos.
   """
+  symbols = sorted({SPACE + phrase.replace(" ", SPACE) for phrase in whole})
   directory = os.path.dirname(model_path) or "."
   os.makedirs(directory, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=directory) as tmp:
     prefix = os.path.join(tmp, "spm")
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(texts), model_prefix=prefix,
-        vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+        vocab_size=vocab_size + len(symbols), model_type=model_type,
+        character_coverage=1.0, user_defined_symbols=symbols,
         pad_id=0, eos_id=1, unk_id=2, bos_id=-1, hard_vocab_limit=False,
         minloglevel=2)
     os.replace(prefix + ".model", model_path)

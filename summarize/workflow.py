@@ -106,13 +106,19 @@ def llm_config(config, vocab_size: int) -> llm.LLMConfig:
 
 def tokenizer_for(config, workdir: str, timelines) -> Tokenizer:
   """`config.llm.tokenizer` (Gemma's), or a BPE one trained on the data's
-  text and kept at <workdir>/spm.model (whole words: shorter histories)."""
+  text and kept at <workdir>/spm.model (whole words: shorter histories), with
+  every catalogue title one piece when `config.data.title_pieces`."""
+  title_pieces = config.data.title_pieces
   if config.llm.tokenizer:
+    if title_pieces:
+      raise ConfigError("config.data.title_pieces needs a vocabulary trained "
+                        "here; config.llm.tokenizer is given")
     return Tokenizer(config.llm.tokenizer)
   path = os.path.join(workdir, "spm.model")
   if not os.path.exists(path):
+    whole = tuple(str(t) for t in timelines.items.titles[1:]) if title_pieces else ()
     train_vocabulary(texts.vocabulary_corpus(timelines.items), path,
-                     config.data.vocab_size, model_type="bpe")
+                     config.data.vocab_size, model_type="bpe", whole=whole)
   return Tokenizer(path)
 
 

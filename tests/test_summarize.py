@@ -18,6 +18,7 @@ from conftest import ConfigReads, run_workflow
 from configs import rlpf as rlpf_config
 from data import sources
 from infra import config_checks
+from infra.errors import ConfigError
 from summarize import evaluation, rlpf, texts
 from userllm import decoding, llm
 
@@ -55,6 +56,28 @@ def test_unsupported_claims_are_counted_and_cut(timelines):
              f"{items.titles[absent]} | garbled words")
   assert checker.unsupported(summary, known) == (4, 6)
   assert checker.keep_supported(summary, known) == f"likes {top} | recent {present}"
+
+
+def test_title_pieces_make_each_title_one_token_that_decodes_back(tmp_path,
+                                                                 timelines):
+  from summarize import workflow
+  config = rlpf_config.get_config("tiny")
+  config.data.title_pieces = True
+  vocab = workflow.tokenizer_for(config, str(tmp_path), timelines)
+  titles = [str(t) for t in timelines.items.titles[1:]]
+  assert any(" " in t for t in titles)  # the spaces are inside the piece
+  for title in titles:
+    (piece,) = vocab.encode([title])[0]
+    assert vocab.decode([piece]) == title
+  history = texts.history_text(timelines.items, timelines.user_items(0)[:4],
+                               np.full(4, 3.0))
+  assert vocab.decode(vocab.encode([history])[0]) == history
+  plain = workflow.tokenizer_for(rlpf_config.get_config("tiny"),
+                                 str(tmp_path / "plain"), timelines)
+  assert len(plain.encode([history])[0]) > len(vocab.encode([history])[0])
+  config.llm.tokenizer = plain.path  # a given vocabulary cannot gain pieces
+  with pytest.raises(ConfigError, match="config.data.title_pieces"):
+    workflow.tokenizer_for(config, str(tmp_path / "given"), timelines)
 
 
 def test_rewards_and_baselines():
@@ -322,7 +345,6 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
 
 
 def test_rlpf_config_errors_name_the_field(tmp_path):
-  from infra.errors import ConfigError
   config = rlpf_config.get_config("tiny")
   config.rl.baseline = "ppo"
   with pytest.raises(ConfigError, match="config.rl.baseline='ppo'"):
