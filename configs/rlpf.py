@@ -75,6 +75,11 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       # likelihood (+ its token loss): a next-token loss alone leaves the
       # titles' own likelihoods to decide among 4 options (chance accuracy)
       choice_weight=1.0,
+      # x the next-token loss over the history contexts' own tokens: every
+      # title of a history a target, not only the next one (a from-scratch
+      # predictor has no pretrained knowledge of the items; README, RLPF on
+      # MovieLens). 0: off
+      history_lm_weight=0.0,
       # choose titles by calibrated scores: a title's log-likelihood after the
       # context minus after the bare question (RL reward and evaluation)
       calibrate=True))

@@ -294,11 +294,13 @@ def predictor_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray,
   `num_options` answers of that task, the true one among distractors (other
   titles drawn as `distractors`, other genres, other ratings). The same
   arrays as `rl_batch`: "prompt", "prompt_mask", "options", "option_mask",
-  "answer"."""
+  "answer", and "history_target" [n, prompt width]: the tokens of a history
+  context after its first (a language-model target: each title predicted
+  from the events before it)."""
   kinds = list(context_weights)
   weights = np.asarray([context_weights[k] for k in kinds], np.float64)
   num_genres = len(corpus.items.genre_names)
-  prompt_rows, options, answers = [], [], []
+  prompt_rows, options, answers, history_spans = [], [], [], []
   for row in rows:
     user, cut = int(cuts.users[row]), int(cuts.cuts[row])
     kind = kinds[rng.choice(len(kinds), p=weights / weights.sum())]
@@ -313,8 +315,12 @@ def predictor_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray,
                                 int(rng.integers(1, len(item_ids) + 1)), rng)
     task = PREDICTOR_TASKS[rng.integers(len(PREDICTOR_TASKS))]
     label, item = task_label(corpus, task, user, cut)
-    prompt_rows.append(corpus.bos + context[-corpus.prompt_len:]
-                       + corpus.question(task, item))
+    context, question = context[-corpus.prompt_len:], corpus.question(task, item)
+    prompt_rows.append(corpus.bos + context + question)
+    # (first target, end) counted back from the row's end
+    is_history = kind not in ("summary", "none")
+    history_spans.append((len(context) - 1 + len(question), len(question))
+                         if is_history else (0, 0))
     if task == "next_title":
       choice = corpus.options(label, num_options, distractors, rng)
     else:  # other genres / ratings, as many as there are
@@ -326,9 +332,14 @@ def predictor_batch(corpus: Corpus, cuts: Cuts, rows: np.ndarray,
     options += [corpus.answer_ids(task, int(c)) for c in choice]
     answers.append(int(np.nonzero(choice == label)[0][0]))
   prompt, prompt_mask = corpus.pad_prompts(prompt_rows, predictor_prompt_len(corpus))
+  history_target = np.zeros_like(prompt_mask)
+  width = prompt.shape[1]
+  for row, (first, end) in enumerate(history_spans):
+    history_target[row, width - first:width - end] = True
   option_ids, option_mask = corpus.pad_answers(options)
   shape = (len(rows), num_options, corpus.answer_len)
   return {"prompt": prompt, "prompt_mask": prompt_mask,
+          "history_target": history_target,
           "options": option_ids.reshape(shape), "option_mask": option_mask.reshape(shape),
           "answer": np.asarray(answers, np.int32)}
 

@@ -112,18 +112,22 @@ def lm_loss(model: llm.DecoderLM, params, batch: dict, rng: jax.Array):
 
 
 def predictor_loss(model: llm.DecoderLM, params, batch: dict, rng: jax.Array,
-                   choice_weight: float = 1.0):
+                   choice_weight: float = 1.0, history_weight: float = 0.0):
   """The predictor's loss: the true answer's mean token cross-entropy plus
   `choice_weight` x the cross-entropy of choosing it among the row's options
-  by likelihood (how it is asked at test), from one pass: the prompt is run
-  once into a KV cache, then every option after it.
+  by likelihood (how it is asked at test), plus `history_weight` x the mean
+  next-token cross-entropy over the history contexts' own tokens (each title
+  predicted from the events before it: ~50 next-title targets a row instead
+  of one), from one pass: the prompt is run once into a KV cache, then every
+  option after it.
 
-  batch (predictor_batch in summarize/examples.py): "prompt", "prompt_mask"
-  [b, p]; "options", "option_mask" [b, k, T]; "answer" [b]."""
+  batch (predictor_batch in summarize/examples.py): "prompt", "prompt_mask",
+  "history_target" [b, p]; "options", "option_mask" [b, k, T]; "answer" [b]."""
   del rng
-  scores = decoding.score_continuations(model, params, batch["prompt"],
-                                        batch["prompt_mask"], batch["options"],
-                                        batch["option_mask"])  # [b, k]
+  targets = batch["history_target"] if history_weight else None
+  scores, history_lp = decoding.score_prompts_and_continuations(
+      model, params, batch["prompt"], batch["prompt_mask"], targets,
+      batch["options"], batch["option_mask"])  # [b, k], [b]
   true_score = jnp.take_along_axis(scores, batch["answer"][:, None], 1)[:, 0]
   true_tokens = jnp.take_along_axis(batch["option_mask"].sum(-1),
                                     batch["answer"][:, None], 1)[:, 0]
@@ -131,8 +135,14 @@ def predictor_loss(model: llm.DecoderLM, params, batch: dict, rng: jax.Array,
   choice_loss = -jnp.mean(jax.nn.log_softmax(scores, -1)[
       jnp.arange(scores.shape[0]), batch["answer"]])
   accuracy = jnp.mean(scores.argmax(-1) == batch["answer"])
-  return token_loss + choice_weight * choice_loss, {
-      "token_loss": token_loss, "choice_loss": choice_loss, "choice_accuracy": accuracy}
+  metrics = {"token_loss": token_loss, "choice_loss": choice_loss,
+             "choice_accuracy": accuracy}
+  loss = token_loss + choice_weight * choice_loss
+  if history_weight:
+    metrics["history_loss"] = -jnp.sum(history_lp) / jnp.maximum(
+        jnp.sum(targets[:, 1:]), 1)
+    loss = loss + history_weight * metrics["history_loss"]
+  return loss, metrics
 
 
 def summary_masks(summary: jax.Array, eos_id: int):

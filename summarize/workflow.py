@@ -52,7 +52,8 @@ STAGE_FIELDS = {
     "policy_train": ("seed", "data", "llm", "summary", "policy_style",
                      "policy_train"),
     "predictor_train": ("seed", "data", "llm", "summary", "predictor.contexts",
-                        "predictor.choice_weight", "predictor_train",
+                        "predictor.choice_weight", "predictor.history_lm_weight",
+                        "predictor_train",
                         "rl.num_options", "rl.distractors"),
     "rl_train": None}
 
@@ -341,7 +342,9 @@ def train(config, workdir: str, mesh) -> Trained:
           num_options=config.rl.num_options, distractors=config.rl.distractors),
           cuts, config.predictor_train.batch_size, config.seed + 1),
       functools.partial(rlpf.predictor_loss,
-                        choice_weight=config.predictor.choice_weight), mesh, workdir,
+                        choice_weight=config.predictor.choice_weight,
+                        history_weight=config.predictor.history_lm_weight),
+      mesh, workdir,
       predictor_valid_fn(config, corpus, valid_cuts, valid_probes))
   e = config.eval
   scorer = evaluation.Predictor(predictor, predictor_params, corpus, e.batch_size,

@@ -80,6 +80,50 @@ def test_title_pieces_make_each_title_one_token_that_decodes_back(tmp_path,
     workflow.tokenizer_for(config, str(tmp_path / "given"), timelines)
 
 
+def test_the_predictor_learns_the_history_contexts_as_a_language_model(tmp_path):
+  """`predictor_batch`'s history_target marks a history context's tokens
+  after its first (never a summary's, the question's or an answer's), and
+  `predictor_loss` adds their mean cross-entropy x history_weight."""
+  from summarize import examples as ex
+  from summarize import workflow
+  config = rlpf_config.get_config("tiny")
+  config.data.title_pieces = True
+  timelines, users, corpus = workflow.setup(config, str(tmp_path), quiet=True)
+  cuts = ex.training_cuts(timelines, users.train, 2, config.data.min_history, 0)
+  rows = np.arange(6)
+  for kind in ("full", "summary", "none"):
+    batch = ex.predictor_batch(corpus, cuts, rows, np.random.default_rng(1),
+                               lambda rng: texts.Style(1, True, 1, 1), {kind: 1.0},
+                               4, "uniform")
+    for row, target in zip(batch["prompt"], batch["history_target"]):
+      if kind != "full":
+        assert not target.any()
+        continue
+      user, cut = int(cuts.users[rows[0]]), int(cuts.cuts[rows[0]])
+      history = corpus.history_ids(*corpus.history(user, cut))
+      assert list(row[target]) == history[1:]  # one title piece each
+      break
+  model, params = _tiny_lm(corpus.tokenizer.vocab_size)
+  batch = {k: jnp.asarray(v) for k, v in batch.items()}
+  plain, _ = rlpf.predictor_loss(model, params, batch, None)
+  full = ex.predictor_batch(corpus, cuts, rows, np.random.default_rng(1),
+                            lambda rng: texts.Style(1, True, 1, 1), {"full": 1.0},
+                            4, "uniform")
+  full = {k: jnp.asarray(v) for k, v in full.items()}
+  without, _ = rlpf.predictor_loss(model, params, full, None)
+  with_lm, metrics = rlpf.predictor_loss(model, params, full, None,
+                                         history_weight=0.5)
+  assert np.isfinite(metrics["history_loss"]) and metrics["history_loss"] > 0
+  np.testing.assert_allclose(with_lm, without + 0.5 * metrics["history_loss"],
+                             rtol=1e-5)
+  logits, _ = model.apply({"params": params}, full["prompt"], full["prompt_mask"])
+  expected = -decoding.token_log_likelihood(
+      logits, full["prompt"], full["history_target"]).sum() / full[
+          "history_target"][:, 1:].sum()
+  np.testing.assert_allclose(metrics["history_loss"], expected, rtol=1e-4)
+  assert np.isfinite(plain)
+
+
 def test_rewards_and_baselines():
   cfg = rlpf.RLConfig(summary_len=8, group_size=2, baseline="rloo",
                       length_weight=1.0, length_cap=0.3, length_beta=0.1,

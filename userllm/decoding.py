@@ -35,12 +35,18 @@ def prefill(model: llm.DecoderLM, params, prompt: jax.Array,
 
   Returns (last logits [b, vocab], cache).
   """
+  logits, cache = _prefill_all(model, params, prompt, prompt_mask, extra_slots,
+                               conditioning)
+  return logits[:, -1], cache
+
+
+def _prefill_all(model, params, prompt, prompt_mask, extra_slots, conditioning):
+  """`prefill` with the logits of every prompt position [b, t, vocab]."""
   size = _prefix_length(conditioning) + prompt.shape[1] + extra_slots
   cache = llm.init_cache(model.config, prompt.shape[0], size,
                          jnp.dtype(model.config.dtype))
-  logits, cache = model.apply({"params": params}, prompt, prompt_mask,
-                              cache=cache, **conditioning)
-  return logits[:, -1], cache
+  return model.apply({"params": params}, prompt, prompt_mask, cache=cache,
+                     **conditioning)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens",
@@ -94,10 +100,27 @@ def score_continuations(model: llm.DecoderLM, params, prompt: jax.Array,
   own (e.g. a multiple-choice question's options). Returns [b, c] float32:
   sum of log p(candidate tokens | prompt).
   """
+  scores, _ = score_prompts_and_continuations(
+      model, params, prompt, prompt_mask, None, candidates, candidate_mask,
+      conditioning)
+  return scores
+
+
+def score_prompts_and_continuations(model: llm.DecoderLM, params,
+                                    prompt: jax.Array, prompt_mask: jax.Array,
+                                    prompt_targets: jax.Array | None,
+                                    candidates: jax.Array,
+                                    candidate_mask: jax.Array,
+                                    conditioning: dict | None = None):
+  """`score_continuations` [b, c], and from the same pass over the prompts
+  the sum of log p(prompt[:, j] | prompt[:, :j]) over `prompt_targets` [b, t]
+  (a language-model loss on part of the prompt) [b] (None when not given)."""
   conditioning = conditioning or {}
   b, c, length = prompt.shape[0], candidates.shape[-2], candidates.shape[-1]
-  last_logits, cache = prefill(model, params, prompt, prompt_mask, length,
-                               conditioning)
+  prompt_logits, cache = _prefill_all(model, params, prompt, prompt_mask,
+                                      length, conditioning)
+  prompt_lp = None if prompt_targets is None else token_log_likelihood(
+      prompt_logits, prompt, prompt_targets)
   cache = _repeat(cache, c)
   if candidates.ndim == 3:  # per prompt: row i's candidates follow prompt i
     tiled = candidates.reshape(b * c, length)
@@ -108,11 +131,11 @@ def score_continuations(model: llm.DecoderLM, params, prompt: jax.Array,
   logits, _ = model.apply({"params": params}, tiled, tiled_mask, cache=cache,
                           **_repeat(_per_step(conditioning), c))
   # token 0 is predicted by the prompt's last logit, token j by logit j - 1.
-  predicting = jnp.concatenate([jnp.repeat(last_logits, c, 0)[:, None],
+  predicting = jnp.concatenate([jnp.repeat(prompt_logits[:, -1], c, 0)[:, None],
                                 logits[:, :-1]], 1)
   log_probs = jax.nn.log_softmax(predicting, -1)
   token_lp = jnp.take_along_axis(log_probs, tiled[..., None], -1)[..., 0]
-  return jnp.sum(token_lp * tiled_mask, 1).reshape(b, c)
+  return jnp.sum(token_lp * tiled_mask, 1).reshape(b, c), prompt_lp
 
 
 def token_log_likelihood(logits: jax.Array, tokens: jax.Array,
