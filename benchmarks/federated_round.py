@@ -79,7 +79,7 @@ def setup(size: str, num_clients: int, seed: int = 0):
   import optax
   from flax import linen as nn
   from federated import algorithms
-  from userllm import sequence_model as sm
+  from userllm.models import sequence_model as sm
 
   spec = SIZES[size]
   num_items, max_len, examples = spec["num_items"], spec["max_len"], spec["examples"]

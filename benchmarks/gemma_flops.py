@@ -4,7 +4,7 @@ soft prompt against the text prompt, H = 50 ... 500 events.
   python -m benchmarks.gemma_flops --out benchmarks/gemma_flops
 
 For Gemma 2B and 7B (v1 shapes, and Gemma 2 2B), one forward pass per example:
-the analytic matmul count (`userllm.llm.forward_flops`) and XLA's
+the analytic matmul count (`userllm.models.llm.forward_flops`) and XLA's
 cost analysis of the decoder lowered from shapes alone (`jax.eval_shape`
 parameters, nothing materialised; the HLO is costed before optimisation, which
 for these dot-dominated graphs counts the same matmuls). The text prompt holds
@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from infra import results as results_lib
-from userllm import llm as llm_lib
+from userllm.models import llm as llm_lib
 
 _OUT = flags.DEFINE_string("out", "benchmarks/gemma_flops", "Path prefix of the outputs.")
 _HISTORIES = flags.DEFINE_list("histories", ["50", "100", "200", "500"], "H values.")

@@ -43,7 +43,7 @@ from benchmarks import report
 from federated import cost, workflow
 from infra import mesh as mesh_lib
 from infra import results as results_lib
-from userllm import dual_encoder as de
+from userllm.models import dual_encoder as de
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/retrieval.py",
                                           "The retrieval experiment config.")

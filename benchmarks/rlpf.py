@@ -228,7 +228,7 @@ def speed(out: str) -> None:
   from configs import rlpf as rlpf_config
   from summarize import rlpf, workflow
   from infra.train_state import TrainState
-  from userllm import decoding, llm
+  from userllm.models import decoding, llm
   config = rlpf_config.get_config()
   cfg = workflow.llm_config(config, config.data.vocab_size)
   model = llm.DecoderLM(cfg)

@@ -47,7 +47,8 @@ from ml_collections import config_flags
 from data import prompts, sources, splits
 from infra import mesh as mesh_lib, optim, results as results_lib, train_loop
 from infra.train_state import TrainState
-from userllm import builders, llm as llm_lib, user_llm as ul, workflow
+from userllm import builders, user_llm as ul, workflow
+from userllm.models import llm as llm_lib
 
 METHODS = ("cross_attention", "soft_prompt", "text_prompt", "text_prompt@256")
 

@@ -49,7 +49,7 @@ def data(tiny: bool, source: str = "synthetic", directory: str = "",
 
 
 def sequence_model(tiny: bool, **overrides) -> ml_collections.ConfigDict:
-  """An item-sequence transformer (userllm/sequence_model.py)."""
+  """An item-sequence transformer (userllm/models/sequence_model.py)."""
   fields = (dict(embed_dim=32, num_layers=1, num_heads=2, mlp_dim=64, dropout=0.0)
             if tiny else dict(embed_dim=64, num_layers=2, num_heads=2, mlp_dim=256,
                               dropout=0.1))

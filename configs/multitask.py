@@ -1,4 +1,4 @@
-"""Multi-task adaptation with LoRA experts (userllm/adapters.py) on the embedded
+"""Multi-task adaptation with LoRA experts (userllm/models/adapters.py) on the embedded
 synthetic data: five personalisation tasks (data/prompts.py: next title,
 favourite genre, rating of a given title, genre of a given title, a summary
 "<genre>, <genre>; <rating level>"), trained jointly through one frozen LLM with

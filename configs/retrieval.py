@@ -1,4 +1,4 @@
-"""Federated retrieval with a dual encoder (userllm/dual_encoder.py): each
+"""Federated retrieval with a dual encoder (userllm/models/dual_encoder.py): each
 user a client, the federated workflow with `federated.task = "retrieval"`.
 
 Run on the embedded synthetic data, or on MovieLens-100K:

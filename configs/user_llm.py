@@ -88,7 +88,7 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       eval_users=16 if tiny else (200 if multitask else 300),  # 0: all
       probe_examples=32 if tiny else 2000,  # training cuts of the user probes
       candidate_chunk=64 if tiny else 256))  # item titles scored per call
-  # Adapters on the LLM's projections (userllm/adapters.py); trained alone by
+  # Adapters on the LLM's projections (userllm/models/adapters.py); trained alone by
   # userllm.strategy="adapters", or with the rest by "full".
   config.adapter = ml_collections.ConfigDict(dict(
       kind="mode" if multitask else "none",  # none | lora | molora | mode | molora_sd

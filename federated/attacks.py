@@ -29,7 +29,7 @@ from sklearn import metrics as sk_metrics
 from data import sequences
 from data import timelines as tl
 from federated import algorithms, clients
-from userllm import sequence_model as sm
+from userllm.models import sequence_model as sm
 
 
 def auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:

@@ -2,7 +2,7 @@
 server holds the middle of the model ("A Federated Framework for LLM-based
 Recommendation", Zhao et al., arXiv 2402.09959).
 
-For the next-item transformer (userllm/sequence_model.py, id fusion) with L
+For the next-item transformer (userllm/models/sequence_model.py, id fusion) with L
 blocks and a cut k in 0..L, the client holds
 
     item_embed (the input layer, tied with the output layer), position_embed,
@@ -29,7 +29,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from userllm import sequence_model as sm
+from userllm.models import sequence_model as sm
 
 PyTree = Any
 CLIENT_ALWAYS = ("item_embed", "position_embed", "final_norm")

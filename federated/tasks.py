@@ -5,7 +5,7 @@ examples, the parameters' initialiser, the per-example loss the clients
 minimise, and per-row metrics of held-out events for the participation-gap
 evaluation (with the user-independent baselines scored the same way), and the
 server-side losses it offers mixed FL. Entries: the next-item transformer and
-the retrieval dual encoder (userllm/dual_encoder.py).
+the retrieval dual encoder (userllm/models/dual_encoder.py).
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from data import sequences, splits
 from data import timelines as tl
 from infra import ranking
 from infra.errors import ConfigError
-from userllm import dual_encoder as de
-from userllm import next_item, sequence_model as sm
+from userllm.models import dual_encoder as de
+from userllm import next_item
+from userllm.models import sequence_model as sm
 
 
 class NextItemTask:

@@ -32,7 +32,7 @@ import numpy as np
 from data import prompts
 from infra.errors import DivergedError
 from summarize import examples as ex, texts
-from userllm import decoding, llm
+from userllm.models import decoding, llm
 
 TASKS = ("next_title", "favourite_genre", "rating", "future_genre")
 

@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from userllm import decoding, llm
+from userllm.models import decoding, llm
 
 BASELINES = ("value", "rloo", "grpo", "none")
 TRUNCATED = ("keep", "zero")

@@ -42,7 +42,7 @@ from data.vocab import Tokenizer, train_vocabulary
 from infra import checkpoint, mesh as mesh_lib, optim, train_loop
 from infra.errors import ConfigError
 from summarize import evaluation, examples as ex, rlpf, texts
-from userllm import gemma_loader, llm
+from userllm.models import gemma_loader, llm
 
 ROWS = ("none", "full_history", "last_k", "random_k", "first_k", "initial_policy",
         "hierarchical", "hierarchical_verified", "rlpf")

@@ -3,7 +3,7 @@ float64 numpy, over a checkpoint in the released flat layout
 (`transformer/layer_0/attn/q_einsum -> {"w": array}`).
 
 Written from the architecture as published (the Gemma, Gemma 2 and Gemma 3
-technical reports), independently of `userllm.llm`: one loop over layers, no
+technical reports), independently of `userllm.models.llm`: one loop over layers, no
 cache, no padding, positions 0..T-1. It is what the parity tests compare our
 decoder against, so it shares none of its code.
 """

@@ -13,7 +13,8 @@ import pytest
 from flax import linen as nn
 
 from infra import mesh as mesh_lib
-from userllm import adapters, llm, user_llm as ul
+from userllm import user_llm as ul
+from userllm.models import adapters, llm
 
 BASE = llm.LLMConfig(vocab_size=61, embed_dim=16, num_layers=2, num_heads=4,
                      num_kv_heads=2, head_dim=8, mlp_dim=24)

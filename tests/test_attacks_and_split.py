@@ -10,7 +10,7 @@ import pytest
 from flax import linen as nn
 
 from federated import attacks, split
-from userllm import sequence_model as sm
+from userllm.models import sequence_model as sm
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ from flax import linen as nn
 
 from data.vocab import Tokenizer
 from infra import mesh as mesh_lib
-from userllm import adapters, decoding, gemma_loader, llm
+from userllm.models import adapters, decoding, gemma_loader, llm
 
 CFG = llm.LLMConfig(vocab_size=61, embed_dim=32, num_layers=3, num_heads=4,
                     num_kv_heads=2, head_dim=8, mlp_dim=64)

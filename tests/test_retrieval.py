@@ -1,4 +1,4 @@
-"""Federated retrieval (userllm/dual_encoder.py, federated/tasks.RetrievalTask):
+"""Federated retrieval (userllm/models/dual_encoder.py, federated/tasks.RetrievalTask):
 the losses on fixed similarity matrices, Global and Batch Recall@K on
 hand-made cases, the examples, pooling (central, IID), the rows a client
 reads, and the retrieval round with the global spreadout at the server
@@ -16,7 +16,7 @@ from federated import algorithms, clients, tasks, workflow
 from infra import mesh as mesh_lib
 from infra.errors import ConfigError
 from test_federated_algorithms import assert_trees_close
-from userllm import dual_encoder as de
+from userllm.models import dual_encoder as de
 
 
 def unit(rows):

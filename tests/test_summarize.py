@@ -20,7 +20,7 @@ from data import sources
 from infra import config_checks
 from infra.errors import ConfigError
 from summarize import evaluation, rlpf, texts
-from userllm import decoding, llm
+from userllm.models import decoding, llm
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +328,7 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   """The tiny run, its policy started from a Gemma checkpoint in the released
   layout (another shape than the predictor's) with a given tokenizer."""
   from data.vocab import Tokenizer, train_vocabulary
-  from userllm import gemma_loader
+  from userllm.models import gemma_loader
   config = rlpf_config.get_config("tiny")
   vocab = Tokenizer(train_vocabulary(texts.vocabulary_corpus(timelines.items),
                                      str(tmp_path / "spm.model"), 300, "bpe"))

@@ -12,7 +12,8 @@ from infra.errors import Preempted
 from conftest import run_workflow
 from data import sequences, sources, splits
 from infra import checkpoint, mesh as mesh_lib, optim, train_loop
-from userllm import next_item, sequence_model as sm
+from userllm import next_item
+from userllm.models import sequence_model as sm
 
 
 def _model(config):

@@ -18,7 +18,8 @@ from conftest import ConfigReads, run_workflow
 from data.vocab import Tokenizer, train_vocabulary
 from infra import mesh as mesh_lib, train_loop
 from infra.train_state import TrainState
-from userllm import adapters, llm, perceiver, sequence_model as sm, user_llm as ul
+from userllm import user_llm as ul
+from userllm.models import adapters, llm, perceiver, sequence_model as sm
 
 
 def _events(b=2, h=6, genres=4, seed=0):
@@ -299,7 +300,7 @@ def test_candidates_scored_in_length_groups_equal_full_width_scores(
 def test_workflow_starts_from_a_gemma_checkpoint(tmp_path):
   """config.llm.checkpoint: the LM stage is skipped and the LLM is loaded."""
   from configs import user_llm
-  from userllm import gemma_loader
+  from userllm.models import gemma_loader
   config = user_llm.get_config("tiny")
   timelines = sources.load_timelines(config.data, quiet=True)
   vocab = train_vocabulary(prompts.corpus(timelines), str(tmp_path / "tok.model"),

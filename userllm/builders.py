@@ -16,8 +16,9 @@ from data import prompts
 from data.vocab import Tokenizer
 from infra import optim, train_loop
 from infra.errors import ConfigError
-from userllm import adapters, gemma_loader, llm as llm_lib
-from userllm import sequence_model as sm, user_llm as ul
+from userllm.models import adapters, gemma_loader, llm as llm_lib
+from userllm import user_llm as ul
+from userllm.models import sequence_model as sm
 
 METHODS = ("cross_attention", "soft_prompt", "text_prompt", "no_history")
 INPUT_PIPELINES = ("arrays", "seqio")  # userllm/workflow.py: task_batches

@@ -25,7 +25,8 @@ import numpy as np
 
 from data import prompts, sequences
 from infra import evaluation, mesh as mesh_lib, ranking, results
-from userllm import decoding, llm as llm_lib, user_llm as ul
+from userllm import user_llm as ul
+from userllm.models import decoding, llm as llm_lib
 
 HEADLINE = {"next_title": "recall@10", "favourite_genre": "accuracy",
             "rating": "accuracy", "title_genre": "accuracy", "summary": "accuracy",

@@ -16,7 +16,7 @@ from data import sequences, splits
 from data import timelines as tl
 from infra import evaluation, mesh as mesh_lib, ranking, results, train_loop
 from infra.errors import ConfigError
-from userllm import sequence_model as sm
+from userllm.models import sequence_model as sm
 
 TASK = "next_item"
 

@@ -14,7 +14,8 @@ import ml_collections
 
 from data import sequences, sources, splits
 from infra import mesh as mesh_lib, optim, ranking, train_loop
-from userllm import next_item, sequence_model as sm
+from userllm import next_item
+from userllm.models import sequence_model as sm
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:

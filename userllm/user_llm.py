@@ -4,7 +4,7 @@ Perceiver and projected, condition a decoder LLM.
 Parameters: {"encoder": the fused `ItemSequenceTransformer`, "perceiver",
 "projector", "llm": `DecoderLM` (its "cross_attention_i" blocks belong to the
 integration, its "<target>_adapter" subtrees to the adapters: LoRA, MoLoRA,
-MoDE; `userllm/adapters.py`)}.
+MoDE; `userllm/models/adapters.py`)}.
 
 Integrations (`UserLLMConfig.integration`):
 - "cross_attention": the user tokens are attended to by gated cross-attention
@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from userllm import adapters, decoding, llm as llm_lib
-from userllm import perceiver as perceiver_lib
-from userllm import sequence_model as sm
+from userllm.models import adapters, decoding, llm as llm_lib
+from userllm.models import perceiver as perceiver_lib
+from userllm.models import sequence_model as sm
 
 INTEGRATIONS = ("cross_attention", "soft_prompt", "text")
 # Which parts train under each strategy. "integration" is the cross-attention

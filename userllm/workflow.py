@@ -34,8 +34,10 @@ from data import prompts, sources, splits
 from data.sequences import EpochBatcher
 from infra import checkpoint, mesh as mesh_lib, optim, train_loop
 from infra.errors import ConfigError
-from userllm import adapters, builders, evaluation, gemma_loader
-from userllm import sequence_model as sm, user_llm as ul
+from userllm import builders, evaluation
+from userllm.models import adapters, gemma_loader
+from userllm import user_llm as ul
+from userllm.models import sequence_model as sm
 
 BATCH_KEYS = ("tokens", "token_mask", "target_mask", "events", "task_ids")
 

@@ -15,7 +15,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from userllm import llm
+from userllm.models import llm
 
 
 def _prefix_length(conditioning: dict) -> int:

@@ -5,7 +5,7 @@ The architecture and the parameter tree are Gemma's (RMSNorm with `1 + scale`,
 RoPE on split halves, multi-query / grouped-query attention, gated GeLU MLP,
 input embeddings scaled by sqrt(width) and tied with the output layer), so an
 official Gemma Flax checkpoint maps onto it by renaming alone
-(`userllm/gemma_loader.py`). Every parameter carries logical axis names.
+(`userllm/models/gemma_loader.py`). Every parameter carries logical axis names.
 Gemma 2 and 3 are the same module with `LLMConfig` switches (`gemma_family`
 gives each family's values):
 - Gemma 2: norms after attention and MLP too (`post_norms`), tanh soft-capping
@@ -29,7 +29,7 @@ One forward function serves training, scoring and decoding:
   `cross_attention_gate_init`, by default zero: a fresh block then leaves the LM's
   outputs unchanged.
 - `task_ids` [batch]: the example's task, for adapters whose routers read it
-  (`userllm/adapters.py`: LoRA, MoLoRA, MoDE on chosen projections).
+  (`userllm/models/adapters.py`: LoRA, MoLoRA, MoDE on chosen projections).
 - `cache`: from `init_cache`; the chunk is written at the cache's end and attends
   to everything before it. Without a cache the chunk attends to itself only.
   Padding (mask False) is never attended to; RoPE positions count real tokens
@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from userllm import adapters
+from userllm.models import adapters
 
 _MASKED = -2.3819763e38  # Gemma's K_MASK: large negative, finite, no NaN rows
 VOCAB_MULTIPLE = 128  # embedding rows padded so `vocab` shards evenly

@@ -1,5 +1,5 @@
 """Loads an official Gemma 1, 2 or 3 (text) Flax checkpoint into
-`userllm.llm.DecoderLM`, and exports ours in the layout Google released.
+`userllm.models.llm.DecoderLM`, and exports ours in the layout Google released.
 
 Two layouts load:
 - the released one (what `gemma.gm.ckpts.save_params` writes and
@@ -40,7 +40,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from userllm import llm
+from userllm.models import llm
 
 # the parameters a Gemma layer may hold (paths inside the layer)
 _LAYER_PARAMS = ("pre_attention_norm/scale", "pre_ffw_norm/scale",
