@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 from infra import results as results_lib
-from userllm.models import llm as llm_lib
+from userllm.models import gemma_variants, llm as llm_lib
 
 _OUT = flags.DEFINE_string("out", "benchmarks/gemma_flops", "Path prefix of the outputs.")
 _HISTORIES = flags.DEFINE_list("histories", ["50", "100", "200", "500"], "H values.")
@@ -42,15 +42,9 @@ _USER_TOKENS = flags.DEFINE_integer("user_tokens", 32, "Perceiver latents.")
 
 VOCAB = 256_128
 MODELS = {
-    "Gemma 2B": llm_lib.LLMConfig(vocab_size=VOCAB, embed_dim=2048, num_layers=18,
-                                  num_heads=8, num_kv_heads=1, head_dim=256,
-                                  mlp_dim=16_384),
-    "Gemma 7B": llm_lib.LLMConfig(vocab_size=VOCAB, embed_dim=3072, num_layers=28,
-                                  num_heads=16, num_kv_heads=16, head_dim=256,
-                                  mlp_dim=24_576),
-    "Gemma 2 2B": llm_lib.LLMConfig(
-        vocab_size=VOCAB, embed_dim=2304, num_layers=26, num_heads=8, num_kv_heads=4,
-        head_dim=256, mlp_dim=9216, **llm_lib.gemma_family("gemma2", 2304, 8, 256)),
+    "Gemma 2B": gemma_variants.llm_config("gemma_2b", VOCAB),
+    "Gemma 7B": gemma_variants.llm_config("gemma_7b", VOCAB),
+    "Gemma 2 2B": gemma_variants.llm_config("gemma2_2b", VOCAB),
 }
 METHODS = ("text_prompt", "soft_prompt", "cross_attention")
 

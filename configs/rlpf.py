@@ -49,6 +49,8 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       embed_dim=32 if tiny else 128, num_layers=2, num_heads=2 if tiny else 4,
       num_kv_heads=1, head_dim=16 if tiny else 32, mlp_dim=64 if tiny else 512,
       rope_max_wavelength=10_000, family="gemma1", dtype="float32",
+      # a released Gemma (configs/user_llm.py says how; gemma_variants.VARIANTS)
+      variant="",
       # Gemma Flax checkpoint dirs to start the warm-ups from (+ its tokenizer)
       policy_checkpoint="", predictor_checkpoint="", tokenizer=""))
   config.summary = ml_collections.ConfigDict(dict(

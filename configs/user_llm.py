@@ -38,9 +38,13 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       embed_dim=32 if tiny else 128, num_layers=2, num_heads=2 if tiny else 4,
       num_kv_heads=1, head_dim=16 if tiny else 32, mlp_dim=64 if tiny else 512,
       rope_max_wavelength=10_000,
-      # gemma1 | gemma2 | gemma3: the family's switches (llm.gemma_family) for
-      # an LM trained here; a checkpoint's own family wins
+      # gemma1 | gemma2 | gemma3: the family's constants for an LM trained
+      # here (userllm/models/gemma_variants.py); a checkpoint's own family wins
       family="gemma1",
+      # a released Gemma (gemma_2b, gemma2_9b, gemma3_4b, ...: gemma_variants.
+      # VARIANTS): with a checkpoint, whose constants to use (default: the
+      # variant of the checkpoint's shapes); without one, the LM's whole shape
+      variant="",
       cross_attention_every=1,  # used by method=cross_attention only
       dtype="float32",
       checkpoint="",  # an official Gemma 1/2/3 Flax checkpoint dir: skip LM pretraining

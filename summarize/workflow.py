@@ -42,7 +42,7 @@ from data.vocab import Tokenizer, train_vocabulary
 from infra import checkpoint, mesh as mesh_lib, optim, train_loop
 from infra.errors import ConfigError
 from summarize import evaluation, examples as ex, rlpf, texts
-from userllm.models import gemma_loader, llm
+from userllm.models import gemma_loader, gemma_variants, llm
 
 ROWS = ("none", "full_history", "last_k", "random_k", "first_k", "initial_policy",
         "hierarchical", "hierarchical_verified", "rlpf")
@@ -95,11 +95,12 @@ def rl_config(config, length_target: float) -> rlpf.RLConfig:
 
 def llm_config(config, vocab_size: int) -> llm.LLMConfig:
   fields = {k: v for k, v in config.llm.items()
-            if k not in ("family", "policy_checkpoint", "predictor_checkpoint",
-                         "tokenizer")}
+            if k not in ("family", "variant", "policy_checkpoint",
+                         "predictor_checkpoint", "tokenizer")}
   try:
-    fields.update(llm.gemma_family(config.llm.family, fields["embed_dim"],
-                                   fields["num_heads"], fields["head_dim"]))
+    fields.update(gemma_variants.scratch_fields(
+        config.llm.family, config.llm.get("variant", ""),
+        {k: fields[k] for k in gemma_variants.SHAPE_FIELDS}))
     return llm.LLMConfig(vocab_size=vocab_size, **fields).validate()
   except (TypeError, ValueError) as e:
     raise ConfigError(f"config.llm: {e}") from None
@@ -139,7 +140,8 @@ def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
   if checkpoint:
     # logits over the tokenizer's pieces only (Gemma's table has 128 spare rows)
     base, pretrained = gemma_loader.load_checkpoint(
-        checkpoint, vocab_size=model_cfg.vocab_size, mesh=mesh)
+        checkpoint, vocab_size=model_cfg.vocab_size, mesh=mesh,
+        variant=config.llm.variant)
     model_cfg = dataclasses.replace(base, dtype=model_cfg.dtype)
   model = llm.DecoderLM(model_cfg)
   tx = optim.make_optimizer(train)

@@ -11,10 +11,13 @@ from flax import linen as nn
 
 from data.vocab import Tokenizer
 from infra import mesh as mesh_lib
-from userllm.models import adapters, decoding, gemma_loader, llm
+from userllm.models import adapters, decoding, gemma_loader, gemma_variants, llm
 
+# head_dim (16) != embed_dim / num_heads (8), as in released Gemmas (2B: 256 vs
+# 256, 7B: 256 vs 192, Gemma 2 27B: 128 vs 144): a scale or reshape taken from
+# the wrong one of them shows in every test
 CFG = llm.LLMConfig(vocab_size=61, embed_dim=32, num_layers=3, num_heads=4,
-                    num_kv_heads=2, head_dim=8, mlp_dim=64)
+                    num_kv_heads=2, head_dim=16, mlp_dim=64)
 
 
 def _init(cfg, tokens, mask, **kwargs):
@@ -325,16 +328,20 @@ def test_decoder_matches_the_clean_room_gemma_forward(family):
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_gemma_2_and_3_checkpoints_load_with_their_family(tmp_path, family):
   """Released-layout Gemma 2/3 checkpoints: the family comes from the keys
-  (Gemma 3 stores the MLP gating transposed), its settings from gemma_family,
-  and the loaded model computes what the saved one did."""
+  (Gemma 3 stores the MLP gating transposed), its constants from the family's
+  default variant (these shapes are no released model's), and with the test's
+  own window and caps the loaded model computes what the saved one did."""
   cfg, model, params, tokens, _ = _family_model(family)
   flat = gemma_loader.to_gemma_layout(params)
   gating = flat["transformer/layer_0/mlp/gating_einsum"]["w"].shape
   assert gating == ((2, 64, 32) if family == "gemma3" else (2, 32, 64))
   path = gemma_loader.save_checkpoint(params, str(tmp_path / family))
   loaded_cfg, loaded = gemma_loader.load_checkpoint(path)
-  expected = llm.gemma_family(family, cfg.embed_dim, cfg.num_heads, cfg.head_dim)
-  assert expected and all(getattr(loaded_cfg, k) == v for k, v in expected.items())
+  expected = gemma_variants.family_fields(gemma_variants.FAMILY_DEFAULTS[family],
+                                          cfg.embed_dim, cfg.num_heads, cfg.head_dim)
+  assert all(getattr(loaded_cfg, k) == v for k, v in expected.items())
+  assert loaded_cfg.query_scalar == cfg.head_dim ** -0.5 != (
+      cfg.embed_dim // cfg.num_heads) ** -0.5
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   # with the test's own window and caps, the loaded parameters give its logits
   same = llm.LLMConfig(**{**cfg.__dict__})
@@ -361,41 +368,6 @@ def test_sliding_window_kv_cache_decoding_equals_full_recomputation():
   a 3-token window (a left-padded row included) equals one full forward."""
   _assert_chunked_decoding_equals_full(
       llm.LLMConfig(**{**CFG.__dict__, **FAMILIES["gemma3"][0]}))
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_decoder_matches_the_gemma_library(family):
-  """Google DeepMind's `gemma` library (pip install gemma==3.3.0, outside
-  requirements.txt): a tiny random model of each family, initialised by the
-  library, loaded through our loader from its nested tree, gives the library's
-  logits to 1e-4."""
-  gm = pytest.importorskip("gemma.gm", reason="the gemma reference library is not "
-                           "installed (pip install gemma==3.3.0)")
-  import dataclasses
-  local, glob = gm.nn.AttentionType.LOCAL_SLIDING, gm.nn.AttentionType.GLOBAL
-  switches, settings = FAMILIES[family]
-  kinds = ((local, glob, local) if family != "gemma1" else (glob,) * 3)
-  config = gm.nn.config.TransformerConfig(
-      num_embed=256, embed_dim=32, hidden_dim=64, num_heads=4, head_dim=8,
-      num_kv_heads=2, final_logit_softcap=settings.get("final_softcap"),
-      use_post_attn_norm=family != "gemma1", use_post_ffw_norm=family != "gemma1",
-      attention_types=kinds, attn_logits_soft_cap=settings.get("attn_softcap"),
-      sliding_window_size=settings.get("window"),
-      transpose_gating_einsum=family == "gemma3", use_qk_norm=family == "gemma3",
-      global_base_frequency=int(settings.get("global_base", 10_000)),
-      global_scale_factor=settings.get("global_scale", 1.0))
-  model = gm.nn.Transformer(config=config)
-  tokens = jax.random.randint(jax.random.PRNGKey(4), (1, 10), 3, 256)
-  params = _randomise(model.init(jax.random.PRNGKey(0), tokens)["params"])
-  theirs = model.apply({"params": params}, tokens).logits
-  cfg, ours_params = gemma_loader.convert(jax.device_get(params))
-  # the test's own window and caps (a checkpoint does not carry them); Gemma 2's
-  # library query scale is head_dim ** -0.5 here, as ours without query_scale
-  cfg = dataclasses.replace(cfg, **{k: v for k, v in switches.items()
-                                    if k != "query_scale"})
-  ours, _ = jax.jit(llm.DecoderLM(cfg).apply)({"params": ours_params}, tokens,
-                                              jnp.ones((1, 10), bool))
-  assert np.abs(np.asarray(ours) - np.asarray(theirs)[..., :256]).max() < 1e-4
 
 
 def test_gemma_checkpoint_restores_sharded_onto_the_mesh(tmp_path):

@@ -16,7 +16,8 @@ from data import prompts
 from data.vocab import Tokenizer
 from infra import optim, train_loop
 from infra.errors import ConfigError
-from userllm.models import adapters, gemma_loader, llm as llm_lib
+from userllm.models import adapters, gemma_loader, gemma_variants
+from userllm.models import llm as llm_lib
 from userllm import user_llm as ul
 from userllm.models import sequence_model as sm
 
@@ -89,12 +90,12 @@ def llm_config(config, vocab_size: int, method: str,
   fields = dict(config.llm)
   for key in ("checkpoint", "tokenizer", "drop_vision"):
     fields.pop(key, None)
-  family = fields.pop("family", "gemma1")
+  family, variant = fields.pop("family", "gemma1"), fields.pop("variant", "")
   try:
-    fields.update(llm_lib.gemma_family(family, fields["embed_dim"],
-                                       fields["num_heads"], fields["head_dim"]))
+    fields.update(gemma_variants.scratch_fields(
+        family, variant, {k: fields[k] for k in gemma_variants.SHAPE_FIELDS}))
   except ValueError as e:
-    raise ConfigError(f"config.llm.family: {e}") from None
+    raise ConfigError(f"config.{e}") from None
   fields["cross_attention_every"] = (fields["cross_attention_every"]
                                      if method == "cross_attention" else 0)
   fields["cross_attention_gate_init"] = config.userllm.gate_init

@@ -99,7 +99,8 @@ def language_model(config, split, tokenizer, tasks, mesh, workdir: str):
   """Stage 1: (base LLMConfig or None, LLM parameters on the host)."""
   if config.llm.checkpoint:
     base, llm_params = gemma_loader.load_checkpoint(
-        config.llm.checkpoint, drop_vision=config.llm.drop_vision, mesh=mesh)
+        config.llm.checkpoint, drop_vision=config.llm.drop_vision, mesh=mesh,
+        variant=config.llm.variant)
     # the embedding table's rows (256128 for Gemma) cover the tokenizer's pieces
     if base.vocab_size < tokenizer.vocab_size:
       raise ConfigError(f"config.llm.tokenizer has {tokenizer.vocab_size} pieces, "

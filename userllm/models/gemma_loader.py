@@ -18,9 +18,11 @@ width) is read off the parameter shapes.
 
 The family is read off the keys: post-norms (`post_attention_norm`,
 `post_ffw_norm`) make Gemma 2, and with QK-norm scales (`attn/_query_norm`,
-`attn/_key_norm`) Gemma 3, whose MLP gating is stored transposed ([2, mlp,
-embed]). A checkpoint does not hold the family's other settings (soft-caps,
-sliding windows, RoPE bases), so they come from `llm.gemma_family`.
+`attn/_key_norm`) Gemma 3. A checkpoint does not hold the family's constants
+(query scale, soft caps, sliding windows, RoPE bases) nor which way its MLP
+gating is stored (Gemma 2 9B / 27B and Gemma 3 store it [2, mlp, embed]), so
+they come from the released variant (`gemma_variants`): the one the config
+names, or the one with the checkpoint's shapes.
 
 Every key is either mapped or an error naming it. Gemma 3's vision tower
 (`SigLiPFromPatches_0/...` and the embedder's `mm_*` projection) is an error too
@@ -40,7 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from userllm.models import llm
+from userllm.models import gemma_variants, llm
 
 # the parameters a Gemma layer may hold (paths inside the layer)
 _LAYER_PARAMS = ("pre_attention_norm/scale", "pre_ffw_norm/scale",
@@ -92,10 +94,17 @@ def _get(tree: dict, path: str):
 
 
 def convert(gemma_params: dict, vocab_size: int | None = None,
-            drop_vision: bool = False) -> tuple[llm.LLMConfig, dict]:
+            drop_vision: bool = False, variant: str = "", **overrides
+            ) -> tuple[llm.LLMConfig, dict]:
   """Gemma 1/2/3 parameters (released flat or library nested) -> (LLMConfig,
-  our params). `vocab_size` defaults to the checkpoint's embedding rows. A
-  key the conversion does not use is a ValueError naming it."""
+  our params). `vocab_size` defaults to the checkpoint's embedding rows.
+
+  The shapes come from the parameters; the family's constants (query scale,
+  windows, RoPE, soft caps) from the released variant named by `variant`, else
+  from the variant whose shapes these are, else from the family's defaults
+  (`gemma_variants`), with a printed line saying which. `overrides` set
+  LLMConfig fields on top (e.g. a shorter sliding window). A key the
+  conversion does not use is a ValueError naming it."""
   tree = _nest(dict(gemma_params))
   vision = sorted(k for k in tree if k in _VISION_ROOTS)
   if "transformer" in tree:  # the released layout's root
@@ -113,18 +122,17 @@ def convert(gemma_params: dict, vocab_size: int | None = None,
                      f"{sorted(tree)}")
   family = _family(tree[layer_names[0]])
   _check_every_key_is_known(tree, layer_names, family)
+  shapes = _shapes(tree, layer_names)
+  released = gemma_variants.resolve(family, shapes, variant)
   embedding = _get(tree, "embedder/input_embedding")
   params = {"embedder": {}, "final_norm": {"scale": _get(tree, "final_norm/scale")}}
   for name in layer_names:
-    params[name] = _convert_layer(tree[name], f"transformer/{name}", family)
-  first = params[layer_names[0]]
-  num_heads, embed_dim, head_dim = first["attn"]["q_einsum"].shape
-  config = llm.LLMConfig(
-      vocab_size=vocab_size or embedding.shape[0], embed_dim=embed_dim,
-      num_layers=len(layer_names), num_heads=num_heads,
-      num_kv_heads=first["attn"]["kv_einsum"].shape[1], head_dim=head_dim,
-      mlp_dim=first["mlp"]["linear"].shape[0],
-      **llm.gemma_family(family, embed_dim, num_heads, head_dim)).validate()
+    params[name] = _convert_layer(tree[name], f"transformer/{name}", family,
+                                  released.gating_transposed)
+  fields = gemma_variants.family_fields(released, shapes["embed_dim"],
+                                        shapes["num_heads"], shapes["head_dim"])
+  config = llm.LLMConfig(vocab_size=vocab_size or embedding.shape[0],
+                         **shapes, **{**fields, **overrides}).validate()
   rows = config.padded_vocab
   if embedding.shape[0] > rows:
     raise ValueError(f"Gemma checkpoint has {embedding.shape[0]} embedding rows, "
@@ -133,6 +141,20 @@ def convert(gemma_params: dict, vocab_size: int | None = None,
   params["embedder"]["input_embedding"] = pad(
       embedding, [(0, rows - embedding.shape[0]), (0, 0)])
   return config, params
+
+
+def _shapes(tree: dict, layer_names: list[str]) -> dict:
+  """The LLMConfig shape fields, read off the first layer's parameters."""
+  layer = tree[layer_names[0]]
+  qkv = _get(layer, "attn/qkv_einsum")  # [3, heads, embed, head_dim]
+  q = qkv[0] if qkv is not None else _required(layer, "attn/q_einsum",
+                                                 f"transformer/{layer_names[0]}")
+  kv = qkv[1:] if qkv is not None else _get(layer, "attn/kv_einsum")
+  num_heads, embed_dim, head_dim = q.shape
+  return dict(num_layers=len(layer_names), embed_dim=embed_dim,
+              num_heads=num_heads, num_kv_heads=kv.shape[1], head_dim=head_dim,
+              mlp_dim=_required(layer, "mlp/linear",
+                                f"transformer/{layer_names[0]}").shape[0])
 
 
 def _without_vision(tree: dict, vision_roots: list[str], drop: bool) -> dict:
@@ -182,7 +204,11 @@ def _required(layer: dict, part: str, path: str) -> np.ndarray:
   return value
 
 
-def _convert_layer(layer: dict, path: str, family: str) -> dict:
+def _convert_layer(layer: dict, path: str, family: str,
+                   gating_transposed: bool) -> dict:
+  """One layer's parameters in our tree. The MLP gating is stored [2, embed,
+  mlp] or transposed [2, mlp, embed] (Gemma 2 9B / 27B, Gemma 3): its shape
+  says which unless embed == mlp, where the variant's layout decides."""
   qkv = _get(layer, "attn/qkv_einsum")
   if qkv is not None:  # multi-head: [3, heads, embed, head_dim]
     q, kv = qkv[0], qkv[1:]
@@ -190,11 +216,13 @@ def _convert_layer(layer: dict, path: str, family: str) -> dict:
     q = _required(layer, "attn/q_einsum", path)
     kv = _required(layer, "attn/kv_einsum", path)
   gating = _required(layer, "mlp/gating_einsum", path)
-  if family == "gemma3" or gating.shape[1] != q.shape[1]:
-    gating = gating.transpose(0, 2, 1)  # stored [2, mlp, embed]
-  if gating.shape[1] != q.shape[1]:
+  embed_dim = q.shape[1]
+  square = gating.shape[1] == gating.shape[2]
+  if (square and gating_transposed) or (not square and gating.shape[2] == embed_dim):
+    gating = gating.transpose(0, 2, 1)
+  if gating.shape[1] != embed_dim:
     raise ValueError(f"Gemma checkpoint: {path}/mlp/gating_einsum has shape "
-                     f"{gating.shape}, which fits no width {q.shape[1]} layout")
+                     f"{gating.shape}, which fits no width {embed_dim} layout")
   norms = ("pre_attention_norm", "pre_ffw_norm") + (
       ("post_attention_norm", "post_ffw_norm") if family != "gemma1" else ())
   out = {norm: {"scale": _required(layer, f"{norm}/scale", path)} for norm in norms}
@@ -209,9 +237,10 @@ def _convert_layer(layer: dict, path: str, family: str) -> dict:
 
 
 def load_checkpoint(path: str, vocab_size: int | None = None,
-                    drop_vision: bool = False, mesh=None
-                    ) -> tuple[llm.LLMConfig, dict]:
-  """Restores a Gemma checkpoint directory -> (LLMConfig, params).
+                    drop_vision: bool = False, mesh=None, variant: str = "",
+                    **overrides) -> tuple[llm.LLMConfig, dict]:
+  """Restores a Gemma checkpoint directory -> (LLMConfig, params); `variant`
+  and `overrides` as in `convert`.
 
   With a `mesh`, every array is restored straight onto the mesh's devices,
   split over all of them (`restore_sharding`), and converted there: no host
@@ -231,7 +260,7 @@ def load_checkpoint(path: str, vocab_size: int | None = None,
                                        sharding=restore_sharding(m.shape, mesh)),
         checkpointer.metadata(path).item_metadata)
     restored = checkpointer.restore(path, target)
-  return convert(restored, vocab_size, drop_vision)
+  return convert(restored, vocab_size, drop_vision, variant, **overrides)
 
 
 def restore_sharding(shape: tuple[int, ...], mesh) -> NamedSharding:
@@ -245,9 +274,12 @@ def restore_sharding(shape: tuple[int, ...], mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def to_gemma_layout(params: dict, fuse_qkv: bool = False) -> dict:
+def to_gemma_layout(params: dict, fuse_qkv: bool = False,
+                    transpose_gating: bool | None = None) -> dict:
   """Our LLM parameters -> the released flat layout (base weights only; the
-  family follows from which norms the layers hold)."""
+  family follows from which norms the layers hold). The MLP gating is written
+  [2, mlp, embed] when `transpose_gating` (None: for Gemma 3 only; Gemma 2 9B
+  and 27B need True: `gemma_variants.Variant.gating_transposed`)."""
   def einsum(x):
     return {"w": np.asarray(x)}
   flat = {"transformer/embedder": {"input_embedding": np.asarray(
@@ -265,9 +297,10 @@ def to_gemma_layout(params: dict, fuse_qkv: bool = False) -> dict:
       flat[f"{root}/attn/kv_einsum"] = einsum(attn["kv_einsum"])
     flat[f"{root}/attn/attn_vec_einsum"] = einsum(attn["attn_vec_einsum"])
     gating = np.asarray(layer["mlp"]["gating_einsum"])
-    gemma3 = "_query_norm" in attn
+    transpose = ("_query_norm" in attn if transpose_gating is None
+                 else transpose_gating)
     flat[f"{root}/mlp/gating_einsum"] = einsum(
-        gating.transpose(0, 2, 1) if gemma3 else gating)
+        gating.transpose(0, 2, 1) if transpose else gating)
     flat[f"{root}/mlp/linear"] = einsum(layer["mlp"]["linear"])
     for norm in ("pre_attention_norm", "pre_ffw_norm", "post_attention_norm",
                  "post_ffw_norm"):
@@ -279,11 +312,13 @@ def to_gemma_layout(params: dict, fuse_qkv: bool = False) -> dict:
   return flat
 
 
-def save_checkpoint(params: dict, path: str, fuse_qkv: bool = False) -> str:
+def save_checkpoint(params: dict, path: str, fuse_qkv: bool = False,
+                    transpose_gating: bool | None = None) -> str:
   """Writes `params` (our LLM's) as a released-layout orbax checkpoint (what
   `gemma.gm.ckpts.load_params` reads)."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), to_gemma_layout(params, fuse_qkv))
+  checkpointer.save(os.path.abspath(path),
+                    to_gemma_layout(params, fuse_qkv, transpose_gating))
   checkpointer.wait_until_finished()
   return path
 

@@ -6,16 +6,17 @@ RoPE on split halves, multi-query / grouped-query attention, gated GeLU MLP,
 input embeddings scaled by sqrt(width) and tied with the output layer), so an
 official Gemma Flax checkpoint maps onto it by renaming alone
 (`userllm/models/gemma_loader.py`). Every parameter carries logical axis names.
-Gemma 2 and 3 are the same module with `LLMConfig` switches (`gemma_family`
-gives each family's values):
+Gemma 2 and 3 are the same module with `LLMConfig` switches (each released
+variant's values are data in `gemma_variants`):
 - Gemma 2: norms after attention and MLP too (`post_norms`), tanh soft-capping
   of attention logits (50) and final logits (30), sliding-window attention
-  (4,096) on every other layer (`global_every=2`), and a query scale that the
-  27B model takes from embed / heads instead of head_dim (`query_scale`).
+  (4,096) on every other layer (`global_every=2`).
 - Gemma 3: post-norms, RMSNorm of queries and keys over head_dim (`qk_norm`),
   no soft-capping, five sliding-window layers to one global (`global_every=6`),
   and RoPE with base 10k on local layers but 1M on global ones, there with
   positions divided by a scale factor (8 on 4B and up).
+- The query scale (`query_scale`) is head_dim ** -0.5 except on Gemma 2 27B
+  and Gemma 3 27B, which take (embed_dim / num_heads) ** -0.5.
 
 One forward function serves training, scoring and decoding:
 
@@ -61,7 +62,7 @@ class LLMConfig:
   head_dim: int = 32
   mlp_dim: int = 512
   rope_max_wavelength: int = 10_000  # RoPE base (of local layers, when they differ)
-  # Gemma 2 / 3 (the defaults are Gemma v1's; see gemma_family):
+  # Gemma 2 / 3 (the defaults are Gemma v1's; see gemma_variants):
   post_norms: bool = False  # RMSNorm after attention and after the MLP as well
   qk_norm: bool = False  # RMSNorm of queries and keys over head_dim
   query_scale: float = 0.0  # queries x this; 0 = head_dim ** -0.5
@@ -138,31 +139,6 @@ def forward_flops(cfg: LLMConfig, tokens: int, user_tokens: int = 0) -> float:
 def _param(module: nn.Module, name: str, shape, axes, init=None):
   init = init or nn.initializers.normal(stddev=0.02)
   return module.param(name, nn.with_logical_partitioning(init, axes), shape)
-
-
-# Each family's switches (LLMConfig fields) on top of the shapes; the size
-# exceptions (Gemma 2 27B's query scale, Gemma 3 1B's window and unscaled RoPE)
-# are resolved from the shapes by `gemma_family`.
-FAMILIES = ("gemma1", "gemma2", "gemma3")
-
-
-def gemma_family(family: str, embed_dim: int, num_heads: int, head_dim: int) -> dict:
-  """LLMConfig fields of a released Gemma `family` model of these shapes."""
-  if family == "gemma1":
-    return {}
-  if family == "gemma2":
-    out = dict(post_norms=True, attn_logit_softcap=50.0, final_logit_softcap=30.0,
-               sliding_window=4096, global_every=2)
-    if embed_dim // num_heads != head_dim:  # 27B: 4608 / 32 = 144 != 128
-      out["query_scale"] = (embed_dim // num_heads) ** -0.5
-    return out
-  if family == "gemma3":
-    small = embed_dim <= 1152  # 1B (and 270M): window 512, RoPE not scaled
-    return dict(post_norms=True, qk_norm=True, global_every=6,
-                sliding_window=512 if small else 1024,
-                rope_global_wavelength=1_000_000,
-                rope_global_scale=1.0 if small else 8.0)
-  raise ValueError(f"llm family {family!r} is not one of {FAMILIES}")
 
 
 class RMSNorm(nn.Module):
