@@ -36,6 +36,7 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
   config.data = common.data(
       tiny, source, directory,
       vocab_size=400 if tiny else 2000,  # an upper bound on the trained pieces
+      vocab_model="bpe",  # whole words: shorter histories than unigram
       history_len=8 if tiny else 50,  # N: events a history shows
       future_len=2 if tiny else 5,  # held-out events after a test cut
       min_history=4 if tiny else 10,  # events before any cut
@@ -52,7 +53,8 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       # a released Gemma (configs/user_llm.py says how; gemma_variants.VARIANTS)
       variant="",
       # Gemma Flax checkpoint dirs to start the warm-ups from (+ its tokenizer)
-      policy_checkpoint="", predictor_checkpoint="", tokenizer=""))
+      policy_checkpoint="", predictor_checkpoint="", tokenizer="",
+      drop_vision=False))  # Gemma 3 4B+: load the text model without its vision tower
   config.summary = ml_collections.ConfigDict(dict(
       max_len=16 if tiny else 32,  # tokens a summary may take (eos included)
       prompt_len=96 if tiny else 288,  # tokens of a policy prompt / context

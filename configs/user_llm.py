@@ -33,7 +33,9 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
   config = common.experiment("user_llm")
   # vocab_size: the SentencePiece vocabulary trained on the data when
   # llm.tokenizer is empty (an upper bound: small corpora get fewer pieces)
-  config.data = common.data(tiny, vocab_size=300 if tiny else 2000)
+  config.data = common.data(tiny, vocab_size=300 if tiny else 2000,
+                            vocab_model="unigram",  # or "bpe"
+                            title_pieces=False)  # True: every title one piece
   config.llm = ml_collections.ConfigDict(dict(
       embed_dim=32 if tiny else 128, num_layers=2, num_heads=2 if tiny else 4,
       num_kv_heads=1, head_dim=16 if tiny else 32, mlp_dim=64 if tiny else 512,

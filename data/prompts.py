@@ -29,13 +29,12 @@ every row.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import numpy as np
 
 from data import splits
 from data import timelines as tl
-from data.vocab import Tokenizer, train_vocabulary
+from data.vocab import Tokenizer
 
 # task ids are indices here: append, never reorder
 TASKS = ("next_title", "favourite_genre", "rating", "title_genre", "summary",
@@ -57,22 +56,6 @@ def corpus(timelines: tl.UserTimelines) -> list[str]:
   return (prompts + list(timelines.items.genre_names) + ["unknown"]
           + [f"A, B; {level}" for level in LEVELS] + list(RATINGS)
           + [str(t) for t in timelines.items.titles[1:]])
-
-
-def vocabulary_file(config, workdir: str, timelines: tl.UserTimelines) -> str:
-  """The SentencePiece model of a user_llm config: `config.llm.tokenizer`
-  (Gemma's), or one trained on `corpus(timelines)` with `config.data.vocab_size`
-  pieces and kept at `<workdir>/spm.model` (the workflow, its seqio tasks and
-  the benchmarks all read this one file)."""
-  if config.llm.tokenizer:
-    if not os.path.exists(config.llm.tokenizer):
-      raise FileNotFoundError(f"config.llm.tokenizer={config.llm.tokenizer!r}"
-                              " does not exist")
-    return config.llm.tokenizer
-  path = os.path.join(workdir, "spm.model")
-  if not os.path.exists(path):
-    train_vocabulary(corpus(timelines), path, config.data.vocab_size)
-  return path
 
 
 def favourite_genre_index(items: tl.ItemTable, history: np.ndarray) -> int:

@@ -14,7 +14,7 @@ The tfds train split holds the (user, cut) rows of `prompts.training_examples`
 with the workflow's seed, so both input paths train on the same examples; they
 differ in order only (seqio samples the tasks at equal rates from shuffled
 streams, the in-memory path shuffles every (user, cut, task) row per epoch).
-The vocabulary is the workflow's (`prompts.vocabulary_file`).
+The vocabulary is the workflow's (`userllm/language_model.py: tokenizer`).
 
 This module imports TensorFlow; the training process loads it only when the
 seqio input path is chosen.

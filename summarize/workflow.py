@@ -38,29 +38,26 @@ import numpy as np
 from data import sources
 from data import timelines as tl
 from data.sequences import EpochBatcher
-from data.vocab import Tokenizer, train_vocabulary
-from infra import checkpoint, mesh as mesh_lib, optim, train_loop
+from data.vocab import Tokenizer
+from infra import optim, stages, train_loop
 from infra.errors import ConfigError
 from summarize import evaluation, examples as ex, rlpf, texts
-from userllm.models import gemma_loader, gemma_variants, llm
+from userllm import language_model
+from userllm.models import llm
 
 ROWS = ("none", "full_history", "last_k", "random_k", "first_k", "initial_policy",
         "hierarchical", "hierarchical_verified", "rlpf")
 SUMMARY_ROWS = ("initial_policy", "hierarchical", "hierarchical_verified", "rlpf")
-# config values each stage depends on (stored with its checkpoints); None: all
-STAGE_FIELDS = {
-    "policy_train": ("seed", "data", "llm", "summary", "policy_style",
-                     "policy_train"),
-    "predictor_train": ("seed", "data", "llm", "summary", "predictor.contexts",
-                        "predictor.choice_weight", "predictor.history_lm_weight",
-                        "predictor_train",
-                        "rl.num_options", "rl.distractors"),
-    "rl_train": None}
-
-
-def stage_identity(config, field: str) -> dict:
-  """{dotted field: value} of the config values stage `field` depends on."""
-  return checkpoint.config_identity(config, STAGE_FIELDS[field])
+# Each stage's schedule (config section) and the config values it depends on
+# (stored with its checkpoints); RL depends on everything.
+STAGES = {
+    "policy": stages.Stage("policy_train", ("seed", "data", "llm", "summary",
+                                            "policy_style", "policy_train")),
+    "predictor": stages.Stage("predictor_train", (
+        "seed", "data", "llm", "summary", "predictor.contexts",
+        "predictor.choice_weight", "predictor.history_lm_weight",
+        "predictor_train", "rl.num_options", "rl.distractors")),
+    "rlpf": stages.Stage("rl_train")}
 
 
 def check(config) -> None:
@@ -93,35 +90,14 @@ def rl_config(config, length_target: float) -> rlpf.RLConfig:
       reward=r.reward).validate()
 
 
-def llm_config(config, vocab_size: int) -> llm.LLMConfig:
-  fields = {k: v for k, v in config.llm.items()
-            if k not in ("family", "variant", "policy_checkpoint",
-                         "predictor_checkpoint", "tokenizer")}
-  try:
-    fields.update(gemma_variants.scratch_fields(
-        config.llm.family, config.llm.get("variant", ""),
-        {k: fields[k] for k in gemma_variants.SHAPE_FIELDS}))
-    return llm.LLMConfig(vocab_size=vocab_size, **fields).validate()
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.llm: {e}") from None
-
-
 def tokenizer_for(config, workdir: str, timelines) -> Tokenizer:
-  """`config.llm.tokenizer` (Gemma's), or a BPE one trained on the data's
-  text and kept at <workdir>/spm.model (whole words: shorter histories), with
-  every catalogue title one piece when `config.data.title_pieces`."""
-  title_pieces = config.data.title_pieces
-  if config.llm.tokenizer:
-    if title_pieces:
-      raise ConfigError("config.data.title_pieces needs a vocabulary trained "
-                        "here; config.llm.tokenizer is given")
-    return Tokenizer(config.llm.tokenizer)
-  path = os.path.join(workdir, "spm.model")
-  if not os.path.exists(path):
-    whole = tuple(str(t) for t in timelines.items.titles[1:]) if title_pieces else ()
-    train_vocabulary(texts.vocabulary_corpus(timelines.items), path,
-                     config.data.vocab_size, model_type="bpe", whole=whole)
-  return Tokenizer(path)
+  """`config.llm.tokenizer` (Gemma's), or one trained on the catalogue's text
+  (language_model.tokenizer; the RLPF configs train BPE: whole words make
+  shorter histories), every catalogue title one piece when
+  `config.data.title_pieces`."""
+  return language_model.tokenizer(
+      config, workdir, lambda: texts.vocabulary_corpus(timelines.items),
+      titles=[str(t) for t in timelines.items.titles[1:]])
 
 
 def epoch_batches(make_batch, cuts: ex.Cuts, batch_size: int, seed: int):
@@ -130,37 +106,32 @@ def epoch_batches(make_batch, cuts: ex.Cuts, batch_size: int, seed: int):
   return lambda step: make_batch(rows(step), np.random.default_rng([seed, step]))
 
 
-def warm_up(name: str, config, field: str, checkpoint: str, model_cfg, batches,
-            loss_fn, mesh, workdir: str, valid_fn=None):
-  """A warm-up stage: `loss_fn(model, params, batch, rng)` training of a
-  DecoderLM on `batches`, from scratch or from a Gemma `checkpoint`, with
-  `valid_fn(model, params) -> {key: value}` every eval_every steps when given.
-  Returns (model, host parameters)."""
-  train = config[field]
-  if checkpoint:
-    # logits over the tokenizer's pieces only (Gemma's table has 128 spare rows)
-    base, pretrained = gemma_loader.load_checkpoint(
-        checkpoint, vocab_size=model_cfg.vocab_size, mesh=mesh,
-        variant=config.llm.variant)
+def warm_up(name: str, config, checkpoint: str, model_cfg, batches, loss_fn,
+            mesh, workdir: str, valid_fn=None):
+  """Stage `name` (STAGES: the policy or the predictor): `loss_fn(model,
+  params, batch, rng)` training of a DecoderLM on `batches`, from scratch or
+  from a Gemma `checkpoint`, with `valid_fn(model, params) -> {key: value}`
+  every eval_every steps when given. Returns (model, host parameters)."""
+  stage = STAGES[name]
+  pretrained = None
+  if checkpoint:  # logits over the tokenizer's pieces only
+    base, pretrained = language_model.pretrained(config, checkpoint, mesh,
+                                                 model_cfg.vocab_size)
     model_cfg = dataclasses.replace(base, dtype=model_cfg.dtype)
   model = llm.DecoderLM(model_cfg)
-  tx = optim.make_optimizer(train)
+  tx = optim.make_optimizer(config[stage.field])
   sample = batches(0)
   tokens = sample["tokens" if "tokens" in sample else "prompt"][:1]
   init = lambda rng: model.init(rng, tokens, tokens > 0)["params"]  # noqa: E731
   state, shardings = train_loop.create_state(init, tx, jax.random.PRNGKey(config.seed),
                                              mesh)
-  if checkpoint:
-    params = gemma_loader.merge_pretrained(state.params, pretrained, name)
-    state = state.replace(params=jax.device_put(params, shardings.params))
-  mesh_lib.check_batch_divides(train.batch_size, mesh, f"config.{field}.batch_size")
-  state = train_loop.fit(
-      state=state, state_shardings=shardings,
+  if pretrained is not None:
+    state = language_model.load_into(state, shardings, pretrained)
+  state = stages.fit(
+      stage, name, config, state=state, shardings=shardings,
       train_step=train_loop.make_train_step(functools.partial(loss_fn, model), tx),
-      batch_fn=batches, mesh=mesh, workdir=f"{workdir}/{name}", schedule=train,
-      name=name, schedule_field=f"config.{field}",
-      eval_fn=valid_fn and (lambda s: valid_fn(model, s.params)),
-      identity=stage_identity(config, field))
+      batches=batches, mesh=mesh, workdir=workdir,
+      eval_fn=valid_fn and (lambda s: valid_fn(model, s.params)))
   return model, jax.device_get(state.params)
 
 
@@ -254,12 +225,10 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
   batches = epoch_batches(functools.partial(
       ex.rl_batch, corpus, cuts, num_options=r.num_options,
       distractors=r.distractors), cuts, train.batch_size, rl_seed)
-  mesh_lib.check_batch_divides(train.batch_size, mesh, "config.rl_train.batch_size")
-  state = train_loop.fit(
-      state=state, state_shardings=shardings, train_step=step, batch_fn=batches,
-      mesh=mesh, workdir=f"{workdir}/rlpf", schedule=train,
-      eval_fn=lambda s: valid_fn(s.params["policy"]), name="rlpf",
-      schedule_field="config.rl_train", identity=stage_identity(config, "rl_train"))
+  state = stages.fit(STAGES["rlpf"], "rlpf", config, state=state,
+                     shardings=shardings, train_step=step, batches=batches,
+                     mesh=mesh, workdir=workdir,
+                     eval_fn=lambda s: valid_fn(s.params["policy"]))
   return jax.device_get(state.params["policy"])
 
 
@@ -325,19 +294,19 @@ def train(config, workdir: str, mesh) -> Trained:
   style_of = functools.partial(texts.sample_style, probabilities=dict(s.style))
   policy_style_of = functools.partial(texts.sample_style,
                                       probabilities=dict(config.policy_style))
-  model_cfg = llm_config(config, corpus.tokenizer.vocab_size)
+  model_cfg = language_model.llm_config(config, corpus.tokenizer.vocab_size)
 
   # 1-2. the initial policy and the frozen predictor
   valid_cuts, valid_probes = held_out(config, timelines, users.valid, corpus, "valid")
   policy, policy_params = warm_up(
-      "policy", config, "policy_train", config.llm.policy_checkpoint, model_cfg,
+      "policy", config, config.llm.policy_checkpoint, model_cfg,
       epoch_batches(functools.partial(
           ex.policy_batch, corpus, cuts, style_of=policy_style_of,
           merge_fraction=s.merge_fraction, chunk_len=s.chunk_len),
           cuts, config.policy_train.batch_size, config.seed), rlpf.lm_loss,
       mesh, workdir, policy_valid_fn(config, corpus, valid_cuts))
   predictor, predictor_params = warm_up(
-      "predictor", config, "predictor_train", config.llm.predictor_checkpoint,
+      "predictor", config, config.llm.predictor_checkpoint,
       model_cfg, epoch_batches(functools.partial(
           ex.predictor_batch, corpus, cuts, style_of=style_of,
           context_weights=dict(config.predictor.contexts),

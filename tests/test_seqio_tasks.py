@@ -7,7 +7,7 @@ import tensorflow_datasets as tfds
 
 from conftest import ML100K_DIR
 from data import prompts, seqio_tasks, sources, splits, tfds_builder
-from data.vocab import Tokenizer
+from userllm import builders
 
 
 def _text_config():
@@ -25,7 +25,7 @@ def registered(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("seqio"))
   timelines = sources.load_timelines(config.data, quiet=True)
   split = splits.leave_last_out(timelines)
-  tokenizer = Tokenizer(prompts.vocabulary_file(config, workdir, timelines))
+  tokenizer = builders.tokenizer_for(config, workdir, timelines)
   u = config.userllm
   builder = prompts.PromptBuilder(split.train, tokenizer, u.method, u.history_len,
                                   u.text_prompt_len, u.answer_len, u.text_ratings)
@@ -103,7 +103,7 @@ def test_vocabulary_is_trained_locally_and_covers_the_prompts(registered):
   vocab = seqio.get_mixture_or_task(names["rating"]).output_features[
       "inputs"].vocabulary
   assert vocab.sentencepiece_model_file == builder.tokenizer.path == (
-      prompts.vocabulary_file(config, workdir, None))  # one file, trained once
+      builders.tokenizer_for(config, workdir, None).path)  # one file, trained once
   titles = builder.timelines.items.titles
   text = f"Watched: {titles[1]}; {titles[2]}. Next title:"
   ids = vocab.encode(text)

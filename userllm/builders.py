@@ -16,8 +16,8 @@ from data import prompts
 from data.vocab import Tokenizer
 from infra import optim, train_loop
 from infra.errors import ConfigError
-from userllm.models import adapters, gemma_loader, gemma_variants
-from userllm.models import llm as llm_lib
+from userllm import language_model
+from userllm.models import adapters, llm as llm_lib
 from userllm import user_llm as ul
 from userllm.models import sequence_model as sm
 
@@ -57,8 +57,10 @@ def check(config) -> None:
 
 
 def tokenizer_for(config, workdir: str, timelines) -> Tokenizer:
-  """`config.llm.tokenizer` (Gemma's), or one trained on the data's text."""
-  return Tokenizer(prompts.vocabulary_file(config, workdir, timelines))
+  """`config.llm.tokenizer` (Gemma's), or one trained on the task text of
+  `timelines` (language_model.tokenizer)."""
+  return language_model.tokenizer(config, workdir,
+                                  lambda: prompts.corpus(timelines))
 
 
 def adapter_config(config, llm: llm_lib.LLMConfig) -> adapters.AdapterConfig:
@@ -87,26 +89,12 @@ def llm_config(config, vocab_size: int, method: str,
                with_adapters: bool = True) -> llm_lib.LLMConfig:
   """config.llm (shape from `base`, a loaded Gemma's config, when given) with
   cross-attention for `method` and the adapters of config.adapter."""
-  fields = dict(config.llm)
-  for key in ("checkpoint", "tokenizer", "drop_vision"):
-    fields.pop(key, None)
-  family, variant = fields.pop("family", "gemma1"), fields.pop("variant", "")
-  try:
-    fields.update(gemma_variants.scratch_fields(
-        family, variant, {k: fields[k] for k in gemma_variants.SHAPE_FIELDS}))
-  except ValueError as e:
-    raise ConfigError(f"config.{e}") from None
-  fields["cross_attention_every"] = (fields["cross_attention_every"]
-                                     if method == "cross_attention" else 0)
-  fields["cross_attention_gate_init"] = config.userllm.gate_init
-  try:
-    cfg = llm_lib.LLMConfig(vocab_size=vocab_size, **fields).validate()
-  except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.llm: {e}") from None
+  cross = dict(cross_attention_every=(config.llm.cross_attention_every
+                                      if method == "cross_attention" else 0),
+               cross_attention_gate_init=config.userllm.gate_init)
+  cfg = language_model.llm_config(config, vocab_size, **cross)
   if base is not None:
-    cfg = dataclasses.replace(base, cross_attention_every=cfg.cross_attention_every,
-                              cross_attention_gate_init=cfg.cross_attention_gate_init,
-                              dtype=cfg.dtype)
+    cfg = dataclasses.replace(base, dtype=cfg.dtype, **cross)
   if not with_adapters:
     return cfg
   return dataclasses.replace(cfg, adapter=adapter_config(config, cfg))
@@ -159,16 +147,6 @@ def init_state(model: ul.UserLLM, strategy: str, train, seed: int, mesh,
   state, shardings = train_loop.create_state(init, tx, jax.random.PRNGKey(seed),
                                              mesh)
   return state, shardings, tx, mask
-
-
-def load_into(state, shardings, subtree: str, pretrained: dict):
-  """state with params[subtree]'s matching leaves replaced by `pretrained`
-  (host or device arrays; device ones are resharded on device)."""
-  params = dict(state.params)
-  params[subtree] = gemma_loader.merge_pretrained(params[subtree], pretrained,
-                                                  subtree)
-  params = jax.device_put(params, shardings.params)
-  return state.replace(params=params)
 
 
 def stage_name(config, model: ul.UserLLM) -> str:

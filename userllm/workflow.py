@@ -32,10 +32,10 @@ import numpy as np
 
 from data import prompts, sources, splits
 from data.sequences import EpochBatcher
-from infra import checkpoint, mesh as mesh_lib, optim, train_loop
-from infra.errors import ConfigError
+from infra import mesh as mesh_lib, optim, stages, train_loop
 from userllm import builders, evaluation
-from userllm.models import adapters, gemma_loader
+from userllm import language_model as lm_lib
+from userllm.models import adapters
 from userllm import user_llm as ul
 from userllm.models import sequence_model as sm
 
@@ -62,50 +62,25 @@ def task_batches(config, workdir: str, builder: prompts.PromptBuilder, timelines
                                       tasks, seed=config.seed + 1)  # = examples'
 
 
-# the config values that define each stage's training (stored with its
-# checkpoints: a resume under other values is an error); None: all of them
-STAGE_FIELDS = {
+# Each stage's schedule (config section) and the config values that define
+# its training (stored with its checkpoints: a resume under other values is an
+# error); the last stage depends on everything.
+STAGES = {
     # (+ the prompt and answer lengths the LM trains at, set by lm_history,
     # the tasks and answer_len: language_model adds them)
-    "lm_train": ("seed", "data", "llm", "lm_train", "userllm.lm_history",
-                 "userllm.lm_tasks", "userllm.tasks", "userllm.text_ratings",
-                 "userllm.cuts_per_user"),
-    "encoder_train": ("seed", "data", "encoder", "encoder_train",
-                      "userllm.history_len"),
-    "train": None}
-
-
-def stage_identity(config, field: str) -> dict:
-  """{dotted field: value} of the config values stage `field` depends on."""
-  return checkpoint.config_identity(config, STAGE_FIELDS[field])
-
-
-def fit_stage(name: str, state, shardings, train_step, batches, config,
-              field: str, mesh, workdir: str, eval_fn=None,
-              identity_extras: dict | None = None):
-  """One stage through `train_loop.fit` in `<workdir>/<name>`, scheduled by
-  `config.<field>`; its checkpoints record `stage_identity` (+ extras)."""
-  train = config[field]
-  mesh_lib.check_batch_divides(train.batch_size, mesh, f"config.{field}.batch_size")
-  return train_loop.fit(state=state, state_shardings=shardings,
-                        train_step=train_step, batch_fn=batches, mesh=mesh,
-                        workdir=f"{workdir}/{name}", schedule=train,
-                        eval_fn=eval_fn, name=name, schedule_field=f"config.{field}",
-                        identity={**stage_identity(config, field),
-                                  **(identity_extras or {})})
+    "lm": stages.Stage("lm_train", (
+        "seed", "data", "llm", "lm_train", "userllm.lm_history",
+        "userllm.lm_tasks", "userllm.tasks", "userllm.text_ratings",
+        "userllm.cuts_per_user")),
+    "encoder": stages.Stage("encoder_train", (
+        "seed", "data", "encoder", "encoder_train", "userllm.history_len")),
+    "task": stages.Stage("train")}
 
 
 def language_model(config, split, tokenizer, tasks, mesh, workdir: str):
   """Stage 1: (base LLMConfig or None, LLM parameters on the host)."""
   if config.llm.checkpoint:
-    base, llm_params = gemma_loader.load_checkpoint(
-        config.llm.checkpoint, drop_vision=config.llm.drop_vision, mesh=mesh,
-        variant=config.llm.variant)
-    # the embedding table's rows (256128 for Gemma) cover the tokenizer's pieces
-    if base.vocab_size < tokenizer.vocab_size:
-      raise ConfigError(f"config.llm.tokenizer has {tokenizer.vocab_size} pieces, "
-                        f"more than the checkpoint's {base.vocab_size} embeddings")
-    return base, llm_params
+    return lm_lib.pretrained(config, config.llm.checkpoint, mesh)
   u = config.userllm
   lm_tasks = builders.tasks_of(config, "lm_tasks")
   # lm_history titles whole (the longest such prompt): the LM does not depend
@@ -119,10 +94,12 @@ def language_model(config, split, tokenizer, tasks, mesh, workdir: str):
       model, "full", config.lm_train, config.seed, mesh, builder)
   examples = prompts.training_examples(split.train, u.cuts_per_user, config.seed,
                                        lm_tasks)
-  state = fit_stage("lm", state, shardings, train_loop.make_train_step(
-      functools.partial(ul.lm_loss, model, mask), tx), example_batches(
-          builder, examples, config.lm_train.batch_size, config.seed),
-      config, "lm_train", mesh, workdir,
+  state = stages.fit(
+      STAGES["lm"], "lm", config, state=state, shardings=shardings,
+      train_step=train_loop.make_train_step(
+          functools.partial(ul.lm_loss, model, mask), tx),
+      batches=example_batches(builder, examples, config.lm_train.batch_size,
+                              config.seed), mesh=mesh, workdir=workdir,
       identity_extras={"lm_prompt_len": builder.prompt_len,
                        "lm_answer_len": builder.answer_len})
   return None, jax.device_get(state.params["llm"])
@@ -150,11 +127,11 @@ def user_encoder(config, train_timelines, encoder_cfg: sm.SequenceModelConfig,
   state, shardings = train_loop.create_state(init, tx,
                                              jax.random.PRNGKey(config.seed), mesh)
   rows = EpochBatcher(np.arange(len(examples)), train.batch_size, config.seed)
-  state = fit_stage(f"encoder_h{window - 1}", state, shardings,
-                    train_loop.make_train_step(
-                        functools.partial(sm.next_event_loss, encoder), tx),
-                    lambda step: events(rows(step)), config, "encoder_train",
-                    mesh, workdir)
+  state = stages.fit(
+      STAGES["encoder"], f"encoder_h{window - 1}", config, state=state,
+      shardings=shardings, train_step=train_loop.make_train_step(
+          functools.partial(sm.next_event_loss, encoder), tx),
+      batches=lambda step: events(rows(step)), mesh=mesh, workdir=workdir)
   heads = ("genre_head", "rating_head")  # pretraining only: User-LLM reads states
   params = {k: v for k, v in jax.device_get(state.params).items() if k not in heads}
   return params, len(examples)
@@ -203,9 +180,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
   state, shardings, tx, mask = builders.init_state(model, u.strategy, config.train,
                                                    config.seed, mesh, builder,
                                                    u.new_params_lr_scale)
-  state = builders.load_into(state, shardings, "llm", llm_params)
+  state = lm_lib.load_into(state, shardings, llm_params, "llm")
   if encoder_params is not None:
-    state = builders.load_into(state, shardings, "encoder", encoder_params)
+    state = lm_lib.load_into(state, shardings, encoder_params, "encoder")
   examples = prompts.training_examples(split.train, u.cuts_per_user,
                                        config.seed + 1, tasks)  # seqio's too
   # held-out cuts index the full timelines (the train split lacks the
@@ -230,9 +207,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
     last_valid[int(s.step)] = valid.evaluate(s.params)
     return last_valid[int(s.step)]
 
-  state = fit_stage(builders.stage_name(config, model), state, shardings,
-                    train_step, batches, config, "train", mesh, workdir,
-                    eval_fn=evaluate_valid)
+  state = stages.fit(STAGES["task"], builders.stage_name(config, model), config,
+                     state=state, shardings=shardings, train_step=train_step,
+                     batches=batches, mesh=mesh, workdir=workdir,
+                     eval_fn=evaluate_valid)
   results["train_seconds"] = time.time() - train_began
   results["train_step_seconds"] = train_loop.step_seconds(
       train_step, state, mesh_lib.put_batch(batches(0), mesh))

@@ -134,9 +134,10 @@ def convert(gemma_params: dict, vocab_size: int | None = None,
   config = llm.LLMConfig(vocab_size=vocab_size or embedding.shape[0],
                          **shapes, **{**fields, **overrides}).validate()
   rows = config.padded_vocab
-  if embedding.shape[0] > rows:
-    raise ValueError(f"Gemma checkpoint has {embedding.shape[0]} embedding rows, "
-                     f"more than vocab_size={config.vocab_size} pads to ({rows})")
+  if embedding.shape[0] > rows:  # e.g. Gemma's 256,128 rows, 256,000 pieces
+    print(f"[gemma] embedding rows {rows}..{embedding.shape[0] - 1} dropped: no "
+          f"piece of the {config.vocab_size} reaches them", flush=True)
+    embedding = embedding[:rows]
   pad = jnp.pad if isinstance(embedding, jax.Array) else np.pad
   params["embedder"]["input_embedding"] = pad(
       embedding, [(0, rows - embedding.shape[0]), (0, 0)])
@@ -245,7 +246,7 @@ def load_checkpoint(path: str, vocab_size: int | None = None,
   With a `mesh`, every array is restored straight onto the mesh's devices,
   split over all of them (`restore_sharding`), and converted there: no host
   ever holds the whole model, which is what a 7B+ checkpoint needs.
-  `builders.load_into` then moves it to the model's own shardings on device.
+  `language_model.load_into` then moves it to the model's own shardings on device.
   Without one, the arrays come back to the host as numpy.
   """
   path = os.path.abspath(path)
