@@ -1,10 +1,9 @@
 """Default experiment: next-item transformer on the embedded synthetic data.
 
 Scale: 2,000 synthetic users, 1,000 items, ~118k events; a 2-layer, 64-wide
-transformer (~0.2M parameters); 600 steps of batch 128 (validation recall
-plateaus by ~500). About 2.5 minutes on 2 CPU cores; the same config runs
-unchanged on a GPU or a TPU slice. `configs/default.py:tiny`: 64 users, one
-layer, 6 steps (seconds; the tests' variant).
+transformer (~0.2M parameters); 600 steps of batch 128. The same config runs
+unchanged on a GPU or a TPU slice (results and timings: docs/next_item.md).
+`configs/default.py:tiny`: 64 users, one layer, 6 steps (the tests' variant).
 """
 
 from configs import common

@@ -5,11 +5,10 @@ users (summarize/workflow.py).
 
 Scale: two 2-layer, 128-wide Gemma-style LMs trained from scratch (the value
 model is a third copy of the policy's trunk), histories of the latest N = 50
-events (title + rating), summaries of at most 32 tokens. About 2 hours on 2
-CPU cores: the policy's 1,500-step warm-up takes 65 minutes and the
-predictor's 45, RL and the evaluation 16 (a new RL setting on the same
-warm-ups reruns only those 16: README, RLPF). `configs/rlpf.py:tiny` is the
-seconds-long variant the tests run; configs/rlpf_movielens.py reads
+events (title + rating), summaries of at most 32 tokens. Most of the time
+goes to the two warm-ups; a new RL setting on the same warm-ups reruns only
+RL and the evaluation (docs/rlpf.md: timings, results and why each setting
+below is what it is). `configs/rlpf.py:tiny` is the variant the tests run; configs/rlpf_movielens.py reads
 MovieLens-100K; configs/rlpf_gemma_tpu.py starts both LMs from Gemma
 checkpoints.
 """
@@ -44,7 +43,7 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       cuts_per_user=2 if tiny else 8)
   # every catalogue title one vocabulary piece (SentencePiece user-defined
   # symbols): copying a title is then copying one token, and the predictor
-  # learns one embedding per title (README, RLPF on MovieLens)
+  # learns one embedding per title (docs/rlpf.md)
   config.data.title_pieces = False
   config.llm = ml_collections.ConfigDict(dict(
       embed_dim=32 if tiny else 128, num_layers=2, num_heads=2 if tiny else 4,
@@ -65,10 +64,9 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       merge_fraction=0.25,  # warm-up rows that merge chunk summaries
       chunk_len=4 if tiny else 10))  # events per chunk (hierarchical summarizer)
   # the initial policy's warm-up summaries, in the same terms: what its
-  # greedy summaries say before RL. At recent=0.4 they write the latest titles
-  # 98% of the time, at the predictor's ceiling already; at recent=0.2 never
-  # (a generic start, as the paper's zero-shot one, that RL must improve on;
-  # README, RLPF)
+  # greedy summaries say before RL. recent=0.2 is a generic start (as the
+  # paper's zero-shot one) that RL must improve on: at 0.4 the initial
+  # policy already writes the latest titles (docs/rlpf.md)
   config.policy_style = ml_collections.ConfigDict(dict(genres=0.6, rating=0.5,
                                                        recent=0.2, saw=0.5))
   # the predictor's training contexts (examples.CONTEXTS) and their weights
@@ -81,8 +79,8 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       choice_weight=1.0,
       # x the next-token loss over the history contexts' own tokens: every
       # title of a history a target, not only the next one (a from-scratch
-      # predictor has no pretrained knowledge of the items; README, RLPF on
-      # MovieLens). 0: off
+      # predictor has no pretrained knowledge of the items; docs/rlpf.md).
+      # 0: off
       history_lm_weight=0.0,
       # choose titles by calibrated scores: a title's log-likelihood after the
       # context minus after the bare question (RL reward and evaluation)
@@ -92,26 +90,24 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       distractors="popularity_matched",  # | popularity | uniform
       group_size=2,  # samples per prompt
       # the sampling policy is softmax(logits / temperature) (its log-probs
-      # and KL are RL's). At 1.0 this policy's sampled titles are 90% not in
-      # the history (greedy: 66-75%; benchmarks/rlpf_rollouts_synthetic.md)
+      # and KL are RL's; how faithful its samples are at each temperature:
+      # benchmarks/results/rlpf_rollouts_synthetic.md)
       temperature=1.0,
       baseline="value",  # value (the paper's) | rloo | grpo | none
       # x exact KL(policy || initial policy) per summary. The KL-regularised
       # optimum writes a part exp(worth / kl_coef) times as often (odds) as
-      # the initial policy: `recent`, sampled 0.21 and worth +0.08, is
-      # written 0.57 of the time at 0.05 (after RL greedy summaries never
-      # wrote it) and 1.00 at 0.005 (greedy always; rlpf.kl_regularised_share,
-      # benchmarks/rlpf_rollouts_kl.md, README, RLPF)
+      # the initial policy, so this weight decides which parts RL can make
+      # the policy write (rlpf.kl_regularised_share;
+      # benchmarks/results/rlpf_rollouts_kl.md)
       kl_coef=0.005,
       value_coef=0.5,
       # r = correct + length_weight * min(length_cap, length_beta * (L - tokens))
-      # beta = 0.001 per token: a 5-token `recent` part costs 0.005 of the
-      # +0.08 it buys. At 0.005 one seed in three bought length with accuracy
-      # (2-token summaries), at 0.02 RL did (README, RLPF)
+      # beta per token: small beside what a part is worth, so that RL does
+      # not buy length with accuracy (docs/rlpf.md: the larger weights tried)
       length_weight=1.0, length_cap=0.3, length_beta=0.001,
       truncated="keep",  # a summary without eos keeps its reward | "zero"
       # the prediction term: "correct" 1[predictor right] (the paper's) |
-      # "probability" its softmax probability of the right option (README, RLPF)
+      # "probability" its softmax probability of the right option (docs/rlpf.md)
       reward="correct",
       length_target_prompts=16 if tiny else 256,  # prompts that measure L
       # > 0: RL's samples and batch order drawn anew (config.seed also seeds
@@ -121,14 +117,11 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       batch_size=8 if tiny else 50,
       verifier_tries=2 if tiny else 3))  # the verifier's rewrites
   # eval: how faithfully the valid users' greedy and sampled summaries copy
-  # titles (workflow.policy_valid_fn)
-  # 1,500 steps: at 600 the policy's sampled titles were 82% not in the
-  # history, at 1,500 66% (benchmarks/rlpf_fidelity_synthetic.md)
+  # titles (workflow.policy_valid_fn); its copying improves with warm-up
+  # steps (benchmarks/results/rlpf_fidelity_synthetic.md)
   config.policy_train = stage(tiny, 64, 1500, 3e-3, 50, eval_every=200)
   # eval: the valid users' next title read from no context, the whole history
   # and a programmatic summary (does the predictor read contexts yet?)
-  # 1,500 steps: at 600 the predictor read the whole history at 0.34 and at
-  # 1,500 at 0.42 (300 test users; README, RLPF)
   config.predictor_train = stage(tiny, 64, 1500, 3e-3, 50, eval_every=250)
   # 16 prompts x group_size 2 = 32 sampled summaries a step
   config.rl_train = stage(tiny, 16, 400, 3e-4, 10, eval_every=100)

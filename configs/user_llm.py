@@ -81,11 +81,10 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       gate_init=0.0,
       # > 0: + this x the next item's cross-entropy from the mean user token
       # (a linear head), so that stage 3 cannot make the user tokens constant
-      # (README: "Where the user signal is lost"; 0.1 with the LayerNorm below
-      # took favourite-genre accuracy from 0.15 to 0.78 at H = 50)
+      # (docs/user_llm.md: where the user signal is lost)
       aux_item_weight=0.1,
-      # a LayerNorm on the user tokens (unit scale, like the LLM's states);
-      # without it the fresh projector's tokens are 20-100x too small to read
+      # a LayerNorm on the user tokens (unit scale, like the LLM's states):
+      # the fresh projector's tokens are otherwise far too small to read
       normalise_user_tokens=True,
       # + each event's title as the LLM's mean title-token embedding on its
       # encoder state (UserLLMConfig.item_text)
