@@ -1,6 +1,6 @@
-"""Scoring user contexts with the frozen predictor, UserSumBench's metrics, and
-the summarizers the table compares (policy summaries, the time-hierarchical
-summarizer and its self-critique verifier).
+"""Scoring user contexts with the frozen predictor, and UserSumBench's metrics
+(the summaries themselves come from summarize/summarizer.py, hierarchical.py
+and verifier.py).
 
 Every row of the table is a context per held-out user (a summary, part of the
 history as text, or nothing) read by the same frozen predictor, which answers
@@ -26,13 +26,13 @@ import dataclasses
 import functools
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data import prompts
 from infra.errors import DivergedError
 from summarize import examples as ex, texts
 from userllm.models import decoding, llm
+from summarize.corpus import Corpus
 
 TASKS = ("next_title", "favourite_genre", "rating", "future_genre")
 
@@ -53,7 +53,7 @@ class Probes:
   next_item: np.ndarray  # [n]
 
 
-def make_probes(corpus: ex.Corpus, cuts: ex.Cuts, future_len: int,
+def make_probes(corpus: Corpus, cuts: ex.Cuts, future_len: int,
                 num_options: int, distractors: str, seed: int) -> Probes:
   rng = np.random.default_rng(seed)
   n = len(cuts)
@@ -76,7 +76,7 @@ class Predictor:
   """The frozen predictor's option scores over fixed-shape batches (one
   compiled function per shape)."""
 
-  def __init__(self, model: llm.DecoderLM, params, corpus: ex.Corpus,
+  def __init__(self, model: llm.DecoderLM, params, corpus: Corpus,
                batch_size: int, calibrate: bool = False):
     self.params, self.corpus, self.batch_size = params, corpus, batch_size
     self.calibrate = calibrate
@@ -194,90 +194,7 @@ def _side_tasks(predictor: Predictor, probes: Probes,
   return out
 
 
-class Summarizer:
-  """The policy's summaries of fixed-shape prompt batches: greedy
-  (temperature 0) or sampled."""
-
-  def __init__(self, model: llm.DecoderLM, params, corpus: ex.Corpus,
-               batch_size: int):
-    self.model, self.params, self.corpus = model, params, corpus
-    self.batch_size = batch_size
-
-  def write(self, prompt_rows: list[list[int]], temperature: float = 0.0,
-            seed: int = 0) -> np.ndarray:
-    """[n, summary_len] ids (0 after eos) of each prompt's summary."""
-    out, rng = [], jax.random.PRNGKey(seed)
-    for start in range(0, len(prompt_rows), self.batch_size):
-      rows = prompt_rows[start:start + self.batch_size]
-      rows = rows + [rows[-1]] * (self.batch_size - len(rows))
-      prompt, mask = self.corpus.pad_prompts(rows, self.corpus.prompt_len)
-      ids = decoding.generate(self.model, self.params, jnp.asarray(prompt),
-                              jnp.asarray(mask), jax.random.fold_in(rng, start),
-                              max_new_tokens=self.corpus.summary_len,
-                              temperature=temperature, eos_id=self.corpus.eos)
-      out.append(np.asarray(ids))
-    return np.concatenate(out)[:len(prompt_rows)]
-
-  def summaries(self, cuts: ex.Cuts) -> list[str]:
-    """Greedy summaries of each cut's history."""
-    prompts_ = [self.corpus.policy_prompt(int(u), int(c))
-                for u, c in zip(cuts.users, cuts.cuts)]
-    return self.corpus.decode_summaries(self.write(prompts_))
-
-
-def merge_prompts(summarizer: Summarizer, cuts: ex.Cuts, chunk_len: int
-                  ) -> list[list[int]]:
-  """The time-hierarchical summarizer's first level: the policy summarises
-  each `chunk_len`-event chunk of a history (oldest first); returns each
-  user's merge prompt "Summaries: s1 # s2 # ... Summary:"."""
-  corpus = summarizer.corpus
-  chunk_prompts, owners = [], []
-  for row, (user, cut) in enumerate(zip(cuts.users, cuts.cuts)):
-    item_ids, ratings = corpus.history(int(user), int(cut))
-    for start in range(0, len(item_ids), chunk_len):
-      chunk = slice(start, start + chunk_len)
-      chunk_prompts.append(corpus.chunk_prompt(item_ids[chunk], ratings[chunk]))
-      owners.append(row)
-  chunk_texts = corpus.decode_summaries(summarizer.write(chunk_prompts))
-  grouped = [[] for _ in range(len(cuts))]
-  for row, text in zip(owners, chunk_texts):
-    grouped[row].append(text)
-  return [corpus.merge_prompt(g) for g in grouped]
-
-
-def verified_summaries(summarizer: Summarizer, cuts: ex.Cuts,
-                       prompts_: list[list[int]], summaries: list[str],
-                       tries: int, seed: int) -> tuple[list[str], dict]:
-  """The self-critique verifier: each summary's claims are checked against
-  the raw history (texts.ClaimChecker); a summary with unsupported claims is
-  written again from its prompt (sampled, up to `tries` times, keeping the
-  draft with the fewest unsupported claims), and what is still unsupported
-  after that is cut out. Returns (summaries, {"verifier_rewritten": share of
-  summaries rewritten, "verifier_cut": share still cut after the retries})."""
-  corpus = summarizer.corpus
-  checker = corpus.checker
-  known = [corpus.facts(int(u), int(c)) for u, c in zip(cuts.users, cuts.cuts)]
-  best = list(summaries)
-  bad = [checker.unsupported(s, k)[0] for s, k in zip(best, known)]
-  rewritten = sum(b > 0 for b in bad)
-  for attempt in range(tries):
-    todo = [i for i, b in enumerate(bad) if b > 0]
-    if not todo:
-      break
-    drafts = corpus.decode_summaries(summarizer.write(
-        [prompts_[i] for i in todo], temperature=1.0, seed=seed + attempt + 1))
-    for i, draft in zip(todo, drafts):
-      count = checker.unsupported(draft, known[i])[0]
-      if count < bad[i]:
-        best[i], bad[i] = draft, count
-  final = [checker.keep_supported(s, k) if b else s
-           for s, k, b in zip(best, known, bad)]
-  n = max(len(final), 1)
-  return final, {"verifier_rewritten": rewritten / n,
-                 "verifier_cut": sum(b > 0 for b in bad) / n}
-
-
-def hallucination_rate(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
+def hallucination_rate(corpus: Corpus, cuts: ex.Cuts, summaries: list[str]
                        ) -> float:
   """Share of all the summaries' claims that their history does not support."""
   bad = total = 0
@@ -287,7 +204,7 @@ def hallucination_rate(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
   return bad / max(total, 1)
 
 
-def title_fidelity(corpus: ex.Corpus, cuts: ex.Cuts, summaries: list[str]
+def title_fidelity(corpus: Corpus, cuts: ex.Cuts, summaries: list[str]
                    ) -> dict[str, float]:
   """How faithfully summaries copy titles from their histories (one summary per
   cut): {"titles_per_summary": title claims per summary, "titles_unsupported":
@@ -337,7 +254,7 @@ def fidelity_curve(rows: list[dict]) -> list[dict]:
   return sorted(curve, key=lambda r: r["step"])
 
 
-def budget_context(corpus: ex.Corpus, item_ids: np.ndarray, ratings: np.ndarray,
+def budget_context(corpus: Corpus, item_ids: np.ndarray, ratings: np.ndarray,
                    kind: str, budget: int, rng: np.random.Generator) -> list[int]:
   """The most events of a history (the latest, random or earliest: kind
   last_k | random_k | first_k) whose text fits in `budget` tokens (at least

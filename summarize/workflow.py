@@ -16,20 +16,15 @@ sub-directory of the workdir, resumable on its own):
    summary, and never trains again after this stage.
 3. `rlpf`: RL of the policy against the predictor (summarize/rlpf.py), the
    reward's length target L measured from the initial policy first.
-4. evaluation on held-out test users (summarize/evaluation.py): one row per
-   context (none, the full history, last/random/first-k events at the RLPF
-   summaries' token budget, the initial policy's summaries, the
-   time-hierarchical summarizer with and without its verifier, RLPF), every
-   probe scored by the same frozen predictor; hallucination rates of the
-   summaries; written as results and `<workdir>/table.md`.
+4. the table on held-out test users (summarize/table.py): one row per
+   context, every probe scored by the same frozen predictor, written as
+   results (`test/<row>/<task>/<metric>`) and `<workdir>/table.md`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 import time
 
 import jax
@@ -41,13 +36,12 @@ from data.sequences import EpochBatcher
 from data.vocab import Tokenizer
 from infra import optim, stages, train_loop
 from infra.errors import ConfigError
-from summarize import evaluation, examples as ex, rlpf, texts
+from summarize import evaluation, examples as ex, rlpf, table, texts
+from summarize.corpus import Corpus
+from summarize.summarizer import Summarizer
 from userllm import language_model
 from userllm.models import llm
 
-ROWS = ("none", "full_history", "last_k", "random_k", "first_k", "initial_policy",
-        "hierarchical", "hierarchical_verified", "rlpf")
-SUMMARY_ROWS = ("initial_policy", "hierarchical", "hierarchical_verified", "rlpf")
 # Each stage's schedule (config section) and the config values it depends on
 # (stored with its checkpoints); RL depends on everything.
 STAGES = {
@@ -135,13 +129,13 @@ def warm_up(name: str, config, checkpoint: str, model_cfg, batches, loss_fn,
   return model, jax.device_get(state.params)
 
 
-def policy_valid_fn(config, corpus: ex.Corpus, cuts: ex.Cuts):
+def policy_valid_fn(config, corpus: Corpus, cuts: ex.Cuts):
   """(model, params) -> how faithfully the valid users' summaries copy titles
   from their histories, greedy and sampled at the RL temperature
   (evaluation.title_fidelity): RL learns from the sampled ones, so a policy
   whose sampled titles are wrong leaves RL no facts to choose between."""
   def valid(model, params):
-    writer = evaluation.Summarizer(model, params, corpus, config.eval.batch_size)
+    writer = Summarizer(model, params, corpus, config.eval.batch_size)
     prompts_ = [corpus.policy_prompt(int(u), int(c))
                 for u, c in zip(cuts.users, cuts.cuts)]
     out = {}
@@ -154,7 +148,7 @@ def policy_valid_fn(config, corpus: ex.Corpus, cuts: ex.Cuts):
   return valid
 
 
-def predictor_valid_fn(config, corpus: ex.Corpus, cuts: ex.Cuts, probes):
+def predictor_valid_fn(config, corpus: Corpus, cuts: ex.Cuts, probes):
   """(model, params) -> the valid users' next-title accuracy read from no
   context, from the whole history and from a programmatic summary ("likes" two
   genres + "recent" two titles): whether the predictor has learnt to read a
@@ -177,7 +171,7 @@ def predictor_valid_fn(config, corpus: ex.Corpus, cuts: ex.Cuts, probes):
   return valid
 
 
-def length_target(summarizer: evaluation.Summarizer, corpus: ex.Corpus,
+def length_target(summarizer: Summarizer, corpus: Corpus,
                   cuts: ex.Cuts, count: int, temperature: float, seed: int) -> float:
   """L: the initial policy's mean summary tokens (eos excluded), sampled at the
   RL temperature on `count` training cuts."""
@@ -190,7 +184,7 @@ def length_target(summarizer: evaluation.Summarizer, corpus: ex.Corpus,
   return float(np.asarray(body).sum(1).mean())
 
 
-def rl_prompt_ids(config, corpus: ex.Corpus) -> dict:
+def rl_prompt_ids(config, corpus: Corpus) -> dict:
   """The token ids of rlpf.make_rollout's predictor prompts (and eos)."""
   question = corpus.question("next_title")
   return dict(head_ids=corpus.bos + corpus.summary_head, question_ids=question,
@@ -200,7 +194,7 @@ def rl_prompt_ids(config, corpus: ex.Corpus) -> dict:
 
 
 def reinforce(config, policy, policy_params, predictor, predictor_params,
-              corpus: ex.Corpus, cuts: ex.Cuts, target: float, valid_fn, mesh,
+              corpus: Corpus, cuts: ex.Cuts, target: float, valid_fn, mesh,
               workdir: str):
   """Stage 3: the policy after RL (host parameters)."""
   train = config.rl_train
@@ -233,7 +227,7 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
 
 
 def setup(config, workdir: str, quiet: bool = False
-          ) -> tuple[tl.UserTimelines, ex.UserSplit, ex.Corpus]:
+          ) -> tuple[tl.UserTimelines, ex.UserSplit, Corpus]:
   """The run's timelines, users and corpus (popularity from training users)."""
   d = config.data
   timelines = sources.load_timelines(config.data, quiet=quiet)
@@ -246,13 +240,13 @@ def setup(config, workdir: str, quiet: bool = False
   train_events = np.isin(timelines.event_users, users.train)
   popularity = np.bincount(timelines.item_ids[train_events],
                            minlength=timelines.num_items + 1)
-  return timelines, users, ex.Corpus(timelines, tokenizer, d.history_len,
+  return timelines, users, Corpus(timelines, tokenizer, d.history_len,
                                      config.summary.max_len,
                                      config.summary.prompt_len, popularity)
 
 
 def held_out(config, timelines: tl.UserTimelines, users: np.ndarray,
-             corpus: ex.Corpus, split: str) -> tuple[ex.Cuts, evaluation.Probes]:
+             corpus: Corpus, split: str) -> tuple[ex.Cuts, evaluation.Probes]:
   """The held-out cuts of `users` and their probes, fixed by the seed: the
   valid split asks the next title only (the validation curves), the test split
   every probe over future_len events (the table)."""
@@ -268,7 +262,7 @@ class Trained:
   """The stages 1-3 of a run (host parameters), and what the table needs."""
   timelines: tl.UserTimelines
   users: ex.UserSplit
-  corpus: ex.Corpus
+  corpus: Corpus
   cuts: ex.Cuts  # the training cuts (warm-ups and RL prompts)
   policy: llm.DecoderLM
   initial_params: dict  # the initial policy (after its warm-up)
@@ -323,7 +317,7 @@ def train(config, workdir: str, mesh) -> Trained:
 
   def valid_fn(policy_params):
     """Next-title accuracy of the greedy summaries of the valid users."""
-    writer = evaluation.Summarizer(policy, policy_params, corpus, e.batch_size)
+    writer = Summarizer(policy, policy_params, corpus, e.batch_size)
     contexts = [corpus.summary_context(corpus.summary_ids(t)[:-1])
                 for t in writer.summaries(valid_cuts)]
     scores = evaluation.score_contexts(scorer, valid_probes, contexts,
@@ -332,7 +326,7 @@ def train(config, workdir: str, mesh) -> Trained:
             "summary_tokens": scores["context_tokens"] - len(corpus.summary_head)}
 
   # 3. RL
-  initial = evaluation.Summarizer(policy, policy_params, corpus, e.batch_size)
+  initial = Summarizer(policy, policy_params, corpus, e.batch_size)
   target = length_target(initial, corpus, cuts, config.rl.length_target_prompts,
                          config.rl.temperature, config.seed + 4)
   print(f"[rlpf] length target L = {target:.2f} tokens (initial policy, sampled)",
@@ -347,97 +341,14 @@ def train(config, workdir: str, mesh) -> Trained:
 def run(config, workdir: str, mesh) -> dict[str, float]:
   began = time.time()
   t = train(config, workdir, mesh)
-  timelines, users, corpus, scorer = t.timelines, t.users, t.corpus, t.scorer
-  policy, policy_params, rl_params = t.policy, t.initial_params, t.rl_params
   results = {"rl_seconds": t.rl_seconds, "length_target": t.length_target}
-
-  # 4. the table
-  test_cuts, probes = held_out(config, timelines, users.test, corpus, "test")
-  rows = table_rows(config, corpus, policy, policy_params, rl_params, test_cuts)
-  table = {}
-  for name in ROWS:
-    contexts, extra = rows[name]
-    scores = evaluation.score_contexts(scorer, probes, contexts, config.rl.num_options)
-    per_user = {"": scores.pop("next_title_hits"),  # next title, the RL task
-                "quality_": scores.pop("quality_per_user")}  # all future items
-    if name == "initial_policy":
-      initial = per_user
-    if name == "rlpf":  # paired over the same test users
-      for metric, values in per_user.items():
-        gain, err = evaluation.paired_gain(values, initial[metric])
-        scores[f"{metric}gain_over_initial"] = gain
-        scores[f"{metric}gain_over_initial_stderr"] = err
-    table[name] = {**scores, **extra}
-    print(f"[eval] {name:22s} " + " ".join(
-        f"{k}={v:.3f}" for k, v in table[name].items() if not k.endswith("stderr")),
-        flush=True)
-  write_table(workdir, table, len(test_cuts))
-  for name, scores in table.items():
-    results.update({f"test/{name}/{k}": float(v) for k, v in scores.items()})
+  # 4. the table, on the test users
+  test_cuts, probes = held_out(config, t.timelines, t.users.test, t.corpus, "test")
+  summaries = table.summaries(config, t.corpus, t.policy, t.initial_params,
+                              t.rl_params, test_cuts)
+  scores = table.score(config, t.corpus, t.scorer, probes, test_cuts, summaries)
+  table.write_markdown(workdir, scores, len(test_cuts))
+  results.update(table.result_keys("test", scores))
   results.update({"test_users": float(len(test_cuts)),
                   "wall_seconds": time.time() - began})
   return results
-
-
-def table_rows(config, corpus: ex.Corpus, policy, initial_params, rl_params,
-               cuts: ex.Cuts) -> dict[str, tuple[list[list[int]], dict]]:
-  """{row: (context ids per test user, extra figures)} for ROWS."""
-  e = config.eval
-  initial = evaluation.Summarizer(policy, initial_params, corpus, e.batch_size)
-  trained = evaluation.Summarizer(policy, rl_params, corpus, e.batch_size)
-  merge = evaluation.merge_prompts(initial, cuts, config.summary.chunk_len)
-  summaries = {"initial_policy": initial.summaries(cuts),
-               "rlpf": trained.summaries(cuts),
-               "hierarchical": corpus.decode_summaries(initial.write(merge))}
-  summaries["hierarchical_verified"], verifier = evaluation.verified_summaries(
-      initial, cuts, merge, summaries["hierarchical"], e.verifier_tries,
-      config.seed + 7)
-  rows = {}
-  for name, written in summaries.items():
-    extra = {"hallucination": evaluation.hallucination_rate(corpus, cuts, written),
-             **{f"writes_{head}": share
-                for head, share in texts.part_shares(written).items()}}
-    if name == "hierarchical_verified":
-      extra.update(verifier)
-    rows[name] = ([corpus.summary_context(corpus.summary_ids(t)[:-1])
-                   for t in written], extra)
-  budget = int(round(np.mean([len(c) for c in rows["rlpf"][0]])))
-  rng = np.random.default_rng(config.seed + 8)
-  histories = [corpus.history(int(u), int(c)) for u, c in zip(cuts.users, cuts.cuts)]
-  rows["none"] = ([[] for _ in histories], {})
-  rows["full_history"] = ([corpus.history_ids(*h) for h in histories], {})
-  for kind in ("last_k", "random_k", "first_k"):
-    rows[kind] = ([evaluation.budget_context(corpus, *h, kind, budget, rng)
-                   for h in histories], {"budget": float(budget)})
-  examples = {name: summaries[name][:3] for name in summaries}
-  print("[eval] example summaries: " + json.dumps(examples, indent=1), flush=True)
-  return rows
-
-
-def write_table(workdir: str, table: dict, users: int) -> str:
-  """<workdir>/table.md: the rows with their standard errors."""
-  def cell(scores, key):
-    err = scores.get(f"{key}_stderr")
-    return f"{scores[key]:.3f}" + (f" ± {err:.3f}" if err is not None else "")
-  lines = [f"Held-out test users: {users}. Every probe is answered by the same "
-           "frozen predictor; ± is one standard error.", "",
-           "| context | tokens | next title (RL task) | favourite genre | rating | "
-           "future genre | UserSumBench quality | density | hallucination |",
-           "|---|---|---|---|---|---|---|---|---|"]
-  for name, s in table.items():
-    hall = f"{s['hallucination']:.3f}" if "hallucination" in s else "-"
-    density = f"{s['density']:.2f}" if "density" in s else "-"
-    lines.append(f"| {name} | {s['context_tokens']:.1f} | {cell(s, 'next_title')} | "
-                 f"{cell(s, 'favourite_genre')} | {cell(s, 'rating')} | "
-                 f"{cell(s, 'future_genre')} | {cell(s, 'quality')} | "
-                 f"{density} | {hall} |")
-  if "gain_over_initial" in table.get("rlpf", {}):
-    s = table["rlpf"]
-    lines += ["", f"RLPF - initial policy on next title (paired): "
-              f"{s['gain_over_initial']:+.3f} ± {s['gain_over_initial_stderr']:.3f}; "
-              f"on UserSumBench quality (paired): {s['quality_gain_over_initial']:+.3f} "
-              f"± {s['quality_gain_over_initial_stderr']:.3f}"]
-  path = os.path.join(workdir, "table.md")
-  with open(path, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  return path

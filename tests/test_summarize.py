@@ -19,7 +19,7 @@ from configs import rlpf as rlpf_config
 from data import sources
 from infra import config_checks
 from infra.errors import ConfigError
-from summarize import evaluation, rlpf, texts
+from summarize import evaluation, rlpf, table, texts
 from userllm.models import decoding, llm
 
 
@@ -360,17 +360,25 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
   assert "[rlpf] resumed from" in out and "at step 2" in out
   # the finished warm-ups are restored, not trained again
   assert "policy/checkpoints at step 4" in out and "[policy] step" not in out
+  # the house key scheme <split>/<row>/<task>/<metric>
   for row in ("none", "full_history", "last_k", "initial_policy", "hierarchical",
               "hierarchical_verified", "rlpf"):
-    assert 0.0 <= results[f"test/{row}/next_title"] <= 1.0
-    assert np.isfinite(results[f"test/{row}/quality_stderr"])
-  assert results["test/hierarchical_verified/hallucination"] == 0.0
-  for metric in ("", "quality_"):  # paired over the test users
-    assert -1.0 <= results[f"test/rlpf/{metric}gain_over_initial"] <= 1.0
-    assert np.isfinite(results[f"test/rlpf/{metric}gain_over_initial_stderr"])
-  assert 0.0 <= results["test/rlpf/writes_recent"] <= 1.0
-  assert results["test/full_history/context_tokens"] > results[
-      "test/last_k/context_tokens"]
+    assert 0.0 <= results[f"test/{row}/next_title/accuracy"] <= 1.0
+    assert np.isfinite(results[f"test/{row}/usersumbench/quality_stderr"])
+  assert results["test/hierarchical_verified/summary/hallucination"] == 0.0
+  for task, metric in (("next_title", ""), ("usersumbench", "quality_")):
+    gain = f"test/rlpf/{task}/{metric}gain_over_initial"  # paired over the users
+    assert -1.0 <= results[gain] <= 1.0
+    assert np.isfinite(results[gain + "_stderr"])
+  assert 0.0 <= results["test/rlpf/summary/writes_recent"] <= 1.0
+  assert results["test/full_history/context/tokens"] > results[
+      "test/last_k/context/tokens"]
+  assert all(k.count("/") == 3 for k in results if k.startswith("test/"))
+  rows = table.rows_of(results)  # what the benchmarks read back
+  assert rows["rlpf"]["next_title"] == results["test/rlpf/next_title/accuracy"]
+  assert rows["rlpf"]["quality_gain_over_initial"] == results[
+      "test/rlpf/usersumbench/quality_gain_over_initial"]
+  assert rows["rlpf"]["writes_recent"] == results["test/rlpf/summary/writes_recent"]
   assert "| rlpf |" in (workdir / "table.md").read_text()
   saved = json.load(open(workdir / "results.json"))
   assert saved["config"]["workflow"] == "rlpf"
