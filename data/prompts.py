@@ -15,12 +15,14 @@ is scored by ranking its candidates by likelihood):
 - `last_title`: the title of the history's latest event, a recall task: the
   text prompt can copy it, and a User-LLM trained on it learns to turn user
   tokens into titles (the step `next_title` needs; README, User-LLM).
-Methods differ only in the prompt and in what else the model gets:
-- "text_prompt": "Watched: t1; t2; ...; tH. Next title:" with the history's
-  titles (and "(rating)" after each with `show_ratings`), left-truncated to
+How a prompt shows the user's history (`HISTORIES`; a User-LLM method picks
+one: userllm/builders.py METHODS):
+- "text": "Watched: t1; t2; ...; tH. Next title:" with the history's titles
+  (and "(rating)" after each with `show_ratings`), left-truncated to
   `prompt_len` tokens (the latest titles kept);
-- every other method: the bare task prompt ("Next title:"); the user-embedding
-  methods also get the history as events (items, rating buckets, genres).
+- "events": the bare task prompt ("Next title:"), and the history as events
+  (items, rating buckets, genres) beside it, for a user encoder;
+- "none": the bare task prompt only.
 Prompts are left-padded and answers right-padded, so `tokens` is
 [pad.. prompt][answer eos pad..] and the cut between them is the same column for
 every row.
@@ -48,6 +50,7 @@ HISTORY_HEAD, HISTORY_SEP, HISTORY_TAIL, ITEM_TAIL = "Watched:", ";", ".", ":"
 RATINGS = ("1", "2", "3", "4", "5")
 LEVELS = ("low", "mid", "high")
 LEVEL_EDGES = (3.3, 3.7)  # mean rating: low < 3.3 <= mid < 3.7 <= high
+HISTORIES = ("text", "events", "none")  # how a prompt shows the history
 
 
 def corpus(timelines: tl.UserTimelines) -> list[str]:
@@ -142,7 +145,8 @@ def history_events(timelines: tl.UserTimelines, examples: Examples,
 
 
 class PromptBuilder:
-  """Turns Examples into arrays for one method; titles are tokenized once.
+  """Turns Examples into arrays, the history shown `history_as` (HISTORIES);
+  titles are tokenized once.
 
   `prompt_len` is the most context a prompt may take (text prompts keep their
   latest titles) and is trimmed to the longest prompt `tasks` can produce;
@@ -151,10 +155,12 @@ class PromptBuilder:
   """
 
   def __init__(self, timelines: tl.UserTimelines, tokenizer: Tokenizer,
-               method: str, history_len: int, prompt_len: int, answer_len: int = 0,
-               show_ratings: bool = False, tasks=TASKS):
+               history_as: str, history_len: int, prompt_len: int,
+               answer_len: int = 0, show_ratings: bool = False, tasks=TASKS):
+    if history_as not in HISTORIES:
+      raise ValueError(f"history_as={history_as!r} is not one of {HISTORIES}")
     self.timelines, self.tokenizer = timelines, tokenizer
-    self.method, self.history_len = method, history_len
+    self.history_as, self.history_len = history_as, history_len
     self.show_ratings = show_ratings
     encode = lambda texts: tokenizer.encode(texts)  # noqa: E731
     self.title_ids = encode([str(t) for t in timelines.items.titles])
@@ -182,9 +188,9 @@ class PromptBuilder:
     self.answer_len = answer_len or self.longest_answer(tasks)
 
   def over(self, timelines: tl.UserTimelines) -> "PromptBuilder":
-    """A builder of the same method and shapes reading `timelines` (e.g. the
+    """A builder of the same history and shapes reading `timelines` (e.g. the
     full timelines, whose held-out events the training split lacks)."""
-    return PromptBuilder(timelines, self.tokenizer, self.method, self.history_len,
+    return PromptBuilder(timelines, self.tokenizer, self.history_as, self.history_len,
                          self.prompt_len, self.answer_len, self.show_ratings)
 
   def summary_texts(self) -> list[str]:
@@ -231,7 +237,7 @@ class PromptBuilder:
     return ids
 
   def prompt(self, user: int, cut: int, task: str) -> list[int]:
-    if self.method != "text_prompt":
+    if self.history_as != "text":
       return self.bos + self.task_prompt(user, cut, task, after_history=False)
     history = []
     events = self._events(user, cut)
@@ -265,7 +271,7 @@ class PromptBuilder:
             ) -> dict[str, np.ndarray]:
     """Arrays for `rows`: "prompt"/"prompt_mask" [n, prompt_len] left-padded,
     "task_ids" [n]; with answers also "tokens"/"token_mask"/"target_mask" [n,
-    prompt_len + answer_len]; with user-embedding methods "events" too."""
+    prompt_len + answer_len]; with the history as events, "events" too."""
     prompts, answers = [], []
     for row in rows:
       user, cut = int(examples.users[row]), int(examples.cuts[row])
@@ -282,7 +288,7 @@ class PromptBuilder:
                  token_mask=np.concatenate([prompt_mask, answer_mask], 1),
                  target_mask=np.concatenate([np.zeros_like(prompt_mask),
                                              answer_mask], 1))
-    if self.method in ("cross_attention", "soft_prompt"):
+    if self.history_as == "events":
       out["events"] = self.events(examples, rows)
     return out
 
@@ -299,7 +305,7 @@ class PromptBuilder:
     item_part = longest_title + len(self.item_tail_ids)
     def question(ids):
       return max(len(ids[t]) + (item_part if t in ITEM_TASKS else 0) for t in tasks)
-    if self.method != "text_prompt":
+    if self.history_as != "text":
       return len(self.bos) + question(self.task_ids)
     per_event = longest_title + len(self.sep_ids) + (
         max(len(r) for r in self.rating_ids) if self.show_ratings else 0)

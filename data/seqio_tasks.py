@@ -135,7 +135,7 @@ class MixtureBatches:
   so it is a pure function of the step: a call at step s that does not follow
   step s - 1 (a resumed run) restarts the stream and skips s batches.
   Batches have the in-memory path's keys and shapes ("tokens", "token_mask",
-  "target_mask", "task_ids", and "events" for user-embedding methods).
+  "target_mask", "task_ids", and "events" when the history is shown as events).
   """
 
   def __init__(self, mixture: str, builder: prompts.PromptBuilder,
@@ -179,5 +179,4 @@ def training_batches(config, workdir: str, builder: prompts.PromptBuilder,
   """The workflow's stage-3 batches from the Mixture of `tasks`."""
   names = register_tasks(config, workdir, builder, tasks, seed)
   return MixtureBatches(names["multitask"], builder, config.train.batch_size, seed,
-                        with_events=builder.method in ("cross_attention",
-                                                       "soft_prompt"))
+                        with_events=builder.history_as == "events")

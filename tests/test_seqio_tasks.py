@@ -27,8 +27,9 @@ def registered(tmp_path_factory):
   split = splits.leave_last_out(timelines)
   tokenizer = builders.tokenizer_for(config, workdir, timelines)
   u = config.userllm
-  builder = prompts.PromptBuilder(split.train, tokenizer, u.method, u.history_len,
-                                  u.text_prompt_len, u.answer_len, u.text_ratings)
+  builder = prompts.PromptBuilder(
+      split.train, tokenizer, builders.METHODS[u.method].history, u.history_len,
+      u.text_prompt_len, u.answer_len, u.text_ratings)
   names = seqio_tasks.register_tasks(config, workdir, builder.over(timelines))
   return config, split, builder.over(timelines), names, workdir
 

@@ -145,7 +145,7 @@ def test_strategy_that_trains_nothing_is_an_error():
 
 def test_text_prompt_keeps_the_latest_titles(tiny_timelines, tiny_tokenizer):
   timelines, tok = tiny_timelines, tiny_tokenizer
-  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", history_len=5,
+  builder = prompts.PromptBuilder(timelines, tok, "text", history_len=5,
                                   prompt_len=30, answer_len=12)
   user, cut = 3, 7
   ex = prompts.Examples(np.array([user]), np.array([cut]), np.array([0]))
@@ -159,7 +159,7 @@ def test_text_prompt_keeps_the_latest_titles(tiny_timelines, tiny_tokenizer):
   assert tok.decode(answer) == timelines.items.titles[timelines.user_items(user)[cut]]
   assert answer[-1] == tok.eos_id
   # the bare prompt of the user-embedding methods, with the history as events
-  bare = prompts.PromptBuilder(timelines, tok, "cross_attention", 5, 30, 12)
+  bare = prompts.PromptBuilder(timelines, tok, "events", 5, 30, 12)
   batch = bare.batch(ex, np.arange(1))
   assert tok.decode(batch["prompt"][0][batch["prompt_mask"][0]]) == "Next title:"
   np.testing.assert_array_equal(batch["events"]["items"][0],
@@ -225,7 +225,7 @@ def test_held_out_prompts_read_the_full_timeline_and_ask_for_the_task(
   from userllm import evaluation
   timelines, tok = tiny_timelines, tiny_tokenizer
   split = splits.leave_last_out(timelines)
-  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 40, 12)
+  builder = prompts.PromptBuilder(timelines, tok, "text", 3, 40, 12)
   examples = prompts.held_out_examples(split.test, "next_title", 0, 0)
   evaluator = evaluation.TaskEvaluator(None, builder, examples, ["next_title"],
                                        "test", 4, 8, mesh=None)
@@ -245,7 +245,7 @@ def test_last_title_asks_for_the_latest_shown_title_among_all_titles(
   ranked among every title (the seen ones too), unlike next_title."""
   from userllm import evaluation
   timelines, tok = tiny_timelines, tiny_tokenizer
-  builder = prompts.PromptBuilder(timelines, tok, "cross_attention", 5, 30, 12)
+  builder = prompts.PromptBuilder(timelines, tok, "events", 5, 30, 12)
   user, cut = 3, 7
   ex = prompts.Examples(np.array([user]), np.array([cut]),
                         np.array([prompts.TASKS.index("last_title")]))
@@ -274,7 +274,7 @@ def test_candidates_scored_in_length_groups_equal_full_width_scores(
   from userllm import evaluation
   timelines, tok = tiny_timelines, tiny_tokenizer
   split = splits.leave_last_out(timelines)
-  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 40, 12)
+  builder = prompts.PromptBuilder(timelines, tok, "text", 3, 40, 12)
   lm = llm.LLMConfig(vocab_size=tok.vocab_size, embed_dim=16, num_layers=1,
                      num_heads=2, num_kv_heads=1, head_dim=8, mlp_dim=32)
   model = ul.UserLLM(ul.UserLLMConfig(encoder=None, llm=lm, integration="text"))

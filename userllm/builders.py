@@ -21,10 +21,25 @@ from userllm.models import adapters, llm as llm_lib
 from userllm import user_llm as ul
 from userllm.models import sequence_model as sm
 
-METHODS = ("cross_attention", "soft_prompt", "text_prompt", "no_history")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A way to put the user into the LLM: how the model reads the user
+  (`integration`: user_llm.INTEGRATIONS) and what the prompt builder gives it
+  (`history`: prompts.HISTORIES)."""
+  integration: str
+  history: str
+
+
+# config.userllm.method -> Method: the one place a new method is named
+METHODS = {
+    "cross_attention": Method("cross_attention", "events"),  # User-LLM
+    "soft_prompt": Method("soft_prompt", "events"),  # User-LLM
+    "text_prompt": Method("text", "text"),  # the history's titles in the prompt
+    "no_history": Method("text", "none"),  # the bare task prompt
+}
 INPUT_PIPELINES = ("arrays", "seqio")  # userllm/workflow.py: task_batches
-INTEGRATION = {"cross_attention": "cross_attention", "soft_prompt": "soft_prompt",
-               "text_prompt": "text", "no_history": "text"}
 
 
 def tasks_of(config, field: str) -> tuple[str, ...]:
@@ -43,7 +58,8 @@ def check(config) -> None:
   """Config errors that would otherwise surface after hours of training."""
   u = config.userllm
   if u.method not in METHODS:
-    raise ConfigError(f"config.userllm.method={u.method!r} is not one of {METHODS}")
+    raise ConfigError(f"config.userllm.method={u.method!r} is not one of "
+                      f"{tuple(METHODS)}")
   if u.history_len < 1:
     raise ConfigError(f"config.userllm.history_len={u.history_len} must be >= 1")
   if u.input_pipeline not in INPUT_PIPELINES:
@@ -89,8 +105,9 @@ def llm_config(config, vocab_size: int, method: str,
                with_adapters: bool = True) -> llm_lib.LLMConfig:
   """config.llm (shape from `base`, a loaded Gemma's config, when given) with
   cross-attention for `method` and the adapters of config.adapter."""
-  cross = dict(cross_attention_every=(config.llm.cross_attention_every
-                                      if method == "cross_attention" else 0),
+  cross = dict(cross_attention_every=(
+      config.llm.cross_attention_every
+      if METHODS[method].integration == "cross_attention" else 0),
                cross_attention_gate_init=config.userllm.gate_init)
   cfg = language_model.llm_config(config, vocab_size, **cross)
   if base is not None:
@@ -121,7 +138,7 @@ def build_model(config, timelines, vocab_size: int, method: str,
   return ul.UserLLM(ul.UserLLMConfig(
       encoder=encoder_config(config, timelines.num_items,
                              len(timelines.items.genre_names)),
-      llm=cfg, integration=INTEGRATION[method], num_latents=u.num_latents,
+      llm=cfg, integration=METHODS[method].integration, num_latents=u.num_latents,
       perceiver_layers=u.perceiver_layers, perceiver_heads=u.perceiver_heads,
       aux_items=timelines.num_items + 1 if u.aux_item_weight else 0,
       normalise_user_tokens=u.normalise_user_tokens, item_text=u.item_text))
@@ -154,7 +171,7 @@ def stage_name(config, model: ul.UserLLM) -> str:
   (`_mode_r4_e4`) when there is one."""
   u, adapter = config.userllm, model.config.llm.adapter
   name = f"{u.method}_h{u.history_len}"
-  name += f"_ctx{u.text_prompt_len}" if u.method == "text_prompt" else ""
+  name += f"_ctx{u.text_prompt_len}" if METHODS[u.method].history == "text" else ""
   if adapter.enabled:
     name += f"_{adapter.kind}_r{adapter.rank}"
     name += f"_e{adapter.num_experts}" if adapter.kind != "lora" else ""

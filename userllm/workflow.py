@@ -85,7 +85,7 @@ def language_model(config, split, tokenizer, tasks, mesh, workdir: str):
   lm_tasks = builders.tasks_of(config, "lm_tasks")
   # lm_history titles whole (the longest such prompt): the LM does not depend
   # on stage 3's text budget, so every method of a benchmark shares it
-  builder = prompts.PromptBuilder(split.train, tokenizer, "text_prompt",
+  builder = prompts.PromptBuilder(split.train, tokenizer, "text",
                                   u.lm_history, 10**9, u.answer_len,
                                   u.text_ratings, tasks + lm_tasks)
   model = builders.build_model(config, split.train, tokenizer.vocab_size,
@@ -175,8 +175,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
 
   # 3. the task model
   builder = prompts.PromptBuilder(
-      split.train, tokenizer, u.method, u.history_len, u.text_prompt_len,
-      u.answer_len, u.text_ratings, tasks + builders.tasks_of(config, "lm_tasks"))
+      split.train, tokenizer, builders.METHODS[u.method].history, u.history_len,
+      u.text_prompt_len, u.answer_len, u.text_ratings,
+      tasks + builders.tasks_of(config, "lm_tasks"))
   state, shardings, tx, mask = builders.init_state(model, u.strategy, config.train,
                                                    config.seed, mesh, builder,
                                                    u.new_params_lr_scale)
@@ -245,7 +246,7 @@ def cost_figures(config, model: ul.UserLLM, state, mask, builder, test) -> dict:
                               np.arange(min(len(test.examples), 64)),
                               with_answers=False)
   user_tokens = (model.config.num_latents or u.history_len) if (
-      u.method == "soft_prompt") else 0
+      model.config.integration == "soft_prompt") else 0
   adapter = llm_cfg.adapter
   return {
       "llm_input_tokens": float(sample["prompt_mask"].sum(1).mean()) + user_tokens,
