@@ -12,7 +12,11 @@ latest), timestamps non-negative integers, every rated item (and user, where
 there is a users file) listed, the file in its format's encoding, and a
 (user, item) pair rated once (`duplicates="drop"` keeps the first and counts
 the rest). Any problem raises `MalformedRowError` naming the file and the
-1-based line.
+1-based line; so does a file with no rows (no genres, movies, users or
+ratings). A directory or file that is not there is a FileNotFoundError that
+says where MovieLens comes from (`DOWNLOAD`) and which files each format has.
+Users of the users file who rated nothing are left out and counted
+(`report["users_without_events"]`), so every user has events.
 """
 
 from __future__ import annotations
@@ -39,6 +43,13 @@ OCCUPATIONS_1M = ("other", "academic/educator", "artist", "clerical/admin",
                   "technician/engineer", "tradesman/craftsman", "unemployed",
                   "writer")
 _TITLE_YEAR = re.compile(r"^(.*?)\s*\((\d{4})\)\s*$")
+# where the data comes from, and what each format's directory holds (the
+# data's licence forbids shipping it: the user downloads and unpacks it)
+DOWNLOAD = "https://grouplens.org/datasets/movielens/"
+# format -> (its name on that page, its files: the ratings file first)
+FORMAT_FILES = {"100k": ("100K", ("u.data", "u.item", "u.user", "u.genre")),
+                "1m": ("1M", ("ratings.dat", "movies.dat", "users.dat")),
+                "latest": ("latest(-small)", ("ratings.csv", "movies.csv"))}
 
 
 DUPLICATES = ("error", "drop")  # config.data.duplicates
@@ -56,17 +67,27 @@ class MalformedRowError(DataError):
     self.path, self.line = path, line
 
 
+def where_to_get_it() -> str:
+  """The end of every missing-data message: where MovieLens comes from and
+  the files of each format."""
+  formats = "; ".join(f"{label}: {', '.join(files)}"
+                      for label, files in FORMAT_FILES.values())
+  return (f"download a MovieLens data set from {DOWNLOAD} and unpack it there "
+          f"(the files of one format: {formats})")
+
+
 def detect_format(data_dir: str) -> str:
-  """Returns "100k", "1m" or "latest" from the files in `data_dir`."""
+  """Returns "100k", "1m" or "latest" from the ratings file in `data_dir`."""
   if not os.path.isdir(data_dir):
-    raise FileNotFoundError(f"MovieLens data directory not found: {data_dir}")
-  markers = {"100k": "u.data", "1m": "ratings.dat", "latest": "ratings.csv"}
-  for fmt, marker in markers.items():
-    if os.path.exists(os.path.join(data_dir, marker)):
+    raise FileNotFoundError(f"MovieLens data directory not found: {data_dir}; "
+                            + where_to_get_it())
+  for fmt, (_, files) in FORMAT_FILES.items():
+    if os.path.exists(os.path.join(data_dir, files[0])):
       return fmt
   raise FileNotFoundError(
       f"{data_dir} holds no MovieLens ratings file (looked for "
-      f"{', '.join(markers.values())})")
+      f"{', '.join(files[0] for _, files in FORMAT_FILES.values())}); "
+      + where_to_get_it())
 
 
 def read_movielens(data_dir: str, duplicates: str = "error",
@@ -84,8 +105,10 @@ def read_movielens(data_dir: str, duplicates: str = "error",
 # Row parsing helpers.
 
 def _read_rows(path: str, sep: str, num_cols: int, encoding: str,
-               skip_header: bool = False) -> list[list[str]]:
-  """Splits a separated file into rows of exactly `num_cols` fields."""
+               holding: str | None, skip_header: bool = False) -> list[list[str]]:
+  """Splits a separated file into rows of exactly `num_cols` fields; a file
+  without any is a MalformedRowError saying it has no `holding` (e.g.
+  "movies"), unless `holding` is None (an optional file may be empty)."""
   text = _read_text(path, encoding)
   if sep == ",":
     rows = list(csv.reader(io.StringIO(text, newline="")))
@@ -94,6 +117,8 @@ def _read_rows(path: str, sep: str, num_cols: int, encoding: str,
     if rows and rows[-1] == [""]:
       rows.pop()  # the newline that ends the last line
   first = 1 if skip_header else 0
+  if holding and len(rows) <= first:
+    raise MalformedRowError(path, first + 1, f"no {holding} in the file")
   for i in range(first, len(rows)):
     if len(rows[i]) != num_cols:
       if not rows[i] or rows[i] == [""]:
@@ -110,8 +135,7 @@ _BOMS = {b"\xff\xfe\x00\x00": "UTF-32", b"\x00\x00\xfe\xff": "UTF-32",
 def _read_text(path: str, encoding: str) -> str:
   """The file decoded with its format's encoding; a file in another one is a
   MalformedRowError naming the line of the first undecodable byte."""
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"MovieLens file not found: {path}")
+  _check_exists(path)
   with open(path, "rb") as f:
     raw = f.read()
   for bom, name in _BOMS.items():
@@ -161,8 +185,6 @@ def _events(rows, path: str, line_offset: int, fmt: str, item_ids: np.ndarray,
             user_ids: np.ndarray | None, duplicates: str, report: dict):
   """(user_raw, item_raw, ratings, timestamps) columns of a ratings file,
   every field checked against the format (see the module docstring)."""
-  if not rows:
-    raise MalformedRowError(path, 1 + line_offset, "no ratings in the file")
   names = ("user id", "item id", "rating", "timestamp")
   dtypes = (np.int64, np.int64, np.float32, np.int64)
   users, items, ratings, times = (_column(rows, c, d, path, n, line_offset)
@@ -199,6 +221,23 @@ def _first_ratings(users, items, path, line_offset, duplicates: str) -> np.ndarr
         path, i + 1 + line_offset, f"user {users[i]} rated item {items[i]} again "
         "(a duplicate row); set config.data.duplicates='drop' to keep the first")
   return keep
+
+
+def _check_exists(path: str) -> None:
+  """A FileNotFoundError naming a missing file of its format, and where to get it."""
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"MovieLens file not found: {path}; "
+                            + where_to_get_it())
+
+
+def _users_with_events(users: tl.UserTable, event_users: np.ndarray,
+                       report: dict) -> tl.UserTable:
+  """The users of the users file who rated something (a user without events
+  has nothing to train on or predict); how many were left out goes to
+  `report["users_without_events"]`."""
+  rated = np.isin(users.raw_ids, event_users)
+  report["users_without_events"] = int((~rated).sum())
+  return users.subset(rated)
 
 
 def _split_title(raw_title: str) -> tuple[str, int]:
@@ -248,7 +287,7 @@ def read_100k(data_dir: str, duplicates: str = "error",
   genre_names = [r[0] for r in _read_genre_file(data_dir)]
 
   item_path = os.path.join(data_dir, "u.item")
-  item_rows = _read_rows(item_path, "|", 5 + len(genre_names), enc)
+  item_rows = _read_rows(item_path, "|", 5 + len(genre_names), enc, "movies")
   item_ids = _column(item_rows, 0, np.int64, item_path, "movie id", 0)
   _check_unique(item_ids, item_path, "movie")
   flags = np.stack([_column(item_rows, 5 + g, np.int64, item_path, "genre flag", 0)
@@ -256,7 +295,7 @@ def read_100k(data_dir: str, duplicates: str = "error",
   items = _item_table(item_ids, [r[1] for r in item_rows], flags > 0, genre_names)
 
   user_path = os.path.join(data_dir, "u.user")
-  user_rows = _read_rows(user_path, "|", 5, enc)
+  user_rows = _read_rows(user_path, "|", 5, enc, "users")
   user_ids = _column(user_rows, 0, np.int64, user_path, "user id", 0)
   _check_unique(user_ids, user_path, "user")
   users = tl.UserTable(
@@ -267,21 +306,26 @@ def read_100k(data_dir: str, duplicates: str = "error",
       zip_codes=np.array([r[4] for r in user_rows], object))
 
   data_path = os.path.join(data_dir, "u.data")
-  rows = _read_rows(data_path, "\t", 4, enc)
+  rows = _read_rows(data_path, "\t", 4, enc, "ratings")
+  report = {} if report is None else report
   events = _events(rows, data_path, 0, "100k", item_ids, user_ids, duplicates,
-                   {} if report is None else report)
-  return tl.from_events("movielens_100k", *events, items=items, users=users)
+                   report)
+  return tl.from_events("movielens_100k", *events, items=items,
+                        users=_users_with_events(users, events[0], report),
+                        source=data_path)
 
 
 def _read_genre_file(data_dir: str) -> list[list[str]]:
   """u.genre rows 'name|index', in index order; a trailing blank line is allowed."""
   path = os.path.join(data_dir, "u.genre")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"MovieLens file not found: {path}")
+  _check_exists(path)
   with open(path, encoding="latin-1") as f:
     lines = [line.rstrip("\r\n") for line in f]
   while lines and not lines[-1].strip():
     lines.pop()
+  if not lines:
+    raise MalformedRowError(path, 1, "no genres in the file (expected one "
+                            "'name|index' line per genre, from 'unknown|0')")
   rows = []
   for i, line in enumerate(lines):
     parts = line.split("|")
@@ -299,14 +343,14 @@ def read_1m(data_dir: str, duplicates: str = "error",
   """Reads MovieLens 1M (`ratings.dat`, `movies.dat`, `users.dat`)."""
   enc = "latin-1"
   movie_path = os.path.join(data_dir, "movies.dat")
-  movie_rows = _read_rows(movie_path, "::", 3, enc)
+  movie_rows = _read_rows(movie_path, "::", 3, enc, "movies")
   movie_ids = _column(movie_rows, 0, np.int64, movie_path, "movie id", 0)
   _check_unique(movie_ids, movie_path, "movie")
   genres = _multi_hot([r[2] for r in movie_rows], GENRES_1M, movie_path)
   items = _item_table(movie_ids, [r[1] for r in movie_rows], genres, GENRES_1M)
 
   user_path = os.path.join(data_dir, "users.dat")
-  user_rows = _read_rows(user_path, "::", 5, enc)
+  user_rows = _read_rows(user_path, "::", 5, enc, "users")
   user_ids = _column(user_rows, 0, np.int64, user_path, "user id", 0)
   _check_unique(user_ids, user_path, "user")
   occupation_codes = _column(user_rows, 3, np.int64, user_path, "occupation", 0)
@@ -323,10 +367,13 @@ def read_1m(data_dir: str, duplicates: str = "error",
       zip_codes=np.array([r[4] for r in user_rows], object))
 
   rating_path = os.path.join(data_dir, "ratings.dat")
-  rows = _read_rows(rating_path, "::", 4, enc)
+  rows = _read_rows(rating_path, "::", 4, enc, "ratings")
+  report = {} if report is None else report
   events = _events(rows, rating_path, 0, "1m", movie_ids, user_ids, duplicates,
-                   {} if report is None else report)
-  return tl.from_events("movielens_1m", *events, items=items, users=users)
+                   report)
+  return tl.from_events("movielens_1m", *events, items=items,
+                        users=_users_with_events(users, events[0], report),
+                        source=rating_path)
 
 
 def _multi_hot(genre_fields: list[str], genre_names, path: str) -> np.ndarray:
@@ -350,7 +397,7 @@ def read_latest(data_dir: str, duplicates: str = "error",
                 report: dict | None = None) -> tl.UserTimelines:
   """Reads MovieLens latest(-small): ratings.csv, movies.csv, optional tags.csv."""
   movie_path = os.path.join(data_dir, "movies.csv")
-  movie_rows = _read_rows(movie_path, ",", 3, "utf-8", skip_header=True)
+  movie_rows = _read_rows(movie_path, ",", 3, "utf-8", "movies", skip_header=True)
   movie_ids = _column(movie_rows, 0, np.int64, movie_path, "movieId", 1)
   _check_unique(movie_ids, movie_path, "movie")
   genre_names = sorted({g for r in movie_rows for g in r[2].split("|")}
@@ -365,15 +412,16 @@ def read_latest(data_dir: str, duplicates: str = "error",
                       tags)
 
   rating_path = os.path.join(data_dir, "ratings.csv")
-  rows = _read_rows(rating_path, ",", 4, "utf-8", skip_header=True)
+  rows = _read_rows(rating_path, ",", 4, "utf-8", "ratings", skip_header=True)
   events = _events(rows, rating_path, 1, "latest", movie_ids, None, duplicates,
                    {} if report is None else report)
-  return tl.from_events("movielens_latest", *events, items=items)
+  return tl.from_events("movielens_latest", *events, items=items,
+                        source=rating_path)
 
 
 def _item_tags(tag_path: str, movie_ids: np.ndarray) -> list[tuple[str, ...]]:
   """Per movie (in movie_ids order), its distinct tags, most used first."""
-  rows = _read_rows(tag_path, ",", 4, "utf-8", skip_header=True)
+  rows = _read_rows(tag_path, ",", 4, "utf-8", None, skip_header=True)
   tagged = _column(rows, 1, np.int64, tag_path, "movieId", 1)
   row_of = {m: i for i, m in enumerate(movie_ids.tolist())}
   counts: list[dict[str, int]] = [{} for _ in movie_ids]

@@ -1,5 +1,7 @@
 """The prologue of every workflow: load the UserTimelines `config.data` names
-and describe them in one `[data]` line."""
+and describe them in one `[data]` line, with what was left out or will get no
+held-out target counted. Data in which no user has two events (nothing to
+learn or predict a next event from) is a DataError naming the file."""
 
 from __future__ import annotations
 
@@ -7,9 +9,9 @@ import os
 
 import ml_collections
 
-from data import movielens, synthetic
+from data import movielens, splits, synthetic
 from data import timelines as tl
-from infra.errors import ConfigError
+from infra.errors import ConfigError, DataError
 
 SOURCES = ("synthetic", "movielens")
 
@@ -24,16 +26,46 @@ def load_timelines(data_config: ml_collections.ConfigDict, quiet: bool = False
   prints the `[data]` line unless `quiet`."""
   report = {}
   timelines = _load(data_config, report)
+  _check_next_events(timelines)
   if not quiet:
-    dropped = report.get("duplicates_dropped", 0)
-    note = f"; {dropped} duplicate ratings dropped" if dropped else ""
-    print(f"[data] {describe(timelines)}{note}", flush=True)
+    print(f"[data] {describe(timelines, report)}", flush=True)
   return timelines
 
 
-def describe(timelines: tl.UserTimelines) -> str:
-  return (f"{timelines.name}: {timelines.num_users} users, {timelines.num_items} "
-          f"items, {timelines.num_events} events")
+def describe(timelines: tl.UserTimelines, report: dict | None = None) -> str:
+  """`name: N users, M items, E events`, then counted notes: users of the
+  users file who rated nothing (left out), duplicates dropped (a reader's
+  `report`), users too short for a leave-last-out target."""
+  report = report or {}
+  notes = []
+  if report.get("users_without_events"):
+    notes.append(f"{_users(report['users_without_events'])} of the users file "
+                 "without ratings left out")
+  if report.get("duplicates_dropped"):
+    notes.append(f"{report['duplicates_dropped']} duplicate ratings dropped")
+  short = int((timelines.lengths < splits.MIN_EVENTS_FOR_TARGET).sum())
+  if short:
+    notes.append(f"{_users(short)} with fewer than {splits.MIN_EVENTS_FOR_TARGET} "
+                 "events (no leave-last-out target; kept for training)")
+  return "; ".join([f"{timelines.name}: {timelines.num_users} users, "
+                    f"{timelines.num_items} items, {timelines.num_events} "
+                    "events"] + notes)
+
+
+def _users(count: int) -> str:
+  return f"{count} user" + ("" if count == 1 else "s")
+
+
+def _check_next_events(timelines: tl.UserTimelines) -> None:
+  """A DataError naming the events' file when no user has two events: every
+  workflow learns and scores a user's next event from the ones before."""
+  if timelines.num_events and timelines.lengths.max() >= 2:
+    return
+  raise DataError(f"{timelines.source or timelines.name}: no user has 2 or "
+                  f"more events ({timelines.num_users} users, one event each), "
+                  "so there is no next event to train on or predict; every "
+                  "workflow needs users with several (a leave-last-out target "
+                  f"needs {splits.MIN_EVENTS_FOR_TARGET})")
 
 
 def _load(data_config: ml_collections.ConfigDict, report: dict) -> tl.UserTimelines:
@@ -52,7 +84,7 @@ def _load(data_config: ml_collections.ConfigDict, report: dict) -> tl.UserTimeli
                         "config.data.source='movielens'")
     if not os.path.isdir(data_config.dir):
       raise FileNotFoundError(f"config.data.dir={data_config.dir!r} is not a "
-                              "directory")
+                              f"directory: {movielens.where_to_get_it()}")
     # a synthetic config switched to MovieLens on the command line
     # (--config.data.source=movielens) has no `duplicates` field: the default
     duplicates = data_config.get("duplicates", "error")

@@ -2,7 +2,8 @@
 
 - `leave_last_out`: per user, the last event is test, the one before is valid, the
   rest is train (users with fewer than 3 events keep all events in train and get
-  no held-out target; `LeaveLastOut.num_users_without_targets` counts them).
+  no held-out target; `LeaveLastOut.num_users_without_targets` counts them, and
+  data in which no user has 3 is a DataError naming the file).
 - `global_time_split`: every event before a global cutoff time is train, the rest
   is test, so no training event comes after a test event.
 """
@@ -14,6 +15,9 @@ import dataclasses
 import numpy as np
 
 from data import timelines as tl
+from infra.errors import DataError
+
+MIN_EVENTS_FOR_TARGET = 3  # leave-last-out: train events, valid, test
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +50,15 @@ class LeaveLastOut:
 def leave_last_out(timelines: tl.UserTimelines) -> LeaveLastOut:
   """Splits off each user's last event (test) and second-to-last (valid)."""
   lengths = timelines.lengths
-  has_targets = lengths >= 3
+  has_targets = lengths >= MIN_EVENTS_FOR_TARGET
+  if not has_targets.any():
+    counts = np.bincount(lengths, minlength=MIN_EVENTS_FOR_TARGET)
+    raise DataError(
+        f"{timelines.source or timelines.name}: no user has "
+        f"{MIN_EVENTS_FOR_TARGET} or more events, so none has a held-out "
+        f"target (leave-last-out holds out each user's last two events and "
+        f"trains on the rest); users with 1 event: {counts[1]}, with 2: "
+        f"{counts[2]}")
   users = np.nonzero(has_targets)[0]
   ends = timelines.user_offsets[1:]
   position = np.arange(timelines.num_events) - np.repeat(

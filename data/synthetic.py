@@ -105,7 +105,7 @@ def generate(spec: SyntheticSpec) -> tl.UserTimelines:
       name="synthetic",
       user_offsets=np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
       item_ids=item_ids, ratings=ratings, timestamps=timestamps,
-      items=items, users=users).validate()
+      items=items, users=users, source="config.data.synthetic").validate()
 
 
 def _make_items(spec: SyntheticSpec, rng: np.random.Generator):

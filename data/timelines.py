@@ -64,6 +64,12 @@ class UserTable:
   def num_users(self) -> int:
     return len(self.raw_ids)
 
+  def subset(self, keep: np.ndarray) -> "UserTable":
+    """The users where `keep` ([num_users] bool) holds, in their order."""
+    return dataclasses.replace(
+        self, **{f.name: getattr(self, f.name)[keep]
+                 for f in dataclasses.fields(self)})
+
   @classmethod
   def unknown_demographics(cls, raw_ids: np.ndarray) -> "UserTable":
     n = len(raw_ids)
@@ -85,6 +91,8 @@ class UserTimelines:
     timestamps: [num_events] int64 unix seconds.
     items: the ItemTable.
     users: the UserTable.
+    source: where the events came from, for messages: the ratings file, or
+      the config section that generated them.
   """
   name: str
   user_offsets: np.ndarray
@@ -93,6 +101,7 @@ class UserTimelines:
   timestamps: np.ndarray
   items: ItemTable
   users: UserTable
+  source: str = ""
 
   @property
   def num_users(self) -> int:
@@ -158,13 +167,14 @@ class UserTimelines:
 
 def from_events(name: str, user_raw: np.ndarray, item_raw: np.ndarray,
                 ratings: np.ndarray, timestamps: np.ndarray, items: ItemTable,
-                users: UserTable | None = None) -> UserTimelines:
+                users: UserTable | None = None, source: str = "") -> UserTimelines:
   """Builds UserTimelines from unsorted event columns with raw ids.
 
   Items are mapped through `items.raw_ids`; an event naming an unknown item is an
   error. Users are taken from `users` when given (an event naming an unknown user
   is an error), else from the distinct raw user ids in ascending order. Events are
-  sorted by (user, timestamp), ties kept in file order.
+  sorted by (user, timestamp), ties kept in file order. `source` names the
+  events' file in messages.
   """
   item_index = _index_of(items.raw_ids[1:], item_raw, "item") + 1
   if users is None:
@@ -178,7 +188,7 @@ def from_events(name: str, user_raw: np.ndarray, item_raw: np.ndarray,
       item_ids=item_index[order].astype(np.int32),
       ratings=np.asarray(ratings, np.float32)[order],
       timestamps=np.asarray(timestamps, np.int64)[order],
-      items=items, users=users).validate()
+      items=items, users=users, source=source).validate()
 
 
 def _index_of(known_raw_ids: np.ndarray, raw: np.ndarray, what: str) -> np.ndarray:

@@ -21,6 +21,20 @@ class WorkdirError(RuntimeError):
   different config, or it is not a writable directory."""
 
 
+class CheckpointError(WorkdirError):
+  """A checkpoint of the workdir cannot be used or written: its config
+  identity is missing or unreadable, its saved state does not fit the state
+  being trained, or the disk refused a save (out of space, permissions). The
+  message names the step or directory, the cause and what to do."""
+
+
+class ModelFileError(ValueError):
+  """A model file the config points at (a pretrained checkpoint, a tokenizer)
+  exists but cannot be used: not the layout the loader reads, a parameter it
+  does not know or lacks, a wrong shape, or unparseable. The message names
+  the path (and key) at fault."""
+
+
 class Preempted(Exception):
   """Training stopped before its last step with a checkpoint saved at the step
   boundary, so a rerun resumes from it: SIGTERM or a multi-host preemption
@@ -32,4 +46,4 @@ class Preempted(Exception):
 
 
 USER_ERRORS = (ConfigError, DataError, DivergedError, WorkdirError,
-               FileNotFoundError)
+               ModelFileError, FileNotFoundError)

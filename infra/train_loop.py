@@ -104,6 +104,24 @@ def check_schedule(schedule: ml_collections.ConfigDict, field: str) -> None:
                       f"{NONFINITE}")
 
 
+def note_bent_warmup(schedule: ml_collections.ConfigDict, name: str,
+                     field: str) -> None:
+  """Prints one line when the optimiser's warm-up is shorter than configured.
+
+  `infra.optim.make_optimizer` warms up over at most `num_steps - 1` steps, so
+  a run as short as its warm-up still has a step at the full learning rate.
+  That is a note, not an error: a short run of a long config (a smoke test,
+  `--config.train.num_steps=3`) is meant, and changing num_steps on resume is
+  allowed. Schedules without `warmup_steps` (federated rounds) are silent."""
+  warmup, num_steps = schedule.get("warmup_steps"), schedule.num_steps
+  if warmup is None or warmup <= max(num_steps - 1, 0):
+    return
+  print(f"[{name}] note: {field}.warmup_steps={warmup} is not shorter than "
+        f"{field}.num_steps={num_steps}: the learning rate warms up over "
+        f"{max(num_steps - 1, 0)} step(s) instead and reaches "
+        f"{field}.learning_rate at the last", flush=True)
+
+
 def guard_step(train_step: Callable, skip_nonfinite: bool) -> Callable:
   """`train_step` plus two metrics: `update_norm` (|new params - old params|)
   and `nonfinite` (1 when a metric or the update is not finite). With
@@ -179,8 +197,10 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
   run intact; a rerun resumes from there. `eval_fn(state) -> {key: value}` runs
   every `eval_every` steps (0: never). `unit` names a step in the progress
   lines (a federated step is a "round"); `schedule_field` names the schedule
-  in errors. `identity` (the config values that define this stage) is stored
-  with the checkpoints; resuming under other values is a WorkdirError.
+  in errors and notes. `identity` (the config values that define this stage)
+  is saved inside every checkpoint; resuming under other values is a
+  WorkdirError (infra/checkpoint.py says what else a resume checks). A
+  warm-up the optimiser shortens is said in one line at start.
 
   Safety: a step whose loss, metrics or update is not finite stops the run
   with a DivergedError naming the step (no checkpoint holds it), or with
@@ -192,9 +212,9 @@ def fit(*, state: TrainState, state_shardings, train_step: Callable,
   check_schedule(schedule, schedule_field)
   num_steps, log_every = schedule.num_steps, schedule.log_every
   eval_every = schedule.eval_every if eval_fn is not None else 0
+  note_bent_warmup(schedule, name, schedule_field)
   ckpt = checkpoint.Checkpointer(workdir, schedule.checkpoint_every,
-                                 schedule.keep_checkpoints)
-  ckpt.check_identity(identity or {})
+                                 schedule.keep_checkpoints, identity or {})
   state = ckpt.restore_or_keep(state)
   start = int(state.step)
   writer = metric_writer.MetricWriter(workdir, resume_step=start)

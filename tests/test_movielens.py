@@ -7,6 +7,7 @@ import pytest
 
 from conftest import ML100K_DIR
 from data import movielens
+from infra.errors import DataError
 
 GENRES_100K = ["unknown", "Action", "Comedy"]
 
@@ -83,7 +84,7 @@ def test_duplicates_can_be_dropped_and_are_counted(ml100k_dir):
         "latin-1")
   report = {}
   data = movielens.read_movielens(str(ml100k_dir), duplicates="drop", report=report)
-  assert data.num_events == 2 and report == {"duplicates_dropped": 2}
+  assert data.num_events == 2 and report["duplicates_dropped"] == 2
 
 
 def test_empty_or_misencoded_files_name_the_file(ml100k_dir):
@@ -195,3 +196,91 @@ def test_a_synthetic_config_switched_to_movielens_reads_the_files(ml100k_dir):
   data.update(source="movielens", dir=str(ml100k_dir))
   assert "duplicates" not in data
   assert sources.load_timelines(data, quiet=True).num_events > 0
+
+
+# --- data conditions that used to be tracebacks or silent (issue 40) ----------
+
+def _movielens_config(data_dir):
+  from configs import movielens_100k
+  data = movielens_100k.get_config("tiny").data
+  data.dir = str(data_dir)
+  return data
+
+
+def test_every_user_with_a_single_rating_is_an_error_naming_the_file(ml100k_dir):
+  from data import sources
+  write(ml100k_dir / "u.data", ["5\t1\t4\t300", "1\t2\t3\t200"], "latin-1")
+  with pytest.raises(DataError) as error:
+    sources.load_timelines(_movielens_config(ml100k_dir), quiet=True)
+  assert str(error.value) == (
+      f"{ml100k_dir / 'u.data'}: no user has 2 or more events (2 users, one event "
+      "each), so there is no next event to train on or predict; every workflow "
+      "needs users with several (a leave-last-out target needs 3)")
+
+
+def test_no_user_with_a_held_out_target_is_an_error_naming_the_file(ml100k_dir):
+  from data import splits
+  write(ml100k_dir / "u.data", ["5\t1\t4\t300", "1\t2\t3\t200", "1\t1\t5\t100"],
+        "latin-1")
+  data = movielens.read_movielens(str(ml100k_dir))
+  with pytest.raises(DataError) as error:
+    splits.leave_last_out(data)
+  assert str(error.value).startswith(
+      f"{ml100k_dir / 'u.data'}: no user has 3 or more events, so none has a "
+      "held-out target")
+  assert str(error.value).endswith("; users with 1 event: 1, with 2: 1")
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("u.genre", "no genres in the file"), ("u.item", "no movies in the file"),
+    ("u.user", "no users in the file")])
+def test_an_empty_100k_file_is_an_error_naming_it(ml100k_dir, name, reason):
+  (ml100k_dir / name).write_text("")
+  with pytest.raises(movielens.MalformedRowError) as error:
+    movielens.read_movielens(str(ml100k_dir))
+  assert str(error.value).startswith(f"{ml100k_dir / name}:1: {reason}")
+
+
+@pytest.mark.parametrize("name,reason", [
+    ("movies.dat", "no movies in the file"), ("users.dat", "no users in the file")])
+def test_an_empty_1m_file_is_an_error_naming_it(ml1m_dir, name, reason):
+  (ml1m_dir / name).write_text("")
+  with pytest.raises(movielens.MalformedRowError) as error:
+    movielens.read_movielens(str(ml1m_dir))
+  assert str(error.value) == f"{ml1m_dir / name}:1: {reason}"
+
+
+def test_the_data_line_counts_users_with_events_and_without_targets(
+    ml100k_dir, capsys):
+  """Users of u.user who rated nothing are left out and counted; users too
+  short for a held-out target are counted (at 23798f5 the line said 943 users
+  of the real u.user when 62 had ratings, and nothing of the targets)."""
+  from data import sources
+  write(ml100k_dir / "u.user", ["1|24|M|technician|85711", "5|33|F|other|15213",
+                                "6|42|M|writer|10001", "9|19|F|student|02139"],
+        "latin-1")
+  data = sources.load_timelines(_movielens_config(ml100k_dir))
+  assert data.num_users == 2 and data.users.raw_ids.tolist() == [1, 5]
+  assert data.users.occupations.tolist() == ["technician", "other"]
+  assert capsys.readouterr().out == (
+      "[data] movielens_100k: 2 users, 3 items, 4 events; 2 users of the users "
+      "file without ratings left out; 1 user with fewer than 3 events (no "
+      "leave-last-out target; kept for training)\n")
+
+
+def test_missing_data_says_where_movielens_comes_from(tmp_path):
+  from data import sources
+  with pytest.raises(FileNotFoundError) as error:
+    sources.load_timelines(_movielens_config(tmp_path / "nope"), quiet=True)
+  with pytest.raises(FileNotFoundError) as no_ratings:
+    movielens.read_movielens(str(tmp_path))
+  (tmp_path / "u.data").write_text("1\t1\t5\t100\n")
+  with pytest.raises(FileNotFoundError) as no_genres:
+    movielens.read_movielens(str(tmp_path))
+  for message in (str(e.value) for e in (error, no_ratings, no_genres)):
+    assert "\n" not in message
+    assert "https://grouplens.org/datasets/movielens/" in message, message
+    assert ("100K: u.data, u.item, u.user, u.genre; 1M: ratings.dat, movies.dat, "
+            "users.dat; latest(-small): ratings.csv, movies.csv") in message
+  assert str(no_genres.value).startswith(
+      f"MovieLens file not found: {tmp_path / 'u.genre'}")

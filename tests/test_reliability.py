@@ -1,12 +1,18 @@
-"""Fault injection (issue 17): a broken model never scores well, training that
-goes non-finite stops (or skips) with the step named, federated rounds drop
-non-finite clients, damaged state resumes from what is intact, SIGTERM saves
-and resumes, a workdir is claimed by one run under one config, and config
-values are checked by field."""
+"""Fault injection (issues 17, 40): a broken model never scores well, training
+that goes non-finite stops (or skips) with the step named, federated rounds
+drop non-finite clients, damaged state resumes from what is intact while a
+state that does not fit stops the run, every step carries its config
+identity, a refused save is one line with the earlier steps intact, SIGTERM
+saves and resumes, a workdir is claimed by one run under one config, and
+config values are checked by field."""
 
+import errno
 import json
 import os
+import shutil
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +24,8 @@ import pytest
 from configs import common
 from infra import checkpoint, config_checks, mesh as mesh_lib, ranking, train_loop
 from infra import workdir as workdir_lib
-from infra.errors import ConfigError, DivergedError, Preempted, WorkdirError
+from infra.errors import (USER_ERRORS, CheckpointError, ConfigError, DivergedError,
+                          Preempted, WorkdirError)
 
 
 # --- a broken model never ranks well ------------------------------------------
@@ -40,7 +47,7 @@ def test_nan_task_scores_answer_wrongly(tiny_timelines, tiny_tokenizer):
   from data import prompts, splits
   from userllm import evaluation
   split = splits.leave_last_out(tiny_timelines)
-  builder = prompts.PromptBuilder(tiny_timelines, tiny_tokenizer, "text_prompt", 3,
+  builder = prompts.PromptBuilder(tiny_timelines, tiny_tokenizer, "text", 3,
                                   60, 40)
   examples = prompts.held_out_examples(split.test, "rating", 0, 0)
   evaluator = evaluation.TaskEvaluator(None, builder, examples, prompts.TASKS,
@@ -84,11 +91,11 @@ def _batches(nan_at=()):
   return batch
 
 
-def _fit(workdir, schedule, batch_fn, learning_rate=0.05, identity=None):
+def _fit(workdir, schedule, batch_fn, learning_rate=0.05, identity=None,
+         params=lambda rng: {"w": jnp.zeros(4)}):
   mesh = mesh_lib.make_mesh(MESH_CONFIG)
   tx = optax.sgd(learning_rate)
-  state, shardings = train_loop.create_state(
-      lambda rng: {"w": jnp.zeros(4)}, tx, jax.random.PRNGKey(0), mesh)
+  state, shardings = train_loop.create_state(params, tx, jax.random.PRNGKey(0), mesh)
   loss = lambda p, b, rng: (jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2), {})  # noqa: E731
   return train_loop.fit(state=state, state_shardings=shardings,
                         train_step=train_loop.make_train_step(loss, tx),
@@ -104,7 +111,7 @@ def test_nonfinite_loss_stops_with_the_step_and_saves_nothing_after(tmp_path):
   with pytest.raises(DivergedError, match=r"step 4: training went non-finite "
                      r"\(.*loss=nan"):
     _fit(tmp_path, _schedule(6), _batches(nan_at={3}))
-  saved = checkpoint.Checkpointer(str(tmp_path), 2, 5).manager.all_steps()
+  saved = checkpoint.Checkpointer(str(tmp_path), 2, 5, {}).manager.all_steps()
   assert list(saved) == [2]  # the NaN step 4 was never saved
 
 
@@ -160,7 +167,7 @@ def test_sigterm_saves_at_the_step_boundary_and_the_rerun_matches(tmp_path):
 
   with pytest.raises(Preempted, match="step 4"):
     _fit(tmp_path / "killed", _schedule(7), killed_at_3)
-  saved = checkpoint.Checkpointer(str(tmp_path / "killed"), 2, 5).manager
+  saved = checkpoint.Checkpointer(str(tmp_path / "killed"), 2, 5, {}).manager
   assert saved.latest_step() == 4  # not a save step: saved because of SIGTERM
   resumed = _fit(tmp_path / "killed", _schedule(7), plain)
   np.testing.assert_allclose(resumed.params["w"], straight.params["w"], rtol=1e-6)
@@ -207,6 +214,236 @@ def test_resume_under_a_changed_config_is_an_error(tmp_path):
     _fit(tmp_path, _schedule(4), _batches(), identity=changed)
   longer = {"seed": 0, "train": {"learning_rate": 0.05, "num_steps": 6}}
   assert int(_fit(tmp_path, _schedule(6), _batches(), identity=longer).step) == 6
+
+
+def _stopped_at(workdir, step, identity=None, **fit_args):
+  """A run of `_fit` stopped at `step` (checkpoints every 2 steps)."""
+  with pytest.raises(Preempted):
+    _fit(workdir, _schedule(8, stop_after_steps=step), _batches(),
+         identity=identity, **fit_args)
+
+
+def _assert_one_user_line(error, *needles):
+  """What main.py prints as `error: ...` and exit 2: one line with `needles`."""
+  assert isinstance(error, USER_ERRORS), type(error)
+  message = str(error)
+  assert "\n" not in message
+  for needle in needles:
+    assert needle in message, message
+
+
+IDENTITY = {"seed": 0, "train": {"learning_rate": 0.05, "dims": (4,)}}
+
+
+def test_the_identity_is_saved_inside_every_step_and_cannot_be_lost(tmp_path):
+  _stopped_at(tmp_path, 4, identity=IDENTITY)
+  directory = tmp_path / "checkpoints"
+  manager = checkpoint.Checkpointer(str(tmp_path), 2, 5, IDENTITY).manager
+  for step in (2, 4):  # orbax's own reader sees it, as JSON stores it
+    assert manager.metadata(step).custom_metadata["identity"] == {
+        "seed": 0, "train": {"learning_rate": 0.05, "dims": [4]}}
+  # nothing beside the steps holds it (at 23798f5 deleting identity.json
+  # resumed under any config without a word)
+  assert sorted(os.listdir(directory)) == ["2", "4"]
+  changed = {"seed": 0, "train": {"learning_rate": 0.5, "dims": (4,)}}
+  with pytest.raises(WorkdirError, match=r"train.learning_rate: 0.05 -> 0.5"):
+    _fit(tmp_path, _schedule(8), _batches(), identity=changed)
+  assert int(_fit(tmp_path, _schedule(8), _batches(), identity=IDENTITY).step) == 8
+
+
+@pytest.mark.parametrize("damage,why", [
+    ("cut", "cannot be read (JSONDecodeError"), ("remove", "is missing")])
+def test_a_step_whose_identity_cannot_be_read_is_not_resumed(tmp_path, damage, why):
+  _stopped_at(tmp_path, 4, identity=IDENTITY)
+  step_dir = tmp_path / "checkpoints" / "4"
+  metadata = step_dir / checkpoint.STEP_METADATA_FILE
+  if damage == "cut":
+    metadata.write_text(metadata.read_text()[:40])
+  else:
+    metadata.unlink()
+  with pytest.raises(CheckpointError) as error:
+    _fit(tmp_path, _schedule(8), _batches(), identity=IDENTITY)
+  _assert_one_user_line(error.value, f"step 4 in {tmp_path / 'checkpoints'} cannot "
+                        f"be checked", f"{metadata} {why}", f"Move {step_dir} out")
+  assert step_dir.is_dir()  # nothing moved, nothing trained
+  shutil.move(step_dir, tmp_path / "aside")  # what the message says to do
+  straight = _fit(tmp_path / "straight", _schedule(8), _batches())
+  resumed = _fit(tmp_path, _schedule(8), _batches(), identity=IDENTITY)
+  np.testing.assert_allclose(resumed.params["w"], straight.params["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("legacy", ["matching", "changed", "absent"])
+def test_a_step_written_before_identities_moved_in_uses_identity_json(
+    tmp_path, capsys, legacy):
+  """Steps saved before this change carry no identity: their run's
+  checkpoints/identity.json checks them, and without it they are an error."""
+  _stopped_at(tmp_path, 4, identity=IDENTITY)
+  directory = tmp_path / "checkpoints"
+  for step in (2, 4):  # as the earlier code wrote them
+    path = directory / str(step) / checkpoint.STEP_METADATA_FILE
+    metadata = json.loads(path.read_text())
+    metadata["custom_metadata"] = {}
+    path.write_text(json.dumps(metadata))
+  if legacy != "absent":
+    old = dict(IDENTITY, seed=0 if legacy == "matching" else 7)
+    (directory / "identity.json").write_text(json.dumps(old))
+  if legacy == "matching":
+    assert int(_fit(tmp_path, _schedule(8), _batches(), identity=IDENTITY).step) == 8
+    assert "step 4 carries no config identity" in capsys.readouterr().out
+    return
+  error_type = WorkdirError if legacy == "changed" else CheckpointError
+  with pytest.raises(error_type) as error:
+    _fit(tmp_path, _schedule(8), _batches(), identity=IDENTITY)
+  needles = (["was trained under another config (seed: 7 -> 0)"]
+             if legacy == "changed" else
+             ["has no 'identity' entry", f"{directory}/identity.json does not exist"])
+  _assert_one_user_line(error.value, *needles)
+
+
+@pytest.mark.parametrize("change,cause", [
+    ("tree", "tree structures do not match"),
+    ("shape", "is not compatible with the stored shape"),
+    ("code", "TypeError: a bug in restoring")])
+def test_a_state_that_does_not_fit_its_checkpoint_stops_the_run(
+    tmp_path, monkeypatch, change, cause):
+  """Only torn files are set aside: a checkpoint whose files read whole but
+  do not fit the state (a model or code change the identity misses) stops
+  the run, and it never starts over beside its checkpoints."""
+  _stopped_at(tmp_path, 4)
+  params = {"tree": lambda rng: {"w": jnp.zeros(4), "b": jnp.zeros(2)},
+            "shape": lambda rng: {"w": jnp.zeros(5)},
+            "code": lambda rng: {"w": jnp.zeros(4)}}[change]
+  if change == "code":  # a bug on our side of a restore with a target
+    restore = checkpoint.ocp.CheckpointManager.restore
+
+    def buggy_restore(manager, step, args=None, **kwargs):
+      if args is not None and args.item is not None:
+        raise TypeError("a bug in restoring")
+      return restore(manager, step, args=args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.ocp.CheckpointManager, "restore", buggy_restore)
+  with pytest.raises(CheckpointError) as error:
+    _fit(tmp_path, _schedule(8), _batches(), params=params)
+  _assert_one_user_line(error.value, f"step 4 in {tmp_path / 'checkpoints'} cannot "
+                        "be restored into this run's state", cause,
+                        "its files read whole, so it is left in place")
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2", "4"]
+  assert not (tmp_path / "damaged_checkpoints").exists()
+
+
+def _refuse_array_writes(monkeypatch, error):
+  """Every array write of a save raises `error`, as TensorStore does when the
+  disk refuses it (a full tmpfs gave exactly this RESOURCE_EXHAUSTED text)."""
+  from orbax.checkpoint._src.serialization import serialization
+
+  async def refused(*args, **kwargs):
+    raise error
+
+  monkeypatch.setattr(serialization, "async_serialize_from_host", refused)
+
+
+FULL_DISK = ValueError(
+    'RESOURCE_EXHAUSTED: Error writing "w/0" in OCDBT database at local file '
+    '"/w/checkpoints/4.orbax-checkpoint-tmp/default.orbax-checkpoint-tmp/": '
+    "Failed writing: [OS error 28: No space left on device]")
+
+
+@pytest.mark.parametrize("error,needles", [
+    (FULL_DISK, ["out of space saving a checkpoint to", "are free there"]),
+    (OSError(errno.ENOSPC, "No space left on device"),
+     ["out of space saving a checkpoint to", "are free there"]),
+    (OSError(errno.EACCES, "Permission denied"),
+     ["cannot save a checkpoint to", "PermissionError: [Errno 13] Permission denied"])])
+def test_a_refused_save_is_one_line_and_keeps_the_saved_steps(
+    tmp_path, monkeypatch, error, needles):
+  _stopped_at(tmp_path, 2)
+  with monkeypatch.context() as patch:
+    _refuse_array_writes(patch, error)
+    with pytest.raises(CheckpointError) as raised:
+      _fit(tmp_path, _schedule(8), _batches())
+  # the state: w [4] float32, step int32, rng [2] uint32
+  _assert_one_user_line(raised.value, *needles, str(tmp_path / "checkpoints"),
+                        "a checkpoint of this run needs about 28 bytes",
+                        "intact (latest: step 2), and the same command resumes")
+  assert checkpoint.Checkpointer(str(tmp_path), 2, 5, {}).manager.all_steps() == [2]
+  straight = _fit(tmp_path / "straight", _schedule(8), _batches())
+  resumed = _fit(tmp_path, _schedule(8), _batches())
+  np.testing.assert_allclose(resumed.params["w"], straight.params["w"], rtol=1e-6)
+  assert not [n for n in os.listdir(tmp_path / "checkpoints") if "tmp" in n]
+
+
+_TMPFS_RUN = """
+import json, sys
+sys.path[:0] = [{repo!r}, {tests!r}]
+import jax, jax.numpy as jnp, numpy as np, optax
+import test_reliability as t
+from infra import checkpoint, mesh as mesh_lib, train_loop
+from infra.errors import CheckpointError
+
+def params(rng):  # 240 kB of random floats: orbax's zstd cannot shrink them
+  return {{"w": jax.random.normal(rng, (60_000,))}}
+
+def batch(step):
+  rng = np.random.default_rng(step)
+  return {{"x": rng.normal(size=(8, 60_000)).astype(np.float32) / 245.0,
+          "y": rng.normal(size=8).astype(np.float32)}}
+
+try:
+  t._fit({workdir!r}, t._schedule(8), batch, params=params)
+  print(json.dumps({{"error": None}}))
+except CheckpointError as e:
+  kept = checkpoint.Checkpointer({workdir!r}, 2, 5, {{}})
+  state, _ = train_loop.create_state(params, optax.sgd(0.05), jax.random.PRNGKey(0),
+                                     mesh_lib.make_mesh(t.MESH_CONFIG))
+  restored = kept.restore_or_keep(state)
+  print(json.dumps({{"error": str(e), "steps": kept.manager.all_steps(),
+                    "restored": int(restored.step)}}))
+"""
+
+
+def _private_mounts_allowed() -> bool:
+  if not shutil.which("unshare"):
+    return False
+  return subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _private_mounts_allowed(),
+                    reason="needs `unshare -m` (root or user namespaces) for a tmpfs")
+def test_a_full_tmpfs_refuses_a_save_in_one_line(tmp_path):
+  """The real thing: `<workdir>/checkpoints` on a 600 kB tmpfs, in a private
+  mount namespace, fills up at the third save of a 240 kB state (the rest of
+  the workdir is on the ordinary disk)."""
+  workdir = tmp_path / "run"
+  (workdir / "checkpoints").mkdir(parents=True)
+  tests = os.path.dirname(os.path.abspath(__file__))
+  script = _TMPFS_RUN.format(repo=os.path.dirname(tests), tests=tests,
+                             workdir=str(workdir))
+  env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+      "device_count=8", "device_count=1"))
+  run = subprocess.run(
+      ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=600k tmpfs "
+       f'{workdir / "checkpoints"} && exec "{sys.executable}" -c "$0"', script],
+      capture_output=True, text=True, timeout=300, env=env)
+  assert run.returncode == 0, run.stderr[-3000:]
+  # orbax's logged tracebacks of the refused writes are left out: one line
+  assert "Traceback" not in run.stderr, run.stderr[-3000:]
+  result = json.loads(run.stdout.strip().splitlines()[-1])
+  assert result["error"] and "\n" not in result["error"], result
+  assert result["error"].startswith(
+      f"out of space saving a checkpoint to {workdir / 'checkpoints'}: a "
+      "checkpoint of this run needs about 240.0 kB"), result
+  assert result["steps"] and result["restored"] == max(result["steps"])
+  assert f"intact (latest: step {max(result['steps'])})" in result["error"]
+
+
+def test_a_warmup_longer_than_the_run_is_said_at_start(tmp_path, capsys):
+  _fit(tmp_path / "long", _schedule(4, warmup_steps=10), _batches())
+  out = capsys.readouterr().out
+  assert ("[train] note: config.train.warmup_steps=10 is not shorter than "
+          "config.train.num_steps=4: the learning rate warms up over 3 step(s) "
+          "instead") in out
+  _fit(tmp_path / "short", _schedule(4, warmup_steps=3), _batches())
+  assert "note:" not in capsys.readouterr().out
 
 
 # --- the workdir ---------------------------------------------------------------

@@ -26,7 +26,8 @@ def _final_params(config, workdir):
   mesh = mesh_lib.make_mesh(config.mesh)
   template, _ = next_item.init_state(_model(config), optim.make_optimizer(
       config.train), config.seed, mesh)
-  restored = checkpoint.Checkpointer(workdir, 1, 1).restore_or_keep(template)
+  restored = checkpoint.Checkpointer(workdir, 1, 1, config.to_dict()
+                                      ).restore_or_keep(template)
   return int(restored.step), restored.params
 
 
