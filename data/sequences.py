@@ -10,6 +10,7 @@ import numpy as np
 
 from data import splits
 from data import timelines as tl
+from infra.errors import ConfigError, DataError
 
 
 def training_windows(timelines: tl.UserTimelines, max_len: int) -> np.ndarray:
@@ -23,7 +24,8 @@ def training_windows(timelines: tl.UserTimelines, max_len: int) -> np.ndarray:
   """
   windows, _ = training_windows_by_user(timelines, max_len)
   if not len(windows):
-    raise ValueError(f"{timelines.name}: no user has 2 or more training events")
+    raise DataError(f"{timelines.source}: no user has 2 or more training events "
+                    f"({timelines.name}), so there is no next item to train on")
   return windows
 
 
@@ -84,8 +86,9 @@ class EpochBatcher:
 
   def __init__(self, examples: np.ndarray, batch_size: int, seed: int):
     if len(examples) < batch_size:
-      raise ValueError(f"batch_size={batch_size} exceeds the {len(examples)} "
-                       "training examples; lower config.batch_size")
+      raise ConfigError(f"batch_size={batch_size} exceeds the {len(examples)} "
+                        "training examples: lower the stage's "
+                        "config.<section>.batch_size")
     self.examples, self.batch_size, self.seed = examples, batch_size, seed
     self.steps_per_epoch = len(examples) // batch_size
     self._epoch, self._order = -1, None  # cache: one permutation per epoch

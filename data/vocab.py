@@ -14,6 +14,8 @@ import tempfile
 import numpy as np
 import sentencepiece as spm
 
+from infra.errors import ModelFileError
+
 SPACE = "\u2581"  # SentencePiece's whitespace symbol
 
 
@@ -53,7 +55,11 @@ class Tokenizer:
     if not os.path.exists(model_path):
       raise FileNotFoundError(f"SentencePiece model {model_path!r} does not exist")
     self.path = model_path
-    self.processor = spm.SentencePieceProcessor(model_file=model_path)
+    try:
+      self.processor = spm.SentencePieceProcessor(model_file=model_path)
+    except (OSError, RuntimeError) as e:  # sentencepiece: "could not parse ..."
+      raise ModelFileError(f"{model_path} is not a SentencePiece model: "
+                           f"{str(e).splitlines()[0]}") from None
     self.pad_id = max(self.processor.pad_id(), 0)
     self.eos_id = self.processor.eos_id()
     self.bos_id = self.processor.bos_id()  # -1 when the vocabulary has none

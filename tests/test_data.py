@@ -92,5 +92,6 @@ def test_epoch_batcher_is_a_function_of_the_step():
   np.testing.assert_array_equal(a(13), b(13))
   epoch = np.concatenate([a(s) for s in range(a.steps_per_epoch)])
   assert len(np.unique(epoch)) == len(epoch) == 48  # no repeats within an epoch
-  with pytest.raises(ValueError, match="batch_size"):
+  from infra.errors import ConfigError  # the user's to fix: exit 2, one line
+  with pytest.raises(ConfigError, match="batch_size=64 exceeds the 50"):
     sequences.EpochBatcher(examples, 64, 0)

@@ -391,3 +391,19 @@ def test_gemma_checkpoint_restores_sharded_onto_the_mesh(tmp_path):
   merged = gemma_loader.merge_pretrained(jax.tree.map(jnp.zeros_like, params),
                                          on_mesh)
   assert all(isinstance(x, jax.Array) for x in jax.tree.leaves(merged))
+
+
+def test_a_file_that_is_no_tokenizer_or_checkpoint_is_a_model_file_error(tmp_path):
+  """User errors (exit 2 through main), naming the file: not a traceback."""
+  from infra.errors import USER_ERRORS, ModelFileError
+  garbage = tmp_path / "tokenizer.model"
+  garbage.write_bytes(b"not a protobuf")
+  with pytest.raises(ModelFileError, match=f"{garbage} is not a SentencePiece model"):
+    Tokenizer(str(garbage))
+  tokens, mask = _tokens()
+  _, params = _init(CFG, tokens, mask)
+  flat = gemma_loader.to_gemma_layout(params)
+  del flat["transformer/layer_1/mlp/linear"]
+  with pytest.raises(ModelFileError, match="layer_1/mlp/linear is missing"):
+    gemma_loader.convert(flat)
+  assert issubclass(ModelFileError, USER_ERRORS)

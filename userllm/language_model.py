@@ -40,7 +40,7 @@ def llm_config(config, vocab_size: int, **overrides) -> llm.LLMConfig:
         {k: fields[k] for k in gemma_variants.SHAPE_FIELDS}))
     return llm.LLMConfig(vocab_size=vocab_size, **{**fields, **overrides}).validate()
   except (TypeError, ValueError) as e:
-    raise ConfigError(f"config.{e}" if str(e).startswith("llm.")
+    raise ConfigError(str(e) if str(e).startswith("config.")
                       else f"config.llm: {e}") from None
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from infra.errors import ConfigError, ModelFileError
 from userllm.models import gemma_variants, llm
 
 # the parameters a Gemma layer may hold (paths inside the layer)
@@ -110,14 +111,14 @@ def convert(gemma_params: dict, vocab_size: int | None = None,
   if "transformer" in tree:  # the released layout's root
     others = sorted(set(tree) - {"transformer"} - set(vision))
     if others:
-      raise ValueError(f"Gemma checkpoint has parameters this loader does not "
+      raise ModelFileError(f"Gemma checkpoint has parameters this loader does not "
                        f"map: {others} beside transformer/")
     tree = tree["transformer"]
   tree = _without_vision(tree, vision, drop_vision)
   layer_names = sorted((k for k in tree if k.startswith("layer_")),
                        key=lambda k: int(k.split("_")[1]))
   if not layer_names or "embedder" not in tree or "final_norm" not in tree:
-    raise ValueError("not a Gemma checkpoint: expected transformer/embedder, "
+    raise ModelFileError("not a Gemma checkpoint: expected transformer/embedder, "
                      f"transformer/layer_N and transformer/final_norm, found "
                      f"{sorted(tree)}")
   family = _family(tree[layer_names[0]])
@@ -166,7 +167,7 @@ def _without_vision(tree: dict, vision_roots: list[str], drop: bool) -> dict:
   if not found:
     return tree
   if not drop:
-    raise ValueError(f"Gemma checkpoint has a vision encoder ({', '.join(found)}); "
+    raise ConfigError(f"Gemma checkpoint has a vision encoder ({', '.join(found)}); "
                      "User-LLM reads text only: set config.llm.drop_vision=True "
                      "to load the text model without it")
   print(f"[gemma] dropping the vision encoder: {', '.join(found)}", flush=True)
@@ -194,14 +195,14 @@ def _check_every_key_is_known(tree: dict, layer_names: list[str],
   if unknown:
     shown = ", ".join(f"transformer/{u}" for u in unknown[:6])
     more = f" and {len(unknown) - 6} more" if len(unknown) > 6 else ""
-    raise ValueError(f"Gemma checkpoint ({family}, from its first layer's keys) "
+    raise ModelFileError(f"Gemma checkpoint ({family}, from its first layer's keys) "
                      f"has parameters this loader does not map: {shown}{more}")
 
 
 def _required(layer: dict, part: str, path: str) -> np.ndarray:
   value = _get(layer, part)
   if value is None:
-    raise ValueError(f"Gemma checkpoint: {path}/{part} is missing")
+    raise ModelFileError(f"Gemma checkpoint: {path}/{part} is missing")
   return value
 
 
@@ -222,7 +223,7 @@ def _convert_layer(layer: dict, path: str, family: str,
   if (square and gating_transposed) or (not square and gating.shape[2] == embed_dim):
     gating = gating.transpose(0, 2, 1)
   if gating.shape[1] != embed_dim:
-    raise ValueError(f"Gemma checkpoint: {path}/mlp/gating_einsum has shape "
+    raise ModelFileError(f"Gemma checkpoint: {path}/mlp/gating_einsum has shape "
                      f"{gating.shape}, which fits no width {embed_dim} layout")
   norms = ("pre_attention_norm", "pre_ffw_norm") + (
       ("post_attention_norm", "post_ffw_norm") if family != "gemma1" else ())
@@ -334,14 +335,14 @@ def merge_pretrained(params: dict, pretrained: dict, where: str = "llm") -> dict
   def replace(node, new, path):
     if not isinstance(new, dict):
       if np.shape(node) != np.shape(new):
-        raise ValueError(f"{path}: checkpoint shape {np.shape(new)} != model "
+        raise ModelFileError(f"{path}: checkpoint shape {np.shape(new)} != model "
                          f"shape {np.shape(node)}")
       if isinstance(new, jax.Array):  # on device: cast there, no host copy
         return new.astype(node.dtype)
       return np.asarray(new, dtype=node.dtype)
     missing = set(new) - set(node)
     if missing:
-      raise ValueError(f"{path}: the model has no {sorted(missing)}")
+      raise ModelFileError(f"{path}: the model has no {sorted(missing)}")
     return {k: replace(v, new[k], f"{path}/{k}") if k in new else v
             for k, v in node.items()}
   return replace(params, pretrained, where)

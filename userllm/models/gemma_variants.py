@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from infra.errors import ConfigError
 from userllm.models import llm
 
 FAMILIES = ("gemma1", "gemma2", "gemma3")
@@ -149,7 +150,7 @@ def llm_config(name: str, vocab_size: int | None = None, **overrides
 
 def get(name: str) -> Variant:
   if name not in VARIANTS:
-    raise ValueError(f"llm.variant={name!r} is not a released Gemma variant: "
+    raise ConfigError(f"config.llm.variant={name!r} is not a released Gemma variant: "
                      f"{', '.join(VARIANTS)}")
   return VARIANTS[name]
 
@@ -162,7 +163,7 @@ def resolve(family: str, shapes: dict, named: str = "") -> Variant:
   if named:
     variant = get(named)
     if variant.family != family:
-      raise ValueError(f"llm.variant={named!r} is a {variant.family} model but "
+      raise ConfigError(f"config.llm.variant={named!r} is a {variant.family} model but "
                        f"the checkpoint's keys are {family}'s")
     if variant.shapes() != shapes:
       print(f"[gemma] the checkpoint ({shown}) is not {named}'s shape; its "
@@ -198,7 +199,7 @@ def scratch_fields(family: str, variant: str, shapes: dict) -> dict:
     return dict(v.shapes(), **family_fields(v, v.embed_dim, v.num_heads,
                                             v.head_dim))
   if family not in FAMILY_DEFAULTS:
-    raise ValueError(f"llm.family={family!r} is not one of {FAMILIES}")
+    raise ConfigError(f"config.llm.family={family!r} is not one of {FAMILIES}")
   constants = family_fields(FAMILY_DEFAULTS[family], shapes["embed_dim"],
                             shapes["num_heads"], shapes["head_dim"])
   constants.pop("rope_max_wavelength")
