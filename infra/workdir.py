@@ -79,10 +79,14 @@ def _take_lock(path: str) -> None:
   raise WorkdirError(f"cannot take the lock {path}")
 
 
+LAUNCH_LOGS = "launch"  # the TPU launcher's job logs (infra/launch_tpu_vm.py)
+
+
 def _contents(workdir: str) -> list[str]:
-  """The names in `workdir` other than the lock and the owner record (and
-  the record's temporary file, left if a write was killed)."""
-  own = {LOCK, OWNER, OWNER + ".tmp"}
+  """The names in `workdir` other than the lock, the owner record (and the
+  record's temporary file, left if a write was killed) and the launcher's
+  logs, which it copies there from the job's first second."""
+  own = {LOCK, OWNER, OWNER + ".tmp", LAUNCH_LOGS}
   return sorted(name for name in os.listdir(workdir) if name not in own)
 
 
