@@ -1,6 +1,6 @@
 """Start-up time of each workflow: what a run pays before its first step.
 
-  python -m benchmarks.startup --out benchmarks/startup
+  python -m benchmarks.startup --out benchmarks/results/startup
 
 For every workflow of `configs.common.WORKFLOWS`, a fresh interpreter imports
 what `main.py` imports at its top (absl, ml_collections' config flags), the
@@ -12,23 +12,23 @@ dropped `clu` (whose writers import TensorFlow), so the two columns are the
 before and after of that change. Also records whether importing the workflow
 loads TensorFlow (none does: the User-LLM workflow loads it only on its
 opt-in seqio input path, `userllm.input_pipeline=seqio`) and how many lines
-the run wrote to stderr (TensorFlow's cuInit and oneDNN notices). Writes
-`<out>.json`, `<out>.md` and `<out>.png`.
+the run wrote to stderr (TensorFlow's cuInit and oneDNN notices). It sits at
+the top of benchmarks/, not in a package's folder: it measures main.py's
+start-up for every workflow at once.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import subprocess
 import sys
 import time
 
-from absl import app, flags
+from benchmarks import harness, plots
+from infra import results
 
-_OUT = flags.DEFINE_string("out", "benchmarks/startup", "Path prefix of the outputs.")
-_REPEATS = flags.DEFINE_integer("repeats", 5, "Fresh interpreters per cell.")
+FLAGS = (harness.Flag("repeats", 5, "Fresh interpreters per cell."),)
 
 # The child: what main.py imports before the workflow reads its data.
 _CHILD = """
@@ -47,7 +47,7 @@ print(int(own))
 """
 
 
-def measure(repo: str, workflow: str, with_tensorflow: bool) -> dict:
+def measure_once(repo: str, workflow: str, with_tensorflow: bool) -> dict:
   """One fresh interpreter: wall seconds, whether the workflow loaded TF itself,
   and its stderr line count."""
   env = {**os.environ, "PYTHONPATH": repo}
@@ -63,41 +63,41 @@ def measure(repo: str, workflow: str, with_tensorflow: bool) -> dict:
           "stderr_lines": len(out.stderr.strip().splitlines())}
 
 
-def main(argv) -> None:
-  del argv
+def measure(run: harness.Run) -> dict:
   from configs.common import WORKFLOWS
-  from infra import results as results_lib
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   rows = []
   for workflow in WORKFLOWS:
     cell = {"workflow": workflow}
     for label, with_tf in (("after", False), ("before", True)):
-      runs = [measure(repo, workflow, with_tf) for _ in range(_REPEATS.value)]
+      runs = [measure_once(harness.REPO, workflow, with_tf)
+              for _ in range(run.args.repeats)]
       times = [r["seconds"] for r in runs]
       cell[f"{label}_seconds"] = statistics.median(times)
       cell[f"{label}_seconds_all"] = times
       cell[f"{label}_stderr_lines"] = runs[-1]["stderr_lines"]
       cell["workflow_imports_tensorflow"] = runs[-1]["workflow_imports_tensorflow"]
-    print(json.dumps(cell), flush=True)
+    print(cell, flush=True)
     rows.append(cell)
-  command = f"python -m benchmarks.startup --out {_OUT.value}"
-  lines = [f"Start-up of each workflow (median of {_REPEATS.value} fresh "
-           f"interpreters, seconds; {os.cpu_count()} CPU cores). Command: "
-           f"`{command}`.", ""] + results_lib.markdown_table(
+  return {"repeats": run.args.repeats, "cpu_count": os.cpu_count(), "rows": rows}
+
+
+def present(payload: dict):
+  rows = payload["rows"]
+  repeats = payload.get("repeats", len(rows[0]["after_seconds_all"]))
+  cores = payload.get("cpu_count", "?")
+  lines = [f"Start-up of each workflow (median of {repeats} fresh interpreters, "
+           f"seconds; {cores} CPU cores).", ""] + results.markdown_table(
       ["workflow", "imports TensorFlow itself", "with TensorFlow (before)",
        "without (after)", "saved", "stderr lines before / after"],
       [[r["workflow"], "yes" if r["workflow_imports_tensorflow"] else "no",
         f"{r['before_seconds']:.2f}", f"{r['after_seconds']:.2f}",
         f"{r['before_seconds'] - r['after_seconds']:.2f}",
         f"{r['before_stderr_lines']} / {r['after_stderr_lines']}"] for r in rows])
-  results_lib.write_report(_OUT.value, {"command": command, "rows": rows}, lines)
-  plot(_OUT.value, rows)
-  print("\n".join(lines))
+  return lines, plot(rows)
 
 
-def plot(out: str, rows: list[dict]) -> None:
-  from benchmarks import report
-  fig, (ax,) = report.figure(1)
+def plot(rows: list[dict]):
+  fig, (ax,) = plots.panels(1)
   x = range(len(rows))
   ax.bar([i - 0.2 for i in x], [r["before_seconds"] for r in rows], 0.4,
          label="with TensorFlow (before)")
@@ -106,8 +106,10 @@ def plot(out: str, rows: list[dict]) -> None:
   ax.set_xticks(list(x), [r["workflow"] for r in rows])
   ax.set(ylabel="start-up seconds", title="workflow start-up")
   ax.legend(fontsize=8)
-  report.save(fig, out)
+  return fig
 
+
+EXPERIMENT = harness.Experiment(measure, present, flags=FLAGS)
 
 if __name__ == "__main__":
-  app.run(main)
+  harness.main(EXPERIMENT)

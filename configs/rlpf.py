@@ -102,9 +102,9 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       kl_coef=0.005,
       value_coef=0.5,
       # r = correct + length_weight * min(length_cap, length_beta * (L - tokens))
-      # beta per token: small beside what a part is worth, so that RL does
-      # not buy length with accuracy (docs/rlpf.md: the larger weights tried)
-      length_weight=1.0, length_cap=0.3, length_beta=0.001,
+      # beta per token, chosen on validation users among the settings in
+      # docs/rlpf.md (benchmarks/results/rlpf_selection.md)
+      length_weight=1.0, length_cap=0.3, length_beta=0.005,
       truncated="keep",  # a summary without eos keeps its reward | "zero"
       # the prediction term: "correct" 1[predictor right] (the paper's) |
       # "probability" its softmax probability of the right option (docs/rlpf.md)

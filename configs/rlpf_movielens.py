@@ -24,6 +24,9 @@ def get_config(arg: str = ""):
   # the answer alone as target it read the whole history no better than no
   # context (docs/rlpf.md)
   config.predictor.history_lm_weight = 1.0
+  # the RL setting its runs were made with (configs/rlpf.py's earlier
+  # default; MovieLens has no runs at other length weights to choose among)
+  config.rl.length_beta = 0.001
   if not tiny:
     config.data.valid_users, config.data.test_users = 50, 150
     config.summary.prompt_len = 256

@@ -1,5 +1,6 @@
-"""The one results writer: `results.json` of a run and the JSON + markdown
-tables of a benchmark, both written atomically (a reader never sees half a file).
+"""The one results writer: `results.json` of a run, and the JSON and the
+markdown tables of a benchmark (benchmarks/harness.py), every file written
+atomically (a reader never sees half a file).
 
 Result keys follow one scheme, `<split>/<scorer>/<task>/<metric>` (e.g.
 `test/model/next_item/recall@10`, `test/popularity/next_item/ndcg@10`,
@@ -24,12 +25,13 @@ def prefixed(metrics: dict, split: str, scorer: str, task: str) -> dict:
   return {key(split, scorer, task, name): value for name, value in metrics.items()}
 
 
-def write_json(path: str, payload) -> None:
-  """Writes `payload` as indented JSON through a temporary file and a rename."""
+def write_json(path: str, payload, sort_keys: bool = True) -> None:
+  """Writes `payload` as indented JSON through a temporary file and a rename
+  (`sort_keys=False` keeps the dicts' order, e.g. a table's rows as run)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=True)
+    json.dump(payload, f, indent=2, sort_keys=sort_keys)
   os.replace(tmp, path)
 
 
@@ -52,10 +54,10 @@ def markdown_table(header: Iterable[str], rows: Iterable[Iterable]) -> list[str]
   return lines
 
 
-def write_report(out: str, payload: dict, markdown_lines: list[str]) -> None:
-  """A benchmark's `<out>.json` (its rows and meta) and `<out>.md`."""
-  write_json(out + ".json", payload)
-  tmp = out + ".md.tmp"
+def write_markdown(path: str, lines: list[str]) -> None:
+  """Writes markdown `lines` to `path` through a temporary file and a rename."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    f.write("\n".join(markdown_lines) + "\n")
-  os.replace(tmp, out + ".md")
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, path)

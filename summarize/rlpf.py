@@ -64,7 +64,7 @@ class RLConfig:
   value_coef: float = 0.5
   length_weight: float = 1.0  # w
   length_cap: float = 0.3  # C
-  length_beta: float = 0.001  # beta, per token
+  length_beta: float = 0.005  # beta, per token
   length_target: float = 0.0  # L: the initial policy's mean summary tokens
   truncated: str = "keep"
   reward: str = "correct"

@@ -24,7 +24,7 @@ def _decode(tok, batch, row=0):
 
 def test_every_task_asks_its_question_and_answers_from_its_candidates(tiny_text):
   timelines, tok = tiny_text
-  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", history_len=3,
+  builder = prompts.PromptBuilder(timelines, tok, "text", history_len=3,
                                   prompt_len=200, answer_len=40, show_ratings=True)
   user, cut = 5, 6
   items = timelines.user_items(user)
@@ -65,7 +65,7 @@ def test_task_metrics_from_fixed_scores(tiny_text):
   from userllm import evaluation
   timelines, tok = tiny_text
   split = splits.leave_last_out(timelines)
-  builder = prompts.PromptBuilder(timelines, tok, "text_prompt", 3, 60, 40)
+  builder = prompts.PromptBuilder(timelines, tok, "text", 3, 60, 40)
   examples = prompts.held_out_examples(split.test, "rating", 0, 0)
   evaluator = evaluation.TaskEvaluator(None, builder, examples, prompts.TASKS,
                                        "test", 4, 8, mesh=None)
@@ -150,7 +150,7 @@ def test_multitask_config_errors_name_the_field(tmp_path):
 
 
 def test_adapter_benchmark_kinds_may_name_a_router():
-  from benchmarks import adapters as adapter_benchmark
+  from benchmarks.userllm import adapters as adapter_benchmark
   from configs import multitask
   base = multitask.get_config()
   plain, routed = (adapter_benchmark.config_for(base, k)
@@ -161,7 +161,7 @@ def test_adapter_benchmark_kinds_may_name_a_router():
 
 
 def test_adapter_benchmark_table_has_a_row_per_kind_and_baselines(tmp_path):
-  from benchmarks import adapters as adapter_benchmark
+  from benchmarks.userllm import adapters as adapter_benchmark
   tasks = ("next_title", "rating")
   def result(kind, rank, recall):
     r = {"adapter_rank": rank, "adapter_experts": 1 if kind == "lora" else 4,
