@@ -4,7 +4,7 @@ encoder pretraining, then cross-attention User-LLM (see userllm/workflow.py).
 Scale: a 2-layer, 128-wide Gemma-style LM trained from scratch (real runs load
 Gemma: configs/user_llm_gemma_tpu.py), a 2-layer 64-wide early-fusion encoder
 over the latest 50 events, a 16-latent Perceiver. Pick the method with
-`--config.userllm.method=cross_attention|soft_prompt|text_prompt|no_history`.
+`--config.userllm.method=cross_attention|soft_prompt|text_prompt|soft_prompt_text|no_history`.
 `configs/user_llm.py:tiny` is the seconds-long variant the tests run.
 """
 

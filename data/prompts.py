@@ -22,6 +22,7 @@ one: userllm/builders.py METHODS):
   `prompt_len` tokens (the latest titles kept);
 - "events": the bare task prompt ("Next title:"), and the history as events
   (items, rating buckets, genres) beside it, for a user encoder;
+- "text_events": both: the text prompt, and the events beside it;
 - "none": the bare task prompt only.
 Prompts are left-padded and answers right-padded, so `tokens` is
 [pad.. prompt][answer eos pad..] and the cut between them is the same column for
@@ -50,7 +51,9 @@ HISTORY_HEAD, HISTORY_SEP, HISTORY_TAIL, ITEM_TAIL = "Watched:", ";", ".", ":"
 RATINGS = ("1", "2", "3", "4", "5")
 LEVELS = ("low", "mid", "high")
 LEVEL_EDGES = (3.3, 3.7)  # mean rating: low < 3.3 <= mid < 3.7 <= high
-HISTORIES = ("text", "events", "none")  # how a prompt shows the history
+# how a prompt shows the history: (as titles in the text, as events beside it)
+HISTORIES = {"text": (True, False), "events": (False, True),
+             "text_events": (True, True), "none": (False, False)}
 
 
 def corpus(timelines: tl.UserTimelines) -> list[str]:
@@ -158,9 +161,12 @@ class PromptBuilder:
                history_as: str, history_len: int, prompt_len: int,
                answer_len: int = 0, show_ratings: bool = False, tasks=TASKS):
     if history_as not in HISTORIES:
-      raise ValueError(f"history_as={history_as!r} is not one of {HISTORIES}")
+      raise ValueError(f"history_as={history_as!r} is not one of "
+                       f"{tuple(HISTORIES)}")
     self.timelines, self.tokenizer = timelines, tokenizer
     self.history_as, self.history_len = history_as, history_len
+    # the history's titles in the prompt; its events beside the prompt
+    self.shows_text, self.gives_events = HISTORIES[history_as]
     self.show_ratings = show_ratings
     encode = lambda texts: tokenizer.encode(texts)  # noqa: E731
     self.title_ids = encode([str(t) for t in timelines.items.titles])
@@ -237,7 +243,7 @@ class PromptBuilder:
     return ids
 
   def prompt(self, user: int, cut: int, task: str) -> list[int]:
-    if self.history_as != "text":
+    if not self.shows_text:
       return self.bos + self.task_prompt(user, cut, task, after_history=False)
     history = []
     events = self._events(user, cut)
@@ -288,7 +294,7 @@ class PromptBuilder:
                  token_mask=np.concatenate([prompt_mask, answer_mask], 1),
                  target_mask=np.concatenate([np.zeros_like(prompt_mask),
                                              answer_mask], 1))
-    if self.history_as == "events":
+    if self.gives_events:
       out["events"] = self.events(examples, rows)
     return out
 
@@ -305,7 +311,7 @@ class PromptBuilder:
     item_part = longest_title + len(self.item_tail_ids)
     def question(ids):
       return max(len(ids[t]) + (item_part if t in ITEM_TASKS else 0) for t in tasks)
-    if self.history_as != "text":
+    if not self.shows_text:
       return len(self.bos) + question(self.task_ids)
     per_event = longest_title + len(self.sep_ids) + (
         max(len(r) for r in self.rating_ids) if self.show_ratings else 0)

@@ -179,4 +179,4 @@ def training_batches(config, workdir: str, builder: prompts.PromptBuilder,
   """The workflow's stage-3 batches from the Mixture of `tasks`."""
   names = register_tasks(config, workdir, builder, tasks, seed)
   return MixtureBatches(names["multitask"], builder, config.train.batch_size, seed,
-                        with_events=builder.history_as == "events")
+                        with_events=builder.gives_events)

@@ -409,3 +409,33 @@ def test_item_text_puts_each_events_title_into_the_user_tokens():
   np.testing.assert_allclose(
       mean[1, 2], (table[titles[1, 2, 0]] + table[titles[1, 2, 1]]) / 2 * np.sqrt(16),
       rtol=1e-5)
+
+
+def test_a_method_is_an_integration_and_a_history_kind(tiny_timelines,
+                                                       tiny_tokenizer):
+  """soft_prompt_text, added as one line of builders.METHODS: the prompt
+  holds the history's titles AND the events come beside it; the built model
+  puts the user tokens before that prompt (its logits cover the text only)."""
+  from configs import user_llm
+  from userllm import builders
+  method = builders.METHODS["soft_prompt_text"]
+  assert (method.integration, method.history) == ("soft_prompt", "text_events")
+  timelines, tok = tiny_timelines, tiny_tokenizer
+  both = prompts.PromptBuilder(timelines, tok, method.history, 5, 40, 12)
+  text = prompts.PromptBuilder(timelines, tok, "text", 5, 40, 12)
+  ex = prompts.Examples(np.array([3]), np.array([7]), np.array([0]))
+  batch, text_batch = both.batch(ex, np.arange(1)), text.batch(ex, np.arange(1))
+  np.testing.assert_array_equal(batch["prompt"], text_batch["prompt"])
+  np.testing.assert_array_equal(batch["events"]["items"][0],
+                                timelines.user_items(3)[2:7])
+  config = user_llm.get_config("tiny")
+  config.userllm.method = "soft_prompt_text"
+  builders.check(config)
+  model = builders.build_model(config, timelines, tok.vocab_size, config.userllm.method)
+  assert model.config.integration == "soft_prompt" and model.config.uses_user
+  variables = model.init(jax.random.PRNGKey(0), batch["events"], batch["tokens"],
+                         batch["token_mask"])
+  logits = model.apply(variables, batch["events"], batch["tokens"],
+                       batch["token_mask"])
+  assert logits.shape[:2] == batch["tokens"].shape
+  assert builders.stage_name(config, model).startswith("soft_prompt_text_h")

@@ -36,6 +36,8 @@ class Method:
 METHODS = {
     "cross_attention": Method("cross_attention", "events"),  # User-LLM
     "soft_prompt": Method("soft_prompt", "events"),  # User-LLM
+    # the soft prompt before the history's titles: User-LLM and the text prompt
+    "soft_prompt_text": Method("soft_prompt", "text_events"),
     "text_prompt": Method("text", "text"),  # the history's titles in the prompt
     "no_history": Method("text", "none"),  # the bare task prompt
 }
@@ -171,7 +173,8 @@ def stage_name(config, model: ul.UserLLM) -> str:
   (`_mode_r4_e4`) when there is one."""
   u, adapter = config.userllm, model.config.llm.adapter
   name = f"{u.method}_h{u.history_len}"
-  name += f"_ctx{u.text_prompt_len}" if METHODS[u.method].history == "text" else ""
+  shows_text = prompts.HISTORIES[METHODS[u.method].history][0]
+  name += f"_ctx{u.text_prompt_len}" if shows_text else ""
   if adapter.enabled:
     name += f"_{adapter.kind}_r{adapter.rank}"
     name += f"_e{adapter.num_experts}" if adapter.kind != "lora" else ""
