@@ -13,6 +13,7 @@ import tempfile
 
 import numpy as np
 import sentencepiece as spm
+from sentencepiece import sentencepiece_model_pb2
 
 from infra.errors import ModelFileError
 
@@ -63,12 +64,23 @@ class Tokenizer:
     self.pad_id = max(self.processor.pad_id(), 0)
     self.eos_id = self.processor.eos_id()
     self.bos_id = self.processor.bos_id()  # -1 when the vocabulary has none
+    # Gemma's tokenizer adds no dummy prefix and keeps whitespace as written,
+    # so "Heat" and " Heat" are different pieces. Prompts are assembled from
+    # pieces tokenized apart (a title's ids are the same wherever it appears),
+    # each a word after a space: encode writes that space where the model
+    # does not add it itself.
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(self.processor.serialized_model_proto())
+    self.adds_space = not model.normalizer_spec.add_dummy_prefix
 
   @property
   def vocab_size(self) -> int:
     return self.processor.get_piece_size()
 
   def encode(self, texts: list[str]) -> list[list[int]]:
+    """Each text's ids, as a word after a space (see __init__)."""
+    if self.adds_space:
+      texts = [" " + t for t in texts]
     return self.processor.encode(list(texts))
 
   def decode(self, ids) -> str:
@@ -76,7 +88,8 @@ class Tokenizer:
     ids = [int(i) for i in ids]
     if self.eos_id in ids:
       ids = ids[:ids.index(self.eos_id)]
-    return self.processor.decode([i for i in ids if i != self.pad_id])
+    text = self.processor.decode([i for i in ids if i != self.pad_id])
+    return text[1:] if self.adds_space and text.startswith(" ") else text
 
   def pad(self, sequences: list[list[int]], length: int, left: bool
           ) -> tuple[np.ndarray, np.ndarray]:

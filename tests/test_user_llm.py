@@ -297,16 +297,60 @@ def test_candidates_scored_in_length_groups_equal_full_width_scores(
   np.testing.assert_allclose(grouped[:4], full, rtol=1e-5, atol=1e-4)
 
 
+def _gemma_style_tokenizer(path: str, texts: list[str]) -> str:
+  """A SentencePiece model with Gemma's ids (pad 0, eos 1, bos 2, unk 3) and
+  its chat control pieces, trained on `texts` (Gemma's own file cannot be
+  shipped: this is the same kind of file)."""
+  import sentencepiece as spm
+  prefix = path[:-len(".model")]
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=300,
+      pad_id=0, eos_id=1, bos_id=2, unk_id=3, hard_vocab_limit=False,
+      user_defined_symbols=["<start_of_turn>", "<end_of_turn>"],
+      add_dummy_prefix=False, remove_extra_whitespaces=False,  # as Gemma's
+      minloglevel=2)
+  return path
+
+
+def test_a_gemma_tokenizer_frames_prompts_and_answers_as_gemma_does(
+    tmp_path, tiny_timelines):
+  """config.llm.tokenizer with Gemma's special ids and whitespace (no dummy
+  prefix): every prompt starts with bos (2) after the left padding (0), every
+  answer ends with eos (1), the pieces tokenized apart read back as words
+  with their spaces, and the control pieces are single pieces."""
+  path = _gemma_style_tokenizer(str(tmp_path / "tokenizer.model"),
+                                prompts.corpus(tiny_timelines))
+  tok = Tokenizer(path)
+  assert (tok.pad_id, tok.eos_id, tok.bos_id) == (0, 1, 2)
+  assert tok.processor.piece_to_id("<start_of_turn>") > 3
+  title = str(tiny_timelines.items.titles[7])
+  assert tok.decode(tok.encode(["Watched:"])[0] + tok.encode([title])[0]) == (
+      f"Watched: {title}")
+  builder = prompts.PromptBuilder(tiny_timelines, tok, "text", 3, 60, 40)
+  examples = prompts.Examples(np.array([3, 5]), np.array([7, 4]), np.array([0, 2]))
+  batch = builder.batch(examples, np.arange(2))
+  for row in range(2):
+    prompt = batch["prompt"][row][batch["prompt_mask"][row]]
+    assert prompt[0] == tok.bos_id and tok.bos_id not in prompt[1:]
+    assert (batch["prompt"][row][~batch["prompt_mask"][row]] == tok.pad_id).all()
+    answer = batch["tokens"][row][batch["target_mask"][row]]
+    assert answer[-1] == tok.eos_id and tok.eos_id not in answer[:-1]
+  text = tok.decode(batch["prompt"][0][batch["prompt_mask"][0]][1:])
+  assert text.startswith("Watched: ") and text.endswith(" Next title:")
+
+
 def test_workflow_starts_from_a_gemma_checkpoint(tmp_path):
-  """config.llm.checkpoint: the LM stage is skipped and the LLM is loaded."""
+  """config.llm.checkpoint and a Gemma-style config.llm.tokenizer: the LM
+  stage is skipped and the LLM loaded (head_dim 16 != embed / heads 8, as in
+  released Gemmas)."""
   from configs import user_llm
   from userllm.models import gemma_loader
   config = user_llm.get_config("tiny")
   timelines = sources.load_timelines(config.data, quiet=True)
-  vocab = train_vocabulary(prompts.corpus(timelines), str(tmp_path / "tok.model"),
-                           300)
+  vocab = _gemma_style_tokenizer(str(tmp_path / "tokenizer.model"),
+                                 prompts.corpus(timelines))
   lm_cfg = llm.LLMConfig(vocab_size=Tokenizer(vocab).vocab_size, embed_dim=32,
-                         num_layers=2, num_heads=2, num_kv_heads=2, head_dim=16,
+                         num_layers=2, num_heads=4, num_kv_heads=4, head_dim=16,
                          mlp_dim=64)
   tokens = jnp.ones((1, 4), jnp.int32)
   params = nn.meta.unbox(llm.DecoderLM(lm_cfg).init(
