@@ -1,4 +1,5 @@
-"""Entry point: `python main.py --config configs/<experiment>.py --workdir <dir>`.
+"""Entry point: `python main.py --config configs/<experiment>.py --workdir <dir>
+[--mode=train|eval|recommend|answer|summarize|export]`.
 
 Every field of the config can be overridden as `--config.a.b=value`; a variant
 of a config is picked after a colon (`configs/default.py:tiny`). The config's
@@ -7,7 +8,13 @@ runs; main checks the config's values (infra/config_checks.py), builds the
 mesh once, holds the workdir's lock for the run and refuses a workdir of
 another workflow's run or of files not ours (infra/workdir.py), and only at a
 successful end writes the metrics and the config to `<workdir>/results.json`
-(infra/results.py). Errors that are the user's to fix print one line
+(infra/results.py). `--mode` (docs/using.md) picks what is done with the
+workdir: `train` (the default: train what is not trained yet, evaluate),
+`eval` (restore every stage, train none, evaluate: results.json again) or a
+mode that reads a finished run (`MODES`: the workflow module's function of
+that name), whose JSON is the only thing on stdout (progress goes to stderr)
+and which leaves results.json as it is. A mode the workflow has not is a
+one-line error. Errors that are the user's to fix print one line
 `error: ...` and exit 2: the classes of infra/errors.py, and mistakes on the
 command line (a config file that cannot be read, an unknown field, with the
 nearest names in this config, an ill-typed value). SIGTERM saves a checkpoint
@@ -16,8 +23,10 @@ and exits 143.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib
+import json
 import os
 import re
 import sys
@@ -35,6 +44,33 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, "
                                "metrics and results.json; reused to resume.")
 flags.mark_flags_as_required(["config", "workdir"])
 
+# --mode -> (the workflow module's function, the flags it needs, those it may
+# take); train and eval write results.json, the others print JSON
+MODES = {
+    "train": ("run", (), ()),
+    "eval": ("evaluate", (), ()),
+    "recommend": ("recommend", ("users",), ("k",)),
+    "answer": ("answer", ("users", "task"), ("k", "item")),
+    "summarize": ("summarize", ("users",), ()),
+    "export": ("export", ("out",), ()),
+}
+WRITES_RESULTS = ("train", "eval")
+_MODE = flags.DEFINE_enum("mode", "train", list(MODES), "What to do with the "
+                          "workdir (docs/using.md): train, eval (restore, never "
+                          "train, evaluate), recommend, answer, summarize, export.")
+_USERS = flags.DEFINE_list("users", None, "recommend, answer, summarize: users by "
+                           "their ids in the data files (MovieLens user ids; the "
+                           "synthetic data's 1..N), comma-separated.")
+_TASK = flags.DEFINE_string("task", None, "answer: the task asked (next_title, "
+                            "favourite_genre, rating, title_genre, summary, "
+                            "last_title).")
+_K = flags.DEFINE_integer("k", 10, "recommend, answer: how many answers per user.",
+                          lower_bound=1)
+_ITEM = flags.DEFINE_integer("item", None, "answer with --task=rating or "
+                             "title_genre: the item asked about (its id in the "
+                             "data files).")
+_OUT = flags.DEFINE_string("out", None, "export: a new or empty directory.")
+
 
 def distributed_args() -> dict:
   """jax.distributed.initialize's arguments: none on Cloud TPU, Slurm or
@@ -51,13 +87,19 @@ def distributed_args() -> dict:
           "process_id": int(os.environ["JAX_PROCESS_ID"])}
 
 
-def run_experiment(config, workdir: str) -> dict[str, float]:
-  """Dispatches to the workflow and writes `<workdir>/results.json`."""
+def run_experiment(config, workdir: str, mode: str = "train") -> dict:
+  """Runs `mode` (MODES) of the config's workflow: train and eval write and
+  return `<workdir>/results.json`'s metrics, the other modes return their
+  JSON payload."""
   from infra.errors import ConfigError
   if config.workflow not in WORKFLOWS:
     raise ConfigError(f"config.workflow={config.workflow!r} is not one of "
                       f"{sorted(WORKFLOWS)}")
+  arguments = mode_arguments(mode)
+  workflow = importlib.import_module(WORKFLOWS[config.workflow])
+  function = mode_function(workflow, config.workflow, mode)
   from infra import config_checks, workdir as workdir_lib
+  from userllm import use
   config_checks.check_config(config)  # every numeric field, before any work
   import jax
   if config.distributed:  # multi-host TPU / GPU: one process per host
@@ -67,15 +109,45 @@ def run_experiment(config, workdir: str) -> dict[str, float]:
   print(f"[mesh] data={mesh.shape['data']} model={mesh.shape['model']} over "
         f"{jax.device_count()} {jax.devices()[0].platform} device(s), "
         f"{jax.process_count()} process(es)", flush=True)
+  if mode != "train":  # a run of this workflow is there to be used
+    use.check_workdir(workdir, config.workflow)
+  if mode not in WRITES_RESULTS:
+    return function(config, workdir, mesh, **arguments)
   # one run at a time, of one workflow, per workdir; no stale results.json
   with workdir_lib.claim(workdir, config.workflow):
-    workflow = importlib.import_module(WORKFLOWS[config.workflow])
-    metrics = workflow.run(config, workdir, mesh)
+    metrics = function(config, workdir, mesh)
     results = results_lib.write_results(workdir, metrics, config)
   print("results:")
   for name, value in sorted(results.items()):
     print(f"  {name}: {value:.6g}")
   return results
+
+
+def mode_arguments(mode: str) -> dict:
+  """The flags `mode` passes to its function ({name: value}); a flag it needs
+  and was not given, or one given that it does not read, is a ConfigError."""
+  from infra.errors import ConfigError
+  _, needed, optional = MODES[mode]
+  for name in needed:
+    if not flags.FLAGS[name].present:
+      raise ConfigError(f"--mode={mode} needs --{name} ({flags.FLAGS[name].help})")
+  unread = [f"--{name}" for name in ("users", "task", "k", "item", "out")
+            if flags.FLAGS[name].present and name not in needed + optional]
+  if unread:
+    raise ConfigError(f"--mode={mode} does not read {', '.join(unread)}")
+  return {name: flags.FLAGS[name].value for name in needed + optional}
+
+
+def mode_function(workflow, name: str, mode: str):
+  """The workflow module's function for `mode`; a ConfigError naming the
+  workflow's modes when it has none."""
+  from infra.errors import ConfigError
+  function = getattr(workflow, MODES[mode][0], None)
+  if function is None:
+    has = [m for m, (attr, *_) in MODES.items() if hasattr(workflow, attr)]
+    raise ConfigError(f"--mode={mode}: the {name} workflow has no {mode} mode; "
+                      f"its modes are {', '.join(has)} (docs/using.md)")
+  return function
 
 
 def main(argv):
@@ -84,8 +156,14 @@ def main(argv):
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   from infra.errors import USER_ERRORS, Preempted
+  mode = _MODE.value
   try:
-    run_experiment(_CONFIG.value, _WORKDIR.value)
+    if mode in WRITES_RESULTS:
+      run_experiment(_CONFIG.value, _WORKDIR.value, mode)
+    else:  # stdout holds the JSON alone: progress lines go to stderr
+      with contextlib.redirect_stdout(sys.stderr):
+        payload = run_experiment(_CONFIG.value, _WORKDIR.value, mode)
+      print(json.dumps(payload, indent=2))
   except USER_ERRORS as e:
     exit_with_error(str(e))
   except Preempted as e:  # the checkpoint is saved; no results.json

@@ -19,6 +19,11 @@ sub-directory of the workdir, resumable on its own):
 4. the table on held-out test users (summarize/table.py): one row per
    context, every probe scored by the same frozen predictor, written as
    results (`test/<row>/<task>/<metric>`) and `<workdir>/table.md`.
+
+Modes on a finished workdir (main.py --mode, docs/using.md): `evaluate`
+(every stage restored, none trained, the table again), `summarize` (the RL
+policy's summary of given users' histories beside the initial policy's) and
+`export` (the RL policy in the released Gemma layout).
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ from infra.errors import ConfigError
 from summarize import evaluation, examples as ex, rlpf, table, texts
 from summarize.corpus import Corpus
 from summarize.summarizer import Summarizer
-from userllm import language_model
+from userllm import language_model, use
+from userllm import export as export_lib
 from userllm.models import llm
 
 # Each stage's schedule (config section) and the config values it depends on
@@ -107,6 +113,8 @@ def warm_up(name: str, config, checkpoint: str, model_cfg, batches, loss_fn,
   from a Gemma `checkpoint`, with `valid_fn(model, params) -> {key: value}`
   every eval_every steps when given. Returns (model, host parameters)."""
   stage = STAGES[name]
+  use.require_finished(f"{workdir}/{name}", config[stage.field], name,
+                       f"config.{stage.field}")
   pretrained = None
   if checkpoint:  # logits over the tokenizer's pieces only
     base, pretrained = language_model.pretrained(config, checkpoint, mesh,
@@ -198,6 +206,7 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
               workdir: str):
   """Stage 3: the policy after RL (host parameters)."""
   train = config.rl_train
+  use.require_finished(f"{workdir}/rlpf", train, "rlpf", "config.rl_train")
   cfg = rl_config(config, target)
   value_model = rlpf.ValueModel(policy.config) if cfg.baseline == "value" else None
   params = {"policy": policy_params, "reference": policy_params,
@@ -352,3 +361,61 @@ def run(config, workdir: str, mesh) -> dict[str, float]:
   results.update({"test_users": float(len(test_cuts)),
                   "wall_seconds": time.time() - began})
   return results
+
+
+# --- a finished workdir (main.py --mode; docs/using.md) --------------------------
+
+def evaluate(config, workdir: str, mesh) -> dict[str, float]:
+  """--mode=eval: `run` with every stage restored from its checkpoints and
+  none trained (one not finished is a WorkdirError naming it): the table
+  again."""
+  with use.restoring():
+    return run(config, workdir, mesh)
+
+
+def trained(config, workdir: str, mesh) -> Trained:
+  """Stages 1-3 of a finished run, restored (never trained)."""
+  with use.restoring():
+    return train(config, workdir, mesh)
+
+
+def summarize(config, workdir: str, mesh, users: list[str]) -> dict:
+  """--mode=summarize: for each of `users` (ids of the data files), the RL
+  policy's greedy summary of the user's latest `config.data.history_len`
+  events, and the initial policy's (after its warm-up, before RL) beside it.
+  Writes `<workdir>/use/summaries.json`; returns the same payload."""
+  t = trained(config, workdir, mesh)
+  asked = use.user_indices(t.timelines, users)
+  cuts = t.timelines.lengths[asked]
+  prompts_ = [t.corpus.policy_prompt(int(u), int(c)) for u, c in zip(asked, cuts)]
+  written = {name: t.corpus.decode_summaries(
+      Summarizer(t.policy, params, t.corpus, config.eval.batch_size).write(prompts_))
+      for name, params in (("rlpf", t.rl_params), ("initial", t.initial_params))}
+  split_of = {int(u): name for name in ("train", "valid", "test")
+              for u in getattr(t.users, name)}
+  rows = [{**use.user_entry(t.timelines, user), "split": split_of[int(user)],
+           "history": texts.history_text(t.corpus.items, *t.corpus.history(
+               int(user), int(cut))),
+           "rlpf_summary": written["rlpf"][row],
+           "initial_summary": written["initial"][row]}
+          for row, (user, cut) in enumerate(zip(asked, cuts))]
+  payload = {"workflow": "rlpf", "workdir": workdir,
+             "written_by": "greedy decoding (temperature 0) of the policy "
+                           "after RL (rlpf_summary) and of the initial policy "
+                           "(initial_summary), each from the user's latest "
+                           f"{config.data.history_len} events",
+             "users": rows}
+  use.save(workdir, "summaries", payload)
+  return payload
+
+
+def export(config, workdir: str, mesh, out: str) -> dict:
+  """--mode=export: the policy after RL in the released Gemma layout under
+  `out`, with its tokenizer (userllm/export.py). Returns the manifest."""
+  export_lib.check_out(out)
+  t = trained(config, workdir, mesh)
+  return export_lib.write(
+      out, t.rl_params, t.policy.config, t.corpus.tokenizer.path,
+      variant=config.llm.variant,
+      about={"workflow": "rlpf", "workdir": workdir, "stage": "rlpf",
+             "model": "the summary policy after RL"})

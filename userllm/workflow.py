@@ -19,10 +19,16 @@ with User Embeddings" (arXiv 2402.13598), as named stages.
 Each stage is a `train_loop.fit` run in its own sub-directory of the workdir,
 so each resumes on its own and a finished stage is reused by a later method
 (or adapter kind) in the same workdir.
+
+Modes on a finished workdir (main.py --mode, docs/using.md): `evaluate`
+(every stage restored, none trained), `recommend` and `answer` (a task's
+answers for given users, by candidate ranking) and `export` (the LLM, LoRA
+merged, in the released Gemma layout, the User-LLM parts beside it).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import time
 
@@ -32,8 +38,11 @@ import numpy as np
 
 from data import prompts, sources, splits
 from data.sequences import EpochBatcher
+from data.vocab import Tokenizer
 from infra import mesh as mesh_lib, optim, stages, train_loop
-from userllm import builders, evaluation
+from infra.errors import ConfigError
+from userllm import builders, evaluation, use
+from userllm import export as export_lib
 from userllm import language_model as lm_lib
 from userllm.models import adapters
 from userllm import user_llm as ul
@@ -81,6 +90,7 @@ def language_model(config, split, tokenizer, tasks, mesh, workdir: str):
   """Stage 1: (base LLMConfig or None, LLM parameters on the host)."""
   if config.llm.checkpoint:
     return lm_lib.pretrained(config, config.llm.checkpoint, mesh)
+  use.require_finished(f"{workdir}/lm", config.lm_train, "lm", "config.lm_train")
   u = config.userllm
   lm_tasks = builders.tasks_of(config, "lm_tasks")
   # lm_history titles whole (the longest such prompt): the LM does not depend
@@ -110,6 +120,9 @@ def user_encoder(config, train_timelines, encoder_cfg: sm.SequenceModelConfig,
   """Stage 2: next-event pretraining of the fused encoder; returns (its
   parameters without the pretraining heads, number of training windows)."""
   window = encoder_cfg.max_len  # history_len + 1 events: inputs and targets
+  name = f"encoder_h{window - 1}"
+  train = config.encoder_train
+  use.require_finished(f"{workdir}/{name}", train, name, "config.encoder_train")
   cuts = [(user, end) for user, length in enumerate(train_timelines.lengths)
           for end in range(int(length), 1, -(window - 1))]
   examples = prompts.Examples(np.array([c[0] for c in cuts], np.int32),
@@ -118,7 +131,6 @@ def user_encoder(config, train_timelines, encoder_cfg: sm.SequenceModelConfig,
   events = functools.partial(prompts.history_events, train_timelines, examples,
                              history_len=window)
   encoder = sm.ItemSequenceTransformer(encoder_cfg)
-  train = config.encoder_train
   tx = optim.make_optimizer(train)
   dummy = events(np.arange(1))
   init = lambda rng: encoder.init(  # noqa: E731
@@ -128,7 +140,7 @@ def user_encoder(config, train_timelines, encoder_cfg: sm.SequenceModelConfig,
                                              jax.random.PRNGKey(config.seed), mesh)
   rows = EpochBatcher(np.arange(len(examples)), train.batch_size, config.seed)
   state = stages.fit(
-      STAGES["encoder"], f"encoder_h{window - 1}", config, state=state,
+      STAGES["encoder"], name, config, state=state,
       shardings=shardings, train_step=train_loop.make_train_step(
           functools.partial(sm.next_event_loss, encoder), tx),
       batches=lambda step: events(rows(step)), mesh=mesh, workdir=workdir)
@@ -147,6 +159,16 @@ def encoder_quality(config, encoder_cfg: sm.SequenceModelConfig, params: dict,
   print(f"[encoder] valid next-item recall@10 "
         f"{metrics['valid/encoder/next_item/recall@10']:.3f}", flush=True)
   return metrics
+
+
+def task_prompts(config, train_timelines, tokenizer: Tokenizer, tasks
+                 ) -> prompts.PromptBuilder:
+  """Stage 3's prompts (and their shapes) for the method's history kind."""
+  u = config.userllm
+  return prompts.PromptBuilder(
+      train_timelines, tokenizer, builders.METHODS[u.method].history,
+      u.history_len, u.text_prompt_len, u.answer_len, u.text_ratings,
+      tasks + builders.tasks_of(config, "lm_tasks"))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, float]:
@@ -174,10 +196,9 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
                                    timelines, split))
 
   # 3. the task model
-  builder = prompts.PromptBuilder(
-      split.train, tokenizer, builders.METHODS[u.method].history, u.history_len,
-      u.text_prompt_len, u.answer_len, u.text_ratings,
-      tasks + builders.tasks_of(config, "lm_tasks"))
+  name = builders.stage_name(config, model)
+  use.require_finished(f"{workdir}/{name}", config.train, name, "config.train")
+  builder = task_prompts(config, split.train, tokenizer, tasks)
   state, shardings, tx, mask = builders.init_state(model, u.strategy, config.train,
                                                    config.seed, mesh, builder,
                                                    u.new_params_lr_scale)
@@ -208,7 +229,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
     last_valid[int(s.step)] = valid.evaluate(s.params)
     return last_valid[int(s.step)]
 
-  state = stages.fit(STAGES["task"], builders.stage_name(config, model), config,
+  state = stages.fit(STAGES["task"], name, config,
                      state=state, shardings=shardings, train_step=train_step,
                      batches=batches, mesh=mesh, workdir=workdir,
                      eval_fn=evaluate_valid)
@@ -260,3 +281,160 @@ def cost_figures(config, model: ul.UserLLM, state, mask, builder, test) -> dict:
       "adapter_parameters_formula": float(adapters.formula_count(adapter, llm_cfg)),
       "adapter_rank": float(adapter.rank if adapter.enabled else 0),
       "adapter_experts": float(adapter.experts if adapter.enabled else 0)}
+
+
+# --- a finished workdir (main.py --mode; docs/using.md) --------------------------
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, mesh
+             ) -> dict[str, float]:
+  """--mode=eval: `run` with every stage restored from its checkpoints and
+  none trained (one not finished is a WorkdirError naming it)."""
+  with use.restoring():
+    return run(config, workdir, mesh)
+
+
+@dataclasses.dataclass
+class Trained:
+  """A finished run's task model (stage 3), restored."""
+  model: ul.UserLLM
+  params: dict  # on the mesh
+  builder: prompts.PromptBuilder  # stage 3's prompts, over the full timelines
+  tokenizer: Tokenizer
+  stage: str  # its workdir sub-directory
+
+
+def trained(config, workdir: str, mesh) -> Trained:
+  """Stage 3's UserLLM restored from `workdir` (never trained: a stage that
+  is not finished is a WorkdirError); the LLM's shape read off
+  config.llm.checkpoint when the run started from one, as `run` builds it."""
+  builders.check(config)
+  u = config.userllm
+  timelines = sources.load_timelines(config.data)
+  split = splits.leave_last_out(timelines)
+  tokenizer = builders.tokenizer_for(config, workdir, timelines)
+  base = (lm_lib.pretrained(config, config.llm.checkpoint, mesh)[0]
+          if config.llm.checkpoint else None)
+  model = builders.build_model(config, timelines, tokenizer.vocab_size, u.method,
+                               base)
+  builder = task_prompts(config, split.train, tokenizer,
+                         builders.tasks_of(config, "tasks"))
+  state, *_ = builders.init_state(model, u.strategy, config.train, config.seed,
+                                  mesh, builder, u.new_params_lr_scale)
+  name = builders.stage_name(config, model)
+  state = use.restore(f"{workdir}/{name}", config.train,
+                      STAGES["task"].identity(config), state, name, "config.train")
+  return Trained(model, state.params, builder.over(timelines), tokenizer, name)
+
+
+ANSWERED_BY = ("candidate ranking: every answer the task has (each title, genre, "
+               "rating, ...) scored by its log-likelihood after the task prompt "
+               "under the trained User-LLM, as the evaluation scores them; "
+               "probability: softmax over the candidates ranked")
+
+
+def answer(config, workdir: str, mesh, users: list[str], task: str, k: int,
+           item: int | None = None) -> dict:
+  """--mode=answer: `task`'s k best answers for each of `users` (ids of the
+  data files) after the user's whole history (ANSWERED_BY; next_title leaves
+  out the titles the user rated). The item tasks (rating, title_genre) ask
+  about `item` (an item id of the data files). Writes
+  `<workdir>/use/answers_<task>.json`; returns the same payload."""
+  check_task(task, item)
+  t = trained(config, workdir, mesh)
+  rows = ranked_answers(config, t, mesh, users, task, k, item)
+  payload = {"workflow": "user_llm", "workdir": workdir, "stage": t.stage,
+             "task": task, "k": k, "answered_by": ANSWERED_BY, "users": rows}
+  use.save(workdir, f"answers_{task}", payload)
+  return payload
+
+
+def recommend(config, workdir: str, mesh, users: list[str], k: int) -> dict:
+  """--mode=recommend: the `answer` of next_title, the k titles the User-LLM
+  finds likeliest next among those each user has not rated. Writes
+  `<workdir>/use/recommendations.json`; returns the same payload."""
+  t = trained(config, workdir, mesh)
+  rows = ranked_answers(config, t, mesh, users, "next_title", k)
+  for row in rows:
+    row["recommendations"] = row.pop("answers")
+  payload = {"workflow": "user_llm", "workdir": workdir, "stage": t.stage, "k": k,
+             "scored_by": ANSWERED_BY + "; rated titles excluded", "users": rows}
+  use.save(workdir, "recommendations", payload)
+  return payload
+
+
+def check_task(task: str, item: int | None) -> None:
+  """--task names a task; the item tasks need --item."""
+  if task not in prompts.TASKS:
+    raise ConfigError(f"--task={task!r} is not one of {', '.join(prompts.TASKS)}")
+  if task in prompts.ITEM_TASKS and item is None:
+    raise ConfigError(f"--task={task} asks about an item: give --item=<an item "
+                      "id of the data files>")
+
+
+def ranked_answers(config, t: Trained, mesh, users: list[str], task: str, k: int,
+                   item: int | None = None) -> list[dict]:
+  """[{user..., "answers": the k best, with log-likelihood and probability}]
+  for each of `users` at the end of its history (see `answer`)."""
+  check_task(task, item)
+  timelines = t.builder.timelines
+  asked = use.user_indices(timelines, users)
+  asked_item = (use.item_index(timelines, item, "--item")
+                if task in prompts.ITEM_TASKS else None)
+  # the question at a cut after the whole history: one more event per user,
+  # the item asked about (or the user's last one: only item tasks read it)
+  items = np.array([asked_item or timelines.user_items(u)[-1] for u in asked])
+  builder = t.builder.over(use.with_next_event(timelines, asked, items))
+  examples = prompts.Examples(asked.astype(np.int32),
+                              timelines.lengths[asked].astype(np.int32),
+                              np.full(len(asked), prompts.TASKS.index(task), np.int32))
+  scores = evaluation.TaskEvaluator(
+      evaluation.candidate_scorer(t.model), builder, examples, (task,), "use",
+      config.train.eval_batch_size, config.userllm.candidate_chunk, mesh
+  ).scores(t.params, task)
+  texts = candidate_texts(builder, task)
+  rows = []
+  for row, user in enumerate(asked):
+    excluded = np.zeros(len(texts), bool)
+    if task in prompts.TITLE_TASKS:
+      excluded[0] = True  # the padding item's empty answer
+      if task == "next_title":
+        excluded[timelines.user_items(user)] = True
+    best, probability = use.top_k(scores[row], excluded, k)
+    entry = {**use.user_entry(timelines, user), "answers": [
+        {**(use.item_entry(timelines, a) if task in prompts.TITLE_TASKS
+            else {"answer": texts[a]}),
+         "log_likelihood": float(scores[row, a]), "probability": float(p)}
+        for a, p in zip(best, probability)]}
+    if asked_item is not None:
+      entry["asked_about"] = use.item_entry(timelines, asked_item)
+    rows.append(entry)
+  return rows
+
+
+def candidate_texts(builder: prompts.PromptBuilder, task: str) -> list[str]:
+  """Every answer of `task` as text, in the order of its candidates."""
+  items = builder.timelines.items
+  if task in prompts.TITLE_TASKS:
+    return [str(title) for title in items.titles]
+  if task in ("favourite_genre", "title_genre"):
+    return list(items.genre_names)
+  return list(prompts.RATINGS) if task == "rating" else builder.summary_texts()
+
+
+def export(config, workdir: str, mesh, out: str) -> dict:
+  """--mode=export: the task model's LLM (LoRA merged; MoLoRA / MoDE beside
+  the base weights, unmerged) in the released Gemma layout under `out`, the
+  encoder, Perceiver, projector and cross-attention blocks with their gates
+  beside it (userllm/export.py). Returns the manifest (export.json)."""
+  export_lib.check_out(out)
+  t = trained(config, workdir, mesh)
+  params = jax.device_get(t.params)
+  parts = {k: v for k, v in params.items() if k != "llm"}
+  user_config = {k: v for k, v in dataclasses.asdict(t.model.config).items()
+                 if k != "llm"}
+  return export_lib.write(
+      out, params["llm"], t.model.config.llm, t.tokenizer.path,
+      variant=config.llm.variant, user_parts=parts,
+      user_config={"method": config.userllm.method, **user_config},
+      about={"workflow": "user_llm", "workdir": workdir, "stage": t.stage,
+             "method": config.userllm.method})
