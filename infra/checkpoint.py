@@ -33,6 +33,11 @@ raised as OSError or as TensorStore's `RESOURCE_EXHAUSTED: ...` ValueError) is
 a CheckpointError naming the directory and the bytes a checkpoint needs.
 Orbax never commits a failed step and deletes older steps only after a
 commit, so the steps saved before stay intact and a rerun resumes from them.
+
+The workdir may be on object storage (gs://...): orbax and TensorStore write
+there directly, and orbax commits a step by a marker object instead of a
+rename (object stores have none); the files read here go through
+infra/paths.py. Setting a damaged step aside there copies it object by object.
 """
 
 from __future__ import annotations
@@ -41,15 +46,14 @@ import contextlib
 import errno
 import json
 import logging
-import os
 import re
-import shutil
 import sys
 import time
 
 import jax
 import orbax.checkpoint as ocp
 
+from infra import paths
 from infra.errors import CheckpointError, ConfigError, WorkdirError
 
 # config leaves (by last name) a resume may change: when and how to log, save,
@@ -136,8 +140,8 @@ class Checkpointer:
     if save_every < 1 or keep < 1:
       raise ConfigError("checkpoint_every and keep_checkpoints must be >= 1, got "
                         f"{save_every} and {keep}")
-    self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.workdir = paths.resolve(workdir)  # a local one made absolute
+    self.directory = paths.join(self.workdir, "checkpoints")
     self.save_every, self.keep = save_every, keep
     self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
     self.state_bytes = 0  # of the last state saved: what a checkpoint needs
@@ -184,11 +188,10 @@ class Checkpointer:
     """(identity, "") of a step: its own, else (a step written before they
     lived in the steps) the legacy identity.json; or (None, why not), the
     one-line error to raise if the step's state reads whole."""
-    step_dir = os.path.join(self.directory, str(step))
-    path = os.path.join(step_dir, STEP_METADATA_FILE)
+    step_dir = paths.join(self.directory, str(step))
+    path = paths.join(step_dir, STEP_METADATA_FILE)
     try:
-      with open(path) as f:
-        custom = json.load(f).get("custom_metadata") or {}
+      custom = json.loads(paths.read_text(path)).get("custom_metadata") or {}
       if IDENTITY_KEY in custom:
         return custom[IDENTITY_KEY], ""
       why = (f"{path} has no '{IDENTITY_KEY}' entry: the step was written "
@@ -197,10 +200,9 @@ class Checkpointer:
       why = f"{path} is missing"
     except (OSError, ValueError, AttributeError) as e:  # cut short, not a dict
       why = f"{path} cannot be read ({_one_line(e)})"
-    legacy = os.path.join(self.directory, LEGACY_IDENTITY_FILE)
+    legacy = paths.join(self.directory, LEGACY_IDENTITY_FILE)
     try:
-      with open(legacy) as f:
-        stored = json.load(f)
+      stored = json.loads(paths.read_text(legacy))
       print(f"[checkpoint] step {step} carries no config identity ({why}); "
             f"checked against {legacy}", flush=True)
       return stored, ""
@@ -240,10 +242,10 @@ class Checkpointer:
     return False
 
   def _set_aside(self, step: int, error: Exception) -> None:
-    damaged = os.path.join(self.workdir, "damaged_checkpoints",
-                           f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
-    os.makedirs(os.path.dirname(damaged), exist_ok=True)
-    shutil.move(os.path.join(self.directory, str(step)), damaged)
+    aside = paths.join(self.workdir, "damaged_checkpoints")
+    damaged = paths.join(aside, f"{step}.{time.strftime('%Y%m%d-%H%M%S')}")
+    paths.makedirs(aside)
+    paths.move(paths.join(self.directory, str(step)), damaged)
     print(f"[checkpoint] warning: step {step} in {self.directory} cannot be "
           f"restored ({_one_line(error)}); moved to {damaged}, trying the one "
           "before", flush=True)
@@ -295,8 +297,8 @@ class Checkpointer:
     kept = (f"the checkpoints saved before are intact (latest: step {max(steps)}),"
             " and the same command resumes from there" if steps else
             "no checkpoint was saved before: the same command starts over")
-    if _out_of_space(error):
-      free = shutil.disk_usage(self.directory).free
+    free = paths.free_bytes(self.directory)  # None on object storage
+    if _out_of_space(error) and free is not None:
       return (f"out of space saving a checkpoint to {self.directory}: {needs}, "
               f"{_size(free)} are free there; {kept} once space is freed "
               f"({_one_line(error)})")

@@ -4,6 +4,12 @@
 The event files are written with TensorBoard's own record writer and protocol
 buffers, which need no TensorFlow: a training process never loads TF (faster
 start-up, and no TF thread pools beside XLA's in one process).
+
+Both are flushed at every write, so a kill loses no written row. In a workdir
+on object storage (gs://..., infra/paths.py), where an object cannot be
+appended to, each flush writes the whole file again as one object
+(`paths.open_log`): TensorBoard (`tensorboard --logdir gs://...`, which
+reads gs:// through TensorFlow's gfile) sees the events as of the last write.
 """
 
 from __future__ import annotations
@@ -17,20 +23,23 @@ import numpy as np
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from infra import paths
+
 
 class _EventFile:
   """One TensorBoard event file of scalar summaries."""
 
   def __init__(self, directory: str):
-    os.makedirs(directory, exist_ok=True)
+    paths.makedirs(directory)
     name = (f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}."
             f"{os.getpid()}")
-    self._file = open(os.path.join(directory, name), "wb")
+    self._file = paths.open_log(paths.join(directory, name))  # a new name
     self._records = RecordWriter(self._file)
     self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def _write(self, event) -> None:
     self._records.write(event.SerializeToString())
+    self._records.flush()
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     summary = summary_pb2.Summary(value=[
@@ -52,47 +61,47 @@ class MetricWriter:
   def __init__(self, workdir: str, resume_step: int = 0):
     import jax
     self.primary = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
     if not self.primary:
       return
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     self._drop_rows_after(resume_step)
-    self.summary = _EventFile(os.path.join(workdir, "tensorboard"))
+    self.rows = paths.open_log(self.path)
+    self.summary = _EventFile(paths.join(workdir, "tensorboard"))
 
   def _drop_rows_after(self, step: int) -> None:
     """Keeps the rows up to `step`, rewritten atomically (a kill mid-rewrite
     leaves the old file). A line that does not parse (a write cut off by a
     kill) is dropped with a warning naming it; it never blocks a resume."""
-    if not os.path.exists(self.path):
+    if not paths.exists(self.path):
       return
     kept, torn = [], []
-    with open(self.path) as f:
-      for number, line in enumerate(f, 1):
-        try:
-          row = json.loads(line)
-          row_step = row["step"]
-        except (ValueError, KeyError, TypeError):
-          torn.append(number)
-          continue
-        if row_step <= step:
-          kept.append(line if line.endswith("\n") else line + "\n")
+    lines = paths.read_text(self.path).splitlines(keepends=True)
+    for number, line in enumerate(lines, 1):
+      try:
+        row = json.loads(line)
+        row_step = row["step"]
+      except (ValueError, KeyError, TypeError):
+        torn.append(number)
+        continue
+      if row_step <= step:
+        kept.append(line if line.endswith("\n") else line + "\n")
     if torn:
       print(f"[metrics] warning: dropped {len(torn)} unreadable line(s) of "
             f"{self.path} (line {', '.join(map(str, torn[:5]))}: cut off by a kill?)",
             flush=True)
-    tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    paths.write_text(self.path, "".join(kept))
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     values = {k: float(np.asarray(v)) for k, v in metrics.items()}
     if not self.primary:
       return
-    with open(self.path, "a") as f:
-      f.write(json.dumps({"step": step, "split": split, **values}) + "\n")
+    self.rows.write((json.dumps({"step": step, "split": split, **values})
+                     + "\n").encode())
+    self.rows.flush()
     self.summary.scalars(step, {f"{split}/{k}": v for k, v in values.items()})
 
   def close(self) -> None:
     if self.primary:
+      self.rows.close()
       self.summary.close()

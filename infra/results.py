@@ -1,6 +1,7 @@
 """The one results writer: `results.json` of a run, and the JSON and the
 markdown tables of a benchmark (benchmarks/harness.py), every file written
-atomically (a reader never sees half a file).
+atomically (a reader never sees half a file), to a local path or to object
+storage (gs://...: infra/paths.py).
 
 Result keys follow one scheme, `<split>/<scorer>/<task>/<metric>` (e.g.
 `test/model/next_item/recall@10`, `test/popularity/next_item/ndcg@10`,
@@ -11,8 +12,9 @@ seconds, sizes) are plain names without a slash.
 from __future__ import annotations
 
 import json
-import os
 from typing import Iterable
+
+from infra import paths
 
 
 def key(split: str, scorer: str, task: str, metric: str) -> str:
@@ -26,13 +28,10 @@ def prefixed(metrics: dict, split: str, scorer: str, task: str) -> dict:
 
 
 def write_json(path: str, payload, sort_keys: bool = True) -> None:
-  """Writes `payload` as indented JSON through a temporary file and a rename
-  (`sort_keys=False` keeps the dicts' order, e.g. a table's rows as run)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(payload, f, indent=2, sort_keys=sort_keys)
-  os.replace(tmp, path)
+  """Writes `payload` as indented JSON atomically (`paths.write_text`: a local
+  file through a temporary file and a rename, an object in one upload);
+  `sort_keys=False` keeps the dicts' order, e.g. a table's rows as run."""
+  paths.write_text(path, json.dumps(payload, indent=2, sort_keys=sort_keys))
 
 
 def write_results(workdir: str, metrics: dict, config) -> dict[str, float]:
@@ -41,7 +40,7 @@ def write_results(workdir: str, metrics: dict, config) -> dict[str, float]:
   import jax
   results = {k: float(v) for k, v in metrics.items()}
   if jax.process_index() == 0:
-    write_json(os.path.join(workdir, "results.json"),
+    write_json(paths.join(workdir, "results.json"),
                {**results, "config": config.to_dict()})
   return results
 
@@ -55,9 +54,5 @@ def markdown_table(header: Iterable[str], rows: Iterable[Iterable]) -> list[str]
 
 
 def write_markdown(path: str, lines: list[str]) -> None:
-  """Writes markdown `lines` to `path` through a temporary file and a rename."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, path)
+  """Writes markdown `lines` to `path` atomically (as `write_json`)."""
+  paths.write_text(path, "\n".join(lines) + "\n")

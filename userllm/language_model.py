@@ -13,12 +13,12 @@ is made (`vocab_size`, `vocab_model`, `title_pieces`).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Callable, Sequence
 
 import jax
 
 from data.vocab import Tokenizer, train_vocabulary
+from infra import paths
 from infra.errors import ConfigError
 from userllm.models import gemma_loader, gemma_variants, llm
 
@@ -54,20 +54,23 @@ def tokenizer(config, workdir: str, corpus: Callable[[], list[str]],
   `config.data.title_pieces`."""
   d = config.data
   if config.llm.tokenizer:
-    if not os.path.exists(config.llm.tokenizer):
+    if not paths.exists(config.llm.tokenizer):
       raise ConfigError(f"config.llm.tokenizer={config.llm.tokenizer!r} does not "
                         "exist")
     if d.title_pieces:
       raise ConfigError("config.data.title_pieces needs a vocabulary trained "
                         "here; config.llm.tokenizer is given")
-    return Tokenizer(config.llm.tokenizer)
+    return Tokenizer(paths.local_file(config.llm.tokenizer))  # gs:// copied
   if d.vocab_model not in VOCAB_MODELS:
     raise ConfigError(f"config.data.vocab_model={d.vocab_model!r} is not one of "
                       f"{VOCAB_MODELS}")
-  path = os.path.join(workdir, "spm.model")
-  if not os.path.exists(path):
-    train_vocabulary(corpus(), path, d.vocab_size, model_type=d.vocab_model,
-                     whole=tuple(titles) if d.title_pieces else ())
+  # SentencePiece reads and writes local files: for a workdir on object
+  # storage, trained locally and uploaded, and read from a local copy
+  path = paths.local_file(
+      paths.join(workdir, "spm.model"),
+      lambda local: train_vocabulary(corpus(), local, d.vocab_size,
+                                     model_type=d.vocab_model,
+                                     whole=tuple(titles) if d.title_pieces else ()))
   return Tokenizer(path)
 
 
