@@ -30,8 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +37,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data.vocab import Tokenizer
-from infra import results
+from infra import paths, results
 from infra.errors import ConfigError, ModelFileError
 from userllm.models import adapters, gemma_loader, gemma_variants, llm
 
@@ -133,7 +131,7 @@ def _jsonable(value):
 
 def _save_tree(path: str, tree: dict) -> None:
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path), jax.device_get(tree))
+  checkpointer.save(paths.resolve(path), jax.device_get(tree))
   checkpointer.wait_until_finished()
 
 
@@ -142,7 +140,7 @@ def check_out(out: str) -> None:
   overwrites); called first, before the model is restored."""
   if not out:
     raise ConfigError("--mode=export needs --out=<directory> (new or empty)")
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+  if paths.exists(out) and (not paths.isdir(out) or paths.listdir(out)):
     raise ConfigError(f"--out={out} exists and is not an empty directory; "
                       "nothing was written: name a new directory")
 
@@ -157,14 +155,14 @@ def write(out: str, llm_params: dict, cfg: llm.LLMConfig, tokenizer_path: str, *
   UserLLMConfig fields (JSON); `about`: what produced it (workflow, stage).
   Returns the manifest (export.json)."""
   check_out(out)
-  os.makedirs(out, exist_ok=True)
+  paths.makedirs(out)
   gemma, cross, unmerged, handled = split_llm(llm_params, cfg)
   name = released_variant(cfg, variant)
   transposed = gemma_variants.get(name).gating_transposed
   fused = cfg.num_kv_heads == cfg.num_heads  # the library's qkv_einsum models
-  gemma_loader.save_checkpoint(gemma, os.path.join(out, LLM_DIR), fuse_qkv=fused,
+  gemma_loader.save_checkpoint(gemma, paths.join(out, LLM_DIR), fuse_qkv=fused,
                                transpose_gating=transposed)
-  shutil.copyfile(tokenizer_path, os.path.join(out, TOKENIZER))
+  paths.write_bytes(paths.join(out, TOKENIZER), paths.read_bytes(tokenizer_path))
   fields = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "adapter"}
   manifest = {
       "format": 1, **(about or {}),
@@ -184,18 +182,18 @@ def write(out: str, llm_params: dict, cfg: llm.LLMConfig, tokenizer_path: str, *
           "config": fields},
       "tokenizer": TOKENIZER, "adapters": None, "user_model": None}
   if unmerged is not None:
-    _save_tree(os.path.join(out, ADAPTER_DIR), unmerged)
+    _save_tree(paths.join(out, ADAPTER_DIR), unmerged)
     manifest["adapters"] = {"path": ADAPTER_DIR, "kind": cfg.adapter.kind,
                             "shapes": _shapes(unmerged)}
   user = dict(user_parts or {})
   if cross:
     user[CROSS] = cross
   if user:
-    _save_tree(os.path.join(out, USER_DIR), user)
+    _save_tree(paths.join(out, USER_DIR), user)
     manifest["user_model"] = {"path": USER_DIR, "config": user_config or {},
                               "shapes": _shapes(user)}
   manifest = _jsonable(manifest)
-  results.write_json(os.path.join(out, MANIFEST), manifest)
+  results.write_json(paths.join(out, MANIFEST), manifest)
   _write_readme(out, manifest)
   return manifest
 
@@ -212,14 +210,13 @@ def read(out: str) -> tuple[llm.LLMConfig, dict, dict]:
   """An export back as (LLMConfig with its cross-attention and unmerged
   adapters, the LLM's parameters with those put back, the User-LLM's other
   parameters {} if none): `{"llm": params, **user}` is a UserLLM's tree."""
-  path = os.path.join(out, MANIFEST)
+  path = paths.join(out, MANIFEST)
   try:
-    with open(path) as f:
-      manifest = json.load(f)
+    manifest = json.loads(paths.read_text(path))
   except (OSError, ValueError) as e:
     raise ModelFileError(f"{path}: not an export of ours ({e})") from None
   about = manifest["llm"]
-  cfg, params = gemma_loader.load_checkpoint(os.path.join(out, about["path"]),
+  cfg, params = gemma_loader.load_checkpoint(paths.join(out, about["path"]),
                                              **read_args(manifest))
   adapter = adapters.AdapterConfig()
   if manifest["adapters"]:
@@ -234,7 +231,7 @@ def read(out: str) -> tuple[llm.LLMConfig, dict, dict]:
 
 
 def _restore(out: str, name: str) -> dict:
-  return ocp.StandardCheckpointer().restore(os.path.abspath(os.path.join(out, name)))
+  return ocp.StandardCheckpointer().restore(paths.resolve(paths.join(out, name)))
 
 
 def _merge_trees(base: dict, extra: dict) -> dict:
@@ -283,5 +280,4 @@ def _write_readme(out: str, manifest: dict) -> None:
       f"params = gm.ckpts.load_params('{out}/{LLM_DIR}')", "```", "",
       "`export.json` holds every field of the LLM's config and each part's "
       "array shapes."]
-  with open(os.path.join(out, README), "w") as f:
-    f.write("\n".join(lines) + "\n")
+  paths.write_text(paths.join(out, README), "\n".join(lines) + "\n")

@@ -30,7 +30,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from data import timelines as tl
-from infra import checkpoint, results, workdir as workdir_lib
+from infra import checkpoint, paths, results, workdir as workdir_lib
 from infra.errors import ConfigError, WorkdirError
 
 USE_DIR = "use"  # <workdir>/use/: what the modes write
@@ -52,15 +52,15 @@ def restoring():
 
 def committed_steps(directory: str) -> list[int]:
   """The steps saved whole in `<directory>/checkpoints` (none if absent)."""
-  path = os.path.join(directory, "checkpoints")
-  return sorted(ocp.utils.checkpoint_steps(path)) if os.path.isdir(path) else []
+  path = paths.join(directory, "checkpoints")
+  return sorted(ocp.utils.checkpoint_steps(path)) if paths.isdir(path) else []
 
 
 def check_finished(directory: str, num_steps: int, name: str, field: str) -> None:
   """A WorkdirError unless stage `name` (scheduled by `field`) has a
   checkpoint at `num_steps` or later in `<directory>/checkpoints`."""
   steps = committed_steps(directory)
-  where = os.path.join(directory, "checkpoints")
+  where = paths.join(directory, "checkpoints")
   if not steps:
     raise WorkdirError(
         f"stage {name} was never trained (no checkpoint in {where}); nothing "
@@ -102,7 +102,7 @@ def restore(directory: str, schedule, identity: dict, state, name: str,
 def check_workdir(workdir: str, workflow: str) -> None:
   """A WorkdirError unless `workdir` holds a run of `workflow` that no live
   process is training now (a mode reads its checkpoints)."""
-  if not os.path.isdir(workdir):
+  if not paths.isdir(workdir):
     raise WorkdirError(f"--workdir={workdir} does not exist: train a run there "
                        f"first (--mode=train, the default)")
   found = workdir_lib.owner(workdir)
@@ -113,8 +113,8 @@ def check_workdir(workdir: str, workflow: str) -> None:
   if found != workflow:
     raise WorkdirError(f"--workdir={workdir} holds a {found} run and this "
                        f"config's workflow is {workflow}: use a {found} config")
-  lock = os.path.join(workdir, workdir_lib.LOCK)
-  holder = _read_json(lock) if os.path.exists(lock) else None
+  lock = paths.join(workdir, workdir_lib.LOCK)
+  holder = _read_json(lock) if paths.exists(lock) else None
   if holder is not None and _running(holder):
     raise WorkdirError(f"--workdir={workdir} is in use by process "
                        f"{holder.get('pid')} on {holder.get('host')} since "
@@ -123,8 +123,7 @@ def check_workdir(workdir: str, workflow: str) -> None:
 
 def _read_json(path: str) -> dict:
   try:
-    with open(path) as f:
-      payload = json.load(f)
+    payload = json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return {}
   return payload if isinstance(payload, dict) else {}
@@ -229,7 +228,7 @@ def top_k(scores: np.ndarray, excluded: np.ndarray, k: int) -> tuple[np.ndarray,
 def save(workdir: str, name: str, payload: dict) -> str:
   """Writes `payload` to `<workdir>/use/<name>.json` (process 0); its path."""
   import jax
-  path = os.path.join(workdir, USE_DIR, f"{name}.json")
+  path = paths.join(workdir, USE_DIR, f"{name}.json")
   if jax.process_index() == 0:
     results.write_json(path, payload)
   return path

@@ -34,7 +34,6 @@ it to make tiny checkpoints, and it exports a fine-tuned LM.
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +41,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from infra import paths
 from infra.errors import ConfigError, ModelFileError
 from userllm.models import gemma_variants, llm
 
@@ -250,8 +250,8 @@ def load_checkpoint(path: str, vocab_size: int | None = None,
   `language_model.load_into` then moves it to the model's own shardings on device.
   Without one, the arrays come back to the host as numpy.
   """
-  path = os.path.abspath(path)
-  if not os.path.isdir(path):
+  path = paths.resolve(path)  # a local path made absolute; gs:// as given
+  if not paths.isdir(path):
     raise FileNotFoundError(f"Gemma checkpoint directory {path!r} does not exist")
   checkpointer = ocp.StandardCheckpointer()
   if mesh is None:
@@ -319,7 +319,7 @@ def save_checkpoint(params: dict, path: str, fuse_qkv: bool = False,
   """Writes `params` (our LLM's) as a released-layout orbax checkpoint (what
   `gemma.gm.ckpts.load_params` reads)."""
   checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(os.path.abspath(path),
+  checkpointer.save(paths.resolve(path),
                     to_gemma_layout(params, fuse_qkv, transpose_gating))
   checkpointer.wait_until_finished()
   return path
