@@ -38,8 +38,8 @@ def per_client_means(values: np.ndarray, row_clients: np.ndarray) -> np.ndarray:
 
 
 def summarize(per_client: np.ndarray) -> dict[str, float]:
-  """{mean, p10, p25, p50, p75, p90} over clients."""
-  out = {"mean": float(per_client.mean())}
+  """{mean, its standard error over clients, p10, p25, p50, p75, p90}."""
+  out = {"mean": float(per_client.mean()), "stderr": _stderr(per_client)}
   for q, value in zip(PERCENTILES, np.percentile(per_client, PERCENTILES)):
     out[f"p{q}"] = float(value)
   return out
@@ -68,16 +68,18 @@ class ParticipationGapEvaluator:
                     for name in self.row_clients}
 
   def _summaries(self, name: str, scorer_name: str, rows: dict) -> tuple[dict, dict]:
-    """(result entries, {metric: per-client mean}) of one split and scorer."""
-    out, means = {}, {}
+    """(result entries, {metric: {client id: its mean}}) of one split and
+    scorer."""
+    out, by_client = {}, {}
+    clients = np.unique(self.row_clients[name])
     for metric, values in rows.items():
       per_client = per_client_means(values, self.row_clients[name])
       stats = summarize(per_client) if self.full_summary else {
           "mean": float(per_client.mean())}
       out.update(results.prefixed({f"{metric}_{s}": v for s, v in stats.items()},
                                   name, scorer_name, self.task.name))
-      means[metric] = float(per_client.mean())
-    return out, means
+      by_client[metric] = dict(zip(clients.tolist(), per_client.tolist()))
+    return out, by_client
 
   def _model_rows(self, name: str, params, client_params) -> dict:
     """{metric: [rows]} of the model on split `name`: the one model, or with
@@ -129,12 +131,28 @@ class ParticipationGapEvaluator:
     return out
 
   def _gaps(self, means: dict, scorer_name: str) -> dict[str, float]:
+    """The gaps of the means over clients, each with its standard error: the
+    out-of-sample gap paired over the participating clients it compares on
+    themselves, the participation gap over two disjoint sets of clients."""
     out = {}
     for gap, (a, b) in (("out_of_sample_gap", ("in_sample", "out_of_sample")),
                         ("participation_gap", ("out_of_sample",
                                                "non_participating"))):
       if a in means and b in means:
         for metric in means[a]:
-          out[results.key(gap, scorer_name, self.task.name, metric)] = (
-              means[a][metric] - means[b][metric])
+          first = np.array(list(means[a][metric].values()))
+          second = np.array(list(means[b][metric].values()))
+          key = results.key(gap, scorer_name, self.task.name, metric)
+          out[key] = float(first.mean() - second.mean())
+          if gap == "out_of_sample_gap":
+            both = sorted(set(means[a][metric]) & set(means[b][metric]))
+            out[key + "_stderr"] = _stderr(np.array(
+                [means[a][metric][c] - means[b][metric][c] for c in both]))
+          else:
+            out[key + "_stderr"] = float(np.hypot(_stderr(first), _stderr(second)))
     return out
+
+
+def _stderr(values: np.ndarray) -> float:
+  """The standard error of the mean of `values` (0 for fewer than 2)."""
+  return float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0

@@ -42,13 +42,17 @@ def target_ranks(scores: jax.Array, targets: jax.Array, excluded: jax.Array
 
 
 def metrics_from_ranks(ranks: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
-  """Mean Recall@K and NDCG@K over `ranks` ([n] ints)."""
+  """Mean Recall@K and NDCG@K over `ranks` ([n] ints, one held-out event
+  each), with the standard error of each mean (`recall@K_stderr`; 0 for n < 2)."""
   ranks = np.asarray(ranks)
   out = {}
   for k in ks:
     hit = ranks < k
-    out[f"recall@{k}"] = float(hit.mean())
-    out[f"ndcg@{k}"] = float(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0).mean())
+    gain = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
+    for name, values in ((f"recall@{k}", hit.astype(np.float64)), (f"ndcg@{k}", gain)):
+      out[name] = float(values.mean())
+      out[f"{name}_stderr"] = (float(values.std(ddof=1) / np.sqrt(len(values)))
+                               if len(values) > 1 else 0.0)
   return out
 
 

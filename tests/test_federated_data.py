@@ -175,6 +175,11 @@ def test_federated_workflow_writes_the_participation_gap_and_resumes(tmp_path):
   assert results["participation_gap/model/next_item/recall@10"] == pytest.approx(
       results[key("out_of_sample", "recall@10_mean")]
       - results[key("non_participating", "recall@10_mean")])
+  # its standard error: two disjoint sets of clients, so their errors add
+  assert results["participation_gap/model/next_item/recall@10_stderr"] == pytest.approx(
+      np.hypot(results[key("out_of_sample", "recall@10_stderr")],
+               results[key("non_participating", "recall@10_stderr")]))
+  assert results["out_of_sample_gap/model/next_item/recall@10_stderr"] > 0
   rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in rows if r["split"] == "federated"] == [2, 3, 4, 6]
 

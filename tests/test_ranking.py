@@ -20,6 +20,8 @@ def test_metrics_from_ranks():
   assert m["recall@1"] == 0.25 and m["recall@10"] == 0.75
   expected = (1 + 1 / np.log2(3) + 1 / np.log2(11)) / 4
   assert m["ndcg@10"] == pytest.approx(expected)
+  hits = np.array([1.0, 1.0, 1.0, 0.0])  # recall@10 per event: its standard error
+  assert m["recall@10_stderr"] == pytest.approx(hits.std(ddof=1) / 2)
 
 
 def test_popularity_prefers_frequent_items():
