@@ -71,6 +71,28 @@ def create_state(init_params: Callable[[jax.Array], PyTree],
   return init_sharded(init_boxed_state, mesh)
 
 
+def place_state(params: PyTree, boxed_params: PyTree,
+                tx: optax.GradientTransformation, rng: jax.Array, mesh: Mesh):
+  """A TrainState of given `params` (host or device arrays, e.g. stages
+  trained before), laid out by the logical axes of `boxed_params` (a tree of
+  the same structure whose leaves are boxed with logical axis names: e.g.
+  `jax.eval_shape` of the models' init), its optimiser state made on device
+  in the matching shardings. The rng is split as `create_state` splits it.
+
+  Returns (state, state_shardings), as `create_state`.
+  """
+  _, train_rng = jax.random.split(rng)
+
+  def state_of(params):
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), rng=train_rng)
+
+  shardings = mesh_lib.logical_shardings(jax.eval_shape(state_of, boxed_params),
+                                         mesh)
+  params = jax.device_put(nn.meta.unbox(params), shardings.params)
+  return jax.jit(state_of, out_shardings=shardings)(params), shardings
+
+
 def make_train_step(loss_fn: Callable, tx: optax.GradientTransformation):
   """Wraps `loss_fn(params, batch, rng) -> (loss, metrics)` into a train step."""
 

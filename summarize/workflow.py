@@ -209,19 +209,27 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
   use.require_finished(f"{workdir}/rlpf", train, "rlpf", "config.rl_train")
   cfg = rl_config(config, target)
   value_model = rlpf.ValueModel(policy.config) if cfg.baseline == "value" else None
+  sample = corpus.pad_prompts([corpus.policy_prompt(int(cuts.users[0]),
+                                                    int(cuts.cuts[0]))],
+                              corpus.prompt_len)
+
+  def axes(model):  # its parameters' logical axes, from an abstract init
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *sample)[
+        "params"])
   params = {"policy": policy_params, "reference": policy_params,
             "predictor": predictor_params}
+  boxed = {"policy": axes(policy), "reference": axes(policy),
+           "predictor": axes(predictor)}
   if value_model is not None:
-    sample = corpus.pad_prompts([corpus.policy_prompt(int(cuts.users[0]),
-                                                      int(cuts.cuts[0]))],
-                                corpus.prompt_len)
     head = value_model.init(jax.random.PRNGKey(0), *sample)["params"]["head"]
     params["value"] = {"trunk": policy_params, "head": head}
+    boxed["value"] = {"trunk": axes(policy), "head": axes(value_model)["head"]}
   tx = rlpf.rl_optimizer(optim.make_optimizer(train), params)
   # config.rl.seed repeats RL alone on the same warm-ups (0: the run's own)
   rl_seed = config.seed + 3 + 7919 * config.rl.seed
-  state, shardings = train_loop.create_state(lambda rng: params, tx,
-                                             jax.random.PRNGKey(rl_seed), mesh)
+  # every model sharded by its logical axes (not replicated on every chip)
+  state, shardings = train_loop.place_state(params, boxed, tx,
+                                            jax.random.PRNGKey(rl_seed), mesh)
   step = rlpf.make_rl_step(policy, value_model, predictor, tx, cfg,
                            **rl_prompt_ids(config, corpus))
   r = config.rl

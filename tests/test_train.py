@@ -6,7 +6,9 @@ import json
 import jax
 import jax.numpy as jnp
 import numpy as np
+import ml_collections
 import pytest
+from flax import linen as nn
 
 from infra.errors import Preempted
 from conftest import run_workflow
@@ -142,3 +144,31 @@ def test_training_logits_give_the_evaluation_softmax_and_its_gradients():
   assert all(np.isfinite(g).all() for g in jax.tree.leaves(grads))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
                grads, reference_grads)
+
+
+def test_place_state_lays_given_parameters_out_by_their_logical_axes():
+  """Parameters trained before (host arrays) placed by the axes of an
+  abstract init: sharded over the mesh as a fresh state would be, the values
+  kept, the optimiser state beside them (what RLPF's RL state needs: its
+  three LMs replicated on every chip did not fit one)."""
+  import optax
+  from infra import mesh as mesh_lib
+  from userllm.models import llm
+  model = llm.DecoderLM(llm.LLMConfig(vocab_size=256, embed_dim=32, num_layers=1,
+                                      num_heads=4, num_kv_heads=2, head_dim=16,
+                                      mlp_dim=64))
+  tokens = jnp.ones((2, 5), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), tokens,
+                                            tokens > 0)["params"])
+  trained = jax.tree.map(np.asarray, nn.meta.unbox(model.init(
+      jax.random.PRNGKey(1), tokens, tokens > 0)["params"]))
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 2, "model": 4}))
+  state, shardings = train_loop.place_state(
+      {"a": trained}, {"a": boxed}, optax.adam(1e-3), jax.random.PRNGKey(2), mesh)
+  table = state.params["a"]["embedder"]["input_embedding"]
+  assert tuple(table.sharding.spec) == ("model", None)
+  assert table.addressable_shards[0].data.shape == (64, 32)  # 256 rows / 4
+  np.testing.assert_array_equal(np.asarray(table),
+                                trained["embedder"]["input_embedding"])
+  assert state.opt_state[0].mu["a"]["embedder"]["input_embedding"].sharding == (
+      table.sharding)

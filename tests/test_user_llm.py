@@ -483,3 +483,26 @@ def test_a_method_is_an_integration_and_a_history_kind(tiny_timelines,
                        batch["token_mask"])
   assert logits.shape[:2] == batch["tokens"].shape
   assert builders.stage_name(config, model).startswith("soft_prompt_text_h")
+
+
+def test_the_item_head_of_any_catalogue_shards_over_the_model_axis():
+  """aux_items=1,683 (MovieLens-100K's items + padding) on data=4 x model=2:
+  the head's rows are padded to a multiple of 128, so its state lays out on
+  the mesh (1,683 rows would not split over `model`), and the logits keep
+  1,683."""
+  import dataclasses
+  from infra import mesh as mesh_lib, train_loop
+  import ml_collections
+  base = _tiny_user_llm("soft_prompt")
+  model = ul.UserLLM(dataclasses.replace(base.config, aux_items=1683))
+  batch = _lm_batch(b=4)
+  init = lambda rng: model.init(rng, batch["events"], batch["tokens"],  # noqa: E731
+                                batch["token_mask"])["params"]
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+  state, _ = train_loop.create_state(init, optax.sgd(0.1), jax.random.PRNGKey(0),
+                                     mesh)
+  kernel = state.params["user_head"]["kernel"]
+  assert kernel.shape == (16, 1792) and tuple(kernel.sharding.spec) == (None, "model")
+  _, items = model.apply({"params": state.params}, batch["events"], batch["tokens"],
+                         batch["token_mask"], with_user_items=True)
+  assert items.shape == (4, 1683)

@@ -94,8 +94,10 @@ class UserLLM(nn.Module):
             cfg.encoder.embed_dim, name="title_projection",
             kernel_init=nn.with_logical_partitioning(
                 nn.initializers.lecun_normal(), ("embed", "mlp")))
-      if cfg.aux_items:
-        self.user_head = nn.Dense(cfg.aux_items, kernel_init=nn.with_logical_partitioning(
+      if cfg.aux_items:  # its rows padded as the LM's vocabulary is, so they
+        # split over the mesh's `model` axis (1,683 MovieLens items would not)
+        rows = -(-cfg.aux_items // llm_lib.VOCAB_MULTIPLE) * llm_lib.VOCAB_MULTIPLE
+        self.user_head = nn.Dense(rows, kernel_init=nn.with_logical_partitioning(
             nn.initializers.normal(0.02), ("embed", "vocab")), name="user_head")
     self.llm = llm_lib.DecoderLM(cfg.llm)
 
@@ -145,7 +147,7 @@ class UserLLM(nn.Module):
       user, mask = self.user_tokens(events, train)
       conditioning = self._conditioning(user, mask)
       if self.config.aux_items and (with_user_items or self.is_initializing()):
-        item_logits = self.user_head(mean_token(user, mask))
+        item_logits = self.user_head(mean_token(user, mask))[..., :self.config.aux_items]
     logits, _ = self.llm(tokens, token_mask, task_ids=task_ids, **conditioning)
     logits = logits[:, logits.shape[1] - tokens.shape[1]:]
     return (logits, item_logits) if with_user_items else logits
