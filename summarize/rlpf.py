@@ -242,14 +242,20 @@ def rl_loss(policy: llm.DecoderLM, value_model: ValueModel | None, cfg: RLConfig
   p, s = roll["prompt"].shape[1], roll["summary"].shape[1]
   tokens = jnp.concatenate([roll["prompt"], roll["summary"]], 1)
   token_mask = jnp.concatenate([roll["prompt_mask"], roll["written"]], 1)
-  # logits at p - 1 .. p + s - 2 predict the summary's tokens
-  logits, _ = policy.apply({"params": trainable["policy"]}, tokens, token_mask)
-  ref_logits, _ = policy.apply({"params": frozen["reference"]}, tokens, token_mask)
+  def summary_logits(params):
+    """The logits at p - 1 .. p + s - 2 (those that predict the summary's
+    tokens) alone: the vocabulary projection of every prompt position would
+    be most of the step's memory at a real vocabulary."""
+    hidden, _ = policy.apply({"params": params}, tokens, token_mask,
+                             return_hidden=True)
+    return policy.apply({"params": params}, hidden[:, p - 1:p + s - 1],
+                        method=policy.logits_of)
+  logits = summary_logits(trainable["policy"])
+  ref_logits = summary_logits(frozen["reference"])
   # the sampled policy is softmax(logits / temperature): its log-probs and its
   # KL, so that the gradient is on-policy at any temperature
-  log_probs = jax.nn.log_softmax(logits[:, p - 1:p + s - 1] / cfg.temperature, -1)
-  ref_log_probs = jax.nn.log_softmax(ref_logits[:, p - 1:p + s - 1] / cfg.temperature,
-                                     -1)
+  log_probs = jax.nn.log_softmax(logits / cfg.temperature, -1)
+  ref_log_probs = jax.nn.log_softmax(ref_logits / cfg.temperature, -1)
   target = roll["written"].astype(jnp.float32)
   token_lp = jnp.take_along_axis(log_probs, roll["summary"][..., None], -1)[..., 0]
   sequence_lp = jnp.sum(token_lp * target, 1)

@@ -33,20 +33,27 @@ def prefill(model: llm.DecoderLM, params, prompt: jax.Array,
             prompt_mask: jax.Array, extra_slots: int, conditioning: dict):
   """Runs the prompt into a fresh cache with `extra_slots` free slots after it.
 
-  Returns (last logits [b, vocab], cache).
+  Returns (last logits [b, vocab], cache). Only the last position is
+  projected onto the vocabulary (a long prompt's [b, t, vocab] would be most
+  of the memory at a real vocabulary).
   """
-  logits, cache = _prefill_all(model, params, prompt, prompt_mask, extra_slots,
-                               conditioning)
-  return logits[:, -1], cache
+  hidden, cache = _prefill_hidden(model, params, prompt, prompt_mask,
+                                  extra_slots, conditioning)
+  return _logits(model, params, hidden[:, -1]), cache
 
 
-def _prefill_all(model, params, prompt, prompt_mask, extra_slots, conditioning):
-  """`prefill` with the logits of every prompt position [b, t, vocab]."""
+def _prefill_hidden(model, params, prompt, prompt_mask, extra_slots, conditioning):
+  """The prompt run into a fresh cache: (final-normed states [b, t, embed],
+  cache)."""
   size = _prefix_length(conditioning) + prompt.shape[1] + extra_slots
   cache = llm.init_cache(model.config, prompt.shape[0], size,
                          jnp.dtype(model.config.dtype))
   return model.apply({"params": params}, prompt, prompt_mask, cache=cache,
-                     **conditioning)
+                     return_hidden=True, **conditioning)
+
+
+def _logits(model, params, hidden):
+  return model.apply({"params": params}, hidden, method=model.logits_of)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens",
@@ -117,8 +124,11 @@ def score_prompts_and_continuations(model: llm.DecoderLM, params,
   (a language-model loss on part of the prompt) [b] (None when not given)."""
   conditioning = conditioning or {}
   b, c, length = prompt.shape[0], candidates.shape[-2], candidates.shape[-1]
-  prompt_logits, cache = _prefill_all(model, params, prompt, prompt_mask,
-                                      length, conditioning)
+  hidden, cache = _prefill_hidden(model, params, prompt, prompt_mask, length,
+                                  conditioning)
+  # every prompt position's logits only when the prompt itself is scored
+  prompt_logits = _logits(model, params, hidden if prompt_targets is not None
+                          else hidden[:, -1:])
   prompt_lp = None if prompt_targets is None else token_log_likelihood(
       prompt_logits, prompt, prompt_targets)
   cache = _repeat(cache, c)

@@ -383,12 +383,18 @@ class DecoderLM(nn.Module):
         x = self.cross[i](x, user_tokens, user_mask)
     if return_hidden:
       return self.final_norm(x), new_cache
-    logits = self.embedder.decode(self.final_norm(x))
+    return self.logits_of(self.final_norm(x)), new_cache
+
+  def logits_of(self, hidden: jax.Array) -> jax.Array:
+    """Final-normed states [..., embed] (`return_hidden`) -> logits [...,
+    vocab_size] float32: what a caller that needs some positions' logits
+    only (RL's summary tokens of a long prompt) applies to those alone."""
+    logits = self.embedder.decode(hidden)
     logits = logits[..., :self.config.vocab_size].astype(jnp.float32)
     cap = self.config.final_logit_softcap
     if cap:
       logits = jnp.tanh(logits / cap) * cap
-    return logits, new_cache
+    return logits
 
 
 class Embedder(nn.Module):
@@ -404,7 +410,7 @@ class Embedder(nn.Module):
     return self.input_embedding[tokens] * jnp.sqrt(self.config.embed_dim)
 
   def decode(self, x):
-    return jnp.einsum("btd,vd->btv", x, self.input_embedding.astype(x.dtype))
+    return jnp.einsum("...d,vd->...v", x, self.input_embedding.astype(x.dtype))
 
 
 def _attention_layout(mask: jax.Array, cache: dict | None):
