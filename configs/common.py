@@ -96,6 +96,7 @@ WORKFLOWS = {
     "next_item": "userllm.next_item_workflow",
     "user_llm": "userllm.workflow",
     "federated": "federated.workflow",
+    "federated_llm": "federated.llm_workflow",
     "rlpf": "summarize.workflow",
 }
 

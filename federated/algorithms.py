@@ -34,6 +34,13 @@ Seams for the algorithms to come (each a field of a spec, defaults are no-ops):
   rng) -> scalar`, server data in the cohort under `server_batch`, or a
   regulariser of the parameters alone), joined to the federated objective by
   one of the three mixed-FL algorithms below (`ServerSpec.mixing`).
+- frozen weights (`round(state, cohort, frozen)`): parameters every client
+  reads but none trains, e.g. an LLM's base weights under adapters
+  (federated/frozen_base.py). They are an argument of the round, closed over
+  by the vmapped client function (never vmapped, so never copied per client;
+  sharded as the caller lays them out), and reach the loss as
+  `example_loss(params, examples, rng, frozen)`. Without them (None) the loss
+  takes three arguments, as before.
 
 Mixed FL (Augenstein et al., "Mixed Federated Learning", arXiv 2205.13655),
 objective f = f_f + f_c. With x the round's server parameters, D_f the
@@ -86,8 +93,9 @@ from federated import aggregators, compression, personalisation
 from infra.errors import ConfigError
 
 PyTree = Any
-# example_loss(params, examples [batch, ...], rng) -> per-example losses [batch].
-ExampleLoss = Callable[[PyTree, jax.Array, jax.Array], jax.Array]
+# example_loss(params, examples [batch, ...], rng[, frozen]) -> per-example
+# losses [batch]; `frozen` only when the round is given frozen weights.
+ExampleLoss = Callable[..., jax.Array]
 # term(params, context) -> scalar added to a client's local objective.
 ClientTerm = Callable[[PyTree, dict], jax.Array]
 
@@ -257,7 +265,7 @@ def local_batch_indices(rng: jax.Array, num_examples: jax.Array,
 def make_client_update(example_loss: ExampleLoss, client: ClientSpec,
                        federated_gradient: bool = False):
   """`client_update(server_params, client_state, examples, num_examples, rng,
-  server_grad=None)` for ONE client.
+  server_grad=None, frozen=None)` for ONE client.
 
   `server_grad` (mixed FL's one_way / two_way) adds <server_grad, params> to
   every local step's objective. With `federated_gradient` the metrics also
@@ -269,6 +277,8 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec,
     examples: [max_examples, ...] this client's examples, zero-padded.
     num_examples: scalar int, how many leading rows are real.
     rng: this client's key for shuffling and the model's own randomness.
+    frozen: weights the loss reads but nobody trains (passed on as its fourth
+      argument), or None.
 
   Returns:
     (delta, client_state, metrics): `delta` = local parameters - server
@@ -279,7 +289,8 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec,
   """
 
   def client_update(server_params, client_state, examples, num_examples, rng,
-                    server_grad=None):
+                    server_grad=None, frozen=None):
+    extra = () if frozen is None else (frozen,)
     max_examples = examples.shape[0]
     batch_size = client.batch_size or max_examples
     order_rng, step_rng = jax.random.split(rng)
@@ -291,7 +302,7 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec,
     def objective(params, batch, mask, key):
       """(the local objective, its data loss: what the metrics report; the
       gradient-transfer term <g, y> is linear, its value meaningless)."""
-      losses = example_loss(params, batch, key)
+      losses = example_loss(params, batch, key, *extra)
       data_loss = jnp.sum(losses * mask) / jnp.maximum(mask.sum(), 1)
       loss = data_loss
       for term in client.terms:
@@ -328,7 +339,8 @@ def make_client_update(example_loss: ExampleLoss, client: ClientSpec,
       real = jnp.arange(max_examples) < num_examples
 
       def client_loss(p):  # this client's f_k: the mean over its real examples
-        losses = example_loss(p, examples, jax.random.fold_in(order_rng, 1))
+        losses = example_loss(p, examples, jax.random.fold_in(order_rng, 1),
+                              *extra)
         return jnp.sum(losses * real) / jnp.maximum(real.sum(), 1)
 
       metrics["gradient"] = jax.grad(client_loss)(server_params)
@@ -497,7 +509,8 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
 
 def make_round(example_loss: ExampleLoss, client: ClientSpec,
                server: ServerSpec, client_chunk: int = 0, client_shards: int = 1):
-  """The vmapped round: `round(state, cohort) -> (state, metrics)`, pure, to jit.
+  """The vmapped round: `round(state, cohort, frozen=None) -> (state,
+  metrics)`, pure, to jit (`frozen`: the module docstring).
 
   `client_chunk` > 0 trains the cohort `client_chunk` clients at a time
   (`lax.map` with a batch size: vmapped within a chunk, a loop across
@@ -515,11 +528,14 @@ def make_round(example_loss: ExampleLoss, client: ClientSpec,
   client_update = make_client_update(example_loss, client,
                                      federated_gradient=_two_way(server))
 
-  def federated_round(state, cohort):
+  def federated_round(state, cohort, frozen=None):
     server_grad = _sent_server_grad(state, cohort, server)
     per_client = (cohort_client_states(state, cohort), cohort["examples"],
                   cohort["num_examples"], client_rngs(state, cohort["client_ids"]))
-    train = lambda xs: client_update(state.params, *xs, server_grad)  # noqa: E731
+    # the server's parameters and `frozen` are closed over: every client
+    # reads the same arrays, only `per_client` is mapped over the cohort
+    train = lambda xs: client_update(state.params, *xs, server_grad,  # noqa: E731
+                                     frozen)
     if client_chunk:
       deltas, client_states, client_metrics = chunked_clients(
           train, per_client, client_chunk, client_shards)
@@ -590,14 +606,14 @@ def make_looped_round(example_loss: ExampleLoss, client: ClientSpec,
   server_grad_of = jax.jit(lambda state, cohort: _sent_server_grad(state, cohort,
                                                                    server))
 
-  def looped_round(state, cohort):
+  def looped_round(state, cohort, frozen=None):
     rngs = rngs_of(state, cohort["client_ids"])
     client_states = states_of(state, cohort)
     server_grad = server_grad_of(state, cohort)
     results = [client_update(state.params,
                              jax.tree.map(lambda x: x[c], client_states),
                              cohort["examples"][c], cohort["num_examples"][c],
-                             rngs[c], server_grad)
+                             rngs[c], server_grad, frozen)
                for c in range(cohort["num_examples"].shape[0])]
     deltas, states, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
     return finish(state, deltas, states, metrics, cohort)

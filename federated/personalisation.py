@@ -45,7 +45,7 @@ import jax.numpy as jnp
 from infra.errors import ConfigError
 
 PyTree = Any
-PERSONALISATIONS = ("none", "fellrec")
+PERSONALISATIONS = ("none", "fellrec", "local")
 
 
 def flat_rows(tree: PyTree) -> jax.Array:
@@ -143,12 +143,30 @@ class FELLRec:
             "trained": client_states["trained"] | (weights > 0)}
 
 
+@dataclasses.dataclass(frozen=True)
+class LocalOnly(FELLRec):
+  """Local-only models, the control FELLRec's mixing is measured against:
+  every client trains on from its own last model and keeps what it trained,
+  nothing of the others' (FELLRec with w_i = 0). The server still averages
+  the cohort's models, which serve the clients that never trained."""
+
+  def personalise(self, client_states: dict, server_params: PyTree,
+                  deltas: PyTree, losses: jax.Array, weights: jax.Array,
+                  round_index) -> dict:
+    del losses, round_index
+    return {"params": jax.tree.map(lambda server, d: server[None] + d,
+                                   server_params, deltas),
+            "trained": client_states["trained"] | (weights > 0)}
+
+
 def from_config(fed) -> FELLRec | None:
   """The personalisation `config.federated.personalisation` names (None for
   "none"), with `config.federated.fellrec`'s alpha, beta and temperature."""
   name = fed.get("personalisation", "none")
   if name == "none":
     return None
+  if name == "local":
+    return LocalOnly()
   if name != "fellrec":
     raise ConfigError(f"config.federated.personalisation={name!r} is not one of "
                       f"{PERSONALISATIONS}")

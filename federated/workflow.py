@@ -30,7 +30,10 @@ import numpy as np
 from flax import linen as nn
 
 from data import sources
-from federated import algorithms, clients, cost, evaluation, privacy, tasks
+from federated import (algorithms, clients, cost, evaluation, privacy, runs,
+                       tasks)
+from federated.runs import (CPU_CLIENT_CHUNK, personal_models,  # noqa: F401
+                            privacy_spent, resolve_client_chunk)
 from infra import mesh as mesh_lib, train_loop
 from infra.errors import ConfigError
 
@@ -76,24 +79,12 @@ def build(config: ml_collections.ConfigDict, mesh) -> Federation:
   task = tasks.from_config(config, timelines)
   split, dataset = clients.build_clients(fed, timelines, task.client_examples,
                                          config.seed)
-  print(f"[clients] {len(split.participating)} {fed.partition} clients, "
-        f"{int(split.participating.sum())} participating; "
-        f"{int(dataset.num_examples.sum())} training examples, up to "
-        f"{dataset.examples.shape[1]} per client"
-        + (f" ({dataset.num_capped} left out by max_examples_per_client)"
-           if dataset.num_capped else ""), flush=True)
+  runs.describe_clients(fed, split, dataset)
   mesh_lib.check_batch_divides(fed.clients_per_round, mesh,
                                "config.federated.clients_per_round")
   mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh,
                                "config.train.eval_batch_size")
-  dp_budget = None
-  if fed.aggregator == "dp":  # accounted over the clients the cohorts come from
-    dp_budget = privacy.budget(fed, len(dataset), config.train.num_steps)
-    print(f"[privacy] DP-FedAvg: clip {fed.dp.clip_norm:g}, noise multiplier "
-          f"{dp_budget.noise_multiplier:.4g}, q={dp_budget.sampling_probability:.4g}"
-          f"; epsilon {dp_budget.epsilon(config.train.num_steps):.4g} at delta "
-          f"{fed.dp.delta:g} after {config.train.num_steps} rounds "
-          f"({fed.dp.accountant})", flush=True)
+  dp_budget = runs.dp_budget(config, len(dataset))
   client_spec, server_spec = algorithms.specs_from_config(
       fed, dp_budget, task.server_loss(fed.mixed.server_loss, fed.mixed.weight))
   return Federation(timelines, task, split, dataset, dp_budget, client_spec,
@@ -117,29 +108,6 @@ def check_server_data(fed, dataset: clients.ClientDataset, mesh) -> None:
         "gives the server data)")
   mesh_lib.check_batch_divides(size, mesh,
                                "config.federated.datacenter.server_batch_size")
-
-
-# Clients in flight per round step on a CPU host, all its devices together:
-# on one device 8 beats 32 for both model sizes of benchmarks/federated_round.md
-# (and ties 4 for the 46k model); on two, 1 to 4 per device tie.
-CPU_CLIENT_CHUNK = 8
-
-
-def resolve_client_chunk(requested: int, mesh) -> int:
-  """`config.federated.client_chunk` (clients per data shard per step), with
-  -1 (auto) resolved for this machine: on CPU, CPU_CLIENT_CHUNK shared out
-  over the mesh's data shards (a host split into one device per core, e.g.
-  JAX_NUM_CPU_DEVICES=$(nproc), trains a chunk on every core at once); on
-  accelerators 0, the whole cohort in one vmap (they have the memory and
-  parallelism for it)."""
-  if requested < -1:
-    raise ConfigError(f"config.federated.client_chunk={requested} must be -1 "
-                      "(auto), 0 (whole cohort) or a chunk size")
-  if requested >= 0:
-    return requested
-  if mesh.devices.flat[0].platform != "cpu":
-    return 0
-  return max(1, CPU_CLIENT_CHUNK // mesh.shape["data"])
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
@@ -214,30 +182,3 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
   results.update(cost.round_cost(f.task, f.client_spec, state, f.dataset))
   results["wall_seconds"] = time.time() - began
   return results
-
-
-def personal_models(state, dataset: clients.ClientDataset):
-  """client id -> its own parameters (FELLRec) or None; None when the run
-  keeps no per-client models."""
-  states = state.client_states
-  if not isinstance(states, dict) or "params" not in states:
-    return None
-  row_of_client = {int(c): r for r, c in enumerate(dataset.client_ids)}
-  trained = mesh_lib.to_host(states["trained"])
-
-  def client_params(client_id: int):
-    row = row_of_client.get(client_id)
-    if row is None or not trained[row]:
-      return None
-    return jax.tree.map(lambda table: table[row], states["params"])
-
-  return client_params
-
-
-def privacy_spent(dp_budget, rounds) -> dict[str, float]:
-  """{"dp_epsilon", "dp_delta", "dp_noise_multiplier"} after `rounds`; {}
-  without DP."""
-  if dp_budget is None:
-    return {}
-  return {"dp_epsilon": dp_budget.epsilon(int(rounds)), "dp_delta": dp_budget.delta,
-          "dp_noise_multiplier": dp_budget.noise_multiplier}

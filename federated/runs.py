@@ -1,0 +1,93 @@
+"""What the federated workflows (federated/workflow.py, the task models;
+federated/llm_workflow.py, adapters of a frozen LLM) share when they run a
+round: the line describing the clients, the DP-FedAvg budget and the
+privacy spent, how many clients train at once on this machine, and each
+client's own model (FELLRec)."""
+
+from __future__ import annotations
+
+import jax
+
+from federated import clients, privacy
+from infra import mesh as mesh_lib
+from infra.errors import ConfigError
+
+
+def describe_clients(fed, split: clients.ParticipationSplit,
+                     dataset: clients.ClientDataset) -> None:
+  """The `[clients]` line: how many, how many participate, their examples."""
+  print(f"[clients] {len(split.participating)} {fed.partition} clients, "
+        f"{int(split.participating.sum())} participating; "
+        f"{int(dataset.num_examples.sum())} training examples, up to "
+        f"{dataset.examples.shape[1]} per client"
+        + (f" ({dataset.num_capped} left out by max_examples_per_client)"
+           if dataset.num_capped else ""), flush=True)
+
+
+def dp_budget(config, num_clients: int) -> privacy.Budget | None:
+  """DP-FedAvg's budget (`config.federated.aggregator = "dp"`), accounted over
+  the `num_clients` the cohorts come from for `config.train.num_steps`
+  rounds, said in one `[privacy]` line; None without DP."""
+  fed = config.federated
+  if fed.aggregator != "dp":
+    return None
+  if "dp" not in fed:
+    raise ConfigError("config.federated.aggregator='dp' needs a "
+                      "config.federated.dp section (configs/dp_fedavg.py has one)")
+  budget = privacy.budget(fed, num_clients, config.train.num_steps)
+  print(f"[privacy] DP-FedAvg: clip {fed.dp.clip_norm:g}, noise multiplier "
+        f"{budget.noise_multiplier:.4g}, q={budget.sampling_probability:.4g}"
+        f"; epsilon {budget.epsilon(config.train.num_steps):.4g} at delta "
+        f"{fed.dp.delta:g} after {config.train.num_steps} rounds "
+        f"({fed.dp.accountant})", flush=True)
+  return budget
+
+
+# Clients in flight per round step on a CPU host, all its devices together:
+# on one device 8 beats 32 for both model sizes of benchmarks/federated_round.md
+# (and ties 4 for the 46k model); on two, 1 to 4 per device tie.
+CPU_CLIENT_CHUNK = 8
+
+
+def resolve_client_chunk(requested: int, mesh) -> int:
+  """`config.federated.client_chunk` (clients per data shard per step), with
+  -1 (auto) resolved for this machine: on CPU, CPU_CLIENT_CHUNK shared out
+  over the mesh's data shards (a host split into one device per core, e.g.
+  JAX_NUM_CPU_DEVICES=$(nproc), trains a chunk on every core at once); on
+  accelerators 0, the whole cohort in one vmap (they have the memory and
+  parallelism for it)."""
+  if requested < -1:
+    raise ConfigError(f"config.federated.client_chunk={requested} must be -1 "
+                      "(auto), 0 (whole cohort) or a chunk size")
+  if requested >= 0:
+    return requested
+  if mesh.devices.flat[0].platform != "cpu":
+    return 0
+  return max(1, CPU_CLIENT_CHUNK // mesh.shape["data"])
+
+
+def personal_models(state, dataset: clients.ClientDataset):
+  """client id -> its own parameters (FELLRec) or None; None when the run
+  keeps no per-client models."""
+  states = state.client_states
+  if not isinstance(states, dict) or "params" not in states:
+    return None
+  row_of_client = {int(c): r for r, c in enumerate(dataset.client_ids)}
+  trained = mesh_lib.to_host(states["trained"])
+
+  def client_params(client_id: int):
+    row = row_of_client.get(client_id)
+    if row is None or not trained[row]:
+      return None
+    return jax.tree.map(lambda table: table[row], states["params"])
+
+  return client_params
+
+
+def privacy_spent(dp_budget, rounds) -> dict[str, float]:
+  """{"dp_epsilon", "dp_delta", "dp_noise_multiplier"} after `rounds`; {}
+  without DP."""
+  if dp_budget is None:
+    return {}
+  return {"dp_epsilon": dp_budget.epsilon(int(rounds)), "dp_delta": dp_budget.delta,
+          "dp_noise_multiplier": dp_budget.noise_multiplier}
