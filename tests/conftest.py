@@ -132,8 +132,9 @@ class ConfigReads:
 # The longest test files first: pytest-xdist (--dist loadfile) hands files to
 # workers in collection order, so starting the long ones early keeps one worker
 # from finishing a long file alone at the end (longest-first scheduling).
-_LONGEST_FIRST = ("test_user_llm.py", "test_multitask.py", "test_multihost.py",
-                  "test_notebook.py", "test_federated_algorithms.py",
+_LONGEST_FIRST = ("test_notebook.py", "test_use.py", "test_user_llm.py",
+                  "test_multitask.py", "test_multihost.py", "test_federated_llm.py",
+                  "test_federated_algorithms.py", "test_gcs_workdir.py",
                   "test_federated_data.py", "test_main.py", "test_summarize.py",
                   "test_adapters.py",
                   "test_llm.py")

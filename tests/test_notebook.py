@@ -41,7 +41,7 @@ def test_the_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch,
     assert (tmp_path / f"{name}.png").stat().st_size > 0
   assert 0 <= namespace["fed"]["out_of_sample/model/next_item/recall@10_mean"] <= 1
   assert {"next_item", "federated", "dp_fedavg", "retrieval", "user_llm", "multitask",
-          "rlpf"} <= {d.name for d in tmp_path.iterdir()}
+          "rlpf", "federated_llm"} <= {d.name for d in tmp_path.iterdir()}
   assert len(namespace["recommended"]["users"]) == 2
   with pytest.raises(ValueError, match="set REPO_URL"):
     namespace["setup_colab"](namespace["REPO_URL"])
