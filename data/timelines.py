@@ -30,6 +30,10 @@ class ItemTable:
     genre_names: tuple of num_genres genre names.
     tags: optional [num_items + 1] object array of tuples of tag strings (the
       latest MovieLens formats' tags.csv), most used first.
+    source_ids: optional [num_items + 1] object (str), the item's id in the
+      source files where that is not an integer (an Amazon parent_asin, a
+      Yelp business_id; "" for padding); raw_ids are then 1..num_items in the
+      sorted order of these.
   """
   raw_ids: np.ndarray
   titles: np.ndarray
@@ -37,6 +41,7 @@ class ItemTable:
   genres: np.ndarray
   genre_names: tuple[str, ...]
   tags: np.ndarray | None = None
+  source_ids: np.ndarray | None = None
 
   @property
   def num_items(self) -> int:
@@ -53,12 +58,16 @@ class UserTable:
     genders: [num_users] object (str).
     occupations: [num_users] object (str).
     zip_codes: [num_users] object (str).
+    source_ids: optional [num_users] object (str), the user's id in the
+      source files where that is not an integer (raw_ids are then 1..N in the
+      sorted order of these).
   """
   raw_ids: np.ndarray
   ages: np.ndarray
   genders: np.ndarray
   occupations: np.ndarray
   zip_codes: np.ndarray
+  source_ids: np.ndarray | None = None
 
   @property
   def num_users(self) -> int:
@@ -68,7 +77,8 @@ class UserTable:
     """The users where `keep` ([num_users] bool) holds, in their order."""
     return dataclasses.replace(
         self, **{f.name: getattr(self, f.name)[keep]
-                 for f in dataclasses.fields(self)})
+                 for f in dataclasses.fields(self)
+                 if getattr(self, f.name) is not None})
 
   @classmethod
   def unknown_demographics(cls, raw_ids: np.ndarray) -> "UserTable":
