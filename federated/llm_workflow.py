@@ -107,6 +107,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh) -> LLMFederatio
   check(config)
   fed = config.federated
   timelines = sources.load_timelines(config.data)
+  sources.require_item_text(timelines, config.workflow)  # titles for prompts
   tokenizer = language_model.tokenizer(
       config, workdir, lambda: prompts.corpus(timelines),
       titles=[str(t) for t in timelines.items.titles[1:]])

@@ -248,6 +248,7 @@ def setup(config, workdir: str, quiet: bool = False
   """The run's timelines, users and corpus (popularity from training users)."""
   d = config.data
   timelines = sources.load_timelines(config.data, quiet=quiet)
+  sources.require_item_text(timelines, config.workflow)  # titles for prompts
   try:
     users = ex.split_users(timelines, d.valid_users, d.test_users, d.min_history,
                            d.future_len, config.seed)

@@ -22,7 +22,8 @@ def test_every_config_field_is_read(name, tmp_path):
 def test_the_tiny_variant_has_the_fields_of_the_full_config():
   import importlib
   for name in ("default", "fedavg", "dp_fedavg", "movielens_100k", "user_llm",
-               "multitask", "retrieval", "rlpf", "rlpf_movielens", "federated_llm"):
+               "multitask", "retrieval", "rlpf", "rlpf_movielens", "federated_llm", "movielens_1m",
+               "amazon_beauty"):
     module = importlib.import_module(f"configs.{name}")
     full, tiny = module.get_config(), module.get_config("tiny")
     assert sorted(full.to_dict()) == sorted(tiny.to_dict()), name

@@ -723,3 +723,15 @@ def test_the_benchmark_files_land_where_the_reader_looks(server, tmp_path):
                "--benchmark", "5core/last_out_w_his", "--accept_terms") == 0
   got = amazon.read_amazon(str(tmp_path), "All_Beauty", "5core/last_out_w_his")
   assert got.num_events == 157
+
+
+def test_the_text_workflows_refuse_a_sequence_file_without_titles(tmp_path):
+  """The check runs in the User-LLM workflow itself, before any training."""
+  from conftest import run_workflow
+  from configs import user_llm
+  config = user_llm.get_config("tiny")
+  config.data.update(source="sequence_file", dir=SEQUENCES, file="Beauty.txt",
+                     item_map="", num_categories=20, duplicates="drop")
+  with pytest.raises(ConfigError, match="workflow 'user_llm' puts into its prompts"):
+    run_workflow(config, tmp_path)
+  assert not (tmp_path / "lm").exists()

@@ -177,6 +177,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
   u = config.userllm
   tasks = builders.tasks_of(config, "tasks")
   timelines = sources.load_timelines(config.data)
+  sources.require_item_text(timelines, config.workflow)  # titles for prompts
   split = splits.leave_last_out(timelines)
   tokenizer = builders.tokenizer_for(config, workdir, timelines)
   print(f"[text] vocabulary {tokenizer.vocab_size} pieces; tasks "
@@ -310,6 +311,7 @@ def trained(config, workdir: str, mesh) -> Trained:
   builders.check(config)
   u = config.userllm
   timelines = sources.load_timelines(config.data)
+  sources.require_item_text(timelines, config.workflow)  # titles for prompts
   split = splits.leave_last_out(timelines)
   tokenizer = builders.tokenizer_for(config, workdir, timelines)
   base = (lm_lib.pretrained(config, config.llm.checkpoint, mesh)[0]
