@@ -54,7 +54,7 @@ def get_config(arg: str = ""):
   config.base_train = common.train(
       common.schedule(num_steps=4 if tiny else 500, log_every=2 if tiny else 100,
                       eval_every=0 if tiny else 250,
-                      checkpoint_every=2 if tiny else 250,
+                      checkpoint_every=4 if tiny else 250,
                       eval_batch_size=16 if tiny else 256),
       common.optimizer(8 if tiny else 64, 3e-3, 1 if tiny else 50))
   config.federated = common.federated(

@@ -24,7 +24,7 @@ def stage(tiny: bool, batch_size: int, num_steps: int, learning_rate: float,
     batch_size, num_steps, warmup_steps, eval_every = 8, 4, 1, 2 if eval_every else 0
   return common.train(
       common.schedule(num_steps=num_steps, log_every=2 if tiny else 50,
-                      eval_every=eval_every, checkpoint_every=2 if tiny else 200,
+                      eval_every=eval_every, checkpoint_every=4 if tiny else 200,
                       eval_batch_size=8 if tiny else 32),
       common.optimizer(batch_size, learning_rate, warmup_steps))
 

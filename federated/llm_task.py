@@ -133,6 +133,12 @@ def next_token_nll(model: llm.DecoderLM, params, tokens: jax.Array) -> jax.Array
   """[b, t] left-padded ids -> [b, t - 1] the cross-entropy of every next
   token (column j: of token j + 1 given tokens up to j)."""
   logits, _ = model.apply({"params": params}, tokens, tokens != 0)
+  return nll_of_logits(logits, tokens)
+
+
+def nll_of_logits(logits: jax.Array, tokens: jax.Array) -> jax.Array:
+  """logits [b, t, vocab] of tokens [b, t] -> [b, t - 1] next-token
+  cross-entropies."""
   logp = jax.nn.log_softmax(logits[:, :-1], -1)
   return -jnp.take_along_axis(logp, tokens[:, 1:, None], -1)[..., 0]
 
@@ -158,7 +164,17 @@ def next_title_losses(model: llm.DecoderLM, history_lm_weight: float,
   -> [b]` (rows `client_examples`): the answer's cross-entropy + history_lm_weight x the mean
   cross-entropy of the history's titles (the answer excluded)."""
   del rng  # no dropout
-  nll = next_token_nll(model, frozen_base.merge(adapters, frozen), examples)
+  logits, _ = model.apply({"params": frozen_base.merge(adapters, frozen)},
+                          examples, examples != 0)
+  return row_losses(history_lm_weight, is_title, logits, examples)
+
+
+def row_losses(history_lm_weight: float, is_title: jax.Array,
+               logits: jax.Array, examples: jax.Array) -> jax.Array:
+  """`next_title_losses` [b] from the LLM's logits [b, t, vocab] of the rows
+  examples [b, t] (what a split forward's last side computes,
+  federated/llm_split.py)."""
+  nll = nll_of_logits(logits, examples)
   answer = nll[:, -1]
   if not history_lm_weight:
     return answer

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
-from sklearn.mixture import GaussianMixture
 
 from data import timelines as tl
 from infra.errors import ConfigError
@@ -89,6 +88,9 @@ def _gaussian_clusters(x: np.ndarray, k: int, seed: int):
   variances [k, d]). A single example is its own cluster (a GMM needs two)."""
   if len(x) == 1:
     return np.zeros(1, np.int64), x.astype(np.float64), np.full(x.shape, _REG_COVAR)
+  # imported here: sklearn costs a second at start-up to every run that
+  # never clusters
+  from sklearn.mixture import GaussianMixture
   gmm = GaussianMixture(k, covariance_type="diag", reg_covar=_REG_COVAR,
                         random_state=seed).fit(x)
   return gmm.predict(x), gmm.means_, gmm.covariances_

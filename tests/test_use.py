@@ -193,6 +193,9 @@ def user_llm_run(tmp_path_factory, family: str, kind: str, method: str):
   for field, value in overrides.items():
     section, name = field.split(".")
     config[section][name] = value
+  # a step-2 checkpoint besides the last (a resumable field):
+  # test_eval_names_a_stage_that_is_not_finished removes the last
+  config.encoder_train.checkpoint_every = 2
   workdir = root / "run"
   os.makedirs(workdir)
   with workdir_lib.claim(str(workdir), config.workflow, process_index=0):

@@ -235,8 +235,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
                      batches=batches, mesh=mesh, workdir=workdir,
                      eval_fn=evaluate_valid)
   results["train_seconds"] = time.time() - train_began
-  results["train_step_seconds"] = train_loop.step_seconds(
-      train_step, state, mesh_lib.put_batch(batches(0), mesh))
+  if u.step_time_repeats:
+    results["train_step_seconds"] = train_loop.step_seconds(
+        train_step, state, mesh_lib.put_batch(batches(0), mesh),
+        repeats=u.step_time_repeats)
 
   # 4. evaluation
   if u.eval_valid:  # fit scored the final model already when eval_every > 0

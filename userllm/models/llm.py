@@ -385,6 +385,23 @@ class DecoderLM(nn.Module):
       return self.final_norm(x), new_cache
     return self.logits_of(self.final_norm(x)), new_cache
 
+  def run_layers(self, x: jax.Array, token_mask: jax.Array, first: int,
+                 stop: int, task_ids: jax.Array | None = None) -> jax.Array:
+    """Decoder layers first..stop-1 over x [b, t, embed] with no cache and no
+    prefix: one side of a split forward (FELLRec's flexible storage,
+    federated/llm_split.py). The attention layout follows from token_mask
+    [b, t] alone, so each side recomputes it from the mask it is sent."""
+    if any(first <= i < stop for i in self.cross):
+      raise ValueError("a split forward runs no cross-attention blocks")
+    positions, allowed, end, _ = _attention_layout(token_mask.astype(bool), None)
+    for layer in self.layers[first:stop]:
+      x, _ = layer(x, positions, allowed, None, end, task_ids)
+    return x
+
+  def head(self, x: jax.Array) -> jax.Array:
+    """The last layer's states [..., embed] -> logits [..., vocab_size]."""
+    return self.logits_of(self.final_norm(x))
+
   def logits_of(self, hidden: jax.Array) -> jax.Array:
     """Final-normed states [..., embed] (`return_hidden`) -> logits [...,
     vocab_size] float32: what a caller that needs some positions' logits
