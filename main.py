@@ -150,11 +150,27 @@ def mode_function(workflow, name: str, mode: str):
   return function
 
 
+def run_argv(argv: list[str]) -> dict:
+  """What `python main.py <argv[1:]>` does, in this process: the results of
+  train and eval, or a use mode's JSON payload. For notebooks: a Colab TPU
+  that the kernel has opened cannot be opened again by a subprocess, and a
+  run in the kernel shares its imports. A mistake on the command line exits
+  2 as the CLI does; an error of a run raises."""
+  flags.FLAGS.unparse_flags()
+  parse_flags(argv)
+  quiet_logs()
+  return run_experiment(_CONFIG.value, _WORKDIR.value, _MODE.value)
+
+
+def quiet_logs() -> None:
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  quiet_logs()
   from infra.errors import USER_ERRORS, Preempted
   mode = _MODE.value
   try:

@@ -67,12 +67,12 @@ def test_the_client_keeps_the_first_and_last_k_layers_and_the_embeddings():
     llm_split.client_layer_names(4, 3)
 
 
-@pytest.mark.parametrize("k", [0, 1])  # (k = 2: every layer on the client)
-def test_split_forward_backward_equals_the_unsplit_step(lm, k):
+def test_split_forward_backward_equals_the_unsplit_step(lm):
+  """At k = 1 every side runs layers: front (layer 0), middle (1, 2), last (3)."""
   model, adapter_part, base, tokens = lm
   loss, grads, crossing = jax.jit(functools.partial(
-      llm_split.split_value_and_grad, model, mean_row_loss), static_argnums=3)(
-          adapter_part, base, tokens, k)
+      llm_split.split_value_and_grad, model, mean_row_loss, k=1))(
+          adapter_part, base, tokens)
   want_loss, want_grads = unsplit_value_and_grad(model, adapter_part, base, tokens)
   np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
   assert jax.tree.structure(grads) == jax.tree.structure(want_grads)
@@ -80,9 +80,16 @@ def test_split_forward_backward_equals_the_unsplit_step(lm, k):
   assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads)) > 1e-3
   for name in llm_split.CROSSING:
     assert crossing[name].shape == tokens.shape + (CONFIG.embed_dim,)
-  if k == 0:  # nothing runs on the client before the cut: the embeddings go up
-    embedded = model.apply({"params": base}, tokens, method=llm.DecoderLM.embed)
-    np.testing.assert_allclose(crossing["activations_up"], embedded, rtol=1e-6)
+
+
+def test_at_cut_zero_the_embeddings_go_up_and_the_server_runs_every_layer(lm):
+  model, adapter_part, base, tokens = lm
+  client, server = llm_split.split_tree(frozen_base.merge(adapter_part, base),
+                                        LAYERS, 0)
+  up = llm_split._front(model, client, tokens, 0, None)
+  embedded = model.apply({"params": base}, tokens, method=llm.DecoderLM.embed)
+  np.testing.assert_allclose(up, embedded, rtol=1e-6)
+  assert set(server) == {f"layer_{i}" for i in range(LAYERS)}
 
 
 def test_cost_counts_what_each_side_stores_and_sends(lm):
@@ -105,10 +112,9 @@ def test_cost_counts_what_each_side_stores_and_sends(lm):
 
 def test_the_clients_programs_hold_less_than_the_unsplit_step(lm):
   model, adapter_part, base, tokens = lm
-  memory = {k: llm_split.client_memory(model, mean_row_loss, adapter_part, base,
-                                       tokens, k) for k in (0, 1)}
-  assert memory[0]["client_peak"] < memory[1]["client_peak"] < memory[1]["unsplit"]
-  assert memory[0]["unsplit"] == memory[1]["unsplit"]
+  memory = llm_split.client_memory(model, mean_row_loss, adapter_part, base,
+                                  tokens, 1)
+  assert 0 < memory["client_front"] <= memory["client_peak"] < memory["unsplit"]
 
 
 def test_the_embeddings_sent_up_at_cut_zero_give_the_tokens_away(lm):

@@ -27,7 +27,11 @@ def _free_port() -> int:
 def _env(devices: int, **extra) -> dict:
   env = {k: v for k, v in os.environ.items()  # the session's compile cache stays
          if k not in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")}
-  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  # the conftest's fast-compile flags stay; only the device count changes
+  flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+  env["XLA_FLAGS"] = " ".join(flags + [
+      f"--xla_force_host_platform_device_count={devices}"])
   env.update(extra)
   return env
 
