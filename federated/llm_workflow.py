@@ -39,7 +39,7 @@ from data import prompts, sources
 from data.sequences import EpochBatcher
 from federated import (algorithms, clients, cost, evaluation, frozen_base,
                        llm_task, privacy, runs)
-from infra import mesh as mesh_lib, optim, results as results_lib, stages, train_loop
+from infra import optim, results as results_lib, stages, train_loop
 from infra.errors import ConfigError
 from userllm import language_model
 from userllm.models import adapters, llm
@@ -105,7 +105,6 @@ class LLMFederation:
 def build(config: ml_collections.ConfigDict, workdir: str, mesh) -> LLMFederation:
   """Data, vocabulary, task, clients, privacy budget and the round's specs."""
   check(config)
-  fed = config.federated
   timelines = sources.load_timelines(config.data)
   sources.require_item_text(timelines, config.workflow)  # titles for prompts
   tokenizer = language_model.tokenizer(
@@ -114,16 +113,8 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh) -> LLMFederatio
   model_config = language_model.llm_config(config, tokenizer.vocab_size,
                                            adapter=adapter_config(config))
   task = llm_task.NextTitleLLMTask(config, timelines, tokenizer, model_config)
-  split, dataset = clients.build_clients(fed, timelines, task.client_examples,
-                                         config.seed)
-  runs.describe_clients(fed, split, dataset)
-  mesh_lib.check_batch_divides(fed.clients_per_round, mesh,
-                               "config.federated.clients_per_round")
-  mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh,
-                               "config.train.eval_batch_size")
-  dp_budget = runs.dp_budget(config, len(dataset))
-  client_spec, server_spec = algorithms.specs_from_config(
-      fed, dp_budget, task.server_loss(fed.mixed.server_loss, fed.mixed.weight))
+  split, dataset, dp_budget, client_spec, server_spec = runs.clients_and_specs(
+      config, timelines, task, mesh)
   return LLMFederation(timelines, task, split, dataset, dp_budget, client_spec,
                        server_spec)
 

@@ -8,9 +8,27 @@ from __future__ import annotations
 
 import jax
 
-from federated import clients, privacy
+from federated import algorithms, clients, privacy
 from infra import mesh as mesh_lib
 from infra.errors import ConfigError
+
+
+def clients_and_specs(config, timelines, task, mesh):
+  """What every federated workflow builds from its data and task: (split,
+  dataset, DP budget or None, client spec, server spec), the clients
+  described in one line and the batch sizes checked against the mesh."""
+  fed = config.federated
+  split, dataset = clients.build_clients(fed, timelines, task.client_examples,
+                                         config.seed)
+  describe_clients(fed, split, dataset)
+  mesh_lib.check_batch_divides(fed.clients_per_round, mesh,
+                               "config.federated.clients_per_round")
+  mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh,
+                               "config.train.eval_batch_size")
+  budget = dp_budget(config, len(dataset))
+  client_spec, server_spec = algorithms.specs_from_config(
+      fed, budget, task.server_loss(fed.mixed.server_loss, fed.mixed.weight))
+  return split, dataset, budget, client_spec, server_spec
 
 
 def describe_clients(fed, split: clients.ParticipationSplit,

@@ -74,19 +74,10 @@ class Federation:
 
 def build(config: ml_collections.ConfigDict, mesh) -> Federation:
   """Data, task, clients, privacy budget and the round's specs of `config`."""
-  fed = config.federated
   timelines = sources.load_timelines(config.data)
   task = tasks.from_config(config, timelines)
-  split, dataset = clients.build_clients(fed, timelines, task.client_examples,
-                                         config.seed)
-  runs.describe_clients(fed, split, dataset)
-  mesh_lib.check_batch_divides(fed.clients_per_round, mesh,
-                               "config.federated.clients_per_round")
-  mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh,
-                               "config.train.eval_batch_size")
-  dp_budget = runs.dp_budget(config, len(dataset))
-  client_spec, server_spec = algorithms.specs_from_config(
-      fed, dp_budget, task.server_loss(fed.mixed.server_loss, fed.mixed.weight))
+  split, dataset, dp_budget, client_spec, server_spec = runs.clients_and_specs(
+      config, timelines, task, mesh)
   return Federation(timelines, task, split, dataset, dp_budget, client_spec,
                     server_spec)
 
