@@ -122,6 +122,7 @@ def split_value_and_grad(model: llm.DecoderLM,
   server_grads, grad_up = middle_vjp(grad_down)
   (front_grads,) = front_vjp(grad_up)
   client_grads = jax.tree.map(jnp.add, front_grads, last_grads)
+  # d loss / d down is what the client sends up; d loss / d up comes back down
   crossing = dict(zip(CROSSING, (up, down, grad_down, grad_up)))
   return loss, frozen_base.merge(client_grads, server_grads), crossing
 
