@@ -111,13 +111,8 @@ def _metadata_file(data_dir: str, category: str) -> str:
 
 
 def _read_reviews(path: str) -> rev.EventLog:
-  log = rev.EventLog(path)
-  for line, record in rev.json_records(path):
-    log.add(rev.id_field(record, "user_id", path, line),
-            rev.id_field(record, "parent_asin", path, line),
-            rev.rating_field(record, "rating", path, line),
-            rev.integer_field(record, "timestamp", path, line), line)
-  return log
+  return rev.read_json_reviews(path, "user_id", "parent_asin", "rating",
+                               "timestamp")
 
 
 def benchmark_files(data_dir: str, category: str, events: str) -> list[str]:

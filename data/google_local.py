@@ -61,12 +61,7 @@ def read_google_local(data_dir: str, region: str, duplicates: str = "error",
   metadata = rev.find_file(data_dir, (f"meta-{state_of(region)}",), suffixes,
                            f"the {state_of(region)} business metadata file",
                            hint(region, data_dir))
-  log = rev.EventLog(reviews)
-  for line, record in rev.json_records(reviews):
-    log.add(rev.id_field(record, "user_id", reviews, line),
-            rev.id_field(record, "gmap_id", reviews, line),
-            rev.rating_field(record, "rating", reviews, line),
-            rev.integer_field(record, "time", reviews, line), line)
+  log = rev.read_json_reviews(reviews, "user_id", "gmap_id", "rating", "time")
   catalogue = _read_metadata(metadata, log.item_codes)
   return rev.build_timelines(f"google_local_{region}", log, catalogue, duplicates,
                              num_categories, {} if report is None else report,

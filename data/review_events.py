@@ -220,6 +220,19 @@ class EventLog:
             for name, column in self._columns.items()}
 
 
+def read_json_reviews(path: str, user: str, item: str, rating: str,
+                      time: str) -> EventLog:
+  """The events of a JSON Lines review file whose records name the user,
+  item, rating and integer time under these keys (Amazon 2023, Google
+  Local); every field's error names the file and line."""
+  log = EventLog(path)
+  for line, record in json_records(path):
+    log.add(id_field(record, user, path, line), id_field(record, item, path, line),
+            rating_field(record, rating, path, line),
+            integer_field(record, time, path, line), line)
+  return log
+
+
 def check_duplicates_policy(duplicates: str) -> None:
   if duplicates not in DUPLICATES:
     raise ValueError(f"duplicates={duplicates!r} is not one of {DUPLICATES}")
