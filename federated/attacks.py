@@ -24,7 +24,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from sklearn import metrics as sk_metrics
 
 from data import sequences
 from data import timelines as tl
@@ -38,6 +37,7 @@ def auc(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
   negative_scores = np.asarray(negative_scores, np.float64)
   if not (np.isfinite(positive_scores).all() and np.isfinite(negative_scores).all()):
     raise ValueError("attack scores are not finite: the model is broken")
+  from sklearn import metrics as sk_metrics  # here: importing it costs ~1 s
   labels = np.r_[np.ones(len(positive_scores)), np.zeros(len(negative_scores))]
   return float(sk_metrics.roc_auc_score(
       labels, np.r_[positive_scores, negative_scores]))

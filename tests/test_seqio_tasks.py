@@ -1,12 +1,14 @@
-"""tfds builder over local sources and the seqio text-to-text tasks."""
+"""tfds builder over local sources and the seqio text-to-text tasks.
+
+seqio and tfds (tensorflow: about 4 s) are imported by the tests that use
+them, not when the module is collected: both xdist workers collect every
+test file, only one runs these."""
 
 import numpy as np
 import pytest
-import seqio
-import tensorflow_datasets as tfds
 
 from conftest import ML100K_DIR
-from data import prompts, seqio_tasks, sources, splits, tfds_builder
+from data import prompts, sources, splits
 from userllm import builders
 
 
@@ -21,6 +23,7 @@ def _text_config():
 def registered(tmp_path_factory):
   """The tiny text config's tasks, registered once: (config, split, builder over
   the full timelines, task names, workdir)."""
+  from data import seqio_tasks
   config = _text_config()
   workdir = str(tmp_path_factory.mktemp("seqio"))
   timelines = sources.load_timelines(config.data, quiet=True)
@@ -38,6 +41,7 @@ def test_seqio_examples_are_the_prompt_builders_rows(registered):
   """One definition of a task: every seqio example holds the PromptBuilder's
   prompt and answer ids for its (user, cut), the text decodes from them, and
   the test split is the leave-last-out test events."""
+  import seqio
   config, split, builder, names, _ = registered
   assert set(names) == set(prompts.TASKS) | {"multitask"}
   lengths = {"inputs": builder.prompt_len, "targets": builder.answer_len}
@@ -69,6 +73,8 @@ def test_mixture_batches_equal_the_in_memory_batches_of_their_rows(registered):
   """The seqio input path's batches: the in-memory path's keys, shapes and
   values for the same (user, cut, task) rows; every task is sampled; and
   batch s is the same whether reached in sequence or straight after a restart."""
+  import seqio
+  from data import seqio_tasks
   config, _, builder, names, _ = registered
   batches = seqio_tasks.MixtureBatches(names["multitask"], builder, 16, seed=1,
                                        with_events=True)
@@ -100,6 +106,7 @@ def test_mixture_batches_equal_the_in_memory_batches_of_their_rows(registered):
 
 
 def test_vocabulary_is_trained_locally_and_covers_the_prompts(registered):
+  import seqio
   config, _, builder, names, workdir = registered
   vocab = seqio.get_mixture_or_task(names["rating"]).output_features[
       "inputs"].vocabulary
@@ -113,6 +120,8 @@ def test_vocabulary_is_trained_locally_and_covers_the_prompts(registered):
 
 
 def test_tfds_builder_reads_real_movielens(tmp_path):
+  import tensorflow_datasets as tfds
+  from data import tfds_builder
   builder = tfds_builder.UserTimelines(config="movielens_100k", data_dir=str(tmp_path),
                                        source_dir=ML100K_DIR)
   builder.download_and_prepare()
