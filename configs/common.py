@@ -128,6 +128,10 @@ def federated(tiny: bool, **overrides) -> ml_collections.ConfigDict:
       # last events held out.
       participating_fraction=0.8,
       heldout_fraction=0.2,
+      # Clients evaluated per split (participating / non-participating),
+      # drawn once from the seed; 0 = every client. For large populations:
+      # the means and their standard errors are then over the sample.
+      eval_clients=0,
       max_examples_per_client=0,  # 0 = no cap on windows per client
       # Clients trained this many at a time per data shard (lax.map over
       # vmapped chunks, so a chunk's activations stay in cache on CPU); 0 = the

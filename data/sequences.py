@@ -37,16 +37,26 @@ def training_windows_by_user(timelines: tl.UserTimelines, max_len: int
     windows: [num_windows, max_len + 1] int32 (possibly zero windows).
     users: [num_windows] int32 dense user index of each window.
   """
-  windows, users = [], []
-  for user in range(timelines.num_users):
-    items = timelines.user_items(user)
-    for start in range(0, max(len(items) - 1, 0), max_len):
-      chunk = items[start:start + max_len + 1]
-      windows.append(np.pad(chunk, (0, max_len + 1 - len(chunk))))
-      users.append(user)
-  windows = (np.stack(windows) if windows else
-             np.zeros((0, max_len + 1))).astype(np.int32)
-  return windows, np.asarray(users, np.int32)
+  lengths = timelines.lengths
+  # Windows start every max_len items while a next item is left to predict.
+  per_user = np.where(lengths >= 2, -(-(lengths - 1) // max_len), 0)
+  users = np.repeat(np.arange(timelines.num_users), per_user)
+  within = np.arange(len(users)) - np.repeat(np.cumsum(per_user) - per_user, per_user)
+  starts = timelines.user_offsets[users] + within * max_len
+  windows = _gather(timelines.item_ids, starts, timelines.user_offsets[users + 1],
+                    max_len + 1)
+  return windows, users.astype(np.int32)
+
+
+def _gather(item_ids: np.ndarray, starts: np.ndarray, stops: np.ndarray,
+            width: int) -> np.ndarray:
+  """[len(starts), width] int32: item_ids[starts[i]:stops[i]] in row i,
+  truncated to `width` and right-padded with PAD_ITEM (no loop over rows)."""
+  index = starts[:, None] + np.arange(width)[None, :]
+  inside = index < stops[:, None]
+  safe = np.minimum(index, max(len(item_ids) - 1, 0))
+  taken = item_ids[safe] if len(item_ids) else np.zeros(index.shape, np.int32)
+  return np.where(inside, taken, 0).astype(np.int32)
 
 
 def history_inputs(timelines: tl.UserTimelines, held_out: splits.HeldOut,
@@ -57,14 +67,9 @@ def history_inputs(timelines: tl.UserTimelines, held_out: splits.HeldOut,
     inputs: [k, max_len] int32 right-padded item sequences.
     lengths: [k] int32 number of real items in each row (>= 1).
   """
-  inputs = np.zeros((len(held_out), max_len), np.int32)
   lengths = np.minimum(held_out.history_lengths, max_len).astype(np.int32)
-  for row, (user, hist_len) in enumerate(zip(held_out.users,
-                                             held_out.history_lengths)):
-    start = timelines.user_offsets[user]
-    history = timelines.item_ids[start + hist_len - lengths[row]:start + hist_len]
-    inputs[row, :lengths[row]] = history
-  return inputs, lengths
+  stops = timelines.user_offsets[held_out.users] + held_out.history_lengths
+  return _gather(timelines.item_ids, stops - lengths, stops, max_len), lengths
 
 
 def seen_items(timelines: tl.UserTimelines, held_out: splits.HeldOut

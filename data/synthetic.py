@@ -13,8 +13,11 @@ structure that a sequence model can learn and popularity cannot:
   previous one (same primary genre), a short-range sequential signal;
 - ratings rise with the item's affinity to the user's current taste.
 
-All users advance one event per step together (vectorised over users), so a data
-set of 10^5 events takes about a second. Deterministic in `seed`.
+Users advance one event per step together (vectorised over users), up to
+`USERS_PER_CHUNK` users at a time, so memory stays bounded at any population
+and time is linear in events: about a second per 10^5 events at 1,000 items
+(benchmarks/results/population.md has the 10^5-user figures). Deterministic
+in `seed`.
 """
 
 from __future__ import annotations
@@ -163,17 +166,43 @@ def _make_users(spec: SyntheticSpec, rng: np.random.Generator) -> tl.UserTable:
       ages=rng.integers(18, 70, n).astype(np.int32),
       genders=np.array(rng.choice(["F", "M"], n), object),
       occupations=np.array(rng.choice(_OCCUPATIONS, n), object),
-      zip_codes=np.array([f"{z:05d}" for z in rng.integers(0, 100000, n)], object))
+      zip_codes=np.char.zfill(rng.integers(0, 100000, n).astype(str), 5).astype(object))
+
+
+# Users stepped together at a time: memory is about 90 bytes x this x num_items
+# (e.g. 1.5 GB at 1,000 items), whatever the population; time is linear in
+# events. Populations up to this size come out exactly as they did before
+# populations were chunked (one chunk draws the same random numbers).
+USERS_PER_CHUNK = 16384
 
 
 def _simulate(spec, rng, genres, log_popularity, related):
-  """Steps all users together; returns flat event arrays and per-user lengths."""
-  u, n = spec.num_users, spec.num_items
+  """Every user's events, `USERS_PER_CHUNK` users at a time; returns flat event
+  arrays (user-major) and per-user lengths."""
+  u = spec.num_users
   lengths = np.minimum(
       spec.min_events + rng.geometric(1.0 / (1.0 + spec.mean_extra_events), u) - 1,
       spec.max_events)
   alpha = np.full(spec.num_genres, spec.taste_concentration)
   taste_start, taste_end = rng.dirichlet(alpha, u), rng.dirichlet(alpha, u)
+  chunks = [_simulate_chunk(spec, rng, genres, log_popularity, related,
+                            lengths[s:s + USERS_PER_CHUNK],
+                            taste_start[s:s + USERS_PER_CHUNK],
+                            taste_end[s:s + USERS_PER_CHUNK])
+            for s in range(0, u, USERS_PER_CHUNK)]
+  chosen, affinity, noise, timestamps = (np.concatenate(parts) for parts in zip(*chunks))
+  # Ratings rise with the chosen item's affinity, centred over all events.
+  centred = (affinity - affinity.mean()) / (affinity.std() + 1e-9)
+  ratings = np.clip(np.round(3.4 + 0.9 * centred + noise), 1, 5)
+  return (chosen.astype(np.int32) + 1, ratings.astype(np.float32), timestamps,
+          lengths.astype(np.int64))
+
+
+def _simulate_chunk(spec, rng, genres, log_popularity, related, lengths,
+                    taste_start, taste_end):
+  """Steps a chunk of users together. Returns flat [events of the chunk]
+  arrays: chosen item (0-based), its affinity, rating noise, timestamp."""
+  u, n = len(lengths), spec.num_items
   genre_share = genres / genres.sum(1, keepdims=True)  # [items, genres]
   base_logits = (spec.popularity_exponent * log_popularity).astype(np.float32)
 
@@ -202,11 +231,8 @@ def _simulate(spec, rng, genres, log_popularity, related):
 
   valid = np.arange(steps)[None, :] < lengths[:, None]
   noise = rng.normal(0.0, 0.6, (u, steps))
-  centred = (affinity_of_choice - affinity_of_choice[valid].mean()) / (
-      affinity_of_choice[valid].std() + 1e-9)
-  ratings = np.clip(np.round(3.4 + 0.9 * centred + noise), 1, 5)
   gaps = rng.exponential(86400.0, (u, steps)).astype(np.int64) + 1
   starts = _START_TIME + rng.integers(0, 365 * 86400, u)
   timestamps = starts[:, None] + np.cumsum(gaps, axis=1)
-  return (chosen[valid].astype(np.int32) + 1, ratings[valid].astype(np.float32),
-          timestamps[valid], lengths.astype(np.int64))
+  return (chosen[valid], affinity_of_choice[valid], noise[valid],
+          timestamps[valid])

@@ -59,14 +59,18 @@ def _positions(users: np.ndarray, starts: np.ndarray, stops: np.ndarray,
 
 def participation_split(timelines: tl.UserTimelines, client_of_user: np.ndarray,
                         participating_fraction: float, heldout_fraction: float,
-                        seed: int) -> ParticipationSplit:
+                        seed: int, eval_clients: int = 0) -> ParticipationSplit:
   """Splits clients and, within every user, events in time.
 
   Each user with n >= 3 events holds out its last k = max(1, round(heldout_fraction
   * n)) events (keeping at least 2 before them); the in-sample positions are the
   k training events just before those (at least one event of history each).
   Users with fewer than 3 events keep all events for training and are not
-  evaluated.
+  evaluated. With `eval_clients` > 0 only that many participating and that
+  many non-participating clients (drawn uniformly from the seed) are
+  evaluated: large populations, whose every held-out event would take longer
+  to score than training; every mean is then over a sample of clients, and
+  its standard error says so. Training is unchanged.
   """
   if not 0.0 < participating_fraction <= 1.0:
     raise ConfigError("config.federated.participating_fraction must be in (0, 1], "
@@ -89,6 +93,13 @@ def participation_split(timelines: tl.UserTimelines, client_of_user: np.ndarray,
   users = np.arange(timelines.num_users)
   part = users[evaluated & user_participates]
   nonpart = users[evaluated & ~user_participates]
+  if eval_clients < 0:
+    raise ConfigError(f"config.federated.eval_clients={eval_clients} must be >= 0 "
+                      "(0: every client)")
+  if eval_clients:
+    part, nonpart = (_users_of_sampled_clients(group, client_of_user, eval_clients,
+                                               np.random.default_rng([seed, 5, i]))
+                     for i, group in enumerate((part, nonpart)))
 
   position = np.arange(timelines.num_events) - np.repeat(
       timelines.user_offsets[:-1], lengths)
@@ -102,6 +113,18 @@ def participation_split(timelines: tl.UserTimelines, client_of_user: np.ndarray,
       out_of_sample=_positions(part, train_len[part], lengths[part], timelines),
       non_participating=_positions(nonpart, train_len[nonpart], lengths[nonpart],
                                    timelines))
+
+
+def _users_of_sampled_clients(users: np.ndarray, client_of_user: np.ndarray,
+                              max_clients: int, rng: np.random.Generator
+                              ) -> np.ndarray:
+  """The `users` whose clients are among at most `max_clients` of theirs,
+  drawn uniformly without replacement."""
+  clients = np.unique(client_of_user[users])
+  if len(clients) <= max_clients:
+    return users
+  kept = rng.choice(clients, max_clients, replace=False)
+  return users[np.isin(client_of_user[users], kept)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,22 +161,26 @@ def pack_clients(examples: np.ndarray, example_clients: np.ndarray,
       number left out is reported in `num_capped`.
   """
   client_ids = np.asarray(client_ids, np.int32)
-  row_of_client = {int(c): i for i, c in enumerate(client_ids)}
   chosen = np.isin(example_clients, client_ids)
   order = np.argsort(example_clients[chosen], kind="stable")
   grouped = examples[chosen][order]
   grouped_clients = example_clients[chosen][order]
-  counts = np.bincount([row_of_client[int(c)] for c in grouped_clients],
-                       minlength=len(client_ids)).astype(np.int32)
+  by_id = np.argsort(client_ids, kind="stable")
+  row_of_example = by_id[np.searchsorted(client_ids, grouped_clients, sorter=by_id)]
+  counts = np.bincount(row_of_example, minlength=len(client_ids)).astype(np.int32)
   width = int(counts.max()) if len(counts) else 0
   if max_examples:
     width = min(width, max_examples)
   width = max(width, 1)
+  # Each example's place in its client's block: the last `width` of a client's
+  # examples are kept, in their order (no loop over clients).
+  first_of_client = np.searchsorted(grouped_clients, grouped_clients, side="left")
+  count_of_example = counts[row_of_example]
+  slot = (np.arange(len(grouped)) - first_of_client
+          - (count_of_example - np.minimum(count_of_example, width)))
+  kept = slot >= 0
   packed = np.zeros((len(client_ids), width) + examples.shape[1:], examples.dtype)
-  starts = np.concatenate([[0], np.cumsum(counts)])
-  for row, (start, count) in enumerate(zip(starts[:-1], counts)):
-    kept = min(count, width)
-    packed[row, :kept] = grouped[start + count - kept:start + count]
+  packed[row_of_example[kept], slot[kept]] = grouped[kept]
   kept_counts = np.minimum(counts, width).astype(np.int32)
   return ClientDataset(packed, kept_counts, client_ids,
                        num_capped=int(counts.sum() - kept_counts.sum()))
@@ -216,7 +243,7 @@ def build_clients(fed, timelines: tl.UserTimelines, client_examples, seed: int
   """
   split = participation_split(
       timelines, partition.client_of_user(fed, timelines, seed),
-      fed.participating_fraction, fed.heldout_fraction, seed)
+      fed.participating_fraction, fed.heldout_fraction, seed, fed.eval_clients)
   examples, example_users = client_examples(split.train)
   server_examples = examples[:0]
   datacenter = fed.get("datacenter")

@@ -72,9 +72,11 @@ class Federation:
   server_spec: algorithms.ServerSpec
 
 
-def build(config: ml_collections.ConfigDict, mesh) -> Federation:
-  """Data, task, clients, privacy budget and the round's specs of `config`."""
-  timelines = sources.load_timelines(config.data)
+def build(config: ml_collections.ConfigDict, mesh, timelines=None) -> Federation:
+  """Data (`timelines` if given), task, clients, privacy budget and the
+  round's specs of `config`."""
+  if timelines is None:
+    timelines = sources.load_timelines(config.data)
   task = tasks.from_config(config, timelines)
   split, dataset, dp_budget, client_spec, server_spec = runs.clients_and_specs(
       config, timelines, task, mesh)
@@ -101,8 +103,9 @@ def check_server_data(fed, dataset: clients.ClientDataset, mesh) -> None:
                                "config.federated.datacenter.server_batch_size")
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
-  """Rounds of `f`'s algorithm under the shared loop; the final ServerState."""
+def round_program(config: ml_collections.ConfigDict, mesh, f: Federation):
+  """(initial state, its shardings, round_fn, cohort sampler) of `f`: what
+  `train` drives, and what the benchmarks time."""
   state, shardings = init_state(f.task, f.client_spec, f.server_spec, config.seed,
                                 len(f.dataset), mesh)
   round_fn = algorithms.make_round(f.task.example_loss, f.client_spec,
@@ -110,7 +113,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
                                    client_chunk=resolve_client_chunk(
                                        config.federated.client_chunk, mesh),
                                    client_shards=mesh.shape["data"])
-  sampler = cohorts(config, f)
+  return state, shardings, round_fn, cohorts(config, f)
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
+  """Rounds of `f`'s algorithm under the shared loop; the final ServerState."""
+  state, shardings, round_fn, sampler = round_program(config, mesh, f)
   periodic = evaluation.ParticipationGapEvaluator(  # participating clients' means
       f.task, f.timelines, f.split, config.train.eval_batch_size, mesh,
       splits=("out_of_sample",), full_summary=False)

@@ -21,8 +21,13 @@ def test_synthetic_is_deterministic_by_seed():
   assert not np.array_equal(a.item_ids[:100], c.item_ids[:100])
 
 
-def test_synthetic_structure():
+@pytest.mark.parametrize("users_per_chunk", [synthetic.USERS_PER_CHUNK, 16])
+def test_synthetic_structure(users_per_chunk, monkeypatch):
+  """The same structure whether users are simulated together or in chunks
+  (large populations: memory bounded by the chunk)."""
+  monkeypatch.setattr(synthetic, "USERS_PER_CHUNK", users_per_chunk)
   data = synthetic.generate(SMALL)
+  np.testing.assert_array_equal(data.item_ids, synthetic.generate(SMALL).item_ids)
   assert data.num_users == 50 and data.num_items == 100
   assert data.lengths.min() >= 5 and data.lengths.max() <= 40
   for user in range(data.num_users):  # each user meets an item at most once
@@ -84,6 +89,37 @@ def test_history_inputs_take_the_last_items():
   items = data.user_items(split.test.users[0])
   np.testing.assert_array_equal(inputs[0], items[-7:-1])
   assert lengths[0] == 6
+
+
+def _short_and_long_users():
+  """SMALL's timelines with users cut to 0, 1, 2 and many events."""
+  data = synthetic.generate(SMALL)
+  position = np.arange(data.num_events) - np.repeat(data.user_offsets[:-1], data.lengths)
+  keep_of_user = np.resize([0, 1, 2, 7, 8, 1000], data.num_users)
+  return data.select_events(position < np.repeat(keep_of_user, data.lengths))
+
+
+def test_windows_and_histories_equal_a_loop_over_users():
+  """The vectorised gathers against the obvious per-user loop."""
+  data, max_len = _short_and_long_users(), 7
+  windows, owners = sequences.training_windows_by_user(data, max_len)
+  expected, expected_owners = [], []
+  for user in range(data.num_users):
+    items = data.user_items(user)
+    for start in range(0, max(len(items) - 1, 0), max_len):
+      chunk = items[start:start + max_len + 1]
+      expected.append(np.pad(chunk, (0, max_len + 1 - len(chunk))))
+      expected_owners.append(user)
+  np.testing.assert_array_equal(windows, np.stack(expected))
+  np.testing.assert_array_equal(owners, expected_owners)
+  assert windows.dtype == owners.dtype == np.int32
+
+  held_out = splits.leave_last_out(data).test
+  inputs, lengths = sequences.history_inputs(data, held_out, max_len)
+  for row, (user, cut) in enumerate(zip(held_out.users, held_out.history_lengths)):
+    history = data.user_items(user)[:cut][-max_len:]
+    assert lengths[row] == len(history)
+    np.testing.assert_array_equal(inputs[row], np.pad(history, (0, max_len - len(history))))
 
 
 def test_epoch_batcher_is_a_function_of_the_step():

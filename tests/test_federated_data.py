@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from infra.errors import Preempted
+from infra.errors import ConfigError, Preempted
 from conftest import ML100K_DIR, REPO, run_workflow
 from data import movielens, sequences
 from data import timelines as tl
@@ -39,6 +39,29 @@ def test_participation_split_holds_out_last_events(tiny_timelines):
                                     items[n - k:])
 
 
+def test_evaluating_a_sample_of_clients_keeps_their_rows_and_the_training(
+    tiny_timelines):
+  """eval_clients: at most that many clients per side are scored, each with
+  all its rows (in and out of sample paired); training data unchanged."""
+  data = tiny_timelines
+  owners = np.arange(data.num_users) // 2  # 32 clients of 2 users
+  every = clients.participation_split(data, owners, 0.75, 0.25, seed=0)
+  sample = clients.participation_split(data, owners, 0.75, 0.25, seed=0,
+                                       eval_clients=5)
+  np.testing.assert_array_equal(sample.train.item_ids, every.train.item_ids)
+  np.testing.assert_array_equal(sample.participating, every.participating)
+  for name in ("in_sample", "out_of_sample", "non_participating"):
+    full, kept = getattr(every, name), getattr(sample, name)
+    chosen = np.unique(owners[kept.users])
+    assert len(chosen) == 5
+    rows = np.isin(owners[full.users], chosen)  # every row of a chosen client
+    np.testing.assert_array_equal(kept.targets, full.targets[rows])
+  np.testing.assert_array_equal(np.unique(sample.in_sample.users),
+                                np.unique(sample.out_of_sample.users))
+  with pytest.raises(ConfigError, match="config.federated.eval_clients=-1"):
+    clients.participation_split(data, owners, 0.75, 0.25, seed=0, eval_clients=-1)
+
+
 def test_pack_clients_pads_masks_and_caps():
   examples = np.arange(1, 8)[:, None] * np.ones((1, 2), np.int32)  # rows 1..7
   owners = np.array([2, 0, 2, 2, 0, 2, 2])
@@ -53,6 +76,9 @@ def test_pack_clients_pads_masks_and_caps():
   np.testing.assert_array_equal(capped.num_examples, [2, 3])
   np.testing.assert_array_equal(capped.examples[1, :, 0], [4, 6, 7])  # latest
   assert capped.num_capped == 2
+  reordered = clients.pack_clients(examples, owners, np.array([2, 0]))  # rows in the given order
+  np.testing.assert_array_equal(reordered.examples, packed.examples[[2, 0]])
+  np.testing.assert_array_equal(reordered.num_examples, [5, 2])
 
 
 def test_cohort_sampler_is_a_pure_function_of_the_round():
