@@ -15,9 +15,9 @@ structure that a sequence model can learn and popularity cannot:
 
 Users advance one event per step together (vectorised over users), up to
 `USERS_PER_CHUNK` users at a time, so memory stays bounded at any population
-and time is linear in events: about a second per 10^5 events at 1,000 items
-(benchmarks/results/population.md has the 10^5-user figures). Deterministic
-in `seed`.
+and time is linear in events: about 3 s per 10^5 events at 1,000 items on
+one CPU core (100,000 users, 6.0 million events: 182 s, benchmarks/results/
+population.md). Deterministic in `seed`.
 """
 
 from __future__ import annotations
