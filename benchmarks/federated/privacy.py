@@ -45,17 +45,21 @@ FLAGS = (
                  "settings."),
     harness.Flag("compressors", ["tnqsgd:2", "qsgd:2", "topk:0.01"],
                  "scheme:bits or topk:fraction, attacked as sent."),
+    harness.Flag("unprotected", True, "Also train the unprotected model (the "
+                 "plain mean) and attack what its clients send, compressed and "
+                 "split (--nounprotected: the DP curve alone, against clipping)."),
 )
 RECALL = "out_of_sample/model/next_item/recall@10_mean"
 RECALL_NONPART = "non_participating/model/next_item/recall@10_mean"
 
 
-def settings(base, epsilons) -> dict:
+def settings(base, epsilons, unprotected: bool = True) -> dict:
   """{name: config} of the protection settings."""
   out = {}
-  none = copy.deepcopy(base)
-  none.federated.aggregator = "mean"
-  out["none"] = none
+  if unprotected:
+    none = copy.deepcopy(base)
+    none.federated.aggregator = "mean"
+    out["none"] = none
   clip = copy.deepcopy(base)
   clip.federated.dp.update(noise_multiplier=0.0, target_epsilon=0.0)
   out["clip"] = clip
@@ -78,12 +82,16 @@ def client_update_auc(deltas, items, num_items: int) -> float:
   return float(np.mean(scores))
 
 
-def released_auc(f, state, deltas, weights, items, num_items: int) -> float:
+def released_auc(f, state, deltas, weights, items, num_items: int
+                 ) -> float | None:
   """The update attack on the round's released aggregate: the cohort's items
-  against the rest."""
+  against the rest; None when the cohort's items cover the whole catalogue
+  (large cohorts: no item is left to tell apart)."""
+  union = np.unique(np.concatenate(items))
+  if len(union[union > 0]) >= num_items:
+    return None
   aggregate, _, _ = f.server_spec.aggregator.apply(
       state.aggregator_state, deltas, weights, jax.random.PRNGKey(7))
-  union = np.unique(np.concatenate(items))
   return attacks.embedding_update_auc(embedding_leaf(aggregate), union, num_items)
 
 
@@ -135,9 +143,10 @@ def split_rows(f, config, params) -> list[dict]:
   return rows
 
 
-def run_setting(name: str, config, workdir: str, mesh) -> tuple[dict, tuple]:
+def run_setting(name: str, config, workdir: str, mesh, timelines
+                ) -> tuple[dict, tuple]:
   from federated import workflow
-  f = workflow.build(config, mesh)
+  f = workflow.build(config, mesh, timelines)
   state = workflow.train(config, os.path.join(workdir, name), mesh, f)
   metrics = workflow.evaluate(config, mesh, f, state)
   num_items = f.timelines.num_items
@@ -191,25 +200,31 @@ def compressed_rows(specs, deltas, items, num_items: int, unprotected: dict
 
 
 def measure(run: harness.Run) -> dict:
+  from data import sources
   base = run.config
-  rows, unprotected = [], None
-  for name, config in settings(base, run.args.epsilons).items():
-    row, context = run_setting(name, config, run.workdir, run.mesh())
+  timelines = sources.load_timelines(base.data)  # the settings share their data
+  rows, contexts = [], {}
+  for name, config in settings(base, run.args.epsilons, run.args.unprotected).items():
+    row, contexts[name] = run_setting(name, config, run.workdir, run.mesh(),
+                                      timelines)
     row["delta_norm"] = logged_delta_norm(run.workdir, name)
     rows.append(row)
-    if name == "none":
-      unprotected = context
-  f, state, deltas, items = unprotected
+  f, state, deltas, items = contexts[rows[0]["setting"]]
   meta = {"data": base.data.source, "rounds": base.train.num_steps,
+          "users": timelines.num_users,
+          "participating_clients": int(f.split.participating.sum()),
           "clients_per_round": base.federated.clients_per_round,
           "delta": base.federated.dp.delta,
           "clip_norm": base.federated.dp.clip_norm,
           "parameters": int(sum(np.prod(x.shape[1:])
                                 for x in jax.tree.leaves(deltas)))}
-  return {"meta": meta, "rows": rows,
-          "compressed": compressed_rows(run.args.compressors, deltas, items,
-                                        f.timelines.num_items, rows[0]),
-          "split": split_rows(f, base, jax.device_get(state.params))}
+  payload = {"meta": meta, "rows": rows}
+  if run.args.unprotected:
+    payload.update(
+        compressed=compressed_rows(run.args.compressors, deltas, items,
+                                   f.timelines.num_items, rows[0]),
+        split=split_rows(f, base, jax.device_get(state.params)))
+  return payload
 
 
 def present(payload: dict):
@@ -225,8 +240,11 @@ def present(payload: dict):
             f"{r['mia_auc']:.3f} ± {r['mia_auc_se']:.3f}", fmt(r["client_update_auc"]),
             fmt(r["released_update_auc"])] for r in rows]
   events = rows[0]["events"]
-  lines = [f"Privacy against utility, {meta['data']}, {meta['rounds']} rounds of "
-           f"{meta['clients_per_round']} clients.", ""] + results.markdown_table(
+  population = (f" ({meta['users']:,} users, {meta['participating_clients']:,} "
+                f"participating clients, delta {meta['delta']:.2g})"
+                if "users" in meta else "")
+  lines = [f"Privacy against utility, {meta['data']}{population}, {meta['rounds']} "
+           f"rounds of {meta['clients_per_round']} clients.", ""] + results.markdown_table(
                header, cells)
   lines += ["", f"Recall@10 is over {events:.0f} held-out events (binomial standard "
             f"error at most {(0.25 / events) ** 0.5:.3f}); the MIA AUC is over "
@@ -236,6 +254,8 @@ def present(payload: dict):
             f"parameters and m = {meta['clients_per_round']} clients a round; the "
             f"applied update norm is the mean over the logged rounds of the norm "
             f"of what the server applied (the clipped mean plus the noise).", ""]
+  if "compressed" not in payload:  # --nounprotected: the DP curve alone
+    return lines, plot(rows)
   lines += ["What a client sends, attacked on the unprotected model's updates:", ""]
   lines += results.markdown_table(
       ["compressor", "bits per client", "update attack AUC (client)"],
@@ -260,14 +280,17 @@ def plot(rows):
   right = max(finite) * 4 if finite else 1.0
   x = [right if v is None else v for v in x]
   fig, (utility_ax, attack_ax) = plots.panels(2)
-  none = rows[0]
   utility_ax.plot(x, [r["recall@10"] for r in dp], "o-", label="DP-FedAvg")
-  utility_ax.axhline(none["recall@10"], color="gray", ls="--", label="no protection")
+  if rows[0]["setting"] == "none":
+    utility_ax.axhline(rows[0]["recall@10"], color="gray", ls="--",
+                       label="no protection")
   utility_ax.set(xscale="log", xlabel="epsilon (rightmost: clipping only)",
                  ylabel="Recall@10", title="utility")
   attack_ax.plot(x, [r["mia_auc"] for r in dp], "o-", label="membership AUC")
-  attack_ax.plot(x, [r["released_update_auc"] for r in dp], "s-",
-                 label="update attack on the release")
+  released = [r["released_update_auc"] for r in dp]
+  if any(v is not None for v in released):
+    attack_ax.plot(x, [math.nan if v is None else v for v in released], "s-",
+                   label="update attack on the release")
   attack_ax.axhline(0.5, color="gray", ls=":")
   attack_ax.set(xscale="log", xlabel="epsilon", ylabel="attack AUC", title="attacks")
   for ax in (utility_ax, attack_ax):
