@@ -169,10 +169,11 @@ def _make_users(spec: SyntheticSpec, rng: np.random.Generator) -> tl.UserTable:
       zip_codes=np.char.zfill(rng.integers(0, 100000, n).astype(str), 5).astype(object))
 
 
-# Users stepped together at a time: memory is about 90 bytes x this x num_items
-# (e.g. 1.5 GB at 1,000 items), whatever the population; time is linear in
-# events. Populations up to this size come out exactly as they did before
-# populations were chunked (one chunk draws the same random numbers).
+# Users stepped together at a time: the step's [chunk, num_items] arrays bound
+# memory whatever the population (measured: 990 MiB peak for 100,000 users at
+# 1,000 items, benchmarks/results/population.md); time is linear in events.
+# Populations up to this size come out exactly as they did before populations
+# were chunked (one chunk draws the same random numbers).
 USERS_PER_CHUNK = 16384
 
 

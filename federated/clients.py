@@ -118,8 +118,8 @@ def participation_split(timelines: tl.UserTimelines, client_of_user: np.ndarray,
 def _users_of_sampled_clients(users: np.ndarray, client_of_user: np.ndarray,
                               max_clients: int, rng: np.random.Generator
                               ) -> np.ndarray:
-  """The `users` whose clients are among at most `max_clients` of theirs,
-  drawn uniformly without replacement."""
+  """The `users` of at most `max_clients` of their clients, the clients
+  drawn uniformly without replacement (all of them when there are fewer)."""
   clients = np.unique(client_of_user[users])
   if len(clients) <= max_clients:
     return users
