@@ -110,6 +110,12 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       # "probability" its softmax probability of the right option (docs/rlpf.md)
       reward="correct",
       length_target_prompts=16 if tiny else 256,  # prompts that measure L
+      # > 0: RL trains LoRA adapters of this rank on every projection of the
+      # policy (and of the value trunk), the warmed-up policy frozen beneath
+      # them and read as the reference: one copy of the LM's weights, what
+      # lets 7B+ policies fit a TPU slice (benchmarks/results/tpu_compile.md).
+      # 0: the whole policy trains (the paper's)
+      lora_rank=0, lora_alpha=16.0,
       # > 0: RL's samples and batch order drawn anew (config.seed also seeds
       # the warm-ups), to repeat RL on the same warm-ups
       seed=0))

@@ -2,10 +2,10 @@
 held once, the adapters the round's parameters.
 
 An LLM with adapters (userllm/models/adapters.py) has one parameter tree
-whose `<target>_adapter` subtrees are the adapters; `split_adapters` takes
-them out (the round's `params`: what clients train, send and the server
-aggregates) and leaves the base (`frozen`), and `merge` puts them back for
-the forward pass. The round's state, `FrozenBaseState`, is the ServerState
+whose `<target>_adapter` subtrees are the adapters; `adapters.split_adapters`
+takes them out (the round's `params`: what clients train, send and the server
+aggregates) and leaves the base (`frozen`), and `adapters.merge_adapters` puts
+them back for the forward pass. The round's state, `FrozenBaseState`, is the ServerState
 with the base beside it: the training loop (infra/train_loop.fit) jits
 `round_step(round)`, which hands `state.frozen` to the round as its frozen
 argument (federated/algorithms.py), so the base is an argument of the one
@@ -33,38 +33,6 @@ from infra import train_loop
 from userllm.models import adapters as adapters_lib
 
 PyTree = Any
-
-
-def _is_adapter(name: str) -> bool:
-  return name.endswith(adapters_lib.SUFFIX)
-
-
-def split_adapters(params: dict) -> tuple[dict, dict]:
-  """(adapters, base): the `<target>_adapter` subtrees of a (boxed or plain)
-  parameter tree, each under its own path, and everything else. A tree
-  without adapters gives ({}, params)."""
-  adapter_part, base_part = {}, {}
-  for name, value in params.items():
-    if _is_adapter(name):
-      adapter_part[name] = value
-    elif isinstance(value, dict):
-      inner_adapters, inner_base = split_adapters(value)
-      if inner_adapters:
-        adapter_part[name] = inner_adapters
-      if inner_base:
-        base_part[name] = inner_base
-    else:
-      base_part[name] = value
-  return adapter_part, base_part
-
-
-def merge(adapters: dict, base: dict) -> dict:
-  """The whole tree: `adapters` put back into `base` (inverse of
-  `split_adapters`; nothing is copied, only the dicts are new)."""
-  out = dict(base)
-  for name, value in adapters.items():
-    out[name] = merge(value, base.get(name, {})) if not _is_adapter(name) else value
-  return out
 
 
 @flax.struct.dataclass
@@ -98,7 +66,7 @@ def init_state(boxed_params_fn, client: algorithms.ClientSpec,
   rows = -(-num_client_rows // data) * data
 
   def boxed_state():
-    adapter_part, base_part = split_adapters(boxed_params_fn(init_rng))
+    adapter_part, base_part = adapters_lib.split_adapters(boxed_params_fn(init_rng))
     state = algorithms.init_server_state(nn.meta.unbox(adapter_part), client,
                                          server, train_rng, rows)
     box = lambda x: nn.LogicallyPartitioned(  # noqa: E731

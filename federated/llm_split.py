@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from federated import frozen_base
-from userllm.models import llm
+from userllm.models import adapters as adapters_lib, llm
 
 PyTree = Any
 CLIENT_ALWAYS = ("embedder", "final_norm")
@@ -97,7 +97,7 @@ def split_value_and_grad(model: llm.DecoderLM,
 
   loss_of_logits: (logits [b, t, vocab], tokens [b, t]) -> [] (the client's
   loss; it runs on the client). adapters, base: the LLM's two trees
-  (frozen_base.split_adapters). tokens: [b, t] left-padded ids.
+  (adapters_lib.split_adapters). tokens: [b, t] left-padded ids.
 
   Returns (loss [], grads (the adapters' tree), crossing {name: [b, t,
   embed]} for `CROSSING`: the activations the client sends up at cut k and
@@ -107,8 +107,8 @@ def split_value_and_grad(model: llm.DecoderLM,
   mask = tokens != 0
   client_adapters, server_adapters = split_tree(adapters, num_layers, k)
   client_base, server_base = split_tree(base, num_layers, k)
-  on_client = lambda a: frozen_base.merge(a, client_base)  # noqa: E731
-  on_server = lambda a: frozen_base.merge(a, server_base)  # noqa: E731
+  on_client = lambda a: adapters_lib.merge_adapters(a, client_base)  # noqa: E731
+  on_server = lambda a: adapters_lib.merge_adapters(a, server_base)  # noqa: E731
 
   up, front_vjp = jax.vjp(
       lambda a: _front(model, on_client(a), tokens, k, task_ids), client_adapters)
@@ -124,7 +124,7 @@ def split_value_and_grad(model: llm.DecoderLM,
   client_grads = jax.tree.map(jnp.add, front_grads, last_grads)
   # d loss / d down is what the client sends up; d loss / d up comes back down
   crossing = dict(zip(CROSSING, (up, down, grad_down, grad_up)))
-  return loss, frozen_base.merge(client_grads, server_grads), crossing
+  return loss, adapters_lib.merge_adapters(client_grads, server_grads), crossing
 
 
 def client_cost(adapters: dict, base: dict, num_layers: int, k: int,
@@ -171,10 +171,10 @@ def client_memory(model: llm.DecoderLM, loss_of_logits, adapters: dict,
   cut = jax.ShapeDtypeStruct(tokens.shape + (embed,), jnp.dtype(model.config.dtype))
 
   def front(a, b, tokens):
-    return _front(model, frozen_base.merge(a, b), tokens, k, None)
+    return _front(model, adapters_lib.merge_adapters(a, b), tokens, k, None)
 
   def back(a, b, tokens, down, grad_up):
-    whole = lambda a: frozen_base.merge(a, b)  # noqa: E731
+    whole = lambda a: adapters_lib.merge_adapters(a, b)  # noqa: E731
     loss, (last_grads, grad_down) = jax.value_and_grad(
         lambda a, x: loss_of_logits(_last(model, whole(a), x, tokens != 0, k,
                                           None), tokens),
@@ -185,7 +185,7 @@ def client_memory(model: llm.DecoderLM, loss_of_logits, adapters: dict,
 
   def unsplit(a, b, tokens):
     return jax.value_and_grad(lambda a: loss_of_logits(model.apply(
-        {"params": frozen_base.merge(a, b)}, tokens, tokens != 0)[0], tokens))(a)
+        {"params": adapters_lib.merge_adapters(a, b)}, tokens, tokens != 0)[0], tokens))(a)
 
   def peak(stats):
     return stats["argument"] + stats["output"] + stats["temp"] - stats["alias"]

@@ -48,11 +48,10 @@ import numpy as np
 from data import sequences, splits
 from data import timelines as tl
 from data.vocab import Tokenizer
-from federated import frozen_base
 from federated.tasks import NextItemTask
 from infra import mesh as mesh_lib, ranking
 from infra.errors import ConfigError
-from userllm.models import llm
+from userllm.models import adapters as adapters_lib, llm
 
 HEAD, TAIL, QUESTION = "Watched:", ".", "Next title:"
 
@@ -164,7 +163,7 @@ def next_title_losses(model: llm.DecoderLM, history_lm_weight: float,
   -> [b]` (rows `client_examples`): the answer's cross-entropy + history_lm_weight x the mean
   cross-entropy of the history's titles (the answer excluded)."""
   del rng  # no dropout
-  logits, _ = model.apply({"params": frozen_base.merge(adapters, frozen)},
+  logits, _ = model.apply({"params": adapters_lib.merge_adapters(adapters, frozen)},
                           examples, examples != 0)
   return row_losses(history_lm_weight, is_title, logits, examples)
 
@@ -298,7 +297,7 @@ class NextTitleLLMTask(NextItemTask):
 
   def whole_params(self, adapters):
     """The LLM's tree: `adapters` over the held base."""
-    return frozen_base.merge(adapters, self.frozen)
+    return adapters_lib.merge_adapters(adapters, self.frozen)
 
   def row_scorer(self, timelines: tl.UserTimelines, held_out: splits.HeldOut,
                  batch_size: int, mesh) -> NextTitleScorer:

@@ -22,6 +22,13 @@ Baselines (`RLConfig.baseline`):
 - "rloo": the mean reward of the other `group_size` samples of the prompt;
 - "grpo": the group's mean, and the advantage divided by the group's std;
 - "none": plain REINFORCE.
+The policy trains whole (the paper's) or as LoRA adapters on the frozen
+initial policy (`rl_params`' two layouts): the reference is then that base
+with the adapters off and the value trunk the base with adapters of its own,
+so one copy of the LM's weights serves all three, and frozen weights may be
+held in bfloat16 (the released checkpoints' precision): what lets a 7B policy
+and its predictor fit a TPU slice (benchmarks/results/tpu_compile.md).
+
 Traps avoided (TRL's): log-probs are those of the sampling distribution,
 softmax(logits / temperature) (scoring samples drawn at T = 0.5 with T = 1
 log-probs is off-policy); the KL is the exact KL(policy || reference) summed over
@@ -43,7 +50,7 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 
-from userllm.models import decoding, llm
+from userllm.models import adapters, decoding, llm
 
 BASELINES = ("value", "rloo", "grpo", "none")
 TRUNCATED = ("keep", "zero")
@@ -51,7 +58,7 @@ TRUNCATED = ("keep", "zero")
 # "probability" its softmax probability of the right option (same mean
 # ordering, far less noise between two summaries of one prompt)
 REWARDS = ("correct", "probability")
-FROZEN = ("reference", "predictor")  # state.params parts RL never changes
+FROZEN = ("reference", "predictor", "base")  # state.params parts RL never changes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -220,6 +227,62 @@ def kl_regularised_share(share: float, worth: float, kl_coef: float) -> float:
   return odds / (1.0 + odds)
 
 
+def rl_params(policy: dict, predictor: dict, value_head: dict | None = None,
+              policy_adapters: dict | None = None,
+              value_adapters: dict | None = None, frozen_dtype=None) -> dict:
+  """The RL state's parameters from the warm-ups' (plain or boxed trees).
+
+  Whole policy (no `policy_adapters`): {"policy": policy, "reference": policy,
+  "predictor": predictor, "value": {"trunk": policy, "head": value_head}}.
+  LoRA (`policy_adapters`, `value_adapters`: `adapters.split_adapters` of an
+  adapted policy's and value model's init): {"base": policy, "policy":
+  policy_adapters, "predictor": predictor, "value": {"trunk": value_adapters,
+  "head": value_head}}; `rl_views` joins them back. "value" only with a
+  value head. The frozen parts (FROZEN) are cast to `frozen_dtype` if given.
+  """
+  cast = ((lambda tree: jax.tree.map(lambda x: x.astype(frozen_dtype), tree))
+          if frozen_dtype is not None else (lambda tree: tree))
+  lora = policy_adapters is not None
+  params = {"predictor": cast(predictor)}
+  if lora:
+    params.update(base=cast(policy), policy=policy_adapters)
+  else:
+    params.update(policy=policy, reference=cast(policy))
+  if value_head is not None:
+    params["value"] = {"trunk": value_adapters if lora else policy,
+                       "head": value_head}
+  return params
+
+
+def rl_views(trainable: dict, frozen: dict) -> tuple[dict, dict, dict | None]:
+  """(policy, reference, value) parameters as the models read them, from the
+  RL state's trainable and FROZEN parts (either layout of `rl_params`): with
+  LoRA, the base with the policy's adapters, with zero adapters (B = 0: the
+  initial policy exactly) and with the value's adapters."""
+  value = trainable.get("value")
+  if "base" not in frozen:
+    return trainable["policy"], frozen["reference"], value
+  base, mine = frozen["base"], trainable["policy"]
+  policy = adapters.merge_adapters(mine, base)
+  reference = adapters.merge_adapters(jax.tree.map(jnp.zeros_like, mine), base)
+  if value is not None:
+    value = {"trunk": adapters.merge_adapters(value["trunk"], base),
+             "head": value["head"]}
+  return policy, reference, value
+
+
+def trained_policy(params: dict, rl_policy_config: llm.LLMConfig) -> dict:
+  """The policy of the RL state `params` as plain DecoderLM parameters (the
+  warm-up's tree, without adapters): with LoRA, the adapters folded into the
+  base in the base's dtype (`adapters.merge_lora`; `rl_policy_config` is the
+  adapted policy's config)."""
+  if "base" not in params:
+    return params["policy"]
+  merged, _ = adapters.merge_lora(
+      adapters.merge_adapters(params["policy"], params["base"]), rl_policy_config)
+  return merged
+
+
 def rl_optimizer(tx: optax.GradientTransformation, params: dict
                  ) -> optax.GradientTransformation:
   """`tx` on the policy (and value model), nothing for the frozen parts."""
@@ -235,8 +298,8 @@ def rl_loss(policy: llm.DecoderLM, value_model: ValueModel | None, cfg: RLConfig
   the KL are those of the policy the summaries were sampled from,
   softmax(logits / cfg.temperature), for policy and reference alike.
 
-  trainable: {"policy", and "value" with the value baseline}; frozen:
-  {"reference", ...}; roll (make_rl_step's rollout): "prompt", "prompt_mask"
+  trainable, frozen: the RL state's parts (`rl_params`, read through
+  `rl_views`); roll (make_rl_step's rollout): "prompt", "prompt_mask"
   [n, p]; "summary", "written" [n, s]; "reward" [n].
   """
   p, s = roll["prompt"].shape[1], roll["summary"].shape[1]
@@ -250,8 +313,9 @@ def rl_loss(policy: llm.DecoderLM, value_model: ValueModel | None, cfg: RLConfig
                              return_hidden=True)
     return policy.apply({"params": params}, hidden[:, p - 1:p + s - 1],
                         method=policy.logits_of)
-  logits = summary_logits(trainable["policy"])
-  ref_logits = summary_logits(frozen["reference"])
+  policy_params, reference_params, value_params = rl_views(trainable, frozen)
+  logits = summary_logits(policy_params)
+  ref_logits = jax.lax.stop_gradient(summary_logits(reference_params))
   # the sampled policy is softmax(logits / temperature): its log-probs and its
   # KL, so that the gradient is on-policy at any temperature
   log_probs = jax.nn.log_softmax(logits / cfg.temperature, -1)
@@ -262,7 +326,7 @@ def rl_loss(policy: llm.DecoderLM, value_model: ValueModel | None, cfg: RLConfig
   token_kl = jnp.sum(jnp.exp(log_probs) * (log_probs - ref_log_probs), -1)
   sequence_kl = jnp.sum(token_kl * target, 1)
   if value_model is not None:
-    value = value_model.apply({"params": trainable["value"]}, roll["prompt"],
+    value = value_model.apply({"params": value_params}, roll["prompt"],
                               roll["prompt_mask"])
     value_loss = jnp.mean(jnp.square(value - roll["reward"]))
   else:
@@ -331,8 +395,10 @@ def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
   """step(state, batch) -> (state, metrics) for `train_loop.fit`: a rollout
   (`make_rollout`, whose arguments these are), then `rl_loss`'s update.
 
-  state.params: {"policy", "reference" (the initial policy), "predictor",
-  and "value" with the value baseline}; batch as make_rollout's.
+  state.params: `rl_params`' (whole policy or LoRA; with the value baseline
+  `value_model` must be built on the same config as `policy`); batch as
+  make_rollout's. Only the trainable parts get gradients; the frozen ones
+  leave the step as they came in.
   """
   cfg.validate()
   rollout = make_rollout(policy, predictor, cfg, head_ids, question_ids, eos_id,
@@ -344,14 +410,19 @@ def make_rl_step(policy: llm.DecoderLM, value_model: ValueModel | None,
     rng = jax.random.fold_in(state.rng, state.step)
     frozen = {k: v for k, v in state.params.items() if k in FROZEN}
     trainable = {k: v for k, v in state.params.items() if k not in FROZEN}
-    roll = rollout(state.params, batch, rng)
+    policy_params = rl_views(trainable, frozen)[0]
+    roll = rollout({"policy": policy_params, "predictor": frozen["predictor"]},
+                   batch, rng)
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         trainable, frozen, roll)
-    grads = {**grads, **jax.tree.map(jnp.zeros_like, frozen)}
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    # the frozen parts' zero updates (rl_optimizer) are never applied: they
+    # go out as they came in, no full-size zero tree is kept alive
+    updates, opt_state = tx.update({**grads, **jax.tree.map(jnp.zeros_like, frozen)},
+                                   state.opt_state, state.params)
+    params = {**optax.apply_updates(state.params, updates), **frozen}
     metrics.update(
-        loss=loss, grad_norm=optax.tree.norm(grads), reward=roll["reward"].mean(),
+        loss=loss, grad_norm=grad_norm, reward=roll["reward"].mean(),
         accuracy=roll["correct"].mean(), prediction=roll["prediction"].mean(),
         summary_tokens=roll["length"].mean(),
         truncated=1.0 - roll["finished"].mean())

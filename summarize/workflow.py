@@ -33,6 +33,7 @@ import functools
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from data import sources
@@ -46,7 +47,7 @@ from summarize.corpus import Corpus
 from summarize.summarizer import Summarizer
 from userllm import language_model, use
 from userllm import export as export_lib
-from userllm.models import llm
+from userllm.models import adapters, llm
 
 # Each stage's schedule (config section) and the config values it depends on
 # (stored with its checkpoints); RL depends on everything.
@@ -71,6 +72,9 @@ def check(config) -> None:
   if config.rl.distractors not in ex.DISTRACTORS:
     raise ConfigError(f"config.rl.distractors={config.rl.distractors!r} is not one "
                       f"of {ex.DISTRACTORS}")
+  if config.rl.lora_rank < 0:
+    raise ConfigError(f"config.rl.lora_rank={config.rl.lora_rank} must be >= 0 "
+                      "(0: the whole policy trains)")
   if config.rl.num_options < 2:
     raise ConfigError(f"config.rl.num_options={config.rl.num_options} must be >= 2")
   unknown = set(config.predictor.contexts) - set(ex.CONTEXTS)
@@ -208,29 +212,29 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
   train = config.rl_train
   use.require_finished(f"{workdir}/rlpf", train, "rlpf", "config.rl_train")
   cfg = rl_config(config, target)
-  value_model = rlpf.ValueModel(policy.config) if cfg.baseline == "value" else None
   sample = corpus.pad_prompts([corpus.policy_prompt(int(cuts.users[0]),
                                                     int(cuts.cuts[0]))],
                               corpus.prompt_len)
 
-  def axes(model):  # its parameters' logical axes, from an abstract init
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), *sample)[
-        "params"])
-  params = {"policy": policy_params, "reference": policy_params,
-            "predictor": predictor_params}
-  boxed = {"policy": axes(policy), "reference": axes(policy),
-           "predictor": axes(predictor)}
-  if value_model is not None:
-    head = value_model.init(jax.random.PRNGKey(0), *sample)["params"]["head"]
-    params["value"] = {"trunk": policy_params, "head": head}
-    boxed["value"] = {"trunk": axes(policy), "head": axes(value_model)["head"]}
+  def init(model, key):  # fresh parameters
+    return model.init(jax.random.PRNGKey(key), *sample)["params"]
+
+  def axes(model, key=0):  # its parameters' logical axes, from an abstract init
+    return jax.eval_shape(lambda: init(model, key))
+  rl_policy, value_model = rl_models(config, policy, cfg)
+  params = rl_state_params(rl_policy, value_model, policy_params, predictor_params,
+                           init, frozen_dtype(config))
+  boxed = rl_state_params(rl_policy, value_model, axes(policy), axes(predictor),
+                          axes)
   tx = rlpf.rl_optimizer(optim.make_optimizer(train), params)
   # config.rl.seed repeats RL alone on the same warm-ups (0: the run's own)
   rl_seed = config.seed + 3 + 7919 * config.rl.seed
+  trained = jax.jit(functools.partial(rlpf.trained_policy,
+                                      rl_policy_config=rl_policy.config))
   # every model sharded by its logical axes (not replicated on every chip)
   state, shardings = train_loop.place_state(params, boxed, tx,
                                             jax.random.PRNGKey(rl_seed), mesh)
-  step = rlpf.make_rl_step(policy, value_model, predictor, tx, cfg,
+  step = rlpf.make_rl_step(rl_policy, value_model, predictor, tx, cfg,
                            **rl_prompt_ids(config, corpus))
   r = config.rl
   batches = epoch_batches(functools.partial(
@@ -239,8 +243,45 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
   state = stages.fit(STAGES["rlpf"], "rlpf", config, state=state,
                      shardings=shardings, train_step=step, batches=batches,
                      mesh=mesh, workdir=workdir,
-                     eval_fn=lambda s: valid_fn(s.params["policy"]))
-  return jax.device_get(state.params["policy"])
+                     eval_fn=lambda s: valid_fn(trained(s.params)))
+  return jax.device_get(trained(state.params))
+
+
+def rl_models(config, policy: llm.DecoderLM, cfg: rlpf.RLConfig
+              ) -> tuple[llm.DecoderLM, rlpf.ValueModel | None]:
+  """(the policy RL trains, the value model or None): `policy` itself, or
+  with config.rl.lora_rank > 0 the same LM with LoRA adapters of that rank on
+  every projection (adapters.TARGETS), the warm-up's weights frozen beneath;
+  the value model on the same LM."""
+  r = config.rl
+  if r.lora_rank:
+    lora = adapters.AdapterConfig(kind="lora", rank=r.lora_rank,
+                                  alpha=r.lora_alpha, targets=adapters.TARGETS)
+    policy = llm.DecoderLM(dataclasses.replace(policy.config, adapter=lora))
+  value_model = rlpf.ValueModel(policy.config) if cfg.baseline == "value" else None
+  return policy, value_model
+
+
+def frozen_dtype(config):
+  """The dtype RL holds frozen weights in: bfloat16 with bfloat16 activations
+  (the released checkpoints' own precision; half the memory), else as trained."""
+  return jnp.bfloat16 if config.llm.dtype == "bfloat16" else None
+
+
+def rl_state_params(rl_policy: llm.DecoderLM, value_model, policy_params,
+                    predictor_params, init, dtype=None) -> dict:
+  """rlpf.rl_params for these models: `init(model, key)` gives a model's
+  fresh parameters (concrete, or abstract / boxed for the logical axes), of
+  which the value head and, with LoRA, the fresh adapters are taken."""
+  lora = rl_policy.config.adapter.enabled
+  value = init(value_model, 0) if value_model is not None else None
+  return rlpf.rl_params(
+      policy_params, predictor_params,
+      value_head=value["head"] if value is not None else None,
+      policy_adapters=adapters.split_adapters(init(rl_policy, 2))[0] if lora else None,
+      value_adapters=(adapters.split_adapters(value["trunk"])[0]
+                      if lora and value is not None else None),
+      frozen_dtype=dtype)
 
 
 def setup(config, workdir: str, quiet: bool = False

@@ -17,6 +17,7 @@ import pytest
 from conftest import REPO, ConfigReads, run_workflow
 from federated import algorithms, clients, frozen_base, llm_workflow, runs
 from infra import mesh as mesh_lib
+from userllm.models import adapters as adapters_lib
 from infra.errors import ConfigError, Preempted
 from test_federated_algorithms import assert_trees_close
 
@@ -47,7 +48,7 @@ def random_base(f, seed=1):
   """A base LLM (no warm-up: the round's algebra does not need one)."""
   whole = jax.tree.map(lambda x: x, f.task.init_params(jax.random.PRNGKey(seed)))
   from flax import linen as nn
-  return frozen_base.split_adapters(nn.meta.unbox(whole))[1]
+  return adapters_lib.split_adapters(nn.meta.unbox(whole))[1]
 
 
 def cohorts(config, f, rounds):
@@ -60,8 +61,8 @@ def test_split_and_merge_are_inverse_and_adapters_are_the_only_params(vocab_dir)
   config = tiny_config(kind="mode")
   f = build(config, vocab_dir, one_device(config))
   whole = f.task.init_params(jax.random.PRNGKey(0))
-  adapters, base = frozen_base.split_adapters(whole)
-  assert jax.tree.structure(frozen_base.merge(adapters, base)) == jax.tree.structure(
+  adapters, base = adapters_lib.split_adapters(whole)
+  assert jax.tree.structure(adapters_lib.merge_adapters(adapters, base)) == jax.tree.structure(
       whole)
   names = [jax.tree_util.keystr(p) for p, _ in
            jax.tree_util.tree_leaves_with_path(adapters)]
@@ -201,7 +202,7 @@ def test_memory_per_client_is_adapters_and_activations_not_the_base(vocab_dir):
   f = build(config, vocab_dir, mesh)
   base = random_base(f)
   base_bytes = frozen_base.tree_bytes(base)
-  adapter_bytes = frozen_base.tree_bytes(frozen_base.split_adapters(
+  adapter_bytes = frozen_base.tree_bytes(adapters_lib.split_adapters(
       f.task.init_params(jax.random.PRNGKey(0)))[0])
 
   def growth(copy_base):

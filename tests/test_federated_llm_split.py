@@ -38,7 +38,7 @@ def lm():
   tokens[0, :3] = 0  # left padding
   whole = nn.meta.unbox(model.init(jax.random.PRNGKey(0), jnp.asarray(tokens),
                                    jnp.asarray(tokens) != 0)["params"])
-  adapter_part, base = frozen_base.split_adapters(whole)
+  adapter_part, base = adapters.split_adapters(whole)
   # LoRA's up-projections start at zero, which would hide a wrong gradient.
   keys = iter(jax.random.split(jax.random.PRNGKey(1), 1000))
   adapter_part = jax.tree.map(
@@ -52,7 +52,7 @@ def mean_row_loss(logits, tokens):
 
 def unsplit_value_and_grad(model, adapter_part, base, tokens):
   def loss(a):
-    logits, _ = model.apply({"params": frozen_base.merge(a, base)}, tokens,
+    logits, _ = model.apply({"params": adapters.merge_adapters(a, base)}, tokens,
                             tokens != 0)
     return mean_row_loss(logits, tokens)
   return jax.value_and_grad(loss)(adapter_part)
@@ -84,7 +84,7 @@ def test_split_forward_backward_equals_the_unsplit_step(lm):
 
 def test_at_cut_zero_the_embeddings_go_up_and_the_server_runs_every_layer(lm):
   model, adapter_part, base, tokens = lm
-  client, server = llm_split.split_tree(frozen_base.merge(adapter_part, base),
+  client, server = llm_split.split_tree(adapters.merge_adapters(adapter_part, base),
                                         LAYERS, 0)
   up = llm_split._front(model, client, tokens, 0, None)
   embedded = model.apply({"params": base}, tokens, method=llm.DecoderLM.embed)

@@ -323,6 +323,100 @@ def test_rl_step_learns_to_write_short_summaries():
                  == params["embedder"]["input_embedding"])  # frozen parts stay
 
 
+def _rl_state(params_of, tx):
+  from infra.train_state import TrainState
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params_of,
+                    opt_state=tx.init(params_of), rng=jax.random.PRNGKey(1))
+
+
+def test_a_lora_policy_learns_over_one_frozen_copy_that_is_its_reference():
+  """RL with LoRA adapters (config.rl.lora_rank): the state holds the LM's
+  weights once (base, read as policy, reference and value trunk) beside the
+  predictor; only adapters and the value head move; the KL starts at 0; the
+  trained policy folds into plain LM weights that compute the same logits."""
+  from summarize import workflow
+  model, params = _tiny_lm()
+  params = jax.tree.map(lambda x: x * 5.0, params)  # a peaked initial policy
+  cfg = rlpf.RLConfig(summary_len=6, group_size=1, baseline="value",
+                      length_weight=1.0, length_cap=1.0, length_beta=0.2,
+                      length_target=6.0, kl_coef=0.0)
+  config = rlpf_config.get_config("tiny")
+  config.rl.update(lora_rank=4, lora_alpha=8.0)
+  lora_policy, value_model = workflow.rl_models(config, model, cfg)
+  assert lora_policy.config.adapter.targets == ("q", "k", "v", "out", "gate",
+                                                "up", "down")
+  tokens = jnp.ones((1, 4), jnp.int32)
+  init = lambda m, key: nn.meta.unbox(m.init(  # noqa: E731
+      jax.random.PRNGKey(key), tokens, tokens > 0)["params"])
+  state_params = workflow.rl_state_params(lora_policy, value_model, params, params,
+                                          init)
+  assert set(state_params) == {"base", "policy", "predictor", "value"}
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+  # the LM's weights twice (base, predictor) and adapters: the full layout
+  # holds them 4x (policy, reference, predictor, value trunk)
+  assert count(state_params) == 2 * count(params) + count(
+      state_params["policy"]) + count(state_params["value"])
+  tx = rlpf.rl_optimizer(optax.adam(3e-2), state_params)
+  state = _rl_state(state_params, tx)
+  step = jax.jit(rlpf.make_rl_step(lora_policy, value_model, model, tx, cfg, [3], [4],
+                                   eos_id=1))
+  prompt = jnp.tile(jnp.arange(5, 13)[None], (8, 1))
+  batch = {"prompt": prompt, "prompt_mask": prompt > 0,
+           "options": jnp.tile(jnp.array([[[20, 1], [21, 1]]]), (8, 1, 1)),
+           "option_mask": jnp.ones((8, 2, 2), bool), "answer": jnp.zeros(8, jnp.int32)}
+  lengths, kls = [], []
+  for _ in range(25):
+    state, metrics = step(state, batch)
+    lengths.append(float(metrics["summary_tokens"]))
+    kls.append(float(metrics["kl"]))
+  assert kls[0] == pytest.approx(0.0, abs=1e-6)  # zero adapters: the reference
+  assert np.mean(lengths[-5:]) < np.mean(lengths[:5]) - 1.0, lengths
+  assert kls[-1] > 0.1
+  for part in ("base", "predictor"):  # the frozen parts go out as they came in
+    assert all(jax.tree.leaves(jax.tree.map(
+        lambda a, b: bool(jnp.all(a == b)), state.params[part], params)))
+  moved = lambda a, b: float(jnp.max(jnp.abs(a - b)))  # noqa: E731
+  assert max(jax.tree.leaves(jax.tree.map(
+      moved, state.params["policy"], state_params["policy"]))) > 1e-3
+  assert max(jax.tree.leaves(jax.tree.map(
+      moved, state.params["value"]["trunk"], state_params["value"]["trunk"]))) > 0
+  merged = rlpf.trained_policy(state.params, lora_policy.config)
+  assert jax.tree.structure(merged) == jax.tree.structure(params)
+  adapted = rlpf.rl_views({"policy": state.params["policy"]},
+                          {"base": state.params["base"]})[0]
+  np.testing.assert_allclose(
+      model.apply({"params": merged}, prompt, prompt > 0)[0],
+      lora_policy.apply({"params": adapted}, prompt, prompt > 0)[0],
+      rtol=1e-4, atol=1e-4)
+
+
+def test_frozen_weights_are_held_in_bfloat16_with_bfloat16_activations():
+  """workflow.frozen_dtype: with llm.dtype bfloat16 the reference, predictor
+  (and a LoRA base) are stored in bfloat16 and stay so through a step; what
+  trains stays float32."""
+  from summarize import workflow
+  config = rlpf_config.get_config("tiny")
+  assert workflow.frozen_dtype(config) is None  # float32 runs: unchanged
+  config.llm.dtype = "bfloat16"
+  model, params = _tiny_lm()
+  model = llm.DecoderLM(dataclasses.replace(model.config, dtype="bfloat16"))
+  cfg = rlpf.RLConfig(summary_len=4, group_size=2, baseline="rloo")
+  state_params = workflow.rl_state_params(model, None, params, params, None,
+                                          workflow.frozen_dtype(config))
+  tx = rlpf.rl_optimizer(optax.adam(1e-3), state_params)
+  step = jax.jit(rlpf.make_rl_step(model, None, model, tx, cfg, [3], [4], eos_id=1))
+  prompt = jnp.tile(jnp.arange(5, 13)[None], (4, 1))
+  batch = {"prompt": prompt, "prompt_mask": prompt > 0,
+           "options": jnp.tile(jnp.array([[[20, 1], [21, 1]]]), (4, 1, 1)),
+           "option_mask": jnp.ones((4, 2, 2), bool), "answer": jnp.zeros(4, jnp.int32)}
+  state, metrics = step(_rl_state(state_params, tx), batch)
+  assert np.isfinite(float(metrics["loss"]))
+  dtypes = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}  # noqa: E731
+  assert dtypes(state.params["reference"]) == {jnp.dtype(jnp.bfloat16)}
+  assert dtypes(state.params["predictor"]) == {jnp.dtype(jnp.bfloat16)}
+  assert dtypes(state.params["policy"]) == {jnp.dtype(jnp.float32)}
+
+
 def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
                                                           timelines):
   """The tiny run, its policy started from a Gemma checkpoint in the released
@@ -394,6 +488,14 @@ def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
     rows = [json.loads(line) for line in open(run / "rlpf" / "metrics.jsonl")]
     return [r for r in rows if r["split"] == "rlpf" and r["step"] == 4][-1]
   assert last_rl_step(straight) == last_rl_step(workdir)
+  # RL as LoRA adapters over the same warm-ups: the same stages and table
+  lora = tmp_path / "lora"
+  for stage in ("policy", "predictor"):
+    shutil.copytree(workdir / stage, lora / stage)
+  config.rl.lora_rank = 2
+  lora_results = run_workflow(config, lora)
+  assert 0.0 <= lora_results["test/rlpf/next_title/accuracy"] <= 1.0
+  assert np.isfinite(last_rl_step(lora)["loss"])
 
 
 def test_rlpf_config_errors_name_the_field(tmp_path):

@@ -47,7 +47,7 @@ import numpy as np
 from flax import linen as nn
 
 from benchmarks import harness, plots
-from federated import attacks, frozen_base, llm_split, llm_task, llm_workflow
+from federated import attacks, llm_split, llm_task, llm_workflow
 from userllm.models import adapters, gemma_variants, llm
 
 FLAGS = (
@@ -97,7 +97,7 @@ def gemma_rows(run, steps: int) -> dict:
   whole = jax.eval_shape(lambda t: nn.meta.unbox(model.init(
       jax.random.PRNGKey(0), t, t != 0)["params"]), tokens)
   # the base at rest in bfloat16 (as released), adapters in float32
-  adapter_part, base = frozen_base.split_adapters(whole)
+  adapter_part, base = adapters.split_adapters(whole)
   base = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.bfloat16), base)
   cuts = [int(k) for k in run.args.gemma_cuts]
   return {"variant": name, "tokens": run.args.gemma_tokens,
@@ -176,7 +176,7 @@ def measure(run: harness.Run) -> dict:
   f = llm_workflow.build(config, run.workdir, mesh)
   base = jax.device_get(llm_workflow.warm_up(config, run.workdir, mesh, f))
   whole = nn.meta.unbox(f.task.init_params(jax.random.PRNGKey(config.seed)))
-  adapter_part, _ = frozen_base.split_adapters(whole)
+  adapter_part, _ = adapters.split_adapters(whole)
   layers = f.task.model.config.num_layers
   cuts = list(range(layers // 2 + 1))
   batch = config.federated.client_batch_size

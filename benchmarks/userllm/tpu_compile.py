@@ -73,6 +73,9 @@ FLAGS = (
                  "'Next title:' / 'Favourite genre:' in Gemma's vocabulary: ~5)."),
     harness.Flag("title_tokens", 32, "Tokens of the longest answer (a MovieLens "
                  "title with its year + eos: ~10 on average in Gemma's vocabulary)."),
+    harness.Flag("rl_lora_rank", 16, "RLPF's layouts after the whole policy's: "
+                 "RL as LoRA adapters of this rank over one bfloat16 copy of "
+                 "the LM (config.rl.lora_rank); 0: none."),
     harness.Flag("min_batch", 8, "The smallest batch tried before a layout is "
                  "given up."),
     harness.Flag("cache", "runs/tpu_compile/rows.jsonl", "Rows compiled before "
@@ -127,6 +130,7 @@ class Layout:
   # exactly what the workflow builds: RLPF's RL state replicated, User-LLM's
   # item head at the catalogue's 1,683 rows (else padded to ITEM_ROWS)
   as_built: bool = False
+  lora_rank: int = 0  # RLPF: RL trains LoRA adapters of this rank (config.rl.lora_rank)
 
 
 _SHAPES: dict = {}
@@ -213,27 +217,27 @@ def user_llm_step(config, vocab: int, mesh, layout: Layout, batch: int, args
 
 
 def rlpf_models(config, vocab: int):
-  """(policy/predictor DecoderLM, ValueModel, RLConfig) of the RLPF config."""
-  cfg = language_model.llm_config(config, vocab)
+  """(the RL policy, its value model or None, RLConfig) of the RLPF config
+  (summarize/workflow.py rl_models: with config.rl.lora_rank, LoRA)."""
   rl_cfg = rlpf_workflow.rl_config(config, length_target=10.0)
-  value = rlpf.ValueModel(cfg) if rl_cfg.baseline == "value" else None
-  return llm.DecoderLM(cfg), value, rl_cfg
+  policy = llm.DecoderLM(language_model.llm_config(config, vocab))
+  return (*rlpf_workflow.rl_models(config, policy, rl_cfg), rl_cfg)
 
 
-def rl_params(config, vocab: int, replicated: bool):
-  """rng -> the RL state's parameters (summarize/workflow.py: reinforce):
-  policy, reference, predictor and value {trunk, head}, each boxed with the
-  model's logical axes, or bare (replicated, as the workflow builds them)."""
+def rl_params(config, vocab: int):
+  """rng -> the RL state's parameters, boxed with the models' logical axes,
+  as summarize/workflow.py reinforce builds them (rl_state_params: the
+  warm-ups' LM as policy and predictor, frozen parts in bfloat16)."""
   policy, value, _ = rlpf_models(config, vocab)
+  lm = llm.DecoderLM(language_model.llm_config(config, vocab))
   prompt = jnp.zeros((1, 2), jnp.int32)
 
   def init(rng):
-    lm = policy.init(rng, prompt, prompt > 0)["params"]
-    params = {"policy": lm, "reference": lm, "predictor": lm}
-    if value is not None:
-      head = value.init(rng, prompt, prompt > 0)["params"]["head"]
-      params["value"] = {"trunk": lm, "head": head}
-    return nn.meta.unbox(params) if replicated else params
+    fresh = lambda model, key: model.init(  # noqa: E731
+        jax.random.fold_in(rng, key), prompt, prompt > 0)["params"]
+    warm = fresh(lm, 1)
+    return rlpf_workflow.rl_state_params(policy, value, warm, warm, fresh,
+                                         rlpf_workflow.frozen_dtype(config))
   return init
 
 
@@ -246,10 +250,17 @@ def rl_batch(mesh, config, batch: int, args) -> dict:
       "answer": ((batch,), jnp.int32)})
 
 
+def rl_config_of(config, layout: Layout):
+  """The RLPF config with the layout's LoRA rank (0: the whole policy)."""
+  config = config.copy_and_resolve_references()
+  config.rl.lora_rank = layout.lora_rank
+  return config
+
+
 def rl_state(config, vocab: int, mesh, layout: Layout):
   """(abstract RL state, shardings, tx)."""
-  init = rl_params(config, vocab, layout.as_built)
-  key = ("rlpf", config.llm.variant, layout.as_built)
+  init = rl_params(config, vocab)
+  key = ("rlpf", config.llm.variant, layout.lora_rank)
   labels = once(key + ("params",),
                 lambda: jax.eval_shape(lambda: init(jax.random.PRNGKey(0))))
   tx = rlpf.rl_optimizer(optim.make_optimizer(config.rl_train), labels)
@@ -268,24 +279,36 @@ def prompt_ids(config) -> dict:
 def rlpf_rl_step(config, vocab: int, mesh, layout: Layout, batch: int, args
                  ) -> Step:
   """configs/rlpf_gemma_tpu.py's RL step."""
+  config = rl_config_of(config, layout)
   policy, value, rl_cfg = rlpf_models(config, vocab)
   state, shardings, tx = rl_state(config, vocab, mesh, layout)
-  step = rlpf.make_rl_step(policy, value, policy, tx, rl_cfg, **prompt_ids(config))
+  predictor = llm.DecoderLM(language_model.llm_config(config, vocab))
+  step = rlpf.make_rl_step(policy, value, predictor, tx, rl_cfg,
+                           **prompt_ids(config))
   return train_step_of(state, shardings, rl_batch(mesh, config, batch, args), mesh,
                        step)
 
 
 def rlpf_rollout_step(config, vocab: int, mesh, layout: Layout, batch: int,
                       args) -> Step:
-  """The RL step's sampling and scoring alone (rlpf.make_rollout)."""
+  """The RL step's sampling and scoring alone (rlpf.make_rollout), from the
+  RL state's policy parts (rlpf.rl_views) and predictor."""
+  config = rl_config_of(config, layout)
   policy, _, rl_cfg = rlpf_models(config, vocab)
   state, shardings, _ = rl_state(config, vocab, mesh, layout)
-  rollout = rlpf.make_rollout(policy, policy, rl_cfg, **prompt_ids(config))
-  used = ("policy", "predictor")
-  params = {k: state.params[k] for k in used}
+  predictor = llm.DecoderLM(language_model.llm_config(config, vocab))
+  rollout = rlpf.make_rollout(policy, predictor, rl_cfg, **prompt_ids(config))
+  used = [k for k in ("policy", "base", "predictor") if k in state.params]
+
+  def sample(params, batch, rng):
+    frozen = {k: v for k, v in params.items() if k in rlpf.FROZEN}
+    policy_params = rlpf.rl_views({"policy": params["policy"]}, frozen)[0]
+    return rollout({"policy": policy_params, "predictor": params["predictor"]},
+                   batch, rng)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32,
                              sharding=NamedSharding(mesh, P()))
-  return Step(rollout, (params, rl_batch(mesh, config, batch, args), rng),
+  return Step(sample, ({k: state.params[k] for k in used},
+                       rl_batch(mesh, config, batch, args), rng),
               ({k: shardings.params[k] for k in used},
                mesh_lib.batch_sharding(mesh), NamedSharding(mesh, P())), None)
 
@@ -301,15 +324,22 @@ def config_batch(step: str, config) -> int:
 # -- the search
 
 
-def layouts(step: str, config, variant: str, chips: int) -> list[Layout]:
+def layouts(step: str, config, variant: str, chips: int, lora_rank: int
+            ) -> list[Layout]:
   """The layouts to try, in order (module docstring)."""
   model = config.mesh.model
   heads = gemma_variants.get(variant).num_heads
-  found = [Layout("as_built", chips // model, model, as_built=True),
-           Layout("config", chips // model, model)]
+  found = [Layout("config", chips // model, model)]
+  if step == "user_llm":  # RLPF's state is built as `config` places it
+    found.insert(0, Layout("as_built", chips // model, model, as_built=True))
   if chips != model and heads % chips == 0:
     found.append(Layout("model_all", 1, chips))
   found.append(Layout("fsdp", chips // model, model, FSDP_RULES))
+  if step != "user_llm" and lora_rank:
+    found += [Layout(f"config+lora{lora_rank}", chips // model, model,
+                     lora_rank=lora_rank),
+              Layout(f"fsdp+lora{lora_rank}", chips // model, model, FSDP_RULES,
+                     lora_rank=lora_rank)]
   return found
 
 
@@ -382,7 +412,7 @@ def search(step: str, variant: str, slice_name: str, args, cached: dict
   config = load_config(step, variant)
   vocab = gemma_variants.get(variant).vocab_size
   tried = []
-  for layout in layouts(step, config, variant, len(devices)):
+  for layout in layouts(step, config, variant, len(devices), args.rl_lora_rank):
     sizes = ([config_batch(step, config)] if layout.as_built else
              batches(config_batch(step, config), layout.data, args.min_batch))
     for batch in sizes:
@@ -405,10 +435,15 @@ def search(step: str, variant: str, slice_name: str, args, cached: dict
   return tried
 
 
+# RLPF's RL state as the workflow builds it: v2 holds frozen weights in bfloat16
+RL_STATE = "v2"
+
+
 def row_key(step, variant, slice_name, layout, batch, args) -> str:
   """What a row depends on (the cache's key)."""
+  state = f"/{RL_STATE}" if step.startswith("rlpf") else ""
   return (f"{step}/{variant}/{slice_name}/{layout}/b{batch}/p{args.prompt_tokens}"
-          f"/t{args.title_tokens}")
+          f"/t{args.title_tokens}{state}")
 
 
 def recall(path: str) -> dict:
@@ -446,7 +481,8 @@ def measure(run: harness.Run) -> dict:
           continue
         found = search(step, variant, slice_name, args, cached)
         rows += found
-        if not found or not (found[-1]["fits"] or found[-1]["layout"] == "fsdp"):
+        if not found or not (found[-1]["fits"] or found[-1]["layout"] == last_layout(
+            step, variant, slice_name, args)):
           pending.append(f"{step} {variant} {slice_name}")
   return {"meta": {"jax": jax.__version__, "libtpu": libtpu_version(),
                    "prompt_tokens": args.prompt_tokens,
@@ -455,6 +491,13 @@ def measure(run: harness.Run) -> dict:
                    "chips": {k: dataclasses.asdict(v) for k, v in aot.CHIPS.items()},
                    "slices": {k: dataclasses.asdict(v) for k, v in aot.SLICES.items()}},
           "rows": rows, "skipped_slices": skipped, "not_compiled": pending}
+
+
+def last_layout(step: str, variant: str, slice_name: str, args) -> str:
+  """The name of the last layout the search tries (it ends there)."""
+  config = load_config(step, variant)
+  chips = len(aot.topology_devices(slice_name))
+  return layouts(step, config, variant, chips, args.rl_lora_rank)[-1].name
 
 
 def libtpu_version() -> str:

@@ -210,6 +210,39 @@ def formula_count(cfg: AdapterConfig, llm_config) -> int:
                                      for t in cfg.targets)
 
 
+def _is_adapter(name: str) -> bool:
+  return name.endswith(SUFFIX)
+
+
+def split_adapters(params: dict) -> tuple[dict, dict]:
+  """(adapters, base): the `<target>_adapter` subtrees of a (boxed or plain)
+  parameter tree, each under its own path, and everything else. A tree
+  without adapters gives ({}, params)."""
+  adapter_part, base_part = {}, {}
+  for name, value in params.items():
+    if _is_adapter(name):
+      adapter_part[name] = value
+    elif isinstance(value, dict):
+      inner_adapters, inner_base = split_adapters(value)
+      if inner_adapters:
+        adapter_part[name] = inner_adapters
+      if inner_base:
+        base_part[name] = inner_base
+    else:
+      base_part[name] = value
+  return adapter_part, base_part
+
+
+def merge_adapters(adapter_part: dict, base: dict) -> dict:
+  """The whole tree: `adapter_part` put back into `base` (inverse of
+  `split_adapters`; nothing is copied, only the dicts are new)."""
+  out = dict(base)
+  for name, value in adapter_part.items():
+    out[name] = (value if _is_adapter(name)
+                 else merge_adapters(value, base.get(name, {})))
+  return out
+
+
 def tree_count(params) -> int:
   """Parameters under every `<target>_adapter` subtree of a parameter tree."""
   leaves = jax.tree_util.tree_leaves_with_path(params)
