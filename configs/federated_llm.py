@@ -41,7 +41,8 @@ def get_config(arg: str = ""):
       rope_max_wavelength=10_000, family="gemma1",
       variant="",  # a released Gemma's shapes (gemma_variants), trained here
       tokenizer="",  # title pieces need a vocabulary trained here
-      dtype="float32"))
+      dtype="float32",
+      remat=False))  # recompute layers in the backward pass (llm.LLMConfig.remat)
   # the clients' adapters (userllm/models/adapters.py): lora | molora | mode
   # | molora_sd on the named projections
   config.adapter = ml_collections.ConfigDict(dict(

@@ -49,6 +49,7 @@ def build(tiny: bool, source: str = "synthetic", directory: str = ""
       embed_dim=32 if tiny else 128, num_layers=2, num_heads=2 if tiny else 4,
       num_kv_heads=1, head_dim=16 if tiny else 32, mlp_dim=64 if tiny else 512,
       rope_max_wavelength=10_000, family="gemma1", dtype="float32",
+      remat=False,  # recompute layers in the backward pass (llm.LLMConfig.remat)
       # a released Gemma (configs/user_llm.py says how; gemma_variants.VARIANTS)
       variant="",
       # Gemma Flax checkpoint dirs to start the warm-ups from (+ its tokenizer)

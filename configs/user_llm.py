@@ -49,6 +49,7 @@ def build(tiny: bool, multitask: bool) -> ml_collections.ConfigDict:
       variant="",
       cross_attention_every=1,  # used by method=cross_attention only
       dtype="float32",
+      remat=False,  # recompute layers in the backward pass (llm.LLMConfig.remat)
       checkpoint="",  # an official Gemma 1/2/3 Flax checkpoint dir: skip LM pretraining
       drop_vision=False,  # Gemma 3 4B+: load the text model without its vision tower
       tokenizer=""))  # its tokenizer.model (or any SentencePiece model)

@@ -87,3 +87,51 @@ def test_the_compilers_out_of_memory_line_is_kept():
 def test_an_unknown_slice_is_named():
   with pytest.raises(ValueError, match="v9-8"):
     aot.topology_devices("v9-8")
+
+
+def rl_step_compiled(mesh, lora_rank: int, dtype: str) -> aot.CompileReport:
+  """RLPF's RL step (summarize/workflow.py's models and state, as
+  benchmarks/userllm/tpu_compile.py builds them for a slice) compiled on
+  `mesh` from abstract shapes, for the whole policy or LoRA adapters."""
+  import dataclasses
+  from configs import rlpf as rlpf_config
+  from summarize import workflow
+  config = rlpf_config.get_config("tiny")
+  config.rl.lora_rank, config.llm.dtype = lora_rank, dtype
+  lm = llm.DecoderLM(dataclasses.replace(TINY, dtype=dtype))
+  rl = rlpf.RLConfig(summary_len=4, group_size=1, baseline="value")
+  policy, value = workflow.rl_models(config, lm, rl)
+  prompt = jnp.zeros((1, 2), jnp.int32)
+
+  def init(rng):
+    fresh = lambda model, key: model.init(  # noqa: E731
+        jax.random.fold_in(rng, key), prompt, prompt > 0)["params"]
+    warm = fresh(lm, 1)
+    return workflow.rl_state_params(policy, value, warm, warm, fresh,
+                                    workflow.frozen_dtype(config))
+  labels = jax.eval_shape(lambda: init(jax.random.PRNGKey(0)))
+  tx = rlpf.rl_optimizer(optax.adam(1e-3), labels)
+  state, shardings = aot.abstract_train_state(init, tx, mesh)
+  b, p, k, t = 8, 12, 2, 3
+  tokens = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)  # noqa: E731
+  batch = aot.with_shardings(
+      {"prompt": tokens(b, p), "prompt_mask": jax.ShapeDtypeStruct((b, p), bool),
+       "options": tokens(b, k, t), "option_mask": jax.ShapeDtypeStruct((b, k, t), bool),
+       "answer": tokens(b)}, mesh_lib.batch_sharding(mesh))
+  step = rlpf.make_rl_step(policy, value, lm, tx, rl, [3], [4], eos_id=1)
+  return aot.compile_step(train_loop.guard_step(step, False), (state, batch),
+                          (shardings, mesh_lib.batch_sharding(mesh)),
+                          (shardings, None), (0,))
+
+
+def test_rl_as_lora_over_a_bfloat16_base_holds_less_per_device():
+  """The layouts benchmarks/userllm/tpu_compile.py tries for RLPF compile on
+  a 2 x 4 mesh, and each step holds less a device than the one before:
+  whole policy in float32 > whole policy with its frozen reference and
+  predictor in bfloat16 > LoRA over one bfloat16 base."""
+  mesh = aot.slice_mesh(jax.devices()[:8], data=2, model=4)
+  reports = [rl_step_compiled(mesh, 0, "float32"), rl_step_compiled(mesh, 0, "bfloat16"),
+             rl_step_compiled(mesh, 4, "bfloat16")]
+  arguments = [r.argument_bytes for r in reports]
+  assert arguments[0] > arguments[1] > arguments[2] > 0, arguments
+  assert all(r.peak_bytes >= r.argument_bytes - r.alias_bytes for r in reports)

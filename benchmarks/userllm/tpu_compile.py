@@ -131,6 +131,7 @@ class Layout:
   # item head at the catalogue's 1,683 rows (else padded to ITEM_ROWS)
   as_built: bool = False
   lora_rank: int = 0  # RLPF: RL trains LoRA adapters of this rank (config.rl.lora_rank)
+  remat: bool = False  # config.llm.remat: layers recomputed in the backward pass
 
 
 _SHAPES: dict = {}
@@ -184,6 +185,7 @@ def train_step_of(state, state_shardings, batch, mesh, train_step) -> Step:
 def user_llm_step(config, vocab: int, mesh, layout: Layout, batch: int, args
                   ) -> Step:
   """Stage 3 of configs/user_llm_gemma_tpu.py (userllm/workflow.py: run)."""
+  config = with_layout(config, layout)
   u = config.userllm
   catalogue = MOVIELENS_100K if layout.as_built else PADDED_CATALOGUE
   model = builders.build_model(config, catalogue, vocab, u.method)
@@ -201,7 +203,7 @@ def user_llm_step(config, vocab: int, mesh, layout: Layout, batch: int, args
       rng, {k: jnp.zeros((1, h) + v[0][2:], v[1]) for k, v in events.items()
             if k != "next_item"}, jnp.zeros((1, 2), jnp.int32),
       jnp.ones((1, 2), jnp.int32))["params"]
-  key = ("user_llm", config.llm.variant, layout.as_built)
+  key = ("user_llm", config.llm.variant, layout.as_built, layout.remat)
   mask = ul.trainable_mask(once(key + ("params",), lambda: jax.eval_shape(
       lambda: nn.meta.unbox(init(jax.random.PRNGKey(0))))), u.strategy)
   tx = ul.masked_optimizer(optim.make_optimizer(config.train), mask,
@@ -250,17 +252,20 @@ def rl_batch(mesh, config, batch: int, args) -> dict:
       "answer": ((batch,), jnp.int32)})
 
 
-def rl_config_of(config, layout: Layout):
-  """The RLPF config with the layout's LoRA rank (0: the whole policy)."""
+def with_layout(config, layout: Layout):
+  """The config with the layout's switches: llm.remat, and RLPF's LoRA rank
+  (0: the whole policy)."""
   config = config.copy_and_resolve_references()
-  config.rl.lora_rank = layout.lora_rank
+  config.llm.remat = layout.remat
+  if "rl" in config:
+    config.rl.lora_rank = layout.lora_rank
   return config
 
 
 def rl_state(config, vocab: int, mesh, layout: Layout):
   """(abstract RL state, shardings, tx)."""
   init = rl_params(config, vocab)
-  key = ("rlpf", config.llm.variant, layout.lora_rank)
+  key = ("rlpf", config.llm.variant, layout.lora_rank, layout.remat)
   labels = once(key + ("params",),
                 lambda: jax.eval_shape(lambda: init(jax.random.PRNGKey(0))))
   tx = rlpf.rl_optimizer(optim.make_optimizer(config.rl_train), labels)
@@ -279,7 +284,7 @@ def prompt_ids(config) -> dict:
 def rlpf_rl_step(config, vocab: int, mesh, layout: Layout, batch: int, args
                  ) -> Step:
   """configs/rlpf_gemma_tpu.py's RL step."""
-  config = rl_config_of(config, layout)
+  config = with_layout(config, layout)
   policy, value, rl_cfg = rlpf_models(config, vocab)
   state, shardings, tx = rl_state(config, vocab, mesh, layout)
   predictor = llm.DecoderLM(language_model.llm_config(config, vocab))
@@ -293,7 +298,7 @@ def rlpf_rollout_step(config, vocab: int, mesh, layout: Layout, batch: int,
                       args) -> Step:
   """The RL step's sampling and scoring alone (rlpf.make_rollout), from the
   RL state's policy parts (rlpf.rl_views) and predictor."""
-  config = rl_config_of(config, layout)
+  config = with_layout(config, layout)
   policy, _, rl_cfg = rlpf_models(config, vocab)
   state, shardings, _ = rl_state(config, vocab, mesh, layout)
   predictor = llm.DecoderLM(language_model.llm_config(config, vocab))
@@ -329,26 +334,34 @@ def layouts(step: str, config, variant: str, chips: int, lora_rank: int
   """The layouts to try, in order (module docstring)."""
   model = config.mesh.model
   heads = gemma_variants.get(variant).num_heads
-  found = [Layout("config", chips // model, model)]
+  data = chips // model
+  found = [Layout("config", data, model)]
   if step == "user_llm":  # RLPF's state is built as `config` places it
-    found.insert(0, Layout("as_built", chips // model, model, as_built=True))
+    found.insert(0, Layout("as_built", data, model, as_built=True))
   if chips != model and heads % chips == 0:
     found.append(Layout("model_all", 1, chips))
-  found.append(Layout("fsdp", chips // model, model, FSDP_RULES))
+  found += [Layout("fsdp", data, model, FSDP_RULES),
+            Layout("fsdp+remat", data, model, FSDP_RULES, remat=True)]
   if step != "user_llm" and lora_rank:
-    found += [Layout(f"config+lora{lora_rank}", chips // model, model,
-                     lora_rank=lora_rank),
-              Layout(f"fsdp+lora{lora_rank}", chips // model, model, FSDP_RULES,
-                     lora_rank=lora_rank)]
+    found.append(Layout(f"fsdp+lora{lora_rank}+remat", data, model, FSDP_RULES,
+                        lora_rank=lora_rank, remat=True))
   return found
 
 
-def batches(first: int, data: int, smallest: int) -> list[int]:
+def batches(first: int, data: int, smallest: int, halving: bool) -> list[int]:
   """The config's batch, then the smallest batch tried (a multiple of the
   data axis): a compile takes minutes on a 2-core host, so the search does
-  not halve its way down."""
+  not halve its way down, except (`halving`) on the last layout, where the
+  largest batch that fits is what the table reports."""
   least = max(data, smallest)
-  return [first] if first <= least else [first, least]
+  if first <= least:
+    return [first]
+  if not halving:
+    return [first, least]
+  found = [first]
+  while found[-1] // 2 >= least and (found[-1] // 2) % data == 0:
+    found.append(found[-1] // 2)
+  return found
 
 
 def try_one(step: str, config, vocab: int, devices, layout: Layout, batch: int,
@@ -412,9 +425,11 @@ def search(step: str, variant: str, slice_name: str, args, cached: dict
   config = load_config(step, variant)
   vocab = gemma_variants.get(variant).vocab_size
   tried = []
-  for layout in layouts(step, config, variant, len(devices), args.rl_lora_rank):
+  tried_layouts = layouts(step, config, variant, len(devices), args.rl_lora_rank)
+  for layout in tried_layouts:
     sizes = ([config_batch(step, config)] if layout.as_built else
-             batches(config_batch(step, config), layout.data, args.min_batch))
+             batches(config_batch(step, config), layout.data, args.min_batch,
+                     halving=layout is tried_layouts[-1]))
     for batch in sizes:
       key = row_key(step, variant, slice_name, layout.name, batch, args)
       row = cached.get(key)
