@@ -178,11 +178,12 @@ class ServerSpec:
     central_steps, central_learning_rate: the server's SGD steps on f_c
       (parallel, two_way).
     personalise: optional (client_states, server_params, deltas, losses,
-      weights, round) -> client_states over the cohort (leaves [clients,
+      weights, round) -> (client_states over the cohort (leaves [clients,
       ...]; `server_params` the round's starting ones; `deltas` local
       minus server parameters, `losses` the clients' mean local losses,
       `weights` 0 for clients that did not finish): the cohort's new
-      per-client states, computed from every client's update together.
+      per-client states, computed from every client's update together;
+      {name: scalar} added to the round's metrics).
   """
   optimizer: optax.GradientTransformation
   weighting: str = "examples"
@@ -482,9 +483,10 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
     any_update = jnp.asarray(True)
   new_state = server_update(state, pseudo_grad, any_update, server.optimizer)
   if server.personalise is not None:
-    new_client_states = server.personalise(new_client_states, state.params,
-                                           deltas, client_metrics["loss"],
-                                           weights, state.step)
+    new_client_states, metrics_of_balance = server.personalise(
+        new_client_states, state.params, deltas, client_metrics["loss"],
+        weights, state.step)
+    metrics.update(metrics_of_balance)
   # only clients that finished the round keep their new state
   keep = completed > 0
   rows = cohort["client_rows"]

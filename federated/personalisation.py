@@ -111,6 +111,22 @@ def personalised_deltas(deltas: PyTree, losses: jax.Array, weights: jax.Array,
   return jax.tree.map(mix, deltas), {"w": w, "attention": a}
 
 
+def balance_metrics(parts: dict, present: jax.Array) -> dict:
+  """Where the round's balance went, over the clients that finished it:
+  `balance_w_mean` and `balance_w_min` (the share of a model taken from the
+  others), `balance_own_kept` (the share of clients whose own update is at
+  least half their model: w_i <= 0.5) and `balance_attention_max` (the mean
+  over clients of its largest attention weight; 1 / (n - 1) when the
+  attention is uniform over the other n - 1)."""
+  n = jnp.maximum(present.sum(), 1)
+  w = parts["w"]
+  return {"balance_w_mean": jnp.sum(jnp.where(present, w, 0.0)) / n,
+          "balance_w_min": jnp.min(jnp.where(present, w, 1.0)),
+          "balance_own_kept": jnp.sum(present & (w <= 0.5)) / n,
+          "balance_attention_max": jnp.sum(jnp.where(
+              present, parts["attention"].max(1), 0.0)) / n}
+
+
 @dataclasses.dataclass(frozen=True)
 class FELLRec:
   """The per-client hooks of FELLRec's dynamic balance for the round
@@ -132,15 +148,17 @@ class FELLRec:
 
   def personalise(self, client_states: dict, server_params: PyTree,
                   deltas: PyTree, losses: jax.Array, weights: jax.Array,
-                  round_index) -> dict:
-    """The cohort's new states: personalised params, server + mixed D
-    (clients with weight 0 are not written back by the round)."""
-    mixed, _ = personalised_deltas(deltas, losses, weights, round_index,
-                                   self.alpha, self.beta, self.temperature,
-                                   self.include_self)
-    return {"params": jax.tree.map(lambda server, d: server[None] + d,
-                                   server_params, mixed),
-            "trained": client_states["trained"] | (weights > 0)}
+                  round_index) -> tuple[dict, dict]:
+    """(the cohort's new states: personalised params, server + mixed D
+    (clients with weight 0 are not written back by the round); the round's
+    balance metrics, `balance_metrics`)."""
+    mixed, parts = personalised_deltas(deltas, losses, weights, round_index,
+                                       self.alpha, self.beta, self.temperature,
+                                       self.include_self)
+    return ({"params": jax.tree.map(lambda server, d: server[None] + d,
+                                    server_params, mixed),
+             "trained": client_states["trained"] | (weights > 0)},
+            balance_metrics(parts, weights > 0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,11 +170,11 @@ class LocalOnly(FELLRec):
 
   def personalise(self, client_states: dict, server_params: PyTree,
                   deltas: PyTree, losses: jax.Array, weights: jax.Array,
-                  round_index) -> dict:
+                  round_index) -> tuple[dict, dict]:
     del losses, round_index
-    return {"params": jax.tree.map(lambda server, d: server[None] + d,
-                                   server_params, deltas),
-            "trained": client_states["trained"] | (weights > 0)}
+    return ({"params": jax.tree.map(lambda server, d: server[None] + d,
+                                    server_params, deltas),
+             "trained": client_states["trained"] | (weights > 0)}, {})
 
 
 def from_config(fed) -> FELLRec | None:

@@ -305,7 +305,8 @@ def test_local_only_adapters_keep_each_clients_own_update():
   server = {"a": jnp.array([1.0, 2.0])}
   deltas = {"a": jnp.array([[0.5, 0.0], [0.0, -1.0], [3.0, 3.0]])}
   states = {"params": {"a": jnp.zeros((3, 2))}, "trained": jnp.array([False] * 3)}
-  new = local.personalise(states, server, deltas, jnp.ones(3),
-                          jnp.array([1.0, 1.0, 0.0]), jnp.asarray(0))
+  new, metrics = local.personalise(states, server, deltas, jnp.ones(3),
+                                   jnp.array([1.0, 1.0, 0.0]), jnp.asarray(0))
+  assert metrics == {}
   np.testing.assert_allclose(new["params"]["a"], server["a"] + deltas["a"])
   np.testing.assert_array_equal(new["trained"], [True, True, False])

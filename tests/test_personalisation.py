@@ -47,6 +47,13 @@ def test_personalised_deltas_follow_the_formula():
   np.testing.assert_allclose(mixed["w"][3], [5.0, 5.0])  # absent: its own D
   # the client with the highest loss keeps the most of its own update
   assert int(np.argmin(w)) == int(np.argmax(np.asarray(losses[:3])))
+  # the round's balance metrics, over the clients that finished it
+  metrics = personalisation.balance_metrics(parts, weights > 0)
+  np.testing.assert_allclose(metrics["balance_w_mean"], w.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["balance_w_min"], w.min(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["balance_own_kept"], np.mean(w <= 0.5))
+  np.testing.assert_allclose(metrics["balance_attention_max"], a.max(1).mean(),
+                             rtol=1e-5)
 
 
 def test_attention_may_include_the_client_itself():
