@@ -208,15 +208,17 @@ def method_config(name: str, cfg, f, lr: float):
   return harness.with_overrides(cfg, overrides)
 
 
-def run_method(name: str, cfg, root: str, base, mesh, lr: float) -> dict:
-  """Trains one method at `lr`; its Scored per-client figures and costs."""
+def run_method(name: str, cfg, root: str, base, mesh, lr: float, tag: str = ""
+               ) -> dict:
+  """Trains one method at `lr` (in `root`/<name><tag>_lr<lr>); its Scored
+  per-client figures and costs."""
   f = llm_workflow.build(cfg, root, mesh)
   cfg = method_config(name, cfg, f, lr)
   f = llm_workflow.build(cfg, root, mesh)
   if name == "centralised_lora":
     f = pooled(f)
   began = time.perf_counter()
-  state = llm_workflow.train(cfg, f"{root}/{name}_lr{lr:g}", mesh, f, base)
+  state = llm_workflow.train(cfg, f"{root}/{name}{tag}_lr{lr:g}", mesh, f, base)
   seconds = time.perf_counter() - began
   scorer = Scorer(f, cfg, mesh)
   per_client = scorer.adapters(state)
