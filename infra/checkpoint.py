@@ -61,7 +61,11 @@ from infra.errors import CheckpointError, ConfigError, WorkdirError
 RESUMABLE_CHANGES = frozenset({
     "num_steps", "stop_after_steps", "log_every", "eval_every", "checkpoint_every",
     "keep_checkpoints", "eval_batch_size", "eval_users", "eval_base", "eval_valid",
-    "candidate_chunk", "distributed", "nonfinite"})
+    "candidate_chunk", "distributed", "nonfinite", "remat"})
+# fields added to the configs after runs were saved, with the value that
+# behaves as those runs did: a step saved before a field existed matches a
+# config that holds this value there
+ADDED_FIELDS = {"rl.lora_rank": 0, "rl.lora_alpha": 16.0}
 IDENTITY_KEY = "identity"  # the entry of a step's custom metadata
 # the JSON file in which orbax keeps a step's metadata, custom_metadata among
 # it; read directly because `CheckpointManager.metadata(step)` answers {} for
@@ -77,6 +81,19 @@ _STORAGE_STATUS = re.compile(r"^(RESOURCE_EXHAUSTED|PERMISSION_DENIED|"
                              r"FAILED_PRECONDITION|UNAVAILABLE|DATA_LOSS|"
                              r"OUT_OF_RANGE|INTERNAL|UNKNOWN): ")
 _OUT_OF_SPACE_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def changed_fields(stored: dict, current: dict) -> list[str]:
+  """"field: old -> new" for every field whose value differs between two
+  identities, but those of RESUMABLE_CHANGES and a field the stored one
+  lacks whose current value is its ADDED_FIELDS value."""
+  stored, flat = _flatten(stored), _flatten(current)
+  added = lambda k: (k not in stored and k in ADDED_FIELDS  # noqa: E731
+                     and flat.get(k) == ADDED_FIELDS[k])
+  return [f"{k}: {stored.get(k, '<absent>')!r} -> {flat.get(k, '<absent>')!r}"
+          for k in sorted(set(stored) | set(flat))
+          if stored.get(k) != flat.get(k) and not added(k)
+          and k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
 
 
 def config_identity(config, names: tuple[str, ...] | None) -> dict:
@@ -218,11 +235,7 @@ class Checkpointer:
   def _check_identity(self, stored: dict) -> None:
     """A WorkdirError listing the fields whose values differ from `stored`
     (but those of RESUMABLE_CHANGES)."""
-    stored, flat = _flatten(stored), _flatten(self.identity)
-    changed = [f"{k}: {stored.get(k, '<absent>')!r} -> {flat.get(k, '<absent>')!r}"
-               for k in sorted(set(stored) | set(flat))
-               if stored.get(k) != flat.get(k)
-               and k.rsplit(".", 1)[-1] not in RESUMABLE_CHANGES]
+    changed = changed_fields(stored, self.identity)
     if changed:
       raise WorkdirError(
           f"{self.workdir} was trained under another config ({'; '.join(changed)}); "

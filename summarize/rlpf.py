@@ -274,12 +274,13 @@ def rl_views(trainable: dict, frozen: dict) -> tuple[dict, dict, dict | None]:
 def trained_policy(params: dict, rl_policy_config: llm.LLMConfig) -> dict:
   """The policy of the RL state `params` as plain DecoderLM parameters (the
   warm-up's tree, without adapters): with LoRA, the adapters folded into the
-  base in the base's dtype (`adapters.merge_lora`; `rl_policy_config` is the
-  adapted policy's config)."""
+  base in float32 (`adapters.merge_lora`; a bfloat16 base would round the
+  small updates away; `rl_policy_config` is the adapted policy's config)."""
   if "base" not in params:
     return params["policy"]
-  merged, _ = adapters.merge_lora(
-      adapters.merge_adapters(params["policy"], params["base"]), rl_policy_config)
+  base = jax.tree.map(lambda x: x.astype(jnp.float32), params["base"])
+  merged, _ = adapters.merge_lora(adapters.merge_adapters(params["policy"], base),
+                                  rl_policy_config)
   return merged
 
 

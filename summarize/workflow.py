@@ -75,6 +75,9 @@ def check(config) -> None:
   if config.rl.lora_rank < 0:
     raise ConfigError(f"config.rl.lora_rank={config.rl.lora_rank} must be >= 0 "
                       "(0: the whole policy trains)")
+  if config.rl.lora_alpha <= 0:
+    raise ConfigError(f"config.rl.lora_alpha={config.rl.lora_alpha} must be > 0 "
+                      "(the adapters' scale alpha / rank)")
   if config.rl.num_options < 2:
     raise ConfigError(f"config.rl.num_options={config.rl.num_options} must be >= 2")
   unknown = set(config.predictor.contexts) - set(ex.CONTEXTS)
@@ -123,7 +126,8 @@ def warm_up(name: str, config, checkpoint: str, model_cfg, batches, loss_fn,
   if checkpoint:  # logits over the tokenizer's pieces only
     base, pretrained = language_model.pretrained(config, checkpoint, mesh,
                                                  model_cfg.vocab_size)
-    model_cfg = dataclasses.replace(base, dtype=model_cfg.dtype)
+    model_cfg = dataclasses.replace(base, dtype=model_cfg.dtype,
+                                    remat=model_cfg.remat)
   model = llm.DecoderLM(model_cfg)
   tx = optim.make_optimizer(config[stage.field])
   sample = batches(0)
@@ -216,21 +220,28 @@ def reinforce(config, policy, policy_params, predictor, predictor_params,
                                                     int(cuts.cuts[0]))],
                               corpus.prompt_len)
 
-  def init(model, key):  # fresh parameters
-    return model.init(jax.random.PRNGKey(key), *sample)["params"]
+  def fresh(model, key, part=lambda p: p):
+    # `part` of fresh parameters, in one jitted init: the parts not kept (a
+    # LoRA policy's base) are never materialised; config.rl.seed redraws them
+    rng = jax.random.fold_in(jax.random.PRNGKey(key), config.rl.seed)
+    return jax.jit(lambda: part(model.init(rng, *sample)["params"]))()
 
-  def axes(model, key=0):  # its parameters' logical axes, from an abstract init
-    return jax.eval_shape(lambda: init(model, key))
+  def axes(model, key=0, part=lambda p: p):  # logical axes, from an abstract init
+    return jax.eval_shape(lambda: part(model.init(jax.random.PRNGKey(key), *sample)[
+        "params"]))
   rl_policy, value_model = rl_models(config, policy, cfg)
   params = rl_state_params(rl_policy, value_model, policy_params, predictor_params,
-                           init, frozen_dtype(config))
+                           fresh, frozen_dtype(config))
   boxed = rl_state_params(rl_policy, value_model, axes(policy), axes(predictor),
                           axes)
   tx = rlpf.rl_optimizer(optim.make_optimizer(train), params)
   # config.rl.seed repeats RL alone on the same warm-ups (0: the run's own)
   rl_seed = config.seed + 3 + 7919 * config.rl.seed
-  trained = jax.jit(functools.partial(rlpf.trained_policy,
-                                      rl_policy_config=rl_policy.config))
+  # with LoRA the adapters folded into the base (jitted: the base stays on
+  # the mesh); the whole policy is returned as it is, without a copy
+  fold = jax.jit(functools.partial(rlpf.trained_policy,
+                                   rl_policy_config=rl_policy.config))
+  trained = fold if config.rl.lora_rank else (lambda p: p["policy"])
   # every model sharded by its logical axes (not replicated on every chip)
   state, shardings = train_loop.place_state(params, boxed, tx,
                                             jax.random.PRNGKey(rl_seed), mesh)
@@ -270,17 +281,20 @@ def frozen_dtype(config):
 
 def rl_state_params(rl_policy: llm.DecoderLM, value_model, policy_params,
                     predictor_params, init, dtype=None) -> dict:
-  """rlpf.rl_params for these models: `init(model, key)` gives a model's
-  fresh parameters (concrete, or abstract / boxed for the logical axes), of
-  which the value head and, with LoRA, the fresh adapters are taken."""
+  """rlpf.rl_params for these models: `init(model, key, part)` gives `part`
+  of a model's fresh parameters (concrete, or abstract / boxed for the
+  logical axes): the value head and, with LoRA, the fresh adapters."""
   lora = rl_policy.config.adapter.enabled
-  value = init(value_model, 0) if value_model is not None else None
+  adapters_of = lambda p: adapters.split_adapters(p)[0]  # noqa: E731
+  value = None
+  if value_model is not None:
+    value = init(value_model, 0, lambda p: {
+        "head": p["head"], "trunk": adapters_of(p["trunk"]) if lora else None})
   return rlpf.rl_params(
       policy_params, predictor_params,
       value_head=value["head"] if value is not None else None,
-      policy_adapters=adapters.split_adapters(init(rl_policy, 2))[0] if lora else None,
-      value_adapters=(adapters.split_adapters(value["trunk"])[0]
-                      if lora and value is not None else None),
+      policy_adapters=init(rl_policy, 2, adapters_of) if lora else None,
+      value_adapters=value["trunk"] if value is not None else None,
       frozen_dtype=dtype)
 
 

@@ -104,8 +104,8 @@ def rl_step_compiled(mesh, lora_rank: int, dtype: str) -> aot.CompileReport:
   prompt = jnp.zeros((1, 2), jnp.int32)
 
   def init(rng):
-    fresh = lambda model, key: model.init(  # noqa: E731
-        jax.random.fold_in(rng, key), prompt, prompt > 0)["params"]
+    fresh = lambda model, key, part=lambda p: p: part(model.init(  # noqa: E731
+        jax.random.fold_in(rng, key), prompt, prompt > 0)["params"])
     warm = fresh(lm, 1)
     return workflow.rl_state_params(policy, value, warm, warm, fresh,
                                     workflow.frozen_dtype(config))

@@ -109,6 +109,10 @@ def test_recomputed_layers_give_the_same_parameters_values_and_gradients():
   np.testing.assert_allclose(loss(remat)(params), loss(model)(params), rtol=1e-6)
   grads = jax.grad(loss(model))(params)
   remat_grads = jax.grad(loss(remat))(params)
+  # the layers are rematerialised (a `remat` of each block in the program)
+  program = lambda m: str(jax.make_jaxpr(jax.grad(loss(m)))(params))  # noqa: E731
+  assert program(remat).count("remat") >= cfg.num_layers
+  assert "remat" not in program(model)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                remat_grads, grads)
   generate = lambda m: decoding.generate(  # noqa: E731

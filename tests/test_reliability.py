@@ -300,6 +300,17 @@ def test_a_step_written_before_identities_moved_in_uses_identity_json(
   _assert_one_user_line(error.value, *needles)
 
 
+def test_a_field_added_since_a_run_matches_only_at_its_old_behaviour():
+  """Steps saved before llm.remat / rl.lora_rank existed resume under a
+  config that holds their old behaviour there; not under another value."""
+  saved = {"llm": {"dtype": "float32"}, "rl": {"kl_coef": 0.005}}
+  now = {"llm": {"dtype": "float32", "remat": True},
+         "rl": {"kl_coef": 0.005, "lora_rank": 0, "lora_alpha": 16.0}}
+  assert checkpoint.changed_fields(saved, now) == []  # remat: a compute switch
+  now["rl"]["lora_rank"] = 8
+  assert checkpoint.changed_fields(saved, now) == ["rl.lora_rank: '<absent>' -> 8"]
+
+
 @pytest.mark.parametrize("change,cause", [
     ("tree", "tree structures do not match"),
     ("shape", "is not compatible with the stored shape"),

@@ -346,8 +346,8 @@ def test_a_lora_policy_learns_over_one_frozen_copy_that_is_its_reference():
   assert lora_policy.config.adapter.targets == ("q", "k", "v", "out", "gate",
                                                 "up", "down")
   tokens = jnp.ones((1, 4), jnp.int32)
-  init = lambda m, key: nn.meta.unbox(m.init(  # noqa: E731
-      jax.random.PRNGKey(key), tokens, tokens > 0)["params"])
+  init = lambda m, key, part: part(nn.meta.unbox(m.init(  # noqa: E731
+      jax.random.PRNGKey(key), tokens, tokens > 0)["params"]))
   state_params = workflow.rl_state_params(lora_policy, value_model, params, params,
                                           init)
   assert set(state_params) == {"base", "policy", "predictor", "value"}
@@ -415,6 +415,23 @@ def test_frozen_weights_are_held_in_bfloat16_with_bfloat16_activations():
   assert dtypes(state.params["reference"]) == {jnp.dtype(jnp.bfloat16)}
   assert dtypes(state.params["predictor"]) == {jnp.dtype(jnp.bfloat16)}
   assert dtypes(state.params["policy"]) == {jnp.dtype(jnp.float32)}
+  # LoRA over a bfloat16 base: a step runs, the base stays bfloat16, and the
+  # trained policy folds in float32 (bfloat16 would round the updates away)
+  config.rl.lora_rank = 2
+  lora_policy, _ = workflow.rl_models(config, model, cfg)
+  init = lambda m, key, part: part(nn.meta.unbox(m.init(  # noqa: E731
+      jax.random.PRNGKey(key), prompt[:1], prompt[:1] > 0)["params"]))
+  lora_params = workflow.rl_state_params(lora_policy, None, params, params, init,
+                                         workflow.frozen_dtype(config))
+  tx = rlpf.rl_optimizer(optax.adam(1e-2), lora_params)
+  step = jax.jit(rlpf.make_rl_step(lora_policy, None, model, tx, cfg, [3], [4],
+                                   eos_id=1))
+  state, metrics = step(_rl_state(lora_params, tx), batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert dtypes(state.params["base"]) == {jnp.dtype(jnp.bfloat16)}
+  assert dtypes(state.params["policy"]) == {jnp.dtype(jnp.float32)}
+  assert dtypes(rlpf.trained_policy(state.params, lora_policy.config)) == {
+      jnp.dtype(jnp.float32)}
 
 
 def test_rlpf_workflow_stops_resumes_and_writes_its_table(tmp_path, capsys,
@@ -511,6 +528,11 @@ def test_rlpf_config_errors_name_the_field(tmp_path):
   config.rl.reward = "log"
   with pytest.raises(ConfigError, match="config.rl.reward='log'"):
     run_workflow(config, tmp_path)
+  for field, value in (("lora_rank", -1), ("lora_alpha", 0.0)):
+    config = rlpf_config.get_config("tiny")
+    config.rl[field] = value
+    with pytest.raises(ConfigError, match=f"config.rl.{field}={value}"):
+      run_workflow(config, tmp_path)
   config = rlpf_config.get_config("tiny")
   config.rl.seed = -1  # every `seed` field, by name (what main.py checks first)
   with pytest.raises(ConfigError, match=r"config.rl.seed=-1 must be >= 0"):

@@ -113,7 +113,7 @@ def llm_config(config, vocab_size: int, method: str,
                cross_attention_gate_init=config.userllm.gate_init)
   cfg = language_model.llm_config(config, vocab_size, **cross)
   if base is not None:
-    cfg = dataclasses.replace(base, dtype=cfg.dtype, **cross)
+    cfg = dataclasses.replace(base, dtype=cfg.dtype, remat=cfg.remat, **cross)
   if not with_adapters:
     return cfg
   return dataclasses.replace(cfg, adapter=adapter_config(config, cfg))

@@ -21,21 +21,32 @@ Steps (what `train_loop.fit` jits, with its in/out shardings and donation):
 - `rlpf_rl`: configs/rlpf_gemma_tpu.py's RL step (`rlpf.make_rl_step`: 64
   sampled summary tokens per prompt by a KV-cache scan, the predictor's
   scores of the options, the value baseline, the update of policy and value)
-  on a state of policy, reference, predictor and value trunk (four copies of
-  Gemma), prompts of `summary.prompt_len` = 640 tokens.
+  on the state summarize/workflow.py builds (`rl_state_params`): policy,
+  reference, predictor and value trunk (four copies of Gemma, the frozen two
+  in bfloat16), or with LoRA one bfloat16 base beside the predictor;
+  prompts of `summary.prompt_len` = 640 tokens.
 - `rlpf_rollout`: the sampling part of that step alone (`rlpf.make_rollout`).
 
-Layouts tried, in order, until one fits the chip: `as_built` (exactly what
-the workflow builds: RLPF's RL state from host arrays, which `create_state`
-replicates on every chip, summarize/workflow.py reinforce; User-LLM's item
-head at 1,683 rows, which no model axis divides), then, with those two
-fixed (the RL state sharded by the model's logical axes, as the warm-ups
-are; the item head padded to 1,792 rows), `config` (the config's mesh, data
-x 4 on `model`, infra/mesh.py's rules), `model_all` (every chip on `model`,
-where the heads divide) and `fsdp` (the config's mesh with the parameters'
-`embed` axis also over `data`: a rule infra/mesh.py does not have, a
-proposal). Each at the config's batch, then at `--min_batch`. A case whose
-inputs alone exceed the chip's HBM is refused without compiling.
+Layouts tried, in order, until one fits the chip (the name says which
+config switches a run needs to match it):
+- `config`: the config's mesh (data x 4 on `model`) with infra/mesh.py's
+  logical rules: what the workflows build (every state placed by its
+  logical axes; User-LLM's item head padded to 1,792 rows so `model`
+  divides it; earlier runs' `as_built` rows are the workflows before those
+  two fixes).
+- `model_all`: every chip on `model` (where the heads divide).
+- `fsdp`: the config's mesh with the parameters' `embed` axis also over
+  `data` (a rule infra/mesh.py does not have: a proposal).
+- `fsdp+remat`: the same with `--config.llm.remat=true` (layers recomputed
+  in the backward pass).
+- `fsdp+lora<r>+remat` (RLPF): also `--config.rl.lora_rank=<r>`
+  (`--rl_lora_rank`): RL trains LoRA adapters over one bfloat16 copy of the
+  policy.
+Each at the config's batch, then at `--min_batch`; on the last layout the
+batch is halved down to `--min_batch`, so the table gives the largest batch
+that fits there. A case whose inputs alone exceed the chip's HBM is refused
+without compiling; a compile the compiler itself fails (an internal error,
+not memory) is a row that does not fit, with its message.
 
 A compile takes minutes, so every row is appended to `--cache` as it is made;
 a rerun takes those rows instead of compiling again (`--nocompile`: only
@@ -113,11 +124,6 @@ MOVIELENS_100K = Catalogue(1682, ItemTable((
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
     "Documentary", "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery",
     "Romance", "Sci-Fi", "Thriller", "War", "Western")))
-# User-LLM's auxiliary item head has num_items + 1 = 1,683 outputs on the
-# `vocab` axis, which no model axis > 1 divides; the other layouts pad it to
-# the next multiple of 128 (as the LM's and the encoder's tables are padded)
-ITEM_ROWS = 1792
-PADDED_CATALOGUE = dataclasses.replace(MOVIELENS_100K, num_items=ITEM_ROWS - 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +133,6 @@ class Layout:
   data: int
   model: int
   rules: tuple = mesh_lib.LOGICAL_RULES
-  # exactly what the workflow builds: RLPF's RL state replicated, User-LLM's
-  # item head at the catalogue's 1,683 rows (else padded to ITEM_ROWS)
-  as_built: bool = False
   lora_rank: int = 0  # RLPF: RL trains LoRA adapters of this rank (config.rl.lora_rank)
   remat: bool = False  # config.llm.remat: layers recomputed in the backward pass
 
@@ -187,8 +190,7 @@ def user_llm_step(config, vocab: int, mesh, layout: Layout, batch: int, args
   """Stage 3 of configs/user_llm_gemma_tpu.py (userllm/workflow.py: run)."""
   config = with_layout(config, layout)
   u = config.userllm
-  catalogue = MOVIELENS_100K if layout.as_built else PADDED_CATALOGUE
-  model = builders.build_model(config, catalogue, vocab, u.method)
+  model = builders.build_model(config, MOVIELENS_100K, vocab, u.method)
   h, tokens = u.history_len, args.prompt_tokens + args.title_tokens
   genres = len(MOVIELENS_100K.items.genre_names)
   events = {"items": ((batch, h), jnp.int32), "ratings": ((batch, h), jnp.int32),
@@ -203,7 +205,7 @@ def user_llm_step(config, vocab: int, mesh, layout: Layout, batch: int, args
       rng, {k: jnp.zeros((1, h) + v[0][2:], v[1]) for k, v in events.items()
             if k != "next_item"}, jnp.zeros((1, 2), jnp.int32),
       jnp.ones((1, 2), jnp.int32))["params"]
-  key = ("user_llm", config.llm.variant, layout.as_built, layout.remat)
+  key = ("user_llm", config.llm.variant, layout.remat)
   mask = ul.trainable_mask(once(key + ("params",), lambda: jax.eval_shape(
       lambda: nn.meta.unbox(init(jax.random.PRNGKey(0))))), u.strategy)
   tx = ul.masked_optimizer(optim.make_optimizer(config.train), mask,
@@ -235,8 +237,8 @@ def rl_params(config, vocab: int):
   prompt = jnp.zeros((1, 2), jnp.int32)
 
   def init(rng):
-    fresh = lambda model, key: model.init(  # noqa: E731
-        jax.random.fold_in(rng, key), prompt, prompt > 0)["params"]
+    fresh = lambda model, key, part=lambda p: p: part(model.init(  # noqa: E731
+        jax.random.fold_in(rng, key), prompt, prompt > 0)["params"])
     warm = fresh(lm, 1)
     return rlpf_workflow.rl_state_params(policy, value, warm, warm, fresh,
                                          rlpf_workflow.frozen_dtype(config))
@@ -336,8 +338,6 @@ def layouts(step: str, config, variant: str, chips: int, lora_rank: int
   heads = gemma_variants.get(variant).num_heads
   data = chips // model
   found = [Layout("config", data, model)]
-  if step == "user_llm":  # RLPF's state is built as `config` places it
-    found.insert(0, Layout("as_built", data, model, as_built=True))
   if chips != model and heads % chips == 0:
     found.append(Layout("model_all", 1, chips))
   found += [Layout("fsdp", data, model, FSDP_RULES),
@@ -392,6 +392,12 @@ def try_one(step: str, config, vocab: int, devices, layout: Layout, batch: int,
   except aot.DoesNotFit as e:
     return {**row, "fits": False, "why": str(e), "compiled": True,
             "compile_seconds": time.perf_counter() - began}
+  except Exception as e:  # the compiler's own failure (libtpu's RET_CHECKs)
+    if "RET_CHECK" not in str(e) and "INTERNAL" not in str(e):
+      raise
+    return {**row, "fits": False, "compiled": True,
+            "why": "compiler error: " + str(e).strip().splitlines()[0][:240],
+            "compile_seconds": time.perf_counter() - began}
   return {**row, "compiled": True, **report_fields(report, chip, len(devices))}
 
 
@@ -418,7 +424,7 @@ def report_fields(report: aot.CompileReport, chip: aot.Chip, chips: int) -> dict
 def search(step: str, variant: str, slice_name: str, args, cached: dict
            ) -> list[dict]:
   """Every (layout, batch) tried for one step x variant x slice, in order,
-  until one fits (the `as_built` row first: it is what the workflow runs).
+  until one fits (the `config` row first: it is what the workflow runs).
   Rows in `cached` (same key) are taken from there instead of compiled again."""
   s = aot.SLICES[slice_name]
   devices = aot.topology_devices(slice_name)
@@ -427,9 +433,8 @@ def search(step: str, variant: str, slice_name: str, args, cached: dict
   tried = []
   tried_layouts = layouts(step, config, variant, len(devices), args.rl_lora_rank)
   for layout in tried_layouts:
-    sizes = ([config_batch(step, config)] if layout.as_built else
-             batches(config_batch(step, config), layout.data, args.min_batch,
-                     halving=layout is tried_layouts[-1]))
+    sizes = batches(config_batch(step, config), layout.data, args.min_batch,
+                    halving=layout is tried_layouts[-1])
     for batch in sizes:
       key = row_key(step, variant, slice_name, layout.name, batch, args)
       row = cached.get(key)
@@ -445,7 +450,7 @@ def search(step: str, variant: str, slice_name: str, args, cached: dict
             flush=True)
       if row["fits"]:
         return tried
-      if layout.as_built or row.get("state_gib", 0) > s.spec.hbm_bytes / aot.GiB:
+      if row.get("state_gib", 0) > s.spec.hbm_bytes / aot.GiB:
         break  # a smaller batch leaves the state as large
   return tried
 
@@ -572,8 +577,8 @@ def present(payload: dict):
       "gives a positive one, else (`roofline`) max(FLOPs / peak, bytes accessed "
       "/ HBM bandwidth) of XLA's own counts: an estimate, not a measurement, and "
       "a bound that ignores collectives and idle time. TFLOPs/step: the whole "
-      "slice's. Layouts: docs in benchmarks/userllm/tpu_compile.py; `as_built` is "
-      "what the workflow builds today.", ""]
+      "slice's. Layouts: docs in benchmarks/userllm/tpu_compile.py (`config` "
+      "is what the workflows build).", ""]
   if not meta.get("compiled_here", True):
     lines += [f"Written with `--nocompile` from the rows earlier runs of this "
               f"command compiled into `{meta['cache']}` (each row's compile "
