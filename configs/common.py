@@ -87,8 +87,9 @@ def train(schedule_section, optimizer_section) -> ml_collections.ConfigDict:
 
 
 def mesh() -> ml_collections.ConfigDict:
-  """`data = -1` takes every device left over after `model`."""
-  return ml_collections.ConfigDict(dict(data=-1, model=1))
+  """`data = -1` takes every device left over after `model`; `fsdp` also
+  shards the parameters' `embed` axis over `data` (infra/mesh.py)."""
+  return ml_collections.ConfigDict(dict(data=-1, model=1, fsdp=False))
 
 
 # config.workflow -> the workflow module (imported by main.py and benchmarks only)

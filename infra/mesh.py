@@ -4,6 +4,14 @@ Parameters carry logical axis names (`vocab`, `embed`, `mlp`, `heads`, `kv`,
 `length`, `kv_heads`, `lora`, `experts`, `latents`); `LOGICAL_RULES` maps them to
 the mesh axes `data` and `model`. Batches
 shard their leading axis over `data` (federated clients ride on it too).
+
+With `config.mesh.fsdp` the parameters' `embed` axis is sharded over `data`
+as well (`FSDP_RULES`: fully sharded data parallelism over the data axis, as
+MaxText's `fsdp` axis): each chip then holds 1 / (data x model) of a weight
+instead of 1 / model, and the step gathers a layer's weights when it uses
+them. It is what lets the 7B-class RLPF and User-LLM steps fit a v5e-8
+(docs/accelerators.md). The rules belong to the mesh `make_mesh` built
+(`rules_of`), so every state placed on that mesh follows them.
 """
 
 from __future__ import annotations
@@ -33,8 +41,20 @@ LOGICAL_RULES = (
 )
 
 
+FSDP_RULES = tuple(("embed", "data") if name == "embed" else (name, axis)
+                   for name, axis in LOGICAL_RULES)
+_RULES_OF: dict = {}  # mesh -> its rules, when make_mesh was asked for FSDP
+
+
+def rules_of(mesh: Mesh) -> tuple:
+  """The logical rules of `mesh`: FSDP_RULES if `make_mesh` built it with
+  `fsdp`, else LOGICAL_RULES."""
+  return _RULES_OF.get(mesh, LOGICAL_RULES)
+
+
 def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
-  """A ('data', 'model') mesh; `mesh.data = -1` takes all devices left over."""
+  """A ('data', 'model') mesh; `mesh.data = -1` takes all devices left over;
+  `mesh.fsdp` gives it FSDP_RULES (`rules_of`)."""
   devices = jax.devices() if devices is None else devices
   model = int(mesh_config.model)
   data = int(mesh_config.data)
@@ -46,13 +66,20 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
   if data * model != len(devices):
     raise ConfigError(f"config.mesh.data={mesh_config.data} x config.mesh.model="
                       f"{model} does not match the {len(devices)} devices")
-  return Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
+  mesh = Mesh(np.asarray(devices).reshape(data, model), MESH_AXES)
+  # an equal mesh built before takes this one's rules: the latest asked wins
+  _RULES_OF.pop(mesh, None)
+  if mesh_config.get("fsdp", False):
+    _RULES_OF[mesh] = FSDP_RULES
+  return mesh
 
 
-def logical_shardings(boxed_tree, mesh: Mesh, rules=LOGICAL_RULES):
-  """NamedShardings for a pytree whose leaves may be nn.LogicallyPartitioned."""
+def logical_shardings(boxed_tree, mesh: Mesh, rules=None):
+  """NamedShardings for a pytree whose leaves may be nn.LogicallyPartitioned,
+  by `rules` (default: the mesh's own, `rules_of`)."""
   logical_specs = nn.get_partition_spec(boxed_tree)
-  return nn.logical_to_mesh_sharding(logical_specs, mesh, rules)
+  return nn.logical_to_mesh_sharding(logical_specs, mesh,
+                                     rules if rules is not None else rules_of(mesh))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

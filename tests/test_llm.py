@@ -311,6 +311,35 @@ def test_sharded_forward_equals_one_device():
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=5e-4)
   assert len(got.sharding.device_set) == 8
 
+  # config.mesh.fsdp: `embed` over data too, for every state placed on the
+  # mesh (train_loop), and a train step's loss and update are the same
+  from infra import train_loop
+  import optax
+  fsdp = mesh_lib.make_mesh(ml_collections.ConfigDict(
+      {"data": 4, "model": 2, "fsdp": True}))
+  assert mesh_lib.rules_of(fsdp) == mesh_lib.FSDP_RULES
+  tx = optax.sgd(0.1)
+  init = lambda rng: model.init(rng, tokens, mask, user_tokens=user)["params"]  # noqa: E731
+  loss = lambda p, b, rng: (jnp.mean(model.apply(  # noqa: E731
+      {"params": p}, b[0], b[1], user_tokens=b[2])[0] ** 2), {})
+  step = train_loop.make_train_step(loss, tx)
+  after = {}
+  for name, config in (("plain", {"data": 4, "model": 2}),
+                       ("fsdp", {"data": 4, "model": 2, "fsdp": True})):
+    on = mesh_lib.make_mesh(ml_collections.ConfigDict(config))
+    state, shardings = train_loop.create_state(init, tx, jax.random.PRNGKey(0), on)
+    spec = tuple(shardings.params["embedder"]["input_embedding"].spec)
+    assert spec == (("model", "data") if name == "fsdp" else ("model", None))
+    state, metrics = jax.jit(step)(state, mesh_lib.put_batch(
+        (np.asarray(tokens), np.asarray(mask), np.asarray(user)), on))
+    after[name] = (float(metrics["loss"]), jax.device_get(state.params))
+  assert after["fsdp"][0] == pytest.approx(after["plain"][0], rel=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+               after["fsdp"][1], after["plain"][1])
+  # a mesh built again without fsdp takes the plain rules back
+  mesh_lib.make_mesh(ml_collections.ConfigDict({"data": 4, "model": 2}))
+  assert mesh_lib.rules_of(fsdp) == mesh_lib.LOGICAL_RULES
+
 
 def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match="num_kv_heads"):

@@ -27,26 +27,27 @@ Steps (what `train_loop.fit` jits, with its in/out shardings and donation):
   prompts of `summary.prompt_len` = 640 tokens.
 - `rlpf_rollout`: the sampling part of that step alone (`rlpf.make_rollout`).
 
-Layouts tried, in order, until one fits the chip (the name says which
-config switches a run needs to match it):
-- `config`: the config's mesh (data x 4 on `model`) with infra/mesh.py's
-  logical rules: what the workflows build (every state placed by its
-  logical axes; User-LLM's item head padded to 1,792 rows so `model`
-  divides it; earlier runs' `as_built` rows are the workflows before those
-  two fixes).
-- `model_all`: every chip on `model` (where the heads divide).
-- `fsdp`: the config's mesh with the parameters' `embed` axis also over
-  `data` (a rule infra/mesh.py does not have: a proposal).
-- `fsdp+remat`: the same with `--config.llm.remat=true` (layers recomputed
-  in the backward pass).
+Layouts tried until one fits the chip, each a set of config flags a run
+sets to match it:
+- `config`: the config as it is: its mesh (data x 4 on `model`) with
+  infra/mesh.py's logical rules, as the workflows place every state (earlier
+  runs' `as_built` rows are the workflows before two fixes: RLPF's RL state
+  was replicated, User-LLM's item head had 1,683 rows no model axis divides).
+- `model_all`: every chip on `model` (`--config.mesh.model=<chips>`, where
+  the heads divide).
+- `fsdp+remat`: `--config.mesh.fsdp=true` (the parameters' `embed` axis
+  over `data` too) and `--config.llm.remat=true` (layers recomputed in the
+  backward pass).
 - `fsdp+lora<r>+remat` (RLPF): also `--config.rl.lora_rank=<r>`
   (`--rl_lora_rank`): RL trains LoRA adapters over one bfloat16 copy of the
   policy.
-Each at the config's batch, then at `--min_batch`; on the last layout the
-batch is halved down to `--min_batch`, so the table gives the largest batch
-that fits there. A case whose inputs alone exceed the chip's HBM is refused
-without compiling; a compile the compiler itself fails (an internal error,
-not memory) is a row that does not fit, with its message.
+The config's batch is tried on every layout before half of it, and so on
+down to `--min_batch`: the table gives the largest batch that fits, and the
+first layout that holds it (`--config.rl_train.batch_size` /
+`--config.train.batch_size` where it is below the config's). A case whose
+inputs alone exceed the chip's HBM is refused without compiling; a compile
+the compiler itself fails (an internal error, not memory) is a row that does
+not fit, with its message.
 
 A compile takes minutes, so every row is appended to `--cache` as it is made;
 a rerun takes those rows instead of compiling again (`--nocompile`: only
@@ -101,8 +102,6 @@ FLAGS = (
 CONFIGS = {"user_llm": "configs.user_llm_gemma_tpu",
            "rlpf_rl": "configs.rlpf_gemma_tpu",
            "rlpf_rollout": "configs.rlpf_gemma_tpu"}
-FSDP_RULES = tuple(("embed", "data") if name == "embed" else (name, axis)
-                   for name, axis in mesh_lib.LOGICAL_RULES)
 # RLPF's predictor prompt pieces (ids only set the lengths: bos + "Summary:",
 # "Next title:" in Gemma's vocabulary) and eos
 SUMMARY_HEAD, QUESTION, EOS = (2, 12, 13), (14, 15, 16, 17), 1
@@ -335,31 +334,21 @@ def layouts(step: str, config, variant: str, chips: int, lora_rank: int
             ) -> list[Layout]:
   """The layouts to try, in order (module docstring)."""
   model = config.mesh.model
-  heads = gemma_variants.get(variant).num_heads
   data = chips // model
   found = [Layout("config", data, model)]
-  if chips != model and heads % chips == 0:
+  if chips != model and gemma_variants.get(variant).num_heads % chips == 0:
     found.append(Layout("model_all", 1, chips))
-  found += [Layout("fsdp", data, model, FSDP_RULES),
-            Layout("fsdp+remat", data, model, FSDP_RULES, remat=True)]
+  found.append(Layout("fsdp+remat", data, model, mesh_lib.FSDP_RULES, remat=True))
   if step != "user_llm" and lora_rank:
-    found.append(Layout(f"fsdp+lora{lora_rank}+remat", data, model, FSDP_RULES,
-                        lora_rank=lora_rank, remat=True))
+    found.append(Layout(f"fsdp+lora{lora_rank}+remat", data, model,
+                        mesh_lib.FSDP_RULES, lora_rank=lora_rank, remat=True))
   return found
 
 
-def batches(first: int, data: int, smallest: int, halving: bool) -> list[int]:
-  """The config's batch, then the smallest batch tried (a multiple of the
-  data axis): a compile takes minutes on a 2-core host, so the search does
-  not halve its way down, except (`halving`) on the last layout, where the
-  largest batch that fits is what the table reports."""
-  least = max(data, smallest)
-  if first <= least:
-    return [first]
-  if not halving:
-    return [first, least]
+def batches(first: int, smallest: int) -> list[int]:
+  """The config's batch, halved down to the smallest tried."""
   found = [first]
-  while found[-1] // 2 >= least and (found[-1] // 2) % data == 0:
+  while found[-1] // 2 >= smallest:
     found.append(found[-1] // 2)
   return found
 
@@ -422,26 +411,30 @@ def report_fields(report: aot.CompileReport, chip: aot.Chip, chips: int) -> dict
 
 
 def search(step: str, variant: str, slice_name: str, args, cached: dict
-           ) -> list[dict]:
+           ) -> tuple[list[dict], bool]:
   """Every (layout, batch) tried for one step x variant x slice, in order,
   until one fits (the `config` row first: it is what the workflow runs).
-  Rows in `cached` (same key) are taken from there instead of compiled again."""
+  Rows in `cached` (same key) are taken from there instead of compiled
+  again. Returns (the rows, whether the search ended: a fit or every case
+  tried; not when a case needed the compiler and --nocompile)."""
   s = aot.SLICES[slice_name]
   devices = aot.topology_devices(slice_name)
   config = load_config(step, variant)
   vocab = gemma_variants.get(variant).vocab_size
-  tried = []
-  tried_layouts = layouts(step, config, variant, len(devices), args.rl_lora_rank)
-  for layout in tried_layouts:
-    sizes = batches(config_batch(step, config), layout.data, args.min_batch,
-                    halving=layout is tried_layouts[-1])
-    for batch in sizes:
+  tried, too_big = [], set()
+  candidates = layouts(step, config, variant, len(devices), args.rl_lora_rank)
+  # the config's batch on every layout before a smaller one: a run keeps
+  # its batch if any layout holds it
+  for batch in batches(config_batch(step, config), args.min_batch):
+    for layout in candidates:
+      if layout.name in too_big or batch % layout.data:
+        continue
       key = row_key(step, variant, slice_name, layout.name, batch, args)
       row = cached.get(key)
       if row is None:
         found = try_one(step, config, vocab, devices, layout, batch, args, s.spec)
         if found is None:
-          return tried  # not compiled (--nocompile): measure lists the case
+          return tried, False  # not compiled (--nocompile)
         row = {"key": key, "step": step, "variant": variant, "slice": slice_name,
                **found}
         remember(args.cache, row)
@@ -449,10 +442,10 @@ def search(step: str, variant: str, slice_name: str, args, cached: dict
       print({k: v for k, v in row.items() if k not in ("largest", "key")},
             flush=True)
       if row["fits"]:
-        return tried
+        return tried, True
       if row.get("state_gib", 0) > s.spec.hbm_bytes / aot.GiB:
-        break  # a smaller batch leaves the state as large
-  return tried
+        too_big.add(layout.name)  # a smaller batch leaves the state as large
+  return tried, True
 
 
 # RLPF's RL state as the workflow builds it: v2 holds frozen weights in bfloat16
@@ -499,10 +492,9 @@ def measure(run: harness.Run) -> dict:
         if args.budget_minutes and spent > args.budget_minutes:
           pending.append(f"{step} {variant} {slice_name}")
           continue
-        found = search(step, variant, slice_name, args, cached)
+        found, ended = search(step, variant, slice_name, args, cached)
         rows += found
-        if not found or not (found[-1]["fits"] or found[-1]["layout"] == last_layout(
-            step, variant, slice_name, args)):
+        if not ended:
           pending.append(f"{step} {variant} {slice_name}")
   return {"meta": {"jax": jax.__version__, "libtpu": libtpu_version(),
                    "prompt_tokens": args.prompt_tokens,
@@ -511,13 +503,6 @@ def measure(run: harness.Run) -> dict:
                    "chips": {k: dataclasses.asdict(v) for k, v in aot.CHIPS.items()},
                    "slices": {k: dataclasses.asdict(v) for k, v in aot.SLICES.items()}},
           "rows": rows, "skipped_slices": skipped, "not_compiled": pending}
-
-
-def last_layout(step: str, variant: str, slice_name: str, args) -> str:
-  """The name of the last layout the search tries (it ends there)."""
-  config = load_config(step, variant)
-  chips = len(aot.topology_devices(slice_name))
-  return layouts(step, config, variant, chips, args.rl_lora_rank)[-1].name
 
 
 def libtpu_version() -> str:
