@@ -219,15 +219,17 @@ OUT_OF_MEMORY = re.compile(r"RESOURCE_EXHAUSTED|Ran out of memory|exceeded.*hbm"
 
 
 def compile_step(fn: Callable, args: tuple, in_shardings, out_shardings,
-                 donate_argnums=()) -> CompileReport:
+                 donate_argnums=(), compiler_options: dict | None = None
+                 ) -> CompileReport:
   """Lowers `jax.jit(fn, ...)` against `args` (abstract, with shardings) and
-  compiles it for their devices. Raises DoesNotFit with the compiler's
-  message when the program needs more memory than a device has."""
+  compiles it for their devices (with XLA `compiler_options`, e.g. libtpu's
+  flags). Raises DoesNotFit with the compiler's message when the program
+  needs more memory than a device has."""
   began = time.perf_counter()
   jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
                    donate_argnums=donate_argnums)
   try:
-    compiled = jitted.lower(*args).compile()
+    compiled = jitted.lower(*args).compile(compiler_options)
   except Exception as e:  # XlaRuntimeError, whose module path varies by jaxlib
     if OUT_OF_MEMORY.search(str(e)):
       raise DoesNotFit(out_of_memory_line(str(e))) from None

@@ -29,8 +29,9 @@ Steps (what `train_loop.fit` jits, with its in/out shardings and donation):
 
 Layouts tried until one fits the chip, each a set of config flags a run
 sets to match it:
-- `config`: the config as it is: its mesh (data x 4 on `model`) with
-  infra/mesh.py's logical rules, as the workflows place every state (earlier
+- `config`: the config's mesh (data x 4 on `model`) with infra/mesh.py's
+  plain logical rules, no recomputation and (RLPF) the whole policy; each
+  layout sets these switches itself, whatever the config file says (earlier
   runs' `as_built` rows are the workflows before two fixes: RLPF's RL state
   was replicated, User-LLM's item head had 1,683 rows no model axis divides).
 - `model_all`: every chip on `model` (`--config.mesh.model=<chips>`, where
@@ -254,10 +255,11 @@ def rl_batch(mesh, config, batch: int, args) -> dict:
 
 
 def with_layout(config, layout: Layout):
-  """The config with the layout's switches: llm.remat, and RLPF's LoRA rank
-  (0: the whole policy)."""
+  """The config with the layout's switches: llm.remat, mesh.fsdp and RLPF's
+  LoRA rank (0: the whole policy)."""
   config = config.copy_and_resolve_references()
   config.llm.remat = layout.remat
+  config.mesh.fsdp = layout.rules == mesh_lib.FSDP_RULES
   if "rl" in config:
     config.rl.lora_rank = layout.lora_rank
   return config
@@ -353,6 +355,14 @@ def batches(first: int, smallest: int) -> list[int]:
   return found
 
 
+# libtpu 0.0.42's all-reduce-scatter fusion fails a RET_CHECK on some FSDP
+# steps (a dynamic slice of the option scores' logits, all-reduced over
+# `data`, replaced by a fusion of another shape); a case it fails is
+# compiled again without that fusion, which a run sets the same way:
+# LIBTPU_INIT_ARGS=--xla_tpu_enable_all_reduce_scatter_fusion=false
+WORKAROUND = {"xla_tpu_enable_all_reduce_scatter_fusion": False}
+
+
 def try_one(step: str, config, vocab: int, devices, layout: Layout, batch: int,
             args, chip: aot.Chip) -> dict | None:
   """Builds and compiles one (layout, batch); a row of the table. None when
@@ -375,19 +385,24 @@ def try_one(step: str, config, vocab: int, devices, layout: Layout, batch: int,
   if not args.compile:
     return None
   began = time.perf_counter()
-  try:
-    report = aot.compile_step(built.fn, built.args, built.in_shardings,
-                              built.out_shardings, built.donate_argnums)
-  except aot.DoesNotFit as e:
-    return {**row, "fits": False, "why": str(e), "compiled": True,
-            "compile_seconds": time.perf_counter() - began}
-  except Exception as e:  # the compiler's own failure (libtpu's RET_CHECKs)
-    if "RET_CHECK" not in str(e) and "INTERNAL" not in str(e):
-      raise
-    return {**row, "fits": False, "compiled": True,
-            "why": "compiler error: " + str(e).strip().splitlines()[0][:240],
-            "compile_seconds": time.perf_counter() - began}
-  return {**row, "compiled": True, **report_fields(report, chip, len(devices))}
+  for options in (None, WORKAROUND):
+    try:
+      report = aot.compile_step(built.fn, built.args, built.in_shardings,
+                                built.out_shardings, built.donate_argnums, options)
+      break
+    except aot.DoesNotFit as e:
+      return {**row, "fits": False, "why": str(e), "compiled": True,
+              "compiler_options": options,
+              "compile_seconds": time.perf_counter() - began}
+    except Exception as e:  # the compiler's own failure (libtpu's RET_CHECKs)
+      if "RET_CHECK" not in str(e) and "INTERNAL" not in str(e):
+        raise
+      if options is not None:
+        return {**row, "fits": False, "compiled": True, "compiler_options": options,
+                "why": "compiler error: " + str(e).strip().splitlines()[0][:240],
+                "compile_seconds": time.perf_counter() - began}
+  return {**row, "compiled": True, "compiler_options": options,
+          **report_fields(report, chip, len(devices))}
 
 
 def report_fields(report: aot.CompileReport, chip: aot.Chip, chips: int) -> dict:
@@ -431,6 +446,9 @@ def search(step: str, variant: str, slice_name: str, args, cached: dict
         continue
       key = row_key(step, variant, slice_name, layout.name, batch, args)
       row = cached.get(key)
+      if row is not None and row.get("why", "").startswith("compiler error") and (
+          "compiler_options" not in row):
+        row = None  # failed before the workaround was tried: try again
       if row is None:
         found = try_one(step, config, vocab, devices, layout, batch, args, s.spec)
         if found is None:
