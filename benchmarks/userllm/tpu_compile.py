@@ -446,8 +446,8 @@ def search(step: str, variant: str, slice_name: str, args, cached: dict
         continue
       key = row_key(step, variant, slice_name, layout.name, batch, args)
       row = cached.get(key)
-      if row is not None and row.get("why", "").startswith("compiler error") and (
-          "compiler_options" not in row):
+      if args.compile and row is not None and row.get(
+          "why", "").startswith("compiler error") and "compiler_options" not in row:
         row = None  # failed before the workaround was tried: try again
       if row is None:
         found = try_one(step, config, vocab, devices, layout, batch, args, s.spec)
