@@ -47,8 +47,9 @@ down to `--min_batch`: the table gives the largest batch that fits, and the
 first layout that holds it (`--config.rl_train.batch_size` /
 `--config.train.batch_size` where it is below the config's). A case whose
 inputs alone exceed the chip's HBM is refused without compiling; a compile
-the compiler itself fails (an internal error, not memory) is a row that does
-not fit, with its message.
+the compiler itself fails (an internal error, not memory) is compiled again
+without libtpu's all-reduce-scatter fusion (`WORKAROUND`), and a row that
+does not fit, with its message, if it fails again.
 
 A compile takes minutes, so every row is appended to `--cache` as it is made;
 a rerun takes those rows instead of compiling again (`--nocompile`: only
