@@ -293,6 +293,25 @@ def test_summary_masks_and_the_predictor_prompt_with_holes():
   np.testing.assert_allclose(holed[0], expected[0], rtol=1e-5, atol=1e-5)
 
 
+def _rl_test_batch(rows: int) -> dict:
+  """rlpf.make_rl_step's batch: one 8-token prompt, two 2-token options."""
+  prompt = jnp.tile(jnp.arange(5, 13)[None], (rows, 1))
+  return {"prompt": prompt, "prompt_mask": prompt > 0,
+          "options": jnp.tile(jnp.array([[[20, 1], [21, 1]]]), (rows, 1, 1)),
+          "option_mask": jnp.ones((rows, 2, 2), bool),
+          "answer": jnp.zeros(rows, jnp.int32)}
+
+
+def _rl_steps(step, state, batch, steps: int):
+  """(state, summary tokens per step, KL per step) after `steps` RL steps."""
+  lengths, kls = [], []
+  for _ in range(steps):
+    state, metrics = step(state, batch)
+    lengths.append(float(metrics["summary_tokens"]))
+    kls.append(float(metrics["kl"]))
+  return state, lengths, kls
+
+
 def test_rl_step_learns_to_write_short_summaries():
   """With only the length reward, REINFORCE moves mass onto eos: the sampled
   summaries get shorter, the KL to the initial policy grows from 0."""
@@ -307,15 +326,7 @@ def test_rl_step_learns_to_write_short_summaries():
   state = TrainState(step=jnp.zeros((), jnp.int32), params=state_params,
                      opt_state=tx.init(state_params), rng=jax.random.PRNGKey(1))
   step = jax.jit(rlpf.make_rl_step(model, None, model, tx, cfg, [3], [4], eos_id=1))
-  prompt = jnp.tile(jnp.arange(5, 13)[None], (8, 1))
-  batch = {"prompt": prompt, "prompt_mask": prompt > 0,
-           "options": jnp.tile(jnp.array([[[20, 1], [21, 1]]]), (8, 1, 1)),
-           "option_mask": jnp.ones((8, 2, 2), bool), "answer": jnp.zeros(8, jnp.int32)}
-  lengths, kls = [], []
-  for _ in range(25):
-    state, metrics = step(state, batch)
-    lengths.append(float(metrics["summary_tokens"]))
-    kls.append(float(metrics["kl"]))
+  state, lengths, kls = _rl_steps(step, state, _rl_test_batch(8), 25)
   assert kls[0] == pytest.approx(0.0, abs=1e-6)
   assert np.mean(lengths[-5:]) < np.mean(lengths[:5]) - 1.0, lengths
   assert min(kls) >= -1e-6 and kls[-1] > 0.1  # exact KL: never below 0
@@ -360,15 +371,7 @@ def test_a_lora_policy_learns_over_one_frozen_copy_that_is_its_reference():
   state = _rl_state(state_params, tx)
   step = jax.jit(rlpf.make_rl_step(lora_policy, value_model, model, tx, cfg, [3], [4],
                                    eos_id=1))
-  prompt = jnp.tile(jnp.arange(5, 13)[None], (8, 1))
-  batch = {"prompt": prompt, "prompt_mask": prompt > 0,
-           "options": jnp.tile(jnp.array([[[20, 1], [21, 1]]]), (8, 1, 1)),
-           "option_mask": jnp.ones((8, 2, 2), bool), "answer": jnp.zeros(8, jnp.int32)}
-  lengths, kls = [], []
-  for _ in range(25):
-    state, metrics = step(state, batch)
-    lengths.append(float(metrics["summary_tokens"]))
-    kls.append(float(metrics["kl"]))
+  state, lengths, kls = _rl_steps(step, state, _rl_test_batch(8), 25)
   assert kls[0] == pytest.approx(0.0, abs=1e-6)  # zero adapters: the reference
   assert np.mean(lengths[-5:]) < np.mean(lengths[:5]) - 1.0, lengths
   assert kls[-1] > 0.1
@@ -380,6 +383,7 @@ def test_a_lora_policy_learns_over_one_frozen_copy_that_is_its_reference():
       moved, state.params["policy"], state_params["policy"]))) > 1e-3
   assert max(jax.tree.leaves(jax.tree.map(
       moved, state.params["value"]["trunk"], state_params["value"]["trunk"]))) > 0
+  prompt = _rl_test_batch(8)["prompt"]
   merged = rlpf.trained_policy(state.params, lora_policy.config)
   assert jax.tree.structure(merged) == jax.tree.structure(params)
   adapted = rlpf.rl_views({"policy": state.params["policy"]},
@@ -405,10 +409,8 @@ def test_frozen_weights_are_held_in_bfloat16_with_bfloat16_activations():
                                           workflow.frozen_dtype(config))
   tx = rlpf.rl_optimizer(optax.adam(1e-3), state_params)
   step = jax.jit(rlpf.make_rl_step(model, None, model, tx, cfg, [3], [4], eos_id=1))
-  prompt = jnp.tile(jnp.arange(5, 13)[None], (4, 1))
-  batch = {"prompt": prompt, "prompt_mask": prompt > 0,
-           "options": jnp.tile(jnp.array([[[20, 1], [21, 1]]]), (4, 1, 1)),
-           "option_mask": jnp.ones((4, 2, 2), bool), "answer": jnp.zeros(4, jnp.int32)}
+  batch = _rl_test_batch(4)
+  prompt = batch["prompt"]
   state, metrics = step(_rl_state(state_params, tx), batch)
   assert np.isfinite(float(metrics["loss"]))
   dtypes = lambda tree: {x.dtype for x in jax.tree.leaves(tree)}  # noqa: E731
