@@ -11,7 +11,10 @@ On MovieLens-100K, clients = users:
 Variants: FELLRec's dynamic balance --config.federated.personalisation=fellrec,
 local-only adapters =local; centralised LoRA through the same round
 --config.federated.pooling=central --config.federated.clients_per_round=1;
-MoDE adapters --config.adapter.kind=mode (docs/federated_llm.md).
+MoDE adapters --config.adapter.kind=mode; federated User-LLM (the user
+encoder, Perceiver, projector and cross-attention trained by the clients,
+the LLM frozen) --config.federated.task=user_llm --config.adapter.kind=none
+(docs/federated_llm.md).
 Scale: a 2-layer, 64-wide Gemma-style LM (0.25M base parameters on
 MovieLens-100K's 1.9k-piece vocabulary, 1 MB, held once), LoRA rank 4 on q,
 k, v and the attention output (3.6k parameters, 14 KB a round each way),
@@ -48,6 +51,18 @@ def get_config(arg: str = ""):
   config.adapter = ml_collections.ConfigDict(dict(
       kind="lora", rank=4, alpha=8.0, num_experts=4, top_k=0,
       targets=("q", "k", "v", "out")))
+  # federated User-LLM (--config.federated.task=user_llm,
+  # federated/user_llm_task.py): the clients train this user encoder over
+  # the history's item ids, the Perceiver, the projector and the LLM's gated
+  # cross-attention blocks; the LLM stays the frozen warm-up
+  config.encoder = common.sequence_model(tiny, dropout=0.0)
+  config.encoder.fusion = "id"  # item ids only (the clients' rows carry no more)
+  config.userllm = ml_collections.ConfigDict(dict(
+      integration="cross_attention",  # or soft_prompt
+      cross_attention_every=1,  # a block after every LLM layer
+      gate_init=0.0,  # tanh of the blocks' gates at init (0: no-op blocks)
+      num_latents=4 if tiny else 8, perceiver_layers=1, perceiver_heads=2,
+      normalise_user_tokens=True))  # unit-scale user tokens (docs/user_llm.md)
   # x the mean cross-entropy of the history's titles in every client's loss
   # (besides the answer's): every title of a history a target
   config.task = ml_collections.ConfigDict(dict(history_lm_weight=1.0))

@@ -31,9 +31,10 @@ Seams for the algorithms to come (each a field of a spec, defaults are no-ops):
   always local parameters minus the *server's*, so the server model stays the
   (weighted) average of the cohort's local models.
 - a server-side loss term f_c (`ServerSpec.server_loss(params, server_batch,
-  rng) -> scalar`, server data in the cohort under `server_batch`, or a
-  regulariser of the parameters alone), joined to the federated objective by
-  one of the three mixed-FL algorithms below (`ServerSpec.mixing`).
+  rng[, frozen]) -> scalar`, server data in the cohort under `server_batch`,
+  or a regulariser of the parameters alone; `frozen` as for the clients' loss
+  when the round is given frozen weights), joined to the federated objective
+  by one of the three mixed-FL algorithms below (`ServerSpec.mixing`).
 - frozen weights (`round(state, cohort, frozen)`): parameters every client
   reads but none trains, e.g. an LLM's base weights under adapters
   (federated/frozen_base.py). They are an argument of the round, closed over
@@ -421,26 +422,36 @@ def finite_clients(deltas, losses: jax.Array) -> jax.Array:
   return finite.astype(jnp.float32)
 
 
-def _central_inputs(state: ServerState, cohort) -> tuple:
-  """(x, server batch, key) at which f_c is read at the round's start."""
+def _frozen_args(frozen) -> tuple:
+  """The losses' trailing arguments: (frozen,) when the round has frozen
+  weights, else none (the three-argument losses of the other tasks)."""
+  return () if frozen is None else (frozen,)
+
+
+def _central_inputs(state: ServerState, cohort, frozen=None) -> tuple:
+  """(x, server batch, key[, frozen]) at which f_c is read at the round's
+  start."""
   _, key = _server_keys(state)
-  return state.params, cohort["server_batch"], jax.random.fold_in(key, 0)
+  return (state.params, cohort["server_batch"], jax.random.fold_in(key, 0),
+          *_frozen_args(frozen))
 
 
-def central_grad(state: ServerState, cohort, server: ServerSpec) -> PyTree:
+def central_grad(state: ServerState, cohort, server: ServerSpec,
+                 frozen=None) -> PyTree:
   """grad f_c(x) at the round's server parameters (sent to the clients)."""
-  return jax.grad(server.server_loss)(*_central_inputs(state, cohort))
+  return jax.grad(server.server_loss)(*_central_inputs(state, cohort, frozen))
 
 
 def central_delta(state: ServerState, cohort, server: ServerSpec,
-                  federated_grad: PyTree | None) -> PyTree:
+                  federated_grad: PyTree | None, frozen=None) -> PyTree:
   """D_c = y_S - x after S SGD steps on f_c (plus the constant
   `federated_grad` for two_way) from the server parameters x."""
   _, key = _server_keys(state)
 
   def step(s, y):
     grad = jax.grad(server.server_loss)(y, cohort["server_batch"],
-                                        jax.random.fold_in(key, s))
+                                        jax.random.fold_in(key, s),
+                                        *_frozen_args(frozen))
     if federated_grad is not None:
       grad = optax.tree.add(grad, federated_grad)
     return jax.tree.map(lambda p, g: p - server.central_learning_rate * g, y, grad)
@@ -450,9 +461,10 @@ def central_delta(state: ServerState, cohort, server: ServerSpec,
 
 
 def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
-                 cohort, server: ServerSpec):
+                 cohort, server: ServerSpec, frozen=None):
   """Aggregation + server loss + server update + client states + round
-  metrics, shared by both round kinds."""
+  metrics, shared by both round kinds (`frozen`: the round's frozen weights,
+  which the server loss reads too)."""
   num_examples = cohort["num_examples"]
   completed = completed_mask(state, num_examples.shape[0], server.dropout_rate)
   # a client whose update or loss is not finite is dropped (and counted), and
@@ -472,14 +484,15 @@ def finish_round(state: ServerState, deltas, new_client_states, client_metrics,
   metrics = {}
   if server.server_loss is not None:
     # the value only: a metric, no second gradient of f_c
-    metrics["server_loss"] = server.server_loss(*_central_inputs(state, cohort))
+    metrics["server_loss"] = server.server_loss(
+        *_central_inputs(state, cohort, frozen))
     if server.mixing != "one_way":
       federated_grad = None
       if server.mixing == "two_way":  # the clients' gradients at x, averaged
         federated_grad = aggregators.weighted_mean(client_metrics["gradient"],
                                                    weights)
       pseudo_grad = optax.tree.sub(pseudo_grad, central_delta(
-          state, cohort, server, federated_grad))
+          state, cohort, server, federated_grad, frozen))
     any_update = jnp.asarray(True)
   new_state = server_update(state, pseudo_grad, any_update, server.optimizer)
   if server.personalise is not None:
@@ -531,7 +544,7 @@ def make_round(example_loss: ExampleLoss, client: ClientSpec,
                                      federated_gradient=_two_way(server))
 
   def federated_round(state, cohort, frozen=None):
-    server_grad = _sent_server_grad(state, cohort, server)
+    server_grad = _sent_server_grad(state, cohort, server, frozen)
     per_client = (cohort_client_states(state, cohort), cohort["examples"],
                   cohort["num_examples"], client_rngs(state, cohort["client_ids"]))
     # the server's parameters and `frozen` are closed over: every client
@@ -544,7 +557,7 @@ def make_round(example_loss: ExampleLoss, client: ClientSpec,
     else:
       deltas, client_states, client_metrics = jax.vmap(train)(per_client)
     return finish_round(state, deltas, client_states, client_metrics, cohort,
-                        server)
+                        server, frozen)
 
   return federated_round
 
@@ -586,11 +599,11 @@ def _two_way(server: ServerSpec) -> bool:
   return server.server_loss is not None and server.mixing == "two_way"
 
 
-def _sent_server_grad(state, cohort, server: ServerSpec):
+def _sent_server_grad(state, cohort, server: ServerSpec, frozen=None):
   """g_c(x) for the clients (one_way, two_way), else None."""
   if server.server_loss is None or server.mixing == "parallel":
     return None
-  return central_grad(state, cohort, server)
+  return central_grad(state, cohort, server, frozen)
 
 
 def make_looped_round(example_loss: ExampleLoss, client: ClientSpec,
@@ -601,24 +614,25 @@ def make_looped_round(example_loss: ExampleLoss, client: ClientSpec,
   check_mixing(server)
   client_update = jax.jit(make_client_update(
       example_loss, client, federated_gradient=_two_way(server)))
-  finish = jax.jit(lambda state, deltas, states, metrics, cohort: finish_round(
-      state, deltas, states, metrics, cohort, server))
+  finish = jax.jit(lambda state, deltas, states, metrics, cohort, frozen:
+                   finish_round(state, deltas, states, metrics, cohort, server,
+                                frozen))
   rngs_of = jax.jit(client_rngs)
   states_of = jax.jit(cohort_client_states)
-  server_grad_of = jax.jit(lambda state, cohort: _sent_server_grad(state, cohort,
-                                                                   server))
+  server_grad_of = jax.jit(lambda state, cohort, frozen: _sent_server_grad(
+      state, cohort, server, frozen))
 
   def looped_round(state, cohort, frozen=None):
     rngs = rngs_of(state, cohort["client_ids"])
     client_states = states_of(state, cohort)
-    server_grad = server_grad_of(state, cohort)
+    server_grad = server_grad_of(state, cohort, frozen)
     results = [client_update(state.params,
                              jax.tree.map(lambda x: x[c], client_states),
                              cohort["examples"][c], cohort["num_examples"][c],
                              rngs[c], server_grad, frozen)
                for c in range(cohort["num_examples"].shape[0])]
     deltas, states, metrics = jax.tree.map(lambda *xs: jnp.stack(xs), *results)
-    return finish(state, deltas, states, metrics, cohort)
+    return finish(state, deltas, states, metrics, cohort, frozen)
 
   return looped_round
 

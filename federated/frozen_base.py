@@ -54,19 +54,20 @@ def round_step(federated_round):
 
 def init_state(boxed_params_fn, client: algorithms.ClientSpec,
                server: algorithms.ServerSpec, seed: int, num_client_rows: int,
-               mesh):
+               mesh, split=adapters_lib.split_adapters):
   """(FrozenBaseState, shardings) on `mesh`: `boxed_params_fn(rng)` (the
-  LLM's whole tree with logical axis names) split into adapters (the
-  round's params; their optimiser state and per-client table too, the
-  table's rows padded to a multiple of the data axis and sharded over it)
-  and the base (`frozen`, sharded by its logical axes: `vocab`, `mlp`,
-  `heads` over `model`)."""
+  model's whole tree with logical axis names) split by `split` into what the
+  clients train (the round's params: by default the adapters; their
+  optimiser state and per-client table too, the table's rows padded to a
+  multiple of the data axis and sharded over it) and the frozen rest
+  (`frozen`, sharded by its logical axes: `vocab`, `mlp`, `heads` over
+  `model`)."""
   init_rng, train_rng = jax.random.split(jax.random.PRNGKey(seed))
   data = mesh.shape["data"]
   rows = -(-num_client_rows // data) * data
 
   def boxed_state():
-    adapter_part, base_part = adapters_lib.split_adapters(boxed_params_fn(init_rng))
+    adapter_part, base_part = split(boxed_params_fn(init_rng))
     state = algorithms.init_server_state(nn.meta.unbox(adapter_part), client,
                                          server, train_rng, rows)
     box = lambda x: nn.LogicallyPartitioned(  # noqa: E731

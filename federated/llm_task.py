@@ -39,6 +39,7 @@ popularity scored on the same events.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -200,14 +201,16 @@ def make_rank_fn(model: llm.DecoderLM, piece_of_item: np.ndarray):
 class NextTitleScorer:
   """Ranks every catalogue title for held-out next events (seen items
   excluded); the row scorer federated/evaluation.py reads (`ranks`,
-  `fixed_score_ranks`). `params_of(params)` turns what the evaluator passes
-  (the adapters) into the LLM's whole tree (adapters over the held base)."""
+  `fixed_score_ranks`). `prompts_of(histories [n, H], lengths [n])` makes
+  the rows `rank_fn` reads from each event's latest H items;
+  `params_of(params)` turns what the evaluator passes (the trained part)
+  into the model's whole tree (over the held base)."""
 
   def __init__(self, timelines: tl.UserTimelines, held_out: splits.HeldOut,
-               history_len: int, text: TitleText, batch_size: int, mesh,
-               rank_fn, params_of, question: bool = True):
+               history_len: int, prompts_of, batch_size: int, mesh,
+               rank_fn, params_of):
     items, lengths = sequences.history_inputs(timelines, held_out, history_len)
-    self.prompts = text.prompts(items, lengths, question)
+    self.prompts = prompts_of(items, lengths)
     self.histories = sequences.seen_items(timelines, held_out)
     self.targets = held_out.targets
     self.vocab = timelines.num_items + 1
@@ -248,13 +251,15 @@ class NextTitleLLMTask(NextItemTask):
   adapters of a base LLM the task holds (`hold_base`, after the warm-up)."""
 
   name = "next_title"
-  server_losses = ("none",)
 
   def __init__(self, config, timelines: tl.UserTimelines, tokenizer: Tokenizer,
                model_config: llm.LLMConfig):
     self.history_len = config.data.history_len
     self.text = TitleText(timelines.items, tokenizer)
     self.model = llm.DecoderLM(model_config)
+    # the warm-up's LLM: this one without adapters
+    self.base_config = dataclasses.replace(model_config,
+                                           adapter=adapters_lib.AdapterConfig())
     self.is_title = jnp.asarray(self.text.is_title)
     self.example_loss = functools.partial(
         next_title_losses, self.model, float(config.task.history_lm_weight),
@@ -265,6 +270,19 @@ class NextTitleLLMTask(NextItemTask):
   def hold_base(self, frozen) -> None:
     """The base weights (on the mesh) every scorer reads under the adapters."""
     self.frozen = frozen
+
+  def split_params(self, params) -> tuple[dict, dict]:
+    """The model's whole (boxed or plain) tree -> (what the clients train:
+    the adapters, the frozen rest)."""
+    return adapters_lib.split_adapters(params)
+
+  def frozen_of_base(self, base) -> dict:
+    """The round's frozen weights from the warm-up's LLM tree."""
+    return base
+
+  def base_of_frozen(self, frozen) -> dict:
+    """The warm-up's LLM tree from the round's frozen weights."""
+    return frozen
 
   def init_params(self, rng):
     """rng -> the LLM's whole boxed parameter tree (base and adapters)."""
@@ -295,18 +313,12 @@ class NextTitleLLMTask(NextItemTask):
     """{metric: [rows]} of ranks [rows] (Recall@10, NDCG@10 per event)."""
     return self._from_ranks(ranks)
 
-  def whole_params(self, adapters):
-    """The LLM's tree: `adapters` over the held base."""
-    return adapters_lib.merge_adapters(adapters, self.frozen)
+  def whole_params(self, trained):
+    """The model's tree: the trained part over the held base."""
+    return adapters_lib.merge_trees(trained, self.frozen)
 
   def row_scorer(self, timelines: tl.UserTimelines, held_out: splits.HeldOut,
                  batch_size: int, mesh) -> NextTitleScorer:
-    return NextTitleScorer(timelines, held_out, self.history_len, self.text,
-                           batch_size, mesh, self.rank_fn, self.whole_params)
-
-  def server_loss(self, name: str, weight: float):
-    del weight
-    if name != "none":
-      raise ConfigError(f"config.federated.mixed.server_loss={name!r}: the "
-                        f"next-title LLM task offers {self.server_losses}")
-    return None
+    return NextTitleScorer(timelines, held_out, self.history_len,
+                           self.text.prompts, batch_size, mesh, self.rank_fn,
+                           self.whole_params)

@@ -38,7 +38,7 @@ import numpy as np
 from data import prompts, sources
 from data.sequences import EpochBatcher
 from federated import (algorithms, clients, cost, evaluation, frozen_base,
-                       llm_task, privacy, runs)
+                       llm_task, privacy, runs, user_llm_task)
 from infra import optim, results as results_lib, stages, train_loop
 from infra.errors import ConfigError
 from userllm import language_model
@@ -51,12 +51,18 @@ STAGES = {"base": stages.Stage("base_train", (
     "federated.num_clients", "federated.dirichlet_alpha",
     "federated.embedding_dim", "federated.participating_fraction",
     "federated.heldout_fraction"))}
-TASK = "next_title"
+TASK = "next_title"  # the prediction (results keys) both models make
+# config.federated.task -> what the clients train: adapters of the LLM,
+# reading the history as text, or the User-LLM's user path over the frozen
+# LLM, reading it as user tokens
+TASKS = {"next_title": llm_task.NextTitleLLMTask,
+         "user_llm": user_llm_task.UserLLMNextTitleTask}
 
 
 def adapter_config(config) -> adapters.AdapterConfig:
   """`config.adapter` as the AdapterConfig of the clients' adapters; errors
-  name the field."""
+  name the field. The adapters' task needs some; the User-LLM's may have
+  none (kind "none")."""
   fields = {name: config.adapter[name] for name in config.adapter.keys()}
   fields["targets"] = tuple(fields.get("targets", ()))
   try:
@@ -65,7 +71,7 @@ def adapter_config(config) -> adapters.AdapterConfig:
     raise ConfigError(f"config.adapter: {e}") from None
   except ValueError as e:
     raise ConfigError(f"config.{e}") from None
-  if not cfg.enabled:
+  if not cfg.enabled and config.federated.task == "next_title":
     raise ConfigError("config.adapter.kind='none': the clients train adapters "
                       f"only; pick one of {adapters.KINDS[1:]}")
   return cfg
@@ -75,9 +81,9 @@ def check(config) -> None:
   """One-line errors for values that would fail later (or silently)."""
   for field in ("base_train", "train"):
     train_loop.check_schedule(config[field], f"config.{field}")
-  if config.federated.task != TASK:
-    raise ConfigError(f"config.federated.task={config.federated.task!r}: the "
-                      f"federated_llm workflow's task is {TASK!r}")
+  if config.federated.task not in TASKS:
+    raise ConfigError(f"config.federated.task={config.federated.task!r} is not "
+                      f"one of the federated_llm workflow's {tuple(TASKS)}")
   if not config.data.title_pieces:
     raise ConfigError("config.data.title_pieces=False: the next-title task "
                       "ranks one vocabulary piece per title (set it True)")
@@ -94,7 +100,7 @@ def check(config) -> None:
 class LLMFederation:
   """What a federated LLM run builds before it trains."""
   timelines: Any
-  task: llm_task.NextTitleLLMTask
+  task: llm_task.NextTitleLLMTask  # or its User-LLM subclass
   split: clients.ParticipationSplit
   dataset: clients.ClientDataset
   dp_budget: privacy.Budget | None
@@ -112,7 +118,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh) -> LLMFederatio
       titles=[str(t) for t in timelines.items.titles[1:]])
   model_config = language_model.llm_config(config, tokenizer.vocab_size,
                                            adapter=adapter_config(config))
-  task = llm_task.NextTitleLLMTask(config, timelines, tokenizer, model_config)
+  task = TASKS[config.federated.task](config, timelines, tokenizer, model_config)
   split, dataset, dp_budget, client_spec, server_spec = runs.clients_and_specs(
       config, timelines, task, mesh)
   return LLMFederation(timelines, task, split, dataset, dp_budget, client_spec,
@@ -121,8 +127,7 @@ def build(config: ml_collections.ConfigDict, workdir: str, mesh) -> LLMFederatio
 
 def base_model(task: llm_task.NextTitleLLMTask) -> llm.DecoderLM:
   """The LLM without adapters (the warm-up's; its tree is the frozen base)."""
-  return llm.DecoderLM(dataclasses.replace(task.model.config,
-                                           adapter=adapters.AdapterConfig()))
+  return llm.DecoderLM(task.base_config)
 
 
 def continuation_scorer(config, f: LLMFederation, mesh, held_out):
@@ -130,10 +135,10 @@ def continuation_scorer(config, f: LLMFederation, mesh, held_out):
   scored like the adapters (params: the base's whole tree)."""
   model = base_model(f.task)
   return llm_task.NextTitleScorer(
-      f.timelines, held_out, config.data.history_len, f.task.text,
+      f.timelines, held_out, config.data.history_len,
+      lambda items, lengths: f.task.text.prompts(items, lengths, question=False),
       config.train.eval_batch_size, mesh,
-      llm_task.make_rank_fn(model, f.task.text.piece_of_item), lambda p: p,
-      question=False)
+      llm_task.make_rank_fn(model, f.task.text.piece_of_item), lambda p: p)
 
 
 def warm_up(config, workdir: str, mesh, f: LLMFederation):
@@ -184,11 +189,13 @@ def make_round(config, f: LLMFederation, mesh, looped: bool = False):
 
 
 def init_state(config, f: LLMFederation, mesh, base):
-  """(FrozenBaseState, shardings): fresh adapters over the warm-up's `base`."""
+  """(FrozenBaseState, shardings): the clients' part fresh (adapters, or
+  the User-LLM's user path) over the warm-up's `base`."""
   state, shardings = frozen_base.init_state(
       f.task.init_params, f.client_spec, f.server_spec, config.seed,
-      len(f.dataset), mesh)
-  return state.replace(frozen=jax.device_put(base, shardings.frozen)), shardings
+      len(f.dataset), mesh, split=f.task.split_params)
+  frozen = jax.device_put(f.task.frozen_of_base(base), shardings.frozen)
+  return state.replace(frozen=frozen), shardings
 
 
 def scores(evaluator, f: LLMFederation, state) -> dict[str, float]:
@@ -208,8 +215,7 @@ def train(config, workdir: str, mesh, f: LLMFederation, base):
   return train_loop.fit(
       state=state, state_shardings=shardings,
       train_step=frozen_base.round_step(make_round(config, f, mesh)),
-      batch_fn=clients.CohortSampler(f.dataset, config.federated.clients_per_round,
-                                     config.seed),
+      batch_fn=runs.cohorts(config, f),
       mesh=mesh, workdir=f"{workdir}/federated", schedule=config.train,
       eval_fn=lambda s: {**scores(periodic, f, s),
                          **runs.privacy_spent(f.dp_budget, s.step)},
@@ -222,7 +228,8 @@ def base_continuation(config, f: LLMFederation, mesh, state) -> dict[str, float]
   held_out = f.split.out_of_sample
   if not len(held_out):
     return {}
-  ranks = continuation_scorer(config, f, mesh, held_out).ranks(state.frozen)
+  ranks = continuation_scorer(config, f, mesh, held_out).ranks(
+      f.task.base_of_frozen(state.frozen))
   rows = f.task.rank_metrics(ranks)
   row_clients = f.split.client_of_user[held_out.users]
   out = {}
@@ -269,6 +276,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh) -> dict[str, floa
              "participating_clients": int(f.split.participating.sum()),
              "training_examples": int(f.dataset.num_examples.sum()),
              "adapter_parameters": float(adapters.tree_count(state.params)),
+             "trained_parameters": float(sum(np.size(x) for x in
+                                             jax.tree.leaves(state.params))),
              "base_parameters": float(sum(np.size(x) for x in
                                           jax.tree.leaves(state.frozen)))}
   results.update(evaluate(config, mesh, f, state))

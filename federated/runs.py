@@ -1,12 +1,14 @@
 """What the federated workflows (federated/workflow.py, the task models;
 federated/llm_workflow.py, adapters of a frozen LLM) share when they run a
 round: the line describing the clients, the DP-FedAvg budget and the
-privacy spent, how many clients train at once on this machine, and each
-client's own model (FELLRec)."""
+privacy spent, how many clients train at once on this machine, each
+client's own model (FELLRec), and mixed FL's server data (`check_server_data`,
+`cohorts`)."""
 
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from federated import algorithms, clients, privacy
 from infra import mesh as mesh_lib
@@ -21,6 +23,7 @@ def clients_and_specs(config, timelines, task, mesh):
   split, dataset = clients.build_clients(fed, timelines, task.client_examples,
                                          config.seed)
   describe_clients(fed, split, dataset)
+  check_server_data(fed, dataset, mesh)
   mesh_lib.check_batch_divides(fed.clients_per_round, mesh,
                                "config.federated.clients_per_round")
   mesh_lib.check_batch_divides(config.train.eval_batch_size, mesh,
@@ -109,3 +112,46 @@ def privacy_spent(dp_budget, rounds) -> dict[str, float]:
     return {}
   return {"dp_epsilon": dp_budget.epsilon(int(rounds)), "dp_delta": dp_budget.delta,
           "dp_noise_multiplier": dp_budget.noise_multiplier}
+
+
+def check_server_data(fed, dataset: clients.ClientDataset, mesh) -> None:
+  """The datacenter server loss needs server data, a batch it can draw."""
+  held = 0 if dataset.server_examples is None else len(dataset.server_examples)
+  if held:
+    print(f"[clients] the server holds {held} examples "
+          f"(datacenter.users={fed.datacenter.users!r}"
+          f"{', swapped' if fed.datacenter.swap else ''})", flush=True)
+  if fed.mixed.server_loss != "datacenter":
+    return
+  size = fed.datacenter.server_batch_size
+  if not 1 <= size <= held:
+    raise ConfigError(
+        f"config.federated.datacenter.server_batch_size={size} must be between 1 "
+        f"and the server's {held} examples (config.federated.datacenter.users "
+        "gives the server data)")
+  mesh_lib.check_batch_divides(size, mesh,
+                               "config.federated.datacenter.server_batch_size")
+
+
+def cohorts(config, f):
+  """round -> the cohort of that round; with a server loss, the cohort also
+  carries its `server_batch`: `datacenter.server_batch_size` of the server's
+  examples drawn as a pure function of (seed, round), or, for a loss of the
+  parameters alone, a zero placeholder with one row per client (so it shards
+  like the cohort)."""
+  fed = config.federated
+  sampler = clients.CohortSampler(f.dataset, fed.clients_per_round, config.seed)
+  if f.server_spec.server_loss is None:
+    return sampler
+  held = f.dataset.server_examples
+  if fed.mixed.server_loss != "datacenter":
+    placeholder = np.zeros((fed.clients_per_round,), np.float32)
+    return lambda round_index: {**sampler(round_index), "server_batch": placeholder}
+  size = fed.datacenter.server_batch_size
+
+  def with_server_batch(round_index):
+    rng = np.random.default_rng([config.seed, 4, round_index])
+    rows = np.sort(rng.choice(len(held), size, replace=False))
+    return {**sampler(round_index), "server_batch": held[rows]}
+
+  return with_server_batch

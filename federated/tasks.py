@@ -80,7 +80,8 @@ class NextItemTask:
   def server_loss(self, name: str, weight: float):
     """The mixed-FL server loss `name`: "datacenter" is `weight` x the mean
     example loss over the round's `server_batch` (examples the server holds,
-    config.federated.datacenter)."""
+    config.federated.datacenter; over the round's frozen weights when it has
+    some)."""
     if name == "none":
       return None
     if name != "datacenter":
@@ -88,8 +89,8 @@ class NextItemTask:
                         f"of {self.server_losses}")
     example_loss = self.example_loss
 
-    def loss(params, server_batch, rng):
-      return weight * jnp.mean(example_loss(params, server_batch, rng))
+    def loss(params, server_batch, rng, *frozen):  # frozen: as the clients'
+      return weight * jnp.mean(example_loss(params, server_batch, rng, *frozen))
 
     return loss
 

@@ -84,25 +84,6 @@ def build(config: ml_collections.ConfigDict, mesh, timelines=None) -> Federation
                     server_spec)
 
 
-def check_server_data(fed, dataset: clients.ClientDataset, mesh) -> None:
-  """The datacenter server loss needs server data, a batch it can draw."""
-  held = 0 if dataset.server_examples is None else len(dataset.server_examples)
-  if held:
-    print(f"[clients] the server holds {held} examples "
-          f"(datacenter.users={fed.datacenter.users!r}"
-          f"{', swapped' if fed.datacenter.swap else ''})", flush=True)
-  if fed.mixed.server_loss != "datacenter":
-    return
-  size = fed.datacenter.server_batch_size
-  if not 1 <= size <= held:
-    raise ConfigError(
-        f"config.federated.datacenter.server_batch_size={size} must be between 1 "
-        f"and the server's {held} examples (config.federated.datacenter.users "
-        "gives the server data)")
-  mesh_lib.check_batch_divides(size, mesh,
-                               "config.federated.datacenter.server_batch_size")
-
-
 def round_program(config: ml_collections.ConfigDict, mesh, f: Federation):
   """(initial state, its shardings, round_fn, cohort sampler) of `f`: what
   `train` drives, and what the benchmarks time."""
@@ -113,7 +94,7 @@ def round_program(config: ml_collections.ConfigDict, mesh, f: Federation):
                                    client_chunk=resolve_client_chunk(
                                        config.federated.client_chunk, mesh),
                                    client_shards=mesh.shape["data"])
-  return state, shardings, round_fn, cohorts(config, f)
+  return state, shardings, round_fn, runs.cohorts(config, f)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
@@ -130,30 +111,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, mesh, f: Federation):
                                                 personal_models(s, f.dataset)),
                             **privacy_spent(f.dp_budget, s.step)},
                         name="federated", unit="round", identity=config.to_dict())
-
-
-def cohorts(config: ml_collections.ConfigDict, f: Federation):
-  """round -> the cohort of that round; with a server loss, the cohort also
-  carries its `server_batch`: `datacenter.server_batch_size` of the server's
-  examples drawn as a pure function of (seed, round), or, for a loss of the
-  parameters alone, a zero placeholder with one row per client (so it shards
-  like the cohort)."""
-  fed = config.federated
-  sampler = clients.CohortSampler(f.dataset, fed.clients_per_round, config.seed)
-  if f.server_spec.server_loss is None:
-    return sampler
-  held = f.dataset.server_examples
-  if fed.mixed.server_loss != "datacenter":
-    placeholder = np.zeros((fed.clients_per_round,), np.float32)
-    return lambda round_index: {**sampler(round_index), "server_batch": placeholder}
-  size = fed.datacenter.server_batch_size
-
-  def with_server_batch(round_index):
-    rng = np.random.default_rng([config.seed, 4, round_index])
-    rows = np.sort(rng.choice(len(held), size, replace=False))
-    return {**sampler(round_index), "server_batch": held[rows]}
-
-  return with_server_batch
 
 
 def evaluate(config: ml_collections.ConfigDict, mesh, f: Federation, state

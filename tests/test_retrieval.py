@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from federated import algorithms, clients, tasks, workflow
+from federated import algorithms, clients, runs, tasks, workflow
 from infra import mesh as mesh_lib
 from infra.errors import ConfigError
 from test_federated_algorithms import assert_trees_close
@@ -163,7 +163,7 @@ def _retrieval_rounds(config, mesh, rounds=2):
                                            f.server_spec),
                      in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                      out_shardings=(shardings, None))
-  cohorts = workflow.cohorts(config, f)
+  cohorts = runs.cohorts(config, f)
   for r in range(rounds):
     state, metrics = round_fn(state, mesh_lib.put_batch(cohorts(r), mesh))
   return f, state, metrics
@@ -206,7 +206,7 @@ def test_server_spreadout_round_vmapped_equals_looped(server_spreadout_config, m
       is_leaf=lambda x: hasattr(x, "value")))
   vmapped = jax.jit(algorithms.make_round(f.task.example_loss, f.client_spec, server))
   looped = algorithms.make_looped_round(f.task.example_loss, f.client_spec, server)
-  cohort = workflow.cohorts(config, f)(0)
+  cohort = runs.cohorts(config, f)(0)
   a, metrics_a = vmapped(state, cohort)
   b, metrics_b = looped(state, cohort)
   assert_trees_close(a.params, b.params, atol=2e-5)

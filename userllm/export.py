@@ -222,7 +222,7 @@ def read(out: str) -> tuple[llm.LLMConfig, dict, dict]:
   if manifest["adapters"]:
     spec = {k: v for k, v in about["adapter"].items() if k != "handled"}
     adapter = adapters.AdapterConfig(**{**spec, "targets": tuple(spec["targets"])})
-    params = _merge_trees(params, _restore(out, manifest["adapters"]["path"]))
+    params = adapters.merge_trees(_restore(out, manifest["adapters"]["path"]), params)
   cfg = dataclasses.replace(cfg, adapter=adapter, **{
       k: about["config"][k] for k in _LAYOUT_FREE})
   user = _restore(out, manifest["user_model"]["path"]) if manifest["user_model"] else {}
@@ -232,13 +232,6 @@ def read(out: str) -> tuple[llm.LLMConfig, dict, dict]:
 
 def _restore(out: str, name: str) -> dict:
   return ocp.StandardCheckpointer().restore(paths.resolve(paths.join(out, name)))
-
-
-def _merge_trees(base: dict, extra: dict) -> dict:
-  out = dict(base)
-  for key, value in extra.items():
-    out[key] = _merge_trees(out.get(key, {}), value) if isinstance(value, dict) else value
-  return out
 
 
 def _write_readme(out: str, manifest: dict) -> None:

@@ -102,11 +102,13 @@ class UserLLM(nn.Module):
     self.llm = llm_lib.DecoderLM(cfg.llm)
 
   def user_tokens(self, events: dict, train: bool = False):
-    """events: {"items", "ratings": [b, h] int, "genres": [b, h, g], and with
-    item_text "titles": [b, h, t] title token ids (0 = padding)} -> (tokens
+    """events: {"items", "ratings": [b, h] int, "genres": [b, h, g] (an
+    encoder of fusion "id" reads the items only), and with item_text
+    "titles": [b, h, t] title token ids (0 = padding)} -> (tokens
     [b, n, llm width], mask [b, n] bool); n = num_latents or h."""
-    states = self.encoder.encode(events["items"], train, ratings=events["ratings"],
-                                 genres=events["genres"])
+    states = self.encoder.encode(events["items"], train,  # fusion "id": items only
+                                 ratings=events.get("ratings"),
+                                 genres=events.get("genres"))
     if self.config.item_text:
       states = states + self.title_projection(self.title_norm(
           self.title_text(events["titles"])))

@@ -218,28 +218,44 @@ def split_adapters(params: dict) -> tuple[dict, dict]:
   """(adapters, base): the `<target>_adapter` subtrees of a (boxed or plain)
   parameter tree, each under its own path, and everything else. A tree
   without adapters gives ({}, params)."""
-  adapter_part, base_part = {}, {}
-  for name, value in params.items():
-    if _is_adapter(name):
-      adapter_part[name] = value
-    elif isinstance(value, dict):
-      inner_adapters, inner_base = split_adapters(value)
-      if inner_adapters:
-        adapter_part[name] = inner_adapters
-      if inner_base:
-        base_part[name] = inner_base
-    else:
-      base_part[name] = value
-  return adapter_part, base_part
+  return split_by_path(params, lambda path: any(_is_adapter(p) for p in path))
 
 
 def merge_adapters(adapter_part: dict, base: dict) -> dict:
   """The whole tree: `adapter_part` put back into `base` (inverse of
-  `split_adapters`; nothing is copied, only the dicts are new)."""
+  `split_adapters`)."""
+  return merge_trees(adapter_part, base)
+
+
+def split_by_path(params: dict, trained) -> tuple[dict, dict]:
+  """(the leaves whose path `trained(path)` selects, the rest) of a nested
+  dict of (boxed or plain) leaves, each under its own path; empty dicts are
+  left out. `merge_trees` puts them back."""
+  def walk(tree, prefix):
+    chosen, rest = {}, {}
+    for name, value in tree.items():
+      path = prefix + (name,)
+      if isinstance(value, dict):
+        inner_chosen, inner_rest = walk(value, path)
+        if inner_chosen:
+          chosen[name] = inner_chosen
+        if inner_rest:
+          rest[name] = inner_rest
+      elif trained(path):
+        chosen[name] = value
+      else:
+        rest[name] = value
+    return chosen, rest
+  return walk(params, ())
+
+
+def merge_trees(part: dict, base: dict) -> dict:
+  """The whole tree: `part` put back into `base` (inverse of
+  `split_by_path`; nothing is copied, only the dicts are new)."""
   out = dict(base)
-  for name, value in adapter_part.items():
-    out[name] = (value if _is_adapter(name)
-                 else merge_adapters(value, base.get(name, {})))
+  for name, value in part.items():
+    out[name] = (merge_trees(value, base.get(name, {})) if isinstance(value, dict)
+                 else value)
   return out
 
 
