@@ -135,3 +135,25 @@ def test_rl_as_lora_over_a_bfloat16_base_holds_less_per_device():
   arguments = [r.argument_bytes for r in reports]
   assert arguments[0] > arguments[1] > arguments[2] > 0, arguments
   assert all(r.peak_bytes >= r.argument_bytes - r.alias_bytes for r in reports)
+
+
+@pytest.mark.parametrize("step", ["rlpf_rl", "rlpf_rollout"])
+def test_the_tpu_benchmarks_rlpf_builders_compile_on_cpu_devices(step):
+  """benchmarks/userllm/tpu_compile.py's own builders of RLPF's RL step and
+  its sampling alone, for the whole policy and for LoRA over a frozen base
+  (the layouts it tries), compiled on a mesh of 8 CPU devices from the
+  tiny RLPF config: what it compiles for a TPU slice, on devices every test
+  machine has (4 x 2: the tiny LM's 2 heads split over `model`)."""
+  import types
+  from benchmarks.userllm import tpu_compile
+  from configs import rlpf as rlpf_config
+  mesh = aot.slice_mesh(jax.devices()[:8], data=4, model=2)
+  args = types.SimpleNamespace(prompt_tokens=4, title_tokens=3)
+  for layout in (tpu_compile.Layout("config", 4, 2),
+                 tpu_compile.Layout("fsdp+lora2+remat", 4, 2, mesh_lib.FSDP_RULES,
+                                    lora_rank=2, remat=True)):
+    config = rlpf_config.get_config("tiny")
+    built = tpu_compile.BUILDERS[step](config, 64, mesh, layout, 8, args)
+    report = aot.compile_step(built.fn, built.args, built.in_shardings,
+                              built.out_shardings, built.donate_argnums)
+    assert report.flops > 0 and report.argument_bytes > 0, (layout.name, report)

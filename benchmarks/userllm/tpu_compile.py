@@ -310,8 +310,10 @@ def rlpf_rollout_step(config, vocab: int, mesh, layout: Layout, batch: int,
   used = [k for k in ("policy", "base", "predictor") if k in state.params]
 
   def sample(params, batch, rng):
-    frozen = {k: v for k, v in params.items() if k in rlpf.FROZEN}
-    policy_params = rlpf.rl_views({"policy": params["policy"]}, frozen)[0]
+    policy_params = params["policy"]  # the whole policy, or LoRA's adapters
+    if "base" in params:  # over the frozen base
+      policy_params = rlpf.rl_views({"policy": policy_params},
+                                    {"base": params["base"]})[0]
     return rollout({"policy": policy_params, "predictor": params["predictor"]},
                    batch, rng)
   rng = jax.ShapeDtypeStruct((2,), jnp.uint32,
