@@ -60,9 +60,16 @@ def get_config(arg: str = ""):
   config.userllm = ml_collections.ConfigDict(dict(
       integration="cross_attention",  # or soft_prompt
       cross_attention_every=1,  # a block after every LLM layer
-      gate_init=0.0,  # tanh of the blocks' gates at init (0: no-op blocks)
+      # tanh of the blocks' gates at init: 0 (Flamingo's) leaves a fresh block
+      # without gradient until its gate opens; 0.1 learnt faster here
+      # (benchmarks/results/federated_user_llm_ml100k.md)
+      gate_init=0.1,
       num_latents=4 if tiny else 8, perceiver_layers=1, perceiver_heads=2,
-      normalise_user_tokens=True))  # unit-scale user tokens (docs/user_llm.md)
+      normalise_user_tokens=True,  # unit-scale user tokens (docs/user_llm.md)
+      # + each event's title piece as the frozen LLM embeds it on its encoder
+      # state (UserLLMConfig.item_text): the user tokens name the titles in
+      # the LLM's own token space
+      item_text=True))
   # x the mean cross-entropy of the history's titles in every client's loss
   # (besides the answer's): every title of a history a target
   config.task = ml_collections.ConfigDict(dict(history_lm_weight=1.0))

@@ -83,7 +83,8 @@ def user_llm_config(config, num_items: int, base: llm.LLMConfig
       encoder=encoder_config(config, num_items), llm=lm,
       integration=u.integration, num_latents=u.num_latents,
       perceiver_layers=u.perceiver_layers, perceiver_heads=u.perceiver_heads,
-      normalise_user_tokens=u.normalise_user_tokens).validate()
+      normalise_user_tokens=u.normalise_user_tokens,
+      item_text=u.item_text).validate()
 
 
 def trained_part(path: tuple[str, ...]) -> bool:
@@ -108,13 +109,18 @@ class UserLLMNextTitleTask(llm_task.NextTitleLLMTask):
                                             model_config))
     self.is_title = jnp.asarray(self.text.is_title)
     self.head = list(self.text.head)
+    self.pieces = jnp.asarray(self.text.piece_of_item)
     self.example_loss = self._example_loss
     self.rank_fn = self._make_rank_fn()
     self.frozen = None
 
-  # The rows: [history item ids (H) | text tokens]
   def _events(self, rows: jax.Array) -> tuple[dict, jax.Array]:
-    return {"items": rows[:, :self.history_len]}, rows[:, self.history_len:]
+    """Rows [b, H + t] -> (the encoder's events: "items" [b, H] and, for
+    item_text, each item's title piece as "titles" [b, H, 1] (0 for
+    padding); the text tokens [b, t])."""
+    items = rows[:, :self.history_len]
+    return ({"items": items, "titles": self.pieces[items][..., None]},
+            rows[:, self.history_len:])
 
   def _example_loss(self, params, examples: jax.Array, rng: jax.Array, frozen
                     ) -> jax.Array:
@@ -127,13 +133,12 @@ class UserLLMNextTitleTask(llm_task.NextTitleLLMTask):
     return llm_task.nll_of_logits(logits, tokens)[:, -1]
 
   def _make_rank_fn(self):
-    pieces = jnp.asarray(self.text.piece_of_item)
-
     @jax.jit
     def rank_fn(params, rows, targets, excluded):
       events, tokens = self._events(rows)
       logits = self.model.apply({"params": params}, events, tokens, tokens != 0)
-      return ranking.target_ranks(logits[:, -1][:, pieces], targets, excluded)
+      return ranking.target_ranks(logits[:, -1][:, self.pieces], targets,
+                                  excluded)
 
     return rank_fn
 

@@ -54,12 +54,16 @@ def random_base(f, seed=1):
 
 
 def test_the_clients_train_the_user_path_and_the_llm_is_the_warm_ups(vocab_dir):
-  """Trained: encoder, Perceiver, projector, cross-attention blocks (their
-  gates too); frozen: exactly the warm-up LLM's tree; merged back whole."""
+  """Trained: encoder, Perceiver, projector, the title projection,
+  cross-attention blocks (their gates too); frozen: exactly the warm-up
+  LLM's tree (its embeddings, which the title path reads, too); merged back
+  whole."""
   f, _ = build(tiny_config(), vocab_dir)
   whole = nn.meta.unbox(f.task.init_params(jax.random.PRNGKey(0)))
   trained, frozen = f.task.split_params(whole)
-  assert set(trained) == {"encoder", "perceiver", "projector", "llm"}
+  # (item_text: the titles' projection from the frozen LLM's embeddings)
+  assert set(trained) == {"encoder", "perceiver", "projector", "title_norm",
+                          "title_projection", "llm"}
   assert all(k.startswith("cross_attention_") for k in trained["llm"])
   gates = [p for p, _ in jax.tree_util.tree_leaves_with_path(trained)
            if "gate" in jax.tree_util.keystr(p)]

@@ -196,26 +196,29 @@ def pooled(f):
   return dataclasses.replace(f, dataset=one)
 
 
-def method_config(name: str, cfg, f, lr: float):
-  """(config, federation) of one method at client learning rate `lr`."""
-  overrides = {**METHODS[name], "federated.client_learning_rate": lr}
+def method_config(name: str, cfg, f, lr: float, overrides: dict | None = None):
+  """The config of one method at client learning rate `lr` (`overrides`:
+  the method's own, METHODS[name] by default; a name that starts with
+  "centralised" pools the clients' examples, see `pooled`)."""
+  overrides = {**(METHODS[name] if overrides is None else overrides),
+               "federated.client_learning_rate": lr}
   if name == "fedavg_mode":
     overrides["adapter.rank"] = mode_rank(f)
-  if name == "centralised_lora":
+  if name.startswith("centralised"):  # epochs: as given, else matched passes
     epochs = max(1, round(example_passes(cfg, f) / int(f.dataset.num_examples.sum())))
-    overrides.update({"federated.clients_per_round": 1, "train.num_steps": epochs,
-                      "train.checkpoint_every": 1})
+    overrides = {"federated.clients_per_round": 1, "train.num_steps": epochs,
+                 "train.checkpoint_every": 1, **overrides}
   return harness.with_overrides(cfg, overrides)
 
 
-def run_method(name: str, cfg, root: str, base, mesh, lr: float, tag: str = ""
-               ) -> dict:
+def run_method(name: str, cfg, root: str, base, mesh, lr: float, tag: str = "",
+               overrides: dict | None = None) -> dict:
   """Trains one method at `lr` (in `root`/<name><tag>_lr<lr>); its Scored
-  per-client figures and costs."""
+  per-client figures and costs (`overrides`: see `method_config`)."""
   f = llm_workflow.build(cfg, root, mesh)
-  cfg = method_config(name, cfg, f, lr)
+  cfg = method_config(name, cfg, f, lr, overrides)
   f = llm_workflow.build(cfg, root, mesh)
-  if name == "centralised_lora":
+  if name.startswith("centralised"):
     f = pooled(f)
   began = time.perf_counter()
   state = llm_workflow.train(cfg, f"{root}/{name}{tag}_lr{lr:g}", mesh, f, base)
@@ -226,6 +229,8 @@ def run_method(name: str, cfg, root: str, base, mesh, lr: float, tag: str = ""
            **llm_workflow.client_memory(f, state),
            "client_table_bytes": frozen_base.tree_bytes(state.client_states),
            "adapter_parameters": adapters.tree_count(state.params),
+           "trained_parameters": int(sum(np.size(x) for x in
+                                         jax.tree.leaves(state.params))),
            "rounds": int(state.step), "train_seconds": seconds}
   return scorer.scored(per_client, **costs)
 
