@@ -13,7 +13,8 @@ membership inference, and reconstruction from what a client sends).
   the server sees activations at the cut instead; a ridge-regression decoder
   fitted on auxiliary users' activations (the server can make those with its
   copy of the model) predicts the input item at each position. Top-1 accuracy
-  against chance 1 / items.
+  against chance 1 / items, and (`decoder_auc`) the AUC of its scores: how
+  far above the other candidates the true item ranks.
 
 All scores are computed in numpy/JAX on the model as trained; an attack on a
 non-finite model is an error, never a number.
@@ -130,12 +131,12 @@ def embedding_update_auc(embedding_update: np.ndarray, own_items: np.ndarray,
   return auc(scores[own], scores[~own])
 
 
-def activation_inversion_accuracy(fit_activations: np.ndarray, fit_items: np.ndarray,
-                                  test_activations: np.ndarray,
-                                  test_items: np.ndarray, vocab: int,
-                                  ridge: float = 1e-3) -> float:
-  """Top-1 accuracy of a ridge decoder from activations [n, embed] to the item
-  [n] at that position, fitted on (fit_*) and scored on (test_*).
+def ridge_decoder_scores(fit_activations: np.ndarray, fit_items: np.ndarray,
+                         test_activations: np.ndarray, vocab: int,
+                         ridge: float = 1e-3) -> np.ndarray:
+  """[n_test, vocab] scores of a ridge decoder from activations [n, embed] to
+  the item [n] at that position, fitted on (fit_*) and read on the test
+  activations.
 
   Features are standardised with the fit set's mean and std (the ridge then
   means the same at every activation scale). The one-hot targets are never
@@ -150,7 +151,36 @@ def activation_inversion_accuracy(fit_activations: np.ndarray, fit_items: np.nda
   h_t_y = np.zeros((vocab, h.shape[1]))
   np.add.at(h_t_y, np.asarray(fit_items), h)
   weights = np.linalg.solve(h.T @ h + ridge * len(h) * np.eye(h.shape[1]), h_t_y.T)
-  return float(np.mean((standardise(test) @ weights).argmax(1) == test_items))
+  return standardise(test) @ weights
+
+
+def activation_inversion_accuracy(fit_activations: np.ndarray, fit_items: np.ndarray,
+                                  test_activations: np.ndarray,
+                                  test_items: np.ndarray, vocab: int,
+                                  ridge: float = 1e-3) -> float:
+  """Top-1 accuracy of the ridge decoder (`ridge_decoder_scores`) on the test
+  positions."""
+  scores = ridge_decoder_scores(fit_activations, fit_items, test_activations,
+                                vocab, ridge)
+  return float(np.mean(scores.argmax(1) == test_items))
+
+
+def decoder_auc(scores: np.ndarray, true_items: np.ndarray,
+                candidates: np.ndarray) -> tuple[float, float]:
+  """(AUC, its standard error over positions) of decoder scores [n, vocab]:
+  at each position, the share of the other `candidates` (ids) the true
+  item's score beats (ties count half), averaged over positions; 0.5 reads
+  nothing, 1.0 ranks the true item first everywhere. The candidates must
+  hold every true item."""
+  candidates = np.asarray(candidates)
+  if not np.isin(true_items, candidates).all():
+    raise ValueError("every true item must be a candidate")
+  true = scores[np.arange(len(scores)), true_items][:, None]
+  among = scores[:, candidates]
+  beaten = (among < true).sum(1) + 0.5 * ((among == true).sum(1) - 1)
+  per_position = beaten / (len(candidates) - 1)
+  return (float(per_position.mean()),
+          float(per_position.std(ddof=1) / np.sqrt(len(per_position))))
 
 
 def cohort_updates(example_loss, client_spec, dataset, state, cohort_size: int,

@@ -82,6 +82,26 @@ def test_activation_inversion_recovers_items_from_an_invertible_map():
                                                test_items, 30) < 0.2
 
 
+def test_decoder_auc_ranks_the_true_item_among_the_candidates():
+  """Against a count by hand: a true item above all, below all and tied
+  with one other candidate; an unrelated decoder reads about 0.5."""
+  scores = np.array([[0.1, 0.9, 0.2, 0.3],    # true 1: beats 3 of 3
+                     [0.5, 0.1, 0.2, 0.3],    # true 1: beats 0 of 3
+                     [0.2, 0.2, 0.0, 0.1]])   # true 0: 2 beaten + a tie -> 2.5
+  auc, stderr = attacks.decoder_auc(scores, np.array([1, 1, 0]), np.arange(4))
+  assert auc == pytest.approx((1.0 + 0.0 + 2.5 / 3) / 3)
+  assert stderr > 0
+  # restricted to candidates {1, 2}: position 1 beats 1 of 1, position 2 0 of 1
+  sub, _ = attacks.decoder_auc(scores[:2], np.array([1, 1]), np.array([1, 2]))
+  assert sub == pytest.approx(0.5)
+  with pytest.raises(ValueError, match="candidate"):
+    attacks.decoder_auc(scores, np.array([3, 1, 0]), np.array([0, 1, 2]))
+  rng = np.random.default_rng(0)
+  blind, _ = attacks.decoder_auc(rng.normal(size=(2000, 50)),
+                                 rng.integers(0, 50, 2000), np.arange(50))
+  assert abs(blind - 0.5) < 0.03
+
+
 def test_prefix_timelines_keeps_the_first_events_of_the_chosen_users():
   from configs import fedavg
   from data import sources

@@ -133,14 +133,24 @@ def attack_rows(config, f, base, adapter_part, cuts, limit: int) -> list[dict]:
     score_up, score_grad = crossing(score_rows)
     titles_fit, titles_score = is_title[fit_rows], is_title[score_rows]
     vocab = len(is_title)
-    history = attacks.activation_inversion_accuracy(
-        fit_up[titles_fit], fit_rows[titles_fit], score_up[titles_score],
-        score_rows[titles_score], vocab)
-    nearest = nearest_title_accuracy(score_up[titles_score],
-                                     score_rows[titles_score], base, is_title)
-    answer = attacks.activation_inversion_accuracy(
-        fit_grad, fit_rows[:, -1], score_grad, score_rows[:, -1], vocab)
+    titles = np.flatnonzero(is_title)
+    true_history, true_answer = score_rows[titles_score], score_rows[:, -1]
+    history_scores = attacks.ridge_decoder_scores(
+        fit_up[titles_fit], fit_rows[titles_fit], score_up[titles_score], vocab)
+    history = float(np.mean(history_scores.argmax(1) == true_history))
+    history_auc, history_auc_se = attacks.decoder_auc(history_scores,
+                                                      true_history, titles)
+    del history_scores
+    nearest = nearest_title_accuracy(score_up[titles_score], true_history, base,
+                                     is_title)
+    answer_scores = attacks.ridge_decoder_scores(fit_grad, fit_rows[:, -1],
+                                                 score_grad, vocab)
+    answer = float(np.mean(answer_scores.argmax(1) == true_answer))
+    answer_auc, answer_auc_se = attacks.decoder_auc(answer_scores, true_answer,
+                                                    titles)
     out.append({"k": k, "history_titles": history, "nearest_row": nearest,
+                "history_auc": history_auc, "history_auc_se": history_auc_se,
+                "answer_auc": answer_auc, "answer_auc_se": answer_auc_se,
                 "history_guess": _most_common_rate(fit_rows[titles_fit],
                                                    score_rows[titles_score]),
                 "answer": answer,
@@ -223,15 +233,19 @@ def present(payload: dict):
   lines += [
       "", "Attacks on what the client sends (warmed-up base, fresh adapters; "
       "ridge decoder fitted on one half of the users, top-1 on the other; "
-      "guess: the fit half's most common title):", "",
-      "| k | history titles from the activations sent up: ridge | nearest "
-      "embedding row | guess | answer from the gradient sent up | guess | "
-      "positions / answers scored |",
-      "|---|---|---|---|---|---|---|"]
+      "guess: the fit half's most common title; AUC: how far above the other "
+      "titles the decoder ranks the true one, 0.5 reading nothing, +- one "
+      "standard error over positions):", "",
+      "| k | history titles from the activations sent up: ridge | its AUC | "
+      "nearest embedding row | guess | answer from the gradient sent up | its "
+      "AUC | guess | positions / answers scored |",
+      "|---|---|---|---|---|---|---|---|---|"]
   for a in p["attacks"]:
-    lines.append(f"| {a['k']} | {a['history_titles']:.3f} | {a['nearest_row']:.3f} "
-                 f"| {a['history_guess']:.3f} "
-                 f"| {a['answer']:.3f} | {a['answer_guess']:.3f} | "
+    lines.append(f"| {a['k']} | {a['history_titles']:.3f} | "
+                 f"{a['history_auc']:.3f} +- {a['history_auc_se']:.4f} | "
+                 f"{a['nearest_row']:.3f} | {a['history_guess']:.3f} "
+                 f"| {a['answer']:.3f} | {a['answer_auc']:.3f} +- "
+                 f"{a['answer_auc_se']:.4f} | {a['answer_guess']:.3f} | "
                  f"{a['history_positions']} / {a['answers']} |")
   if "gemma" in p:
     g = p["gemma"]
