@@ -71,6 +71,7 @@ def get_config(arg: str = ""):
       # the LLM's own token space
       item_text=True))
   # x the mean cross-entropy of the history's titles in every client's loss
+  # (the adapters' task; the User-LLM's history is not text)
   # (besides the answer's): every title of a history a target
   config.task = ml_collections.ConfigDict(dict(history_lm_weight=1.0))
   # the base LLM's centralised warm-up on the training histories as text

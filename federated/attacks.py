@@ -167,14 +167,19 @@ def activation_inversion_accuracy(fit_activations: np.ndarray, fit_items: np.nda
 
 def decoder_auc(scores: np.ndarray, true_items: np.ndarray,
                 candidates: np.ndarray) -> tuple[float, float]:
-  """(AUC, its standard error over positions) of decoder scores [n, vocab]:
+  """(AUC, its standard error over positions, which treats them as
+  independent) of decoder scores [n, vocab]:
   at each position, the share of the other `candidates` (ids) the true
   item's score beats (ties count half), averaged over positions; 0.5 reads
   nothing, 1.0 ranks the true item first everywhere. The candidates must
   hold every true item."""
   candidates = np.asarray(candidates)
+  if len(candidates) < 2 or len(scores) < 2:
+    raise ValueError("decoder_auc needs at least 2 candidates and 2 positions")
   if not np.isin(true_items, candidates).all():
     raise ValueError("every true item must be a candidate")
+  if not np.isfinite(scores[:, candidates]).all():
+    raise ValueError("the decoder's scores are not finite")
   true = scores[np.arange(len(scores)), true_items][:, None]
   among = scores[:, candidates]
   beaten = (among < true).sum(1) + 0.5 * ((among == true).sum(1) - 1)

@@ -57,6 +57,7 @@ TASK = "next_title"  # the prediction (results keys) both models make
 # LLM, reading it as user tokens
 TASKS = {"next_title": llm_task.NextTitleLLMTask,
          "user_llm": user_llm_task.UserLLMNextTitleTask}
+USER_LLM_SECTIONS = ("encoder", "userllm")  # read by task "user_llm" only
 
 
 def adapter_config(config) -> adapters.AdapterConfig:
@@ -219,7 +220,18 @@ def train(config, workdir: str, mesh, f: LLMFederation, base):
       mesh=mesh, workdir=f"{workdir}/federated", schedule=config.train,
       eval_fn=lambda s: {**scores(periodic, f, s),
                          **runs.privacy_spent(f.dp_budget, s.step)},
-      name="federated", unit="round", identity=config.to_dict())
+      name="federated", unit="round", identity=identity(config))
+
+
+def identity(config) -> dict:
+  """The federated stage's identity: the whole config, less the User-LLM's
+  sections (`encoder`, `userllm`) when the task is the adapters' (which
+  never reads them), so an adapters run resumes whatever they hold."""
+  out = config.to_dict()
+  if config.federated.task != "user_llm":
+    for section in USER_LLM_SECTIONS:
+      out.pop(section, None)
+  return out
 
 
 def base_continuation(config, f: LLMFederation, mesh, state) -> dict[str, float]:

@@ -125,7 +125,9 @@ class UserLLMNextTitleTask(llm_task.NextTitleLLMTask):
   def _example_loss(self, params, examples: jax.Array, rng: jax.Array, frozen
                     ) -> jax.Array:
     """[b] the answer's cross-entropy after "Watched:", the user tokens
-    read from the history's item ids (examples [b, H + len(head) + 1])."""
+    read from the history's item ids (examples [b, H + len(head) + 1]).
+    `config.task.history_lm_weight` plays no part: the titles of the
+    history are not text here."""
     events, tokens = self._events(examples)
     logits = self.model.apply({"params": adapters_lib.merge_trees(params, frozen)},
                               events, tokens, tokens != 0, True,

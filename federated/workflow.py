@@ -26,7 +26,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from flax import linen as nn
 
 from data import sources
@@ -34,8 +33,7 @@ from federated import (algorithms, clients, cost, evaluation, privacy, runs,
                        tasks)
 from federated.runs import (CPU_CLIENT_CHUNK, personal_models,  # noqa: F401
                             privacy_spent, resolve_client_chunk)
-from infra import mesh as mesh_lib, train_loop
-from infra.errors import ConfigError
+from infra import train_loop
 
 
 def init_state(task, client: algorithms.ClientSpec, server: algorithms.ServerSpec,

@@ -65,15 +65,7 @@ RESUMABLE_CHANGES = frozenset({
 # fields added to the configs after runs were saved, with the value that
 # behaves as those runs did: a step saved before a field existed matches a
 # config that holds this value there
-ADDED_FIELDS = {
-    "rl.lora_rank": 0, "rl.lora_alpha": 16.0,
-    # configs/federated_llm.py's federated User-LLM (read by task="user_llm" only)
-    "encoder.embed_dim": 64, "encoder.num_layers": 2, "encoder.num_heads": 2,
-    "encoder.mlp_dim": 256, "encoder.dropout": 0.0, "encoder.fusion": "id",
-    "userllm.integration": "cross_attention", "userllm.cross_attention_every": 1,
-    "userllm.gate_init": 0.1, "userllm.num_latents": 8,
-    "userllm.perceiver_layers": 1, "userllm.perceiver_heads": 2,
-    "userllm.normalise_user_tokens": True, "userllm.item_text": True}
+ADDED_FIELDS = {"rl.lora_rank": 0, "rl.lora_alpha": 16.0}
 IDENTITY_KEY = "identity"  # the entry of a step's custom metadata
 # the JSON file in which orbax keeps a step's metadata, custom_metadata among
 # it; read directly because `CheckpointManager.metadata(step)` answers {} for

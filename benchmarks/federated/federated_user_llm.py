@@ -39,7 +39,6 @@ benchmarks/federated/federated_llm.py's):
 
 from __future__ import annotations
 
-import numpy as np
 
 from benchmarks import harness, plots
 from benchmarks.federated import federated_llm as fl
