@@ -197,3 +197,15 @@ def test_the_workflow_runs_and_reports_the_user_path(tmp_path):
                        cwd=REPO, capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2
   assert "config.federated.task='user_lm'" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_the_adapters_runs_identity_leaves_the_user_llms_sections_out():
+  """An adapters run (task next_title) never reads `encoder` / `userllm`, so
+  its checkpoints do not depend on them; a User-LLM run's do."""
+  config = tiny_config()
+  assert {"encoder", "userllm"} <= set(llm_workflow.identity(config))
+  config.federated.task = "next_title"
+  adapters_identity = llm_workflow.identity(config)
+  assert not {"encoder", "userllm"} & set(adapters_identity)
+  config.userllm.num_latents = 99
+  assert llm_workflow.identity(config) == adapters_identity
