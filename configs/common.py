@@ -28,7 +28,9 @@ def synthetic(tiny: bool, **overrides) -> ml_collections.ConfigDict:
   spec = dict(num_users=2000, num_items=1000, num_genres=18, min_events=20,
               mean_extra_events=40.0, max_events=300, taste_concentration=0.3,
               taste_strength=3.0, popularity_exponent=0.5, follow_prob=0.35,
-              num_related=5, seed=0)
+              num_related=5,
+              communities=0,  # > 0: a related-items map per community (i mod C)
+              seed=0)
   if tiny:
     spec.update(num_users=64, num_items=120, min_events=8, mean_extra_events=8.0,
                 max_events=40)
@@ -120,7 +122,9 @@ def federated(tiny: bool, **overrides) -> ml_collections.ConfigDict:
       algorithm="fedadam",  # fedsgd | fedavg | fedavgm | fedprox | fedadam | fedyogi
       clients_per_round=8 if tiny else 64,
       # Clients: "natural" = one per user; "dirichlet" / "semantic" synthesise
-      # num_clients clients from users (label = favourite genre).
+      # num_clients clients from users (label = favourite genre); "modulo":
+      # user i in client i mod num_clients (one community each on synthetic
+      # data with data.synthetic.communities = num_clients)
       partition="natural",
       num_clients=0,
       dirichlet_alpha=0.5,

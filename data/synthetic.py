@@ -10,7 +10,11 @@ structure that a sequence model can learn and popularity cannot:
 - each next item is drawn without replacement from
   `softmax(popularity_exponent * log_popularity + taste_strength * log affinity)`,
   and with probability `follow_prob` from the `num_related` items related to the
-  previous one (same primary genre), a short-range sequential signal;
+  previous one (same primary genre), a short-range sequential signal; with
+  `communities` = C > 0, user i belongs to community i mod C and each
+  community has its own map of related items (communities that consume the
+  same catalogue in different orders: what a client of one community
+  teaches a model, another's does not);
 - ratings rise with the item's affinity to the user's current taste.
 
 Users advance one event per step together (vectorised over users), up to
@@ -74,6 +78,7 @@ class SyntheticSpec:
   popularity_exponent: float = 0.5
   follow_prob: float = 0.35
   num_related: int = 5
+  communities: int = 0  # > 0: a related-items map per community (i mod C)
   seed: int = 0
 
   def validate(self) -> "SyntheticSpec":
@@ -86,6 +91,7 @@ class SyntheticSpec:
         "follow_prob": 0 <= self.follow_prob <= 1,
         "num_related": self.num_related >= 1,
         "taste_concentration": self.taste_concentration > 0,
+        "communities": 0 <= self.communities <= self.num_users,
     }
     for field, ok in checks.items():
       if not ok:
@@ -100,7 +106,8 @@ def generate(spec: SyntheticSpec) -> tl.UserTimelines:
   spec.validate()
   rng = np.random.default_rng(spec.seed)
   items, log_popularity, primary = _make_items(spec, rng)
-  related = _related_items(primary, spec.num_related, rng)
+  related = community_maps(spec, primary, _related_items(primary, spec.num_related,
+                                                         rng))
   users = _make_users(spec, rng)
   item_ids, ratings, timestamps, lengths = _simulate(
       spec, rng, items.genres[1:], log_popularity, related)
@@ -159,6 +166,23 @@ def _related_items(primary: np.ndarray, k: int, rng: np.random.Generator
   return related
 
 
+def community_maps(spec: SyntheticSpec, primary: np.ndarray,
+                   shared: np.ndarray) -> np.ndarray:
+  """[max(C, 1), num_items, k] the related items of each community: the
+  shared map alone without communities, else one map per community drawn
+  from a generator of its own (so the data without communities is unchanged)."""
+  if not spec.communities:
+    return shared[None]
+  rng = np.random.default_rng([spec.seed, 7])
+  return np.stack([_related_items(primary, spec.num_related, rng)
+                   for _ in range(spec.communities)])
+
+
+def community_of_users(spec: SyntheticSpec) -> np.ndarray:
+  """[num_users] each user's community: i mod C (all 0 without communities)."""
+  return np.arange(spec.num_users) % max(spec.communities, 1)
+
+
 def _make_users(spec: SyntheticSpec, rng: np.random.Generator) -> tl.UserTable:
   n = spec.num_users
   return tl.UserTable(
@@ -186,7 +210,9 @@ def _simulate(spec, rng, genres, log_popularity, related):
       spec.max_events)
   alpha = np.full(spec.num_genres, spec.taste_concentration)
   taste_start, taste_end = rng.dirichlet(alpha, u), rng.dirichlet(alpha, u)
+  community = community_of_users(spec)
   chunks = [_simulate_chunk(spec, rng, genres, log_popularity, related,
+                            community[s:s + USERS_PER_CHUNK],
                             lengths[s:s + USERS_PER_CHUNK],
                             taste_start[s:s + USERS_PER_CHUNK],
                             taste_end[s:s + USERS_PER_CHUNK])
@@ -199,9 +225,10 @@ def _simulate(spec, rng, genres, log_popularity, related):
           lengths.astype(np.int64))
 
 
-def _simulate_chunk(spec, rng, genres, log_popularity, related, lengths,
-                    taste_start, taste_end):
-  """Steps a chunk of users together. Returns flat [events of the chunk]
+def _simulate_chunk(spec, rng, genres, log_popularity, related, community,
+                    lengths, taste_start, taste_end):
+  """Steps a chunk of users together (related: [communities, items, k];
+  community: [chunk] each user's). Returns flat [events of the chunk]
   arrays: chosen item (0-based), its affinity, rating noise, timestamp."""
   u, n = len(lengths), spec.num_items
   genre_share = genres / genres.sum(1, keepdims=True)  # [items, genres]
@@ -221,7 +248,8 @@ def _simulate_chunk(spec, rng, genres, log_popularity, related, lengths,
     if t > 0:
       follow = rng.random(len(active)) < spec.follow_prob
       bonus = np.zeros_like(logits)
-      np.put_along_axis(bonus, related[last[active]], 1e3, axis=1)
+      np.put_along_axis(bonus, related[community[active], last[active]], 1e3,
+                        axis=1)
       logits += follow[:, None] * bonus
     logits[seen[active]] = -np.inf
     logits += rng.gumbel(size=logits.shape).astype(np.float32)

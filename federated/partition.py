@@ -12,7 +12,9 @@ example, so each example lands in exactly one client by construction.
   client by bipartite matching on the KL divergence between the Gaussians of
   successive labels (intra-client inter-label similarity).
 - `client_of_user`: the client of every user under `config.federated.partition`
-  (natural: one client per user).
+  (natural: one client per user; modulo: user i in client i mod num_clients,
+  which on synthetic data generated with `communities = num_clients` makes
+  each client one community, data/synthetic.py).
 - `item_embeddings` / `user_embeddings`: the embedding model for timelines: an
   SVD of the items' positive PMI co-occurrence matrix (item2vec as matrix
   factorisation, Levy & Goldberg 2014), users as the mean of their items.
@@ -27,7 +29,7 @@ from data import timelines as tl
 from infra.errors import ConfigError
 
 _REG_COVAR = 1e-4  # added to GMM variances, as in the paper's implementation
-PARTITIONS = ("natural", "dirichlet", "semantic")
+PARTITIONS = ("natural", "dirichlet", "semantic", "modulo")
 
 
 def client_of_user(fed, timelines: tl.UserTimelines, seed: int) -> np.ndarray:
@@ -46,6 +48,8 @@ def client_of_user(fed, timelines: tl.UserTimelines, seed: int) -> np.ndarray:
     raise ConfigError(f"config.federated.num_clients={fed.num_clients} must be "
                       f"between 1 and the {timelines.num_users} users when "
                       f"partition={fed.partition!r}")
+  if fed.partition == "modulo":
+    return (np.arange(timelines.num_users) % fed.num_clients).astype(np.int32)
   labels = favourite_genres(timelines)
   if fed.partition == "dirichlet":
     assignment = dirichlet_partition(labels, fed.num_clients, fed.dirichlet_alpha,

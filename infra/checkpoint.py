@@ -65,7 +65,8 @@ RESUMABLE_CHANGES = frozenset({
 # fields added to the configs after runs were saved, with the value that
 # behaves as those runs did: a step saved before a field existed matches a
 # config that holds this value there
-ADDED_FIELDS = {"rl.lora_rank": 0, "rl.lora_alpha": 16.0}
+ADDED_FIELDS = {"rl.lora_rank": 0, "rl.lora_alpha": 16.0,
+                "data.synthetic.communities": 0}
 IDENTITY_KEY = "identity"  # the entry of a step's custom metadata
 # the JSON file in which orbax keeps a step's metadata, custom_metadata among
 # it; read directly because `CheckpointManager.metadata(step)` answers {} for

@@ -43,6 +43,40 @@ def test_synthetic_bad_spec_names_field():
     synthetic.generate(dataclasses.replace(SMALL, follow_prob=1.5))
 
 
+def test_synthetic_communities_follow_their_own_related_items():
+  """With every next item a related one (follow_prob 1), a community's users
+  step only along its own map: transitions seen in one community are
+  mostly unseen in another, while without communities every user shares
+  one map. No communities: the data is exactly what it was (the maps of
+  communities come from a generator of their own)."""
+  spec = synthetic.SyntheticSpec(num_users=200, num_items=400, min_events=10,
+                                 mean_extra_events=5.0, max_events=30,
+                                 follow_prob=1.0)
+
+  def transitions(timelines, users):
+    pairs = set()
+    for u in users:
+      items = timelines.user_items(u)
+      pairs.update(zip(items[:-1].tolist(), items[1:].tolist()))
+    return pairs
+
+  def overlap(timelines, community_of):
+    a = transitions(timelines, np.nonzero(community_of == 0)[0])
+    b = transitions(timelines, np.nonzero(community_of == 1)[0])
+    return len(a & b) / min(len(a), len(b))
+
+  plain = synthetic.generate(spec)
+  both = dataclasses.replace(spec, communities=2)
+  split = synthetic.generate(both)
+  halves = synthetic.community_of_users(both)
+  # two maps of 5 among a genre's ~22 items share some pairs by chance
+  assert overlap(split, halves) < 0.2 < 0.4 < overlap(plain, halves)
+  again = synthetic.generate(dataclasses.replace(spec, communities=0))
+  np.testing.assert_array_equal(again.item_ids, plain.item_ids)
+  with pytest.raises(ConfigError, match="communities"):
+    synthetic.generate(dataclasses.replace(spec, communities=-1))
+
+
 def test_leave_last_out():
   data = synthetic.generate(SMALL)
   split = splits.leave_last_out(data)

@@ -114,6 +114,23 @@ def test_dirichlet_partition_is_deterministic_and_covers_everything():
   assert np.mean(top_share) > 0.5
 
 
+def test_the_modulo_partition_makes_each_synthetic_community_a_client(
+    tiny_timelines):
+  """User i in client i mod n: on synthetic data generated with n
+  communities, a client's users are exactly one community's."""
+  import ml_collections
+  from data import synthetic
+  fed = ml_collections.ConfigDict(dict(partition="modulo", num_clients=4,
+                                       dirichlet_alpha=0.5, embedding_dim=8))
+  clients_ = partition.client_of_user(fed, tiny_timelines, seed=0)
+  spec = synthetic.SyntheticSpec(num_users=tiny_timelines.num_users, communities=4)
+  np.testing.assert_array_equal(clients_, synthetic.community_of_users(spec))
+  assert np.bincount(clients_).min() >= tiny_timelines.num_users // 4
+  fed.num_clients = tiny_timelines.num_users + 1
+  with pytest.raises(ConfigError, match="num_clients"):
+    partition.client_of_user(fed, tiny_timelines, seed=0)
+
+
 def test_semantic_partition_is_deterministic_and_groups_similar_examples():
   rng = np.random.default_rng(0)
   # Two labels; within each label, three well-separated styles.

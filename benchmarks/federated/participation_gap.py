@@ -40,9 +40,14 @@ FLAGS = (
     harness.Flag("rounds", 0, "Rounds of each run (0: configs/fedavg.py's)."),
     harness.Flag("partition", "natural", "Who the clients are: natural (one per "
                  "user), or dirichlet / semantic clients synthesised from users "
-                 "(a partition built to have a gap).",
-                 choices=("natural", "dirichlet", "semantic")),
-    harness.Flag("num_clients", 100, "Synthesised clients (dirichlet / semantic)."),
+                 "(partitions built to differ), or modulo (user i in client i mod "
+                 "num_clients: with --communities=num_clients each client is one "
+                 "synthetic community).",
+                 choices=("natural", "dirichlet", "semantic", "modulo")),
+    harness.Flag("num_clients", 100, "Synthesised clients (dirichlet / semantic / "
+                 "modulo)."),
+    harness.Flag("communities", 0, "Synthetic data: communities with their own "
+                 "related-items maps (data/synthetic.py; 0: one shared map)."),
     harness.Flag("dirichlet_alpha", 0.1, "Label skew of the dirichlet partition."),
     harness.Flag("clients_per_round", 0, "The cohort (0: configs/fedavg.py's)."),
     harness.Flag("num_users", 0, "Synthetic users (0: configs/fedavg.py's)."),
@@ -70,6 +75,8 @@ def config_of(dataset: str, algorithm: str, args):
     config.federated.clients_per_round = args.clients_per_round
   if args.num_users and dataset == "synthetic":
     config.data.synthetic.num_users = args.num_users
+  if args.communities and dataset == "synthetic":
+    config.data.synthetic.communities = args.communities
   if args.rounds:
     config.train.num_steps = args.rounds
   return config
@@ -100,6 +107,8 @@ def measure(run: harness.Run) -> dict:
   partition = run.args.partition + (
       f" ({run.args.num_clients} clients, alpha {run.args.dirichlet_alpha})"
       if run.args.partition == "dirichlet" else
+      f" ({run.args.num_clients} clients, {run.args.communities} synthetic "
+      "communities)" if run.args.partition == "modulo" else
       f" ({run.args.num_clients} clients)" if run.args.partition != "natural" else "")
   return {"metric": METRIC, "partition": partition, "rows": rows}
 
