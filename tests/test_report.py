@@ -53,6 +53,9 @@ def test_every_benchmark_module_imports_beside_every_other():
   # the Flower peer runs in its own environment (requirements-peers.txt)
   if importlib.util.find_spec("flwr") is None:
     modules.remove("benchmarks.federated.flower_peer")
+  # and RecBole's side of its peer in its own (requirements-recbole.txt)
+  if importlib.util.find_spec("recbole") is None:
+    modules.remove("benchmarks.userllm.recbole_runner")
   for name in modules:
     importlib.import_module(name)
   assert not [m for m in flags.FLAGS.flags_by_module_dict() if "benchmarks" in m]
