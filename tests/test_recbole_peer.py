@@ -61,3 +61,5 @@ def test_the_tiny_side_by_side_runs(tmp_path):
       cwd=REPO, capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "RecBole SASRec" in (tmp_path / "out.md").read_text()
+  # RecBole's logs stay beside its outputs, out of the repository
+  assert not os.path.exists(os.path.join(REPO, "log_tensorboard"))

@@ -84,6 +84,10 @@ def test_scores(model, test_data, dataset) -> tuple[np.ndarray, np.ndarray]:
 
 def main() -> None:
   args = parse()
+  args.data_dir, args.out = os.path.abspath(args.data_dir), os.path.abspath(args.out)
+  # RecBole writes its logs (log/, log_tensorboard/) into the working
+  # directory: the output's, never the caller's
+  os.chdir(os.path.dirname(args.out))
   torch.set_num_threads(args.threads)
   config = config_of(args)
   init_seed(config["seed"], config["reproducibility"])
