@@ -101,18 +101,13 @@ class UserLLMNextTitleTask(llm_task.NextTitleLLMTask):
 
   def __init__(self, config, timelines: tl.UserTimelines, tokenizer: Tokenizer,
                model_config: llm.LLMConfig):
-    self.history_len = config.data.history_len
-    self.text = llm_task.TitleText(timelines.items, tokenizer)
-    self.base_config = dataclasses.replace(
-        model_config, adapter=dataclasses.replace(model_config.adapter, kind="none"))
+    super().__init__(config, timelines, tokenizer, model_config)  # text, base
     self.model = ul.UserLLM(user_llm_config(config, timelines.num_items,
                                             model_config))
-    self.is_title = jnp.asarray(self.text.is_title)
     self.head = list(self.text.head)
     self.pieces = jnp.asarray(self.text.piece_of_item)
     self.example_loss = self._example_loss
     self.rank_fn = self._make_rank_fn()
-    self.frozen = None
 
   def _events(self, rows: jax.Array) -> tuple[dict, jax.Array]:
     """Rows [b, H + t] -> (the encoder's events: "items" [b, H] and, for
