@@ -16,7 +16,7 @@ weights:
 
   users [n] int (the user tokens), items [m] int (column j's item token; -1
   for RecBole's padding item), scores [n, m] float32, valid_ndcg [epochs],
-  best_epoch, train_seconds.
+  best_epoch (0-based index into valid_ndcg), train_seconds.
 """
 
 from __future__ import annotations
