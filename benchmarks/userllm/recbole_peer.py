@@ -235,7 +235,7 @@ def present(payload: dict):
     color = f"C{k}"
     for seed, curve in enumerate(row["recbole_valid_ndcg"]):
       curves.plot(per_epoch * np.arange(1, len(curve) + 1), curve, color=color,
-                  alpha=1.0 - 0.4 * seed, label=f"{name}, RecBole seed {seed}")
+                  alpha=1.0 / (1 + seed), label=f"{name}, RecBole seed {seed}")
     curves.axvline(row["ours_cpu_seconds"], color=color, linestyle=":",
                    label=f"{name}: our whole run")
   curves.set(xlabel="CPU seconds (RecBole: its mean per epoch x epochs)",
