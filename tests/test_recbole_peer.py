@@ -4,6 +4,7 @@ reads it, holds out exactly our leave-last-out events; with RecBole
 installed (requirements-recbole.txt, its own venv) the tiny run goes end to
 end."""
 
+import json
 import os
 import subprocess
 import sys
@@ -48,18 +49,43 @@ def test_users_with_too_few_events_are_refused(tiny_timelines):
     recbole_peer.check_split(short)
 
 
+def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
+  from benchmarks.userllm import recbole_peer
+  out = str(tmp_path / "recbole_0.npz")
+  settings = {"model": "SASRec", "seed": 0, "epochs": 3, "inter_sha256": "ab"}
+  assert recbole_peer.finished_run(out, settings) is None  # nothing there
+  np.savez(out, scores=np.zeros((1, 1)))
+  assert recbole_peer.finished_run(out, settings) is None  # no sidecar: unfinished
+  (tmp_path / "recbole_0.npz.json").write_text(json.dumps(
+      {"settings": settings, "cpu_seconds": 12.5}))
+  assert recbole_peer.finished_run(out, settings)["cpu_seconds"] == 12.5
+  for changed in ({**settings, "epochs": 4}, {**settings, "inter_sha256": "cd"}):
+    assert recbole_peer.finished_run(out, changed) is None
+
+
 RECBOLE = os.path.join(REPO, ".venv-recbole", "bin", "python")
 
 
 @pytest.mark.skipif(not os.path.exists(RECBOLE),
                     reason="RecBole's venv (requirements-recbole.txt) is not here")
 def test_the_tiny_side_by_side_runs(tmp_path):
-  done = subprocess.run(
-      [sys.executable, "-m", "benchmarks.userllm.recbole_peer", "--tiny",
-       "--datasets=synthetic", "--seeds=0,1", "--epochs=1", "--stopping_step=1",
-       "--out", str(tmp_path / "out"), "--runs_dir", str(tmp_path / "runs")],
-      cwd=REPO, capture_output=True, text=True, timeout=900)
+  command = [sys.executable, "-m", "benchmarks.userllm.recbole_peer", "--tiny",
+             "--datasets=synthetic", "--seeds=0,1", "--epochs=1",
+             "--stopping_step=1", "--out", str(tmp_path / "out"), "--runs_dir",
+             str(tmp_path / "runs")]
+  done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                        timeout=900)
   assert done.returncode == 0, done.stderr[-2000:]
   assert "RecBole SASRec" in (tmp_path / "out.md").read_text()
+  first = json.loads((tmp_path / "out.json").read_text())["rows"]["synthetic"]
+  assert first["recbole_reused"] == [False, False]
+  # the same command again reuses RecBole's finished runs: same scores, same CPU
+  again = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                         timeout=900)
+  assert again.returncode == 0, again.stderr[-2000:]
+  second = json.loads((tmp_path / "out.json").read_text())["rows"]["synthetic"]
+  assert second["recbole_reused"] == [True, True]
+  assert second["recbole_sasrec"] == first["recbole_sasrec"]
+  assert second["recbole_cpu_seconds"] == first["recbole_cpu_seconds"]
   # RecBole's logs stay beside its outputs, out of the repository
   assert not os.path.exists(os.path.join(REPO, "log_tensorboard"))

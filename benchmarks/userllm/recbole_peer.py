@@ -25,10 +25,17 @@ Protocol:
   and of the difference (ours - RecBole, user-paired within a seed).
 - CPU seconds of each side's process (ours: training and evaluation in
   this process; RecBole: its child process, data preparation included).
+- A RecBole run is reused, not trained again, when its scores and sidecar
+  (`<runs_dir>/<data>/recbole_<seed>.npz` and `.npz.json`) exist and the
+  sidecar's settings (every RecBole flag, the seed and the exported events'
+  SHA-256) equal this run's; `--noreuse_recbole` trains every seed afresh.
+  The artifact records per seed which were reused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import resource
 import subprocess
@@ -59,6 +66,8 @@ FLAGS = (
                  "The MovieLens-100K folder."),
     harness.Flag("runs_dir", "", "Runs go under here (default runs/<out's name>)."),
     harness.Flag("tiny", False, "The :tiny configs (a smoke run)."),
+    harness.Flag("reuse_recbole", True, "Reuse a finished RecBole run whose "
+                 "recorded settings equal this run's (see the protocol)."),
 )
 METRICS = ("recall@10", "ndcg@10")
 RUNNER = os.path.join(os.path.dirname(__file__), "recbole_runner.py")
@@ -91,20 +100,57 @@ def per_user_metrics(ranks: np.ndarray) -> dict[str, np.ndarray]:
           "ndcg@10": np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)}
 
 
-def recbole_side(args, timelines, test: splits.HeldOut, data_dir: str, name: str,
-                 seed: int, out: str) -> dict:
-  """Trains RecBole's SASRec in its own process; our metric on its scores."""
+def recbole_settings(args, inter_path: str, seed: int) -> dict:
+  """What decides a RecBole run's scores: a reused run must match all of it."""
+  with open(inter_path, "rb") as f:
+    events = hashlib.sha256(f.read()).hexdigest()
+  return {"model": "SASRec", "seed": seed, "epochs": args.epochs,
+          "stopping_step": args.stopping_step, "max_len": args.max_len,
+          "batch_size": args.batch_size, "inter_sha256": events}
+
+
+def finished_run(out: str, settings: dict) -> dict | None:
+  """The sidecar of a finished run at `out` made with `settings`, else None."""
+  try:
+    with open(out + ".json") as f:
+      sidecar = json.load(f)
+  except FileNotFoundError:
+    return None
+  if sidecar.get("settings") != settings or not os.path.exists(out):
+    print(f"[recbole] {out} was made with other settings: training again")
+    return None
+  return sidecar
+
+
+def train_recbole(args, data_dir: str, name: str, settings: dict, out: str
+                  ) -> float:
+  """RecBole's run in its own process; its CPU seconds."""
   before = resource.getrusage(resource.RUSAGE_CHILDREN)
   command = [args.recbole_python, RUNNER, "--data_dir", data_dir, "--dataset", name,
-             "--seed", str(seed), "--epochs", str(args.epochs),
+             "--seed", str(settings["seed"]), "--epochs", str(args.epochs),
              "--stopping_step", str(args.stopping_step), "--max_len",
              str(args.max_len), "--batch_size", str(args.batch_size),
-             "--threads", str(args.threads), "--out", out]
+             "--threads", str(args.threads), "--out", out,
+             "--settings", json.dumps(settings)]
   done = subprocess.run(command, capture_output=True, text=True)
   if done.returncode:
     raise RuntimeError(f"RecBole's run failed: {done.stderr[-2000:]}")
   after = resource.getrusage(resource.RUSAGE_CHILDREN)
-  cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+  return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+
+
+def recbole_side(args, timelines, test: splits.HeldOut, data_dir: str, name: str,
+                 seed: int, out: str) -> dict:
+  """RecBole's SASRec (trained here, or a finished run reused); our metric
+  on its scores."""
+  settings = recbole_settings(args, os.path.join(data_dir, name, f"{name}.inter"),
+                              seed)
+  sidecar = finished_run(out, settings) if args.reuse_recbole else None
+  if sidecar is None:
+    cpu = train_recbole(args, data_dir, name, settings, out)
+  else:
+    print(f"[recbole] reusing {out} (same settings)")
+    cpu = float(sidecar["cpu_seconds"])
   saved = np.load(out)
   row_of_user = {int(u) - 1: i for i, u in enumerate(saved["users"])}
   if set(row_of_user) != set(test.users.tolist()):
@@ -118,6 +164,7 @@ def recbole_side(args, timelines, test: splits.HeldOut, data_dir: str, name: str
                                       len(test.users), vocab)
   ranks = np.asarray(ranking.target_ranks(scores, test.targets, excluded))
   return {"per_user": per_user_metrics(ranks), "cpu_seconds": cpu,
+          "reused": sidecar is not None,
           "valid_ndcg": saved["valid_ndcg"].tolist(),
           "best_epoch": int(saved["best_epoch"]),
           "train_seconds": float(saved["train_seconds"])}
@@ -176,6 +223,8 @@ def measure(run: harness.Run) -> dict:
         "ours_cpu_seconds": float(np.mean([o["cpu_seconds"] for o in ours])),
         "recbole_cpu_seconds": float(np.mean([t["cpu_seconds"] for t in theirs])),
         "recbole_best_epochs": [t["best_epoch"] for t in theirs],
+        "recbole_cpu_seconds_per_seed": [t["cpu_seconds"] for t in theirs],
+        "recbole_reused": [t["reused"] for t in theirs],
         "recbole_valid_ndcg": [t["valid_ndcg"] for t in theirs],
         "our_steps": ours[0]["steps"]}
   return {"rows": rows, "recbole": {"model": "SASRec", "loss": "CE",

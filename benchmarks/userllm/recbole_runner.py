@@ -17,12 +17,19 @@ weights:
   users [n] int (the user tokens), items [m] int (column j's item token; -1
   for RecBole's padding item), scores [n, m] float32, valid_ndcg [epochs],
   best_epoch (0-based index into valid_ndcg), train_seconds.
+
+and beside it `<out>.json`: the settings it ran with and the CPU seconds of
+this whole process (data preparation included), written last, so its
+presence means the scores are complete (recbole_peer.py reuses a run whose
+settings match instead of training again).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
 import time
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # RecBole's reload
@@ -47,7 +54,14 @@ def parse() -> argparse.Namespace:
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--threads", type=int, default=1)
   p.add_argument("--out", required=True)
+  p.add_argument("--settings", default="{}", help="JSON the caller wants "
+                 "recorded in the sidecar (e.g. a hash of the .inter file)")
   return p.parse_args()
+
+
+def cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
 
 
 def config_of(args) -> Config:
@@ -114,9 +128,16 @@ def main() -> None:
       dataset.iid_field][1:]], np.int64)
   if not np.isfinite(scores[:, 1:]).all():
     raise SystemExit("error: RecBole's scores are not finite")
-  np.savez(args.out, users=users, items=items, scores=scores,
+  partial = args.out + ".partial.npz"  # never a half-written file at `out`
+  np.savez(partial, users=users, items=items, scores=scores,
            valid_ndcg=np.asarray(curve), best_epoch=int(np.argmax(curve)),
            train_seconds=seconds)
+  os.replace(partial, args.out)
+  sidecar = {"settings": json.loads(args.settings), "cpu_seconds": cpu_seconds(),
+             "torch_threads": args.threads}
+  with open(args.out + ".json.partial", "w") as f:
+    json.dump(sidecar, f, indent=1)
+  os.replace(args.out + ".json.partial", args.out + ".json")
 
 
 if __name__ == "__main__":
