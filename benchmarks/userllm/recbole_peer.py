@@ -24,7 +24,8 @@ Protocol:
   the same users, and over `--seeds` the mean +- standard error of each
   and of the difference (ours - RecBole, user-paired within a seed).
 - CPU seconds of each side's process (ours: training and evaluation in
-  this process; RecBole: its child process, data preparation included).
+  this process; RecBole: its child process as it measures itself at its
+  end, imports and data preparation included).
 - A RecBole run is reused, not trained again, when its scores and sidecar
   (`<runs_dir>/<data>/recbole_<seed>.npz` and `.npz.json`) exist and the
   sidecar's settings (every RecBole flag, the seed and the exported events'
@@ -37,7 +38,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import subprocess
 import time
 
@@ -123,9 +123,8 @@ def finished_run(out: str, settings: dict) -> dict | None:
 
 
 def train_recbole(args, data_dir: str, name: str, settings: dict, out: str
-                  ) -> float:
-  """RecBole's run in its own process; its CPU seconds."""
-  before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                  ) -> None:
+  """RecBole's run in its own process (its sidecar records its CPU seconds)."""
   command = [args.recbole_python, RUNNER, "--data_dir", data_dir, "--dataset", name,
              "--seed", str(settings["seed"]), "--epochs", str(args.epochs),
              "--stopping_step", str(args.stopping_step), "--max_len",
@@ -135,8 +134,6 @@ def train_recbole(args, data_dir: str, name: str, settings: dict, out: str
   done = subprocess.run(command, capture_output=True, text=True)
   if done.returncode:
     raise RuntimeError(f"RecBole's run failed: {done.stderr[-2000:]}")
-  after = resource.getrusage(resource.RUSAGE_CHILDREN)
-  return (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def recbole_side(args, timelines, test: splits.HeldOut, data_dir: str, name: str,
@@ -146,11 +143,14 @@ def recbole_side(args, timelines, test: splits.HeldOut, data_dir: str, name: str
   settings = recbole_settings(args, os.path.join(data_dir, name, f"{name}.inter"),
                               seed)
   sidecar = finished_run(out, settings) if args.reuse_recbole else None
-  if sidecar is None:
-    cpu = train_recbole(args, data_dir, name, settings, out)
-  else:
+  reused = sidecar is not None
+  if reused:
     print(f"[recbole] reusing {out} (same settings)")
-    cpu = float(sidecar["cpu_seconds"])
+  else:
+    train_recbole(args, data_dir, name, settings, out)
+    sidecar = finished_run(out, settings)
+    if sidecar is None:
+      raise RuntimeError(f"RecBole's run wrote no sidecar beside {out}")
   saved = np.load(out)
   row_of_user = {int(u) - 1: i for i, u in enumerate(saved["users"])}
   if set(row_of_user) != set(test.users.tolist()):
@@ -163,8 +163,8 @@ def recbole_side(args, timelines, test: splits.HeldOut, data_dir: str, name: str
   excluded = sequences.excluded_items(sequences.seen_items(timelines, test),
                                       len(test.users), vocab)
   ranks = np.asarray(ranking.target_ranks(scores, test.targets, excluded))
-  return {"per_user": per_user_metrics(ranks), "cpu_seconds": cpu,
-          "reused": sidecar is not None,
+  return {"per_user": per_user_metrics(ranks),
+          "cpu_seconds": float(sidecar["cpu_seconds"]), "reused": reused,
           "valid_ndcg": saved["valid_ndcg"].tolist(),
           "best_epoch": int(saved["best_epoch"]),
           "train_seconds": float(saved["train_seconds"])}
