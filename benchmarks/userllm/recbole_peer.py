@@ -227,7 +227,8 @@ def measure(run: harness.Run) -> dict:
         "recbole_reused": [t["reused"] for t in theirs],
         "recbole_valid_ndcg": [t["valid_ndcg"] for t in theirs],
         "our_steps": ours[0]["steps"]}
-  return {"rows": rows, "recbole": {"model": "SASRec", "loss": "CE",
+  return {"rows": rows, "seeds": list(args.seeds),
+          "recbole": {"model": "SASRec", "loss": "CE",
                                     "max_len": args.max_len,
                                     "batch_size": args.batch_size,
                                     "stopping_step": args.stopping_step,
@@ -266,6 +267,15 @@ def present(payload: dict):
       ["data", "metric", "ours", "RecBole SASRec", "ours - RecBole",
        "our CPU s", "RecBole CPU s", "RecBole's best epoch per seed",
        "early-stopped (converged)"], cells)
+  for name, row in payload["rows"].items():
+    flags = row.get("recbole_reused", [])
+    # payloads before "seeds" was recorded ran seeds 0, 1, ...
+    seeds = payload.get("seeds") or [str(i) for i in range(len(flags))]
+    reused = [seed for seed, r in zip(seeds, flags) if r]
+    if reused:
+      lines += ["", f"{name}: RecBole's runs at seeds {', '.join(reused)} were "
+                "reused from an earlier invocation with the same settings "
+                "(their CPU seconds are as recorded then)."]
   fig, (bars, curves) = plots.panels(2)
   names = list(payload["rows"])
   for i, side in enumerate(("ours", "recbole_sasrec")):
