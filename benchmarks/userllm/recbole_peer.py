@@ -274,8 +274,8 @@ def present(payload: dict):
     reused = [seed for seed, r in zip(seeds, flags) if r]
     if reused:
       lines += ["", f"{name}: RecBole's runs at seeds {', '.join(reused)} were "
-                "reused from an earlier invocation with the same settings "
-                "(their CPU seconds are as recorded then)."]
+                "reused: finished earlier with the same settings (their CPU "
+                "seconds as their runner recorded them)."]
   fig, (bars, curves) = plots.panels(2)
   names = list(payload["rows"])
   for i, side in enumerate(("ours", "recbole_sasrec")):
@@ -285,7 +285,7 @@ def present(payload: dict):
              label=side)
   bars.set_xticks([j + 0.2 for j in range(len(names))], names)
   bars.set(ylabel="test Recall@10", title="same events, history excluded")
-  bars.legend()
+  bars.legend(loc="lower right")
   for k, name in enumerate(names):
     row = payload["rows"][name]
     # CPU seconds per epoch: the mean run's, spread evenly over its epochs
