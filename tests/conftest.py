@@ -134,33 +134,37 @@ class ConfigReads:
 # order (pytest.ini turns off its default reordering by test count, which put
 # the one-test, two-minute notebook file last), so the long ones start early
 # and no worker finishes a long file alone at the end. Seconds measured on
-# 2 cores (December 2026); files not named here follow, in any order.
+# 2 cores (2026-12-07, setup + call + teardown of each file's tests; the
+# RecBole file runs only where its venv is); files not named here follow.
 _LONGEST_FIRST = (
-    "test_user_llm.py",  # 111
-    "test_notebook.py",  # 108
-    "test_use.py",  # 99
-    "test_federated_llm.py",  # 77
-    "test_multitask.py",  # 52
-    "test_federated_algorithms.py",  # 51
-    "test_summarize.py",  # 46
-    "test_main.py",  # 39
-    "test_llm.py",  # 34
-    "test_adapters.py",  # 30
-    "test_multihost.py",  # 29
-    "test_federated_llm_split.py",  # 26
-    "test_seqio_tasks.py",  # 23
-    "test_gcs_workdir.py",  # 23
-    "test_federated_data.py",  # 22
-    "test_compression.py",  # 18
-    "test_train.py",  # 18
-    "test_privacy.py",  # 16
-    "test_reliability.py",  # 15
-    "test_mixed_fl.py",  # 13
-    "test_front_door.py",  # 12
+    "test_user_llm.py",  # 99
+    "test_notebook.py",  # 76
+    "test_use.py",  # 74
+    "test_federated_llm.py",  # 63
+    "test_summarize.py",  # 61
+    "test_llm.py",  # 61
+    "test_federated_user_llm.py",  # 57
+    "test_multitask.py",  # 51
+    "test_federated_algorithms.py",  # 45
+    "test_adapters.py",  # 32
+    "test_aot.py",  # 32
+    "test_multihost.py",  # 30
+    "test_recbole_peer.py",  # 30
+    "test_seqio_tasks.py",  # 30
+    "test_main.py",  # 26
+    "test_federated_data.py",  # 23
+    "test_federated_llm_split.py",  # 21
+    "test_gcs_workdir.py",  # 21
+    "test_compression.py",  # 17
+    "test_reliability.py",  # 16
+    "test_privacy.py",  # 15
+    "test_train.py",  # 13
+    "test_front_door.py",  # 11
+    "test_mixed_fl.py",  # 11
     "test_retrieval.py",  # 11
-    "test_configs.py",  # 10
     "test_launch_tpu_vm.py",  # 9
-    "test_datasets.py",  # 8
+    "test_configs.py",  # 8
+    "test_personalisation.py",  # 6
 )
 
 
