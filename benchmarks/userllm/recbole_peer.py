@@ -116,10 +116,10 @@ def finished_run(out: str, settings: dict) -> dict | None:
       sidecar = json.load(f)
   except FileNotFoundError:
     return None
-  if sidecar.get("settings") != settings or not os.path.exists(out):
+  if sidecar.get("settings") != settings:
     print(f"[recbole] {out} was made with other settings: training again")
     return None
-  return sidecar
+  return sidecar if os.path.exists(out) else None
 
 
 def train_recbole(args, data_dir: str, name: str, settings: dict, out: str

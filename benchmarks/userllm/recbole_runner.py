@@ -104,6 +104,8 @@ def main() -> None:
   # RecBole writes its logs (log/, log_tensorboard/) into the working
   # directory: the output's, never the caller's
   os.chdir(os.path.dirname(args.out))
+  if os.path.exists(args.out + ".json"):  # an earlier run's: stale from now on
+    os.remove(args.out + ".json")
   torch.set_num_threads(args.threads)
   config = config_of(args)
   init_seed(config["seed"], config["reproducibility"])
