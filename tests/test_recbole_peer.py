@@ -61,6 +61,9 @@ def test_a_finished_run_is_reused_only_with_the_same_settings(tmp_path):
   assert recbole_peer.finished_run(out, settings)["cpu_seconds"] == 12.5
   for changed in ({**settings, "epochs": 4}, {**settings, "inter_sha256": "cd"}):
     assert recbole_peer.finished_run(out, changed) is None
+  for broken in ("{half", "[1, 2]"):  # a torn or foreign sidecar: not finished
+    (tmp_path / "recbole_0.npz.json").write_text(broken)
+    assert recbole_peer.finished_run(out, settings) is None
 
 
 RECBOLE = os.path.join(REPO, ".venv-recbole", "bin", "python")

@@ -28,9 +28,12 @@ Protocol:
   end, imports and data preparation included).
 - A RecBole run is reused, not trained again, when its scores and sidecar
   (`<runs_dir>/<data>/recbole_<seed>.npz` and `.npz.json`) exist and the
-  sidecar's settings (every RecBole flag, the seed and the exported events'
-  SHA-256) equal this run's; `--noreuse_recbole` trains every seed afresh.
-  The artifact records per seed which were reused.
+  sidecar's settings (model, seed, epochs, patience, history length, batch
+  and the exported events' SHA-256: what decides its scores; not
+  `--threads` or the RecBole install) equal this run's. After changing
+  the runner or RecBole, pass `--noreuse_recbole` to train every seed
+  afresh. The artifact records per seed which were reused and their CPU
+  seconds as their sidecars recorded them.
 """
 
 from __future__ import annotations
@@ -110,14 +113,18 @@ def recbole_settings(args, inter_path: str, seed: int) -> dict:
 
 
 def finished_run(out: str, settings: dict) -> dict | None:
-  """The sidecar of a finished run at `out` made with `settings`, else None."""
+  """The sidecar of a finished run at `out` made with `settings`, else None
+  (no run, an unreadable sidecar, or one of other settings: said in a line)."""
   try:
     with open(out + ".json") as f:
       sidecar = json.load(f)
   except FileNotFoundError:
     return None
-  if sidecar.get("settings") != settings:
-    print(f"[recbole] {out} was made with other settings: training again")
+  except json.JSONDecodeError:
+    print(f"[recbole] {out}.json is not JSON: not a finished run")
+    return None
+  if not isinstance(sidecar, dict) or sidecar.get("settings") != settings:
+    print(f"[recbole] {out} was made with other settings")
     return None
   return sidecar if os.path.exists(out) else None
 
@@ -275,7 +282,8 @@ def present(payload: dict):
     if reused:
       lines += ["", f"{name}: RecBole's runs at seeds {', '.join(reused)} were "
                 "reused: finished earlier with the same settings (their CPU "
-                "seconds as their runner recorded them)."]
+                "seconds as their sidecars recorded them: "
+                f"{', '.join(f'{c:.0f}' for c in row['recbole_cpu_seconds_per_seed'])})."]
   fig, (bars, curves) = plots.panels(2)
   names = list(payload["rows"])
   for i, side in enumerate(("ours", "recbole_sasrec")):
@@ -292,9 +300,11 @@ def present(payload: dict):
     epochs = np.mean([len(c) for c in row["recbole_valid_ndcg"]])
     per_epoch = row["recbole_cpu_seconds"] / epochs
     color = f"C{k}"
-    for seed, curve in enumerate(row["recbole_valid_ndcg"]):
+    runs = row["recbole_valid_ndcg"]
+    seeds = payload.get("seeds") or [str(i) for i in range(len(runs))]
+    for i, (seed, curve) in enumerate(zip(seeds, runs)):
       curves.plot(per_epoch * np.arange(1, len(curve) + 1), curve, color=color,
-                  alpha=1.0 / (1 + seed), label=f"{name}, RecBole seed {seed}")
+                  alpha=1.0 / (1 + i), label=f"{name}, RecBole seed {seed}")
     curves.axvline(row["ours_cpu_seconds"], color=color, linestyle=":",
                    label=f"{name}: our whole run")
   curves.set(xlabel="CPU seconds (RecBole: its mean per epoch x epochs)",
