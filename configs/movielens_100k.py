@@ -5,10 +5,10 @@ Run: python main.py --config configs/movielens_100k.py \\
 Scale: 943 users, 1,682 items, 100,000 ratings; the default's model with history
 length 100 (the median user has 65 ratings); results in docs/next_item.md.
 Batches of 16 windows for 4,800 steps (about 50 passes over the 1,515
-training windows) were chosen on validation users (seed 0) over the earlier
+training windows) were chosen on validation events (seed 0) over the earlier
 64 x 600: the same 25 passes in 4x the updates already read valid Recall@10
 0.226 against 0.203, 16 x 4,800 reads 0.235, and 64 x 2,400 (100 passes)
-overfits (docs/next_item.md, "What limited ours").
+overfits (docs/next_item.md, the RecBole side by side: "What limited ours").
 """
 
 from configs import common
