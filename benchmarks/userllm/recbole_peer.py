@@ -104,7 +104,8 @@ def per_user_metrics(ranks: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def recbole_settings(args, inter_path: str, seed: int) -> dict:
-  """What decides a RecBole run's scores: a reused run must match all of it."""
+  """What decides a RecBole run's scores: a reused run must match all of it
+  (the keys recbole_runner.run_settings records in its sidecar)."""
   with open(inter_path, "rb") as f:
     events = hashlib.sha256(f.read()).hexdigest()
   return {"model": "SASRec", "seed": seed, "epochs": args.epochs,
@@ -129,15 +130,13 @@ def finished_run(out: str, settings: dict) -> dict | None:
   return sidecar if os.path.exists(out) else None
 
 
-def train_recbole(args, data_dir: str, name: str, settings: dict, out: str
-                  ) -> None:
+def train_recbole(args, data_dir: str, name: str, seed: int, out: str) -> None:
   """RecBole's run in its own process (its sidecar records its CPU seconds)."""
   command = [args.recbole_python, RUNNER, "--data_dir", data_dir, "--dataset", name,
-             "--seed", str(settings["seed"]), "--epochs", str(args.epochs),
+             "--seed", str(seed), "--epochs", str(args.epochs),
              "--stopping_step", str(args.stopping_step), "--max_len",
              str(args.max_len), "--batch_size", str(args.batch_size),
-             "--threads", str(args.threads), "--out", out,
-             "--settings", json.dumps(settings)]
+             "--threads", str(args.threads), "--out", out]
   done = subprocess.run(command, capture_output=True, text=True)
   if done.returncode:
     raise RuntimeError(f"RecBole's run failed: {done.stderr[-2000:]}")
@@ -154,10 +153,11 @@ def recbole_side(args, timelines, test: splits.HeldOut, data_dir: str, name: str
   if reused:
     print(f"[recbole] reusing {out} (same settings)")
   else:
-    train_recbole(args, data_dir, name, settings, out)
+    train_recbole(args, data_dir, name, seed, out)
     sidecar = finished_run(out, settings)
     if sidecar is None:
-      raise RuntimeError(f"RecBole's run wrote no sidecar beside {out}")
+      raise RuntimeError(f"RecBole's run left no sidecar with this run's "
+                         f"settings beside {out}")
   saved = np.load(out)
   row_of_user = {int(u) - 1: i for i, u in enumerate(saved["users"])}
   if set(row_of_user) != set(test.users.tolist()):

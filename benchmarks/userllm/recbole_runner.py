@@ -55,27 +55,18 @@ def parse() -> argparse.Namespace:
   p.add_argument("--batch_size", type=int, default=256)
   p.add_argument("--threads", type=int, default=1)
   p.add_argument("--out", required=True)
-  p.add_argument("--settings", default="{}", help="JSON the caller wants "
-                 "recorded in the sidecar (e.g. a hash of the .inter file)")
   return p.parse_args()
 
 
-def checked_settings(args) -> dict:
-  """The caller's `--settings`, refused unless what it says of this run (its
-  flags, the .inter file's SHA-256) is what this run is."""
-  settings = json.loads(args.settings)
-  actual = {"model": args.model, "seed": args.seed, "epochs": args.epochs,
-            "stopping_step": args.stopping_step, "max_len": args.max_len,
-            "batch_size": args.batch_size}
-  if "inter_sha256" in settings:
-    path = os.path.join(args.data_dir, args.dataset, f"{args.dataset}.inter")
-    with open(path, "rb") as f:
-      actual["inter_sha256"] = hashlib.sha256(f.read()).hexdigest()
-  wrong = sorted(k for k in settings if k in actual and settings[k] != actual[k])
-  if wrong:
-    raise SystemExit(f"error: --settings says {', '.join(wrong)} other than this "
-                     "run's flags and files")
-  return settings
+def run_settings(args) -> dict:
+  """What decides this run's scores: its flags and the events' SHA-256 (the
+  keys recbole_peer.recbole_settings compares before reusing a run)."""
+  path = os.path.join(args.data_dir, args.dataset, f"{args.dataset}.inter")
+  with open(path, "rb") as f:
+    events = hashlib.sha256(f.read()).hexdigest()
+  return {"model": args.model, "seed": args.seed, "epochs": args.epochs,
+          "stopping_step": args.stopping_step, "max_len": args.max_len,
+          "batch_size": args.batch_size, "inter_sha256": events}
 
 
 def cpu_seconds() -> float:
@@ -123,7 +114,7 @@ def main() -> None:
   # RecBole writes its logs (log/, log_tensorboard/) into the working
   # directory: the output's, never the caller's
   os.chdir(os.path.dirname(args.out))
-  settings = checked_settings(args)
+  settings = run_settings(args)
   if os.path.exists(args.out + ".json"):  # an earlier run's: stale from now on
     os.remove(args.out + ".json")
   torch.set_num_threads(args.threads)
